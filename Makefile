@@ -1,0 +1,33 @@
+# Two commands a newcomer needs: `make demo` (train the embedded default) and `make test` (the whole suite).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: install demo test test-fast lint clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,data,aot]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo
+
+test: $(STAMP)
+	$(PY) -m ruff check voltron_jax configs launch benchmarks tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check voltron_jax configs launch benchmarks tests
+	$(PY) -m ruff format --check voltron_jax configs launch benchmarks tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,318 @@
+"""Every default of voltron_jax, and the one `validate(config)`.
+
+Other config files start from `get_default()` and change what they need; library code never calls
+`config.get(key, default)`. Unknown keys fail at override time (ml_collections locks the dict), and
+`validate` rejects unknown technique names, impossible meshes and inconsistent schedules before any
+compile, with a message that names the valid choices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+# Slot choices; the tables that map them to modules live in voltron_jax/registry.py.
+SLOTS = {
+    "linear": ("dense", "bitlinear"),
+    "attention": ("mha", "moa"),
+    "memory": ("none", "infini"),
+    "ffn": ("mlp", "moe"),
+    "residual": ("plain", "denseformer"),
+    "routing": ("none", "mod"),
+}
+SCHEDULES = ("constant", "cosine", "wsd")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+STAGES = ("stable", "decay")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the problem and the fix."""
+
+
+def phase(steps: int, mixture: str = "pretrain", stage: str = "stable", init_from=(), surgery: str = "",
+          keep_optimizer: bool = True, fan_out: int = 0) -> ml_collections.ConfigDict:
+    """One entry of `config.recipe`.
+
+    Args:
+      steps: optimizer steps of this phase (capped by `config.max_steps` when that is > 0).
+      mixture: data mixture name (see voltron_jax/data/tasks.py), or 'cluster' for fan-out phases.
+      stage: 'stable' (WSD warmup + constant) or 'decay' (WSD decay starts at this phase's first step).
+      init_from: phases whose final checkpoints initialise this one (empty: scratch).
+      surgery: name of a surgery function applied to the `init_from` params ('' = identity).
+      keep_optimizer: carry the parent's optimizer state (only with exactly one parent and no surgery).
+      fan_out: > 0 runs this phase as that many independent members (one per data cluster).
+    """
+    return ml_collections.ConfigDict(
+        dict(steps=steps, mixture=mixture, stage=stage, fan_out=fan_out,
+             init=dict(from_=",".join(init_from), surgery=surgery, keep_optimizer=keep_optimizer)))
+
+
+def get_default() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.max_steps = 0  # > 0 caps the steps of every phase (smoke tests, quick looks)
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 259  # seqio.ByteVocabulary: 256 bytes + PAD/EOS/UNK
+    m.d_model = 256
+    m.n_layers = 4
+    m.n_heads = 4
+    m.n_kv_heads = 4  # < n_heads: grouped-query attention
+    m.head_dim = 0  # 0: d_model // n_heads
+    m.d_ff = 768
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-6
+    m.tie_embeddings = False
+    m.dtype = "float32"  # compute dtype; params are always fp32
+    m.remat = "none"
+    m.scan_layers = False
+    m.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+    # MiniCPM / tensor-program parameterisation (techniques-b.md 2.3). Neutral values = plain pre-norm.
+    m.scale_emb = 1.0  # h0 = scale_emb * embed(ids)
+    m.scale_depth = 0.0  # > 0: residual branches scaled by scale_depth / sqrt(n_layers)
+    m.dim_model_base = 0  # > 0: logits divided by d_model / dim_model_base; init and lr width-scaled
+    m.init_std = 0.02  # 2-D weights ~ N(0, (init_std / sqrt(width factor))^2)
+    # Technique slots (DESIGN.md). Each slot's hyperparameters live in the sub-dict named after its choice.
+    for slot, choices in SLOTS.items():
+        m[slot] = choices[0]
+    m.bitlinear = ml_collections.ConfigDict(dict(
+        weights="ternary", norm="rms", warmin_steps=0, eps=1e-5))
+    m.infini = ml_collections.ConfigDict(dict(
+        segment_len=64, update="linear", gate_init=0.0, first_segment="skip"))
+    m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
+    m.mod = ml_collections.ConfigDict(dict(
+        capacity=0.125, every=2, router_weight="sigmoid", causal="predictor"))
+    m.moe = ml_collections.ConfigDict(dict(
+        n_experts=8, top_k=2, impl="capacity", capacity_factor=2.0, router_init_std=0.02))
+    m.moa = ml_collections.ConfigDict(dict(n_experts=8, top_k=2))
+
+    # ---------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    d.corpus = "stdlib"  # stdlib (embedded, no download) | tfds:<name> (e.g. tfds:c4/en)
+    d.tfds_data_dir = ""
+    d.vocab = "byte"  # byte | sentencepiece
+    d.spm_path = ""  # existing .model file; empty with vocab=sentencepiece trains one locally
+    d.spm_vocab_size = 4096
+    d.granularity = "file"  # file | paragraph
+    d.seq_len = 256
+    d.batch_size = 16  # global
+    d.doc_mask = False  # block attention across documents in a packed row
+    d.ordering = "random"  # random | icp
+    d.val_fraction = 0.02
+    d.shuffle_seed = 0
+    d.mixtures = ml_collections.ConfigDict(dict(
+        pretrain="stdlib:1.0",
+        decay="stdlib:0.7,pydoc:0.3",
+    ))
+    d.n_clusters = 8
+
+    # ---------------------------------------------------------------- optimizer
+    o = c.optim = ml_collections.ConfigDict()
+    o.lr = 3e-3
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.wd_zero_step = -1  # >= 0: weight decay drops to 0 from this global step (BitNet recipe)
+    o.lr_stage2_step = -1  # >= 0: lr multiplied by lr_stage2_factor from this step (BitNet two-stage)
+    o.lr_stage2_factor = 1.0
+    o.grad_clip = 1.0
+    o.mup_embed_lr = False  # MiniCPM scales the lr of every 2-D tensor; True also scales the embedding
+    o.gate_lr = 1e-2  # Infini-attention gates: their own lr, no weight decay
+    o.decay_alpha = False  # DenseFormer alpha weight decay (the paper's code decays them)
+
+    # ---------------------------------------------------------------- schedule (global step)
+    s = c.schedule = ml_collections.ConfigDict()
+    s.name = "wsd"
+    s.warmup = 20
+    s.decay_shape = "exp"  # wsd decay: exp (half-life) | linear | cosine
+    s.half_life = 0  # exp decay half-life in steps; 0: decay steps / 4
+    s.final_frac = 0.1  # lr at the end of the decay (and cosine floor) as a fraction of peak
+    s.total = 0  # cosine length; 0: total steps of the recipe
+
+    # ---------------------------------------------------------------- aux losses (summed by train.py)
+    c.aux_weights = ml_collections.ConfigDict(dict(
+        z_loss=1e-4, mod_router=0.01, mod_predictor=1.0, moe_lb=0.01, moe_z=1e-3, moa_lb=0.01, moa_z=1e-3))
+
+    # ---------------------------------------------------------------- mesh
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+
+    # ---------------------------------------------------------------- loop
+    t = c.train = ml_collections.ConfigDict()
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 4
+    t.ckpt_every = 100
+    t.keep = 2
+    t.async_save = True
+    t.peak_flops = 0.0  # per device; 0: guess from the backend (for MFU)
+    t.profile_step = -1
+
+    # ---------------------------------------------------------------- recipe
+    c.recipe = ml_collections.ConfigDict()
+    c.recipe.stable = phase(200, mixture="pretrain", stage="stable")
+    c.recipe.decay = phase(40, mixture="decay", stage="decay", init_from=["stable"])
+    return c
+
+
+# --------------------------------------------------------------------------------------------- validate
+
+
+def _fail(msg: str):
+    raise ConfigError(msg)
+
+
+def _choice(name: str, value, choices):
+    if value not in choices:
+        _fail(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+
+def resolve_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with one -1 filled in; raises ConfigError if the product != n_devices."""
+    sizes = {a: int(mesh[a]) for a in MESH_AXES}
+    fill = [a for a, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        _fail(f"mesh: only one axis may be -1 (fill), got {fill}.")
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        _fail(f"mesh: axis sizes must be positive or -1, got {sizes}.")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if n_devices % known:
+            _fail(f"mesh {sizes}: {n_devices} devices are not divisible by the fixed axes ({known}).")
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        _fail(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
+              f"set the axis sizes so their product is {n_devices}, or one axis to -1.")
+    return sizes
+
+
+def phase_order(recipe: ml_collections.ConfigDict) -> list[str]:
+    """Phase names in dependency order (parents first, then recipe order)."""
+    names = list(recipe.keys())
+    order, seen = [], set()
+
+    def visit(n, stack):
+        if n in seen:
+            return
+        if n in stack:
+            _fail(f"recipe: phases {' -> '.join(stack + [n])} form a cycle.")
+        for p in parents(recipe[n]):
+            if p not in recipe:
+                _fail(f"recipe.{n}.init.from_ names unknown phase {p!r}; phases are {names}.")
+            visit(p, stack + [n])
+        seen.add(n)
+        order.append(n)
+
+    for n in names:
+        visit(n, [])
+    return order
+
+
+def parents(ph: ml_collections.ConfigDict) -> list[str]:
+    return [p for p in ph.init.from_.split(",") if p]
+
+
+def phase_start(recipe: ml_collections.ConfigDict, name: str, max_steps: int = 0) -> int:
+    """Global step at which `name` starts: its ancestors' steps along the first-parent chain."""
+    start, ph = 0, recipe[name]
+    while parents(ph):
+        p = parents(ph)[0]
+        start += phase_steps(recipe[p], max_steps)
+        ph = recipe[p]
+    return start
+
+
+def phase_steps(ph: ml_collections.ConfigDict, max_steps: int = 0) -> int:
+    return min(ph.steps, max_steps) if max_steps > 0 else ph.steps
+
+
+def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_collections.ConfigDict:
+    """Reject configs that cannot run, before any compile. Returns the config for chaining."""
+    m = c.model
+    for slot, choices in SLOTS.items():
+        _choice(f"model.{slot}", m[slot], choices)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "auto"))
+    if m.d_model <= 0 or m.n_layers <= 0 or m.d_ff <= 0:
+        _fail("model.d_model, model.n_layers and model.d_ff must be positive.")
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        _fail(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim.")
+    if m.n_heads % m.n_kv_heads:
+        _fail(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
+    if m.vocab_size <= 0:
+        _fail("model.vocab_size must be positive.")
+
+    d = c.data
+    _choice("data.vocab", d.vocab, ("byte", "sentencepiece"))
+    _choice("data.ordering", d.ordering, ("random", "icp"))
+    _choice("data.granularity", d.granularity, ("file", "paragraph"))
+    if not (d.corpus == "stdlib" or d.corpus.startswith("tfds:")):
+        _fail(f"data.corpus={d.corpus!r}: use 'stdlib' (embedded) or 'tfds:<name>' such as 'tfds:c4/en'.")
+    if d.seq_len <= 1 or d.batch_size <= 0:
+        _fail("data.seq_len must be > 1 and data.batch_size > 0.")
+
+    _choice("schedule.name", c.schedule.name, SCHEDULES)
+    _choice("schedule.decay_shape", c.schedule.decay_shape, ("exp", "linear", "cosine"))
+    if c.optim.lr <= 0:
+        _fail("optim.lr must be positive.")
+
+    for name in c.aux_weights:
+        if c.aux_weights[name] < 0:
+            _fail(f"aux_weights.{name} must be >= 0.")
+
+    _validate_recipe(c)
+
+    if n_devices is not None:
+        sizes = resolve_mesh(c.mesh, n_devices)
+        batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        if d.batch_size % batch_shards:
+            _fail(f"data.batch_size={d.batch_size} is not divisible by the {batch_shards} batch shards "
+                  f"(mesh data x fsdp x expert = {sizes}); change the batch size or the mesh.")
+        heads_shards = sizes["tensor"]
+        if m.n_kv_heads % heads_shards or m.n_heads % heads_shards or m.d_ff % heads_shards:
+            _fail(f"mesh.tensor={heads_shards} must divide model.n_heads, model.n_kv_heads and model.d_ff.")
+
+    # Technique modules add their own checks (registered by slot in voltron_jax/registry.py).
+    from voltron_jax import registry  # local: configs stay importable without the package
+
+    registry.validate_slots(c)
+    return c
+
+
+def _validate_recipe(c):
+    recipe, sched = c.recipe, c.schedule
+    if not len(recipe):
+        _fail("recipe is empty; add at least one phase (see configs/common.py:phase).")
+    order = phase_order(recipe)
+    decay_phases = []
+    for name in order:
+        ph = recipe[name]
+        _choice(f"recipe.{name}.stage", ph.stage, STAGES)
+        if ph.steps < 0:
+            _fail(f"recipe.{name}.steps must be >= 0.")
+        if ph.mixture != "cluster" and ph.mixture not in c.data.mixtures:
+            _fail(f"recipe.{name}.mixture={ph.mixture!r} is not defined; data.mixtures has "
+                  f"{sorted(c.data.mixtures.keys())} (or use 'cluster' with fan_out).")
+        if ph.init.keep_optimizer and ph.init.surgery and parents(ph):
+            _fail(f"recipe.{name}: keep_optimizer needs the parent's tree unchanged; set "
+                  f"init.keep_optimizer=False when init.surgery={ph.init.surgery!r}.")
+        if len(parents(ph)) > 1 and not ph.init.surgery:
+            _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
+        if ph.stage == "decay":
+            decay_phases.append(name)
+    if sched.name == "wsd":
+        first = order[0]
+        if sched.warmup > phase_steps(recipe[first], c.max_steps) and c.max_steps <= 0:
+            _fail(f"schedule.warmup={sched.warmup} is longer than the first phase "
+                  f"{first!r} ({recipe[first].steps} steps); shorten the warmup or lengthen the phase.")
+        for name in decay_phases:
+            if recipe[name].steps == 0:
+                _fail(f"recipe.{name} is a decay phase with 0 steps; give it steps or stage='stable'.")
+    elif decay_phases:
+        _fail(f"recipe phases {decay_phases} have stage='decay', which needs schedule.name='wsd' "
+              f"(got {sched.name!r}).")

@@ -1,0 +1,211 @@
+"""The decoder backbone: embed -> L blocks -> final norm -> LM head, composed from the five slots.
+
+`build_model(model_cfg)` is the only place that reads the model config: it looks the slot choices up in
+voltron_jax/registry.py and hands each module just the hyperparameters it uses.
+
+MiniCPM parameterisation (arXiv 2404.06395, techniques-b.md 2.3): h0 = scale_emb * embed(ids); every
+residual branch scaled by scale_depth / sqrt(L); logits = head(h / (d_model / dim_model_base)); 2-D
+weights initialised with std init_std / sqrt(d_model / dim_model_base). Neutral values (scale_emb=1,
+scale_depth=0, dim_model_base=0) give a plain pre-norm transformer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from voltron_jax import registry
+from voltron_jax.models.attention import head_dim
+from voltron_jax.models.layers import Embed, RMSNorm
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+# Collections that a scanned layer stacks along its leading 'layers' axis.
+SCANNED_COLLECTIONS = ("params", "aux_loss", "intermediates", "cache")
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + rs * attn(norm(x)); x + rs * ffn(norm(x))."""
+
+    attention: Any  # callable(name=...) -> attention module
+    ffn: Any  # callable(name=...) -> ffn module
+    residual_scale: float = 1.0
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, valid=None):
+        h = RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
+        x = x + self.residual_scale * self.attention(name="attn")(h, positions, segment_ids, valid)
+        h = RMSNorm(self.norm_eps, self.dtype, name="ffn_norm")(x)
+        x = x + self.residual_scale * self.ffn(name="ffn")(h)
+        return nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
+
+
+class NoRouting:
+    """Routing slot 'none': every layer is the plain block."""
+
+    period = 1
+
+    @staticmethod
+    def wrap(block, index: int, m):
+        del index, m
+        return block
+
+    @staticmethod
+    def layer_fraction(m, index: int) -> float:
+        """Fraction of tokens layer `index` computes (for FLOPs)."""
+        return 1.0
+
+
+class SuperBlock(nn.Module):
+    """`len(layers)` consecutive layers; the unit that is scanned and rematerialised."""
+
+    layers: tuple  # callables(name=...) -> layer modules
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, valid=None):
+        for j, make in enumerate(self.layers):
+            x = make(name=f"layer_{j}")(x, positions, segment_ids, valid)
+        return x
+
+
+class ScannedSuperBlock(SuperBlock):
+    """SuperBlock with the (carry, output) signature nn.scan expects."""
+
+    def __call__(self, x, positions, segment_ids=None, valid=None):
+        return super().__call__(x, positions, segment_ids, valid), None
+
+
+def run_stack(layers: list, x, positions, segment_ids, valid, *, period: int, scan: bool, remat: str):
+    """Run `layers` over x as super-blocks of `period` layers: scanned (params stacked on a leading
+    'layers' axis, one compile of the body) or unrolled, each optionally rematerialised. Call it from
+    inside a residual slot's compact `__call__` so the super-blocks become its children."""
+    cls = ScannedSuperBlock if scan else SuperBlock
+    if remat != "none":
+        cls = nn.remat(cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    n_super = len(layers) // period
+    if not scan:
+        for s in range(n_super):
+            x = cls(tuple(layers[s * period:(s + 1) * period]), name=f"block_{s}")(
+                x, positions, segment_ids, valid)
+        return x
+    scanned = nn.scan(cls, variable_axes={c: 0 for c in SCANNED_COLLECTIONS}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=n_super,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(tuple(layers[:period]), name="blocks")(x, positions, segment_ids, valid)
+    return x
+
+
+class PlainResidual(nn.Module):
+    """Residual slot 'plain': block i+1 reads block i's output."""
+
+    layers: tuple
+    period: int = 1
+    scan: bool = False
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, valid=None):
+        return run_stack(list(self.layers), x, positions, segment_ids, valid, period=self.period,
+                         scan=self.scan, remat=self.remat)
+
+    period_of = staticmethod(lambda m: 1)
+
+    @staticmethod
+    def flops_per_token(m, seq_len: int) -> float:
+        return 0.0
+
+
+class Decoder(nn.Module):
+    """Token ids [B,T] -> logits [B,T,V] (fp32)."""
+
+    vocab_size: int
+    d_model: int
+    stack: Any  # callable(name=...) -> residual-slot module running all layers
+    scale_emb: float = 1.0
+    logit_div: float = 1.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, positions=None, segment_ids=None, valid=None):
+        b, t = ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        embed = Embed(self.vocab_size, self.d_model, self.init_std, self.dtype, name="embed")
+        x = embed(ids) * self.scale_emb  # [B,T,D]
+        x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
+        x = self.stack(name="stack")(x, positions, segment_ids, valid)
+        x = RMSNorm(dtype=self.dtype, name="final_norm")(x) / self.logit_div
+        if self.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
+                              kernel_init=nn.with_logical_partitioning(
+                                  nn.initializers.normal(self.init_std), ("embed", "vocab")))(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def width_factor(m) -> float:
+    return m.d_model / m.dim_model_base if m.dim_model_base > 0 else 1.0
+
+
+def slot_kwargs(cls, m, **ctx) -> dict:
+    """Hyperparameters a slot class takes from the config (its `from_config`), or none."""
+    fn = getattr(cls, "from_config", None)
+    return fn(m, **ctx) if fn is not None else {}
+
+
+def build_model(m, decode: bool = False) -> Decoder:
+    """The Decoder for model config `m` (configs/common.py), slots resolved through the registry."""
+    slots = registry.selected(m)
+    dtype = jnp.dtype(m.dtype)
+    std = m.init_std / math.sqrt(width_factor(m))
+    linear = functools.partial(slots["linear"], init_std=std, dtype=dtype, **slot_kwargs(slots["linear"], m))
+    core = functools.partial(slots["memory"], rope_theta=m.rope_theta, impl=m.attention_impl, decode=decode,
+                             dtype=dtype, **slot_kwargs(slots["memory"], m))
+    attention = functools.partial(slots["attention"], n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                                  head_dim=head_dim(m), core=core, linear=linear,
+                                  **slot_kwargs(slots["attention"], m))
+    ffn = functools.partial(slots["ffn"], d_ff=m.d_ff, linear=linear, **slot_kwargs(slots["ffn"], m))
+    rs = m.scale_depth / math.sqrt(m.n_layers) if m.scale_depth > 0 else 1.0
+    block = functools.partial(Block, attention=attention, ffn=ffn, residual_scale=rs, norm_eps=m.norm_eps,
+                              dtype=dtype)
+    routing = slots["routing"]
+    layers = tuple(routing.wrap(block, i, m) for i in range(m.n_layers))
+    residual = slots["residual"]
+    period = math.lcm(routing.period if isinstance(routing.period, int) else routing.period(m),
+                      residual.period_of(m))
+    stack = functools.partial(residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat,
+                              **slot_kwargs(residual, m))
+    return Decoder(vocab_size=m.vocab_size, d_model=m.d_model, stack=stack, scale_emb=m.scale_emb,
+                   logit_div=width_factor(m), tie_embeddings=m.tie_embeddings, init_std=std, dtype=dtype)
+
+
+def flops_per_token(m, seq_len: int) -> float:
+    """Analytic forward FLOPs per token (matmuls + attention; causal attention counted at half).
+
+    Each slot contributes its own count, so MFU and equal-FLOPs comparisons follow the techniques.
+    Training FLOPs are 3x this (forward + backward)."""
+    slots = registry.selected(m)
+    per_layer = []
+    for i in range(m.n_layers):
+        frac = slots["routing"].layer_fraction(m, i)
+        attn = slots["attention"].flops_per_token(m) + slots["memory"].flops_per_token(m, seq_len) * frac
+        per_layer.append(frac * (attn + slots["ffn"].flops_per_token(m)))
+    head = 2.0 * m.d_model * m.vocab_size
+    routing_extra = getattr(slots["routing"], "extra_flops_per_token", lambda m: 0.0)(m)
+    return sum(per_layer) + head + slots["residual"].flops_per_token(m, seq_len) + routing_extra

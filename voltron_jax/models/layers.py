@@ -1,0 +1,106 @@
+"""Dense building blocks: Dense, RMSNorm, Embed, RoPE and the SwiGLU MLP.
+
+Every projection in the model is built through the *linear slot*: a callable `linear(features,
+kernel_axes, name=...)` that returns a module mapping [..., in] -> [..., features]. `Dense` is the
+default; `bitlinear.BitLinear` has the same signature. Kernels are 2-D [in, out] with logical axis names
+for the sharding rules (voltron_jax/sharding.py). Params are fp32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
+    """A param annotated with logical axis names (boxed for nn.get_partition_spec)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ W, W: [in, features] fp32, computed in `dtype`. No bias (LLaMA style)."""
+
+    features: int
+    kernel_axes: tuple[str, str] = ("embed", "mlp")
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std),
+                            (x.shape[-1], self.features), self.kernel_axes)
+        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+    @staticmethod
+    def flops_per_token(n_in: int, n_out: int) -> float:
+        return 2.0 * n_in * n_out
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain (ones), statistics in fp32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D] (fp32); `attend` reuses it as a tied LM head."""
+
+    vocab_size: int
+    features: int
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(self.init_std),
+                                         (self.vocab_size, self.features), ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [B,T,D]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))  # [B,T,V]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary embedding (rotate-half form) of x [B,T,H,K] at integer positions [B,T]; math in fp32."""
+    k = x.shape[-1]
+    inv = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B,T,K/2]
+    sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : k // 2], x32[..., k // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)). The `linear` slot builds all three projections."""
+
+    d_ff: int
+    linear: Any = Dense  # callable(features, kernel_axes, name=...) -> module
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        gate = self.linear(self.d_ff, ("embed", "mlp"), name="gate")(x)  # [B,T,F]
+        up = self.linear(self.d_ff, ("embed", "mlp"), name="up")(x)  # [B,T,F]
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+        return self.linear(d, ("mlp", "embed"), name="down")(h)  # [B,T,D]
+
+    @staticmethod
+    def flops_per_token(m) -> float:
+        """Forward FLOPs per token: three D x F matmuls."""
+        return 3 * 2.0 * m.d_model * m.d_ff

@@ -1,0 +1,85 @@
+"""Mesh builder, the one logical-axis rules table, and shardings for param trees and batches.
+
+Mesh axes: data (pure data parallel), fsdp (data parallel with params sharded), tensor (heads / mlp
+/ vocab), expert (MoE and MoA experts; also data parallel for the dense part). Params carry logical
+axis names (`nn.with_logical_partitioning`); activations are constrained at block boundaries.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from configs.common import MESH_AXES, resolve_mesh
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# logical name -> mesh axis (or axes, or None = replicated). Params first, then activations.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("expert", "expert"),
+    ("norm", None),
+    ("router", None),
+    ("dwa", None),
+    ("gate", None),
+    ("act_batch", BATCH_AXES),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
+    ("act_capacity", None),
+)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A Mesh over `devices` (default: all) with axes (data, fsdp, tensor, expert) from config."""
+    devices = jax.devices() if devices is None else devices
+    sizes = resolve_mesh(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # CPU and odd topologies: plain reshape in device order
+        arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical axis names under RULES."""
+    return nn.logical_to_mesh_axes(axes, RULES)
+
+
+def param_specs(boxed_tree):
+    """PartitionSpecs for an (abstract) param tree whose leaves are nn.Partitioned boxes."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def tree_shardings(mesh: Mesh, boxed_tree):
+    """NamedShardings for a tree of boxed (logically annotated) leaves; unannotated leaves replicate."""
+    specs = nn.logical_to_mesh(param_specs(boxed_tree), RULES)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, T] batches: batch over the data-parallel axes, sequence replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def host_batch_to_global(mesh: Mesh, local: dict) -> dict:
+    """Assemble per-host [B_local, T] numpy arrays into global jax Arrays sharded over batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
