@@ -63,10 +63,23 @@ def param_specs(boxed_tree):
     return nn.get_partition_spec(boxed_tree)
 
 
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dims they do not divide (e.g. a 259-entry byte vocabulary on tensor=2):
+    that dim is replicated instead of failing. Big matrices of real configs divide evenly."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if shape[i] % size == 0 else None)
+    return PartitionSpec(*out)
+
+
 def tree_shardings(mesh: Mesh, boxed_tree):
-    """NamedShardings for a tree of boxed (logically annotated) leaves; unannotated leaves replicate."""
+    """NamedShardings for a tree of boxed (logically annotated) abstract leaves; unannotated leaves
+    replicate, and mesh axes that do not divide a dim are dropped for that dim (see fit_spec)."""
     specs = nn.logical_to_mesh(param_specs(boxed_tree), RULES)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+    shapes = nn.unbox(boxed_tree)
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, shapes,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

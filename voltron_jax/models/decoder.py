@@ -5,8 +5,10 @@ voltron_jax/registry.py and hands each module just the hyperparameters it uses.
 
 MiniCPM parameterisation (arXiv 2404.06395, techniques-b.md 2.3): h0 = scale_emb * embed(ids); every
 residual branch scaled by scale_depth / sqrt(L); logits = head(h / (d_model / dim_model_base)); 2-D
-weights initialised with std init_std / sqrt(d_model / dim_model_base). Neutral values (scale_emb=1,
-scale_depth=0, dim_model_base=0) give a plain pre-norm transformer.
+hidden and output matrices initialised with std init_std / sqrt(d_model / dim_model_base). Deviation: the
+input embedding keeps std init_std (not width-scaled), as in muP's input layer, so the residual stream's
+scale at init is independent of width (tests/models/test_decoder.py coordinate check). Neutral values
+(scale_emb=1, scale_depth=0, dim_model_base=0) give a plain pre-norm transformer.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-# Collections that a scanned layer stacks along its leading 'layers' axis.
-SCANNED_COLLECTIONS = ("params", "aux_loss", "intermediates", "cache")
+# Collections that a scanned layer stacks along its leading 'layers' axis. 'state' holds per-module
+# copies of the global step that the train loop fills (BitLinear warm-in reads it).
+SCANNED_COLLECTIONS = ("params", "aux_loss", "intermediates", "cache", "state")
 
 
 class Block(nn.Module):
@@ -134,7 +137,8 @@ class Decoder(nn.Module):
     scale_emb: float = 1.0
     logit_div: float = 1.0
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = 0.02  # embedding
+    head_init_std: float = 0.02  # untied LM head
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -152,7 +156,7 @@ class Decoder(nn.Module):
         else:
             logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
                               kernel_init=nn.with_logical_partitioning(
-                                  nn.initializers.normal(self.init_std), ("embed", "vocab")))(x)
+                                  nn.initializers.normal(self.head_init_std), ("embed", "vocab")))(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
@@ -192,7 +196,8 @@ def build_model(m, decode: bool = False) -> Decoder:
     stack = functools.partial(residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat,
                               **slot_kwargs(residual, m))
     return Decoder(vocab_size=m.vocab_size, d_model=m.d_model, stack=stack, scale_emb=m.scale_emb,
-                   logit_div=width_factor(m), tie_embeddings=m.tie_embeddings, init_std=std, dtype=dtype)
+                   logit_div=width_factor(m), tie_embeddings=m.tie_embeddings, init_std=m.init_std,
+                   head_init_std=std, dtype=dtype)
 
 
 def flops_per_token(m, seq_len: int) -> float:

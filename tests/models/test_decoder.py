@@ -1,0 +1,167 @@
+"""Dense backbone: shapes, every param sharded by a valid spec, scan == unrolled, GQA, MiniCPM scaling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec
+
+from configs import tiny
+from voltron_jax import sharding
+from voltron_jax.models import attention, decoder
+
+
+def _cfg(**model):
+    c = tiny.get_config("test")
+    for k, v in model.items():
+        c.model[k] = v
+    return c
+
+
+def _init(c, t=16):
+    m = decoder.build_model(c.model)
+    ids = jax.random.randint(jax.random.key(1), (2, t), 0, c.model.vocab_size)
+    return m, m.init(jax.random.key(0), ids), ids
+
+
+def test_logits_shape_dtype_and_causality():
+    c = _cfg()
+    m, v, ids = _init(c)
+    out = m.apply(v, ids)
+    assert out.shape == (2, 16, c.model.vocab_size) and out.dtype == jnp.float32
+    ids2 = ids.at[:, 10:].set(7)  # changing the future must not change the past
+    np.testing.assert_array_equal(m.apply(v, ids2)[:, :10], out[:, :10])
+
+
+def test_every_param_has_a_valid_partition_spec():
+    c = _cfg(scan_layers=True)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    m = decoder.build_model(c.model)
+    boxed = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    mesh = sharding.make_mesh(c.mesh)
+    specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(mesh, boxed))
+    for (path, spec), (_, leaf) in zip(jax.tree_util.tree_leaves_with_path(specs,
+                                                                          is_leaf=lambda x: isinstance(x, PartitionSpec)),
+                                       jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), strict=True):
+        assert isinstance(spec, PartitionSpec), path
+        assert len(spec) <= leaf.ndim, (path, spec)
+        for dim, axes in zip(leaf.shape, spec):
+            size = np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())])
+            assert dim % size == 0, (path, spec, leaf.shape)
+    # the big matrices are actually sharded, norms replicated
+    flat = {jax.tree_util.keystr(p): s for p, s in
+            jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))}
+    assert any("tensor" in str(s) for k, s in flat.items() if "q" in k)
+    assert all(all(a is None for a in s) for k, s in flat.items() if "norm" in k)
+    assert flat["['embed']['embedding']"] == PartitionSpec(None, "fsdp")  # 259 rows: tensor dropped
+
+
+def test_scan_equals_unrolled():
+    c = _cfg()
+    m, v, ids = _init(c)
+    cs = _cfg(scan_layers=True, remat="full")
+    ms = decoder.build_model(cs.model)
+    p = nn.unbox(v["params"])
+    layers = [p["stack"][f"block_{i}"]["layer_0"] for i in range(c.model.n_layers)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    ps = {**p, "stack": {"blocks": {"layer_0": stacked}}}
+    np.testing.assert_allclose(ms.apply({"params": ps}, ids), m.apply(v, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    c = _cfg(n_heads=4, n_kv_heads=2)
+    m, v, ids = _init(c)
+    cm = _cfg(n_heads=4, n_kv_heads=4)
+    mm = decoder.build_model(cm.model)
+    p = jax.tree.map(lambda x: x, nn.unbox(v["params"]))
+    k = c.model.d_model // 4
+    for blk in p["stack"].values():
+        att = blk["layer_0"]["attn"]
+        for name in ("k", "v"):  # kv head g serves query heads 2g, 2g+1
+            w = att[name]["kernel"].reshape(c.model.d_model, 2, k)
+            att[name]["kernel"] = jnp.repeat(w, 2, axis=1).reshape(c.model.d_model, 4 * k)
+    np.testing.assert_allclose(mm.apply({"params": p}, ids), m.apply(v, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_minicpm_neutral_values_are_plain_prenorm():
+    c = _cfg()
+    m, v, ids = _init(c)
+    c2 = _cfg(scale_emb=2.0, scale_depth=1.4, dim_model_base=32)
+    m2 = decoder.build_model(c2.model)
+    # scale_emb multiplies h0; with the same params, a different scale changes the output
+    assert not np.allclose(m2.apply(v, ids), m.apply(v, ids))
+    assert decoder.width_factor(c2.model) == 2.0
+    rs = c2.model.scale_depth / np.sqrt(c2.model.n_layers)
+    assert m2.stack.keywords["layers"][0].keywords["residual_scale"] == pytest.approx(rs)
+
+
+def _stack_rms(c):
+    m, v, ids = _init(c)
+    _, st = m.apply(v, ids, capture_intermediates=lambda mdl, _: mdl.name == "stack",
+                    mutable=["intermediates"])
+    h = st["intermediates"]["stack"]["__call__"][0]
+    return float(jnp.sqrt(jnp.mean(h**2)))
+
+
+@pytest.mark.parametrize("mup", [False, True])
+def test_coordinate_check_hidden_scale_flat_across_widths(mup):
+    """MiniCPM parameterisation: hidden-matrix init std shrinks with 1/sqrt(width factor), so the residual
+    stream's RMS at init stays flat across widths; with a fixed std it grows with sqrt(width)."""
+    rms = {}
+    for width in (64, 128, 256):
+        c = _cfg(d_model=width, d_ff=2 * width, n_heads=4, n_kv_heads=4, init_std=0.1)
+        if mup:
+            c.model.update(scale_emb=12.0, scale_depth=1.4, dim_model_base=64)
+        rms[width] = _stack_rms(c)
+    ratio = rms[256] / rms[64]
+    if mup:
+        assert 0.8 < ratio < 1.25, rms
+    else:
+        assert ratio > 1.3, rms
+
+
+def test_kv_cache_decode_matches_full_forward():
+    c = _cfg()
+    m, v, ids = _init(c, t=12)
+    full = m.apply(v, ids)
+    md = decoder.build_model(c.model, decode=True)
+    cache = md.init(jax.random.key(0), jnp.zeros((2, 12), jnp.int32))["cache"]
+    logits, mut = md.apply({"params": v["params"], "cache": cache}, ids[:, :5],
+                           positions=jnp.broadcast_to(jnp.arange(5), (2, 5)), mutable=["cache"])
+    outs = [logits]
+    for t in range(5, 12):
+        lg, mut = md.apply({"params": v["params"], **mut}, ids[:, t:t + 1],
+                           positions=jnp.full((2, 1), t), mutable=["cache"])
+        outs.append(lg)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_doc_mask_blocks_cross_document_attention():
+    c = _cfg()
+    m, v, ids = _init(c)
+    seg = jnp.concatenate([jnp.ones((2, 6), jnp.int32), 2 * jnp.ones((2, 10), jnp.int32)], 1)
+    a = m.apply(v, ids, segment_ids=seg)
+    b = m.apply(v, ids.at[:, :6].set(5), segment_ids=seg)  # change document 1 only
+    np.testing.assert_allclose(a[:, 6:], b[:, 6:], atol=1e-6)
+
+
+def test_flops_per_token_dense_formula():
+    c = _cfg()
+    mc, t = c.model, 64
+    k = mc.d_model // mc.n_heads
+    per_layer = 2 * mc.d_model * k * (2 * mc.n_heads + 2 * mc.n_kv_heads) + 6 * mc.d_model * mc.d_ff
+    per_layer += 2 * t * mc.n_heads * k  # causal attention at half
+    assert decoder.flops_per_token(mc, t) == mc.n_layers * per_layer + 2 * mc.d_model * mc.vocab_size
+
+
+def test_causal_core_valid_mask_hides_invalid_keys():
+    q = jax.random.normal(jax.random.key(0), (1, 6, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 6, 2, 8))
+    vv = jax.random.normal(jax.random.key(2), (1, 6, 2, 8))
+    pos = jnp.arange(6)[None]
+    core = attention.CausalCore()
+    valid = jnp.array([[True, False, True, True, False, True]])
+    out = core.apply({}, q, k, vv, pos, None, valid)
+    out2 = core.apply({}, q, k.at[:, 1].set(9.0), vv.at[:, 4].set(-3.0), pos, None, valid)
+    np.testing.assert_allclose(out[:, jnp.array([0, 2, 3, 5])], out2[:, jnp.array([0, 2, 3, 5])], atol=1e-6)

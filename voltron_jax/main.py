@@ -1,0 +1,61 @@
+"""Command-line entry: flags -> train.run(config, workdir).
+
+    python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo [--config.model.d_model=512 ...]
+
+Multi-host (TPU pods): the same command on every worker; `--multihost` calls jax.distributed.initialize()
+(auto-detected on TPU VMs; pass --coordinator/--num_processes/--process_id elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or bucket URL).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
+_COORD = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-host outside TPU VMs).")
+_NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host outside TPU VMs).")
+_PID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-host outside TPU VMs).")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache folder.")
+
+
+def init_distributed() -> None:
+    import jax
+
+    kwargs = {}
+    if _COORD.value:
+        kwargs = dict(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+    jax.distributed.initialize(**kwargs)
+
+
+def main(argv) -> None:
+    del argv
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        sys.exit("usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo")
+    import jax
+
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    if _MULTIHOST.value or _COORD.value:
+        init_distributed()
+    from configs.common import ConfigError
+    from voltron_jax import train
+
+    try:
+        train.run(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+def entrypoint() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.getcwd())
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entrypoint()

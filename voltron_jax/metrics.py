@@ -1,0 +1,80 @@
+"""Metric sinks for the train loop: console progress, TensorBoard events and a JSONL log per phase.
+
+The JSONL file (`metrics.jsonl` in each phase folder) is what report and ablation tools read; TensorBoard
+is for people. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import jax
+
+PEAK_FLOPS = {  # dense bf16 per device (datasheets); used for MFU when train.peak_flops is 0
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5p": 459e12,
+    "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v6": 918e12,
+}
+
+
+def peak_flops_per_device(configured: float) -> float:
+    """Configured peak, else a datasheet guess from the device kind, else 0 (MFU not reported)."""
+    if configured > 0:
+        return configured
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
+
+
+def fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class MetricWriter:
+    """Writes scalars to the console, TensorBoard (tb/) and metrics.jsonl of one phase folder."""
+
+    def __init__(self, phase_dir, label: str, total_steps: int, start_step: int):
+        self.label, self.total, self.start = label, total_steps, start_step
+        self.enabled = jax.process_index() == 0
+        self.t0, self.step0 = time.time(), None
+        self._tb = None
+        if self.enabled:
+            from flax.metrics import tensorboard  # imports TensorFlow: only in the loop
+
+            self._tb = tensorboard.SummaryWriter(str(phase_dir / "tb"))
+            self._jsonl = (phase_dir / "metrics.jsonl").open("a")
+
+    def write(self, step: int, scalars: dict[str, float], kind: str = "train"):
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self._tb.scalar(f"{kind}/{k}", v, step)
+        self._tb.flush()
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def progress(self, step: int, scalars: dict[str, float]):
+        """One console line: phase, step/total, loss, lr, grad norm, tokens/s, MFU, ETA."""
+        if not self.enabled:
+            return
+        if self.step0 is None:
+            self.step0, self.t0 = step, time.time()
+        done = step - self.start
+        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        parts = [f"[{self.label}] step {done}/{self.total}", f"loss {scalars['loss']:.4f}",
+                 f"lr {scalars['lr']:.2e}", f"|g| {scalars['grad_norm']:.3f}",
+                 f"tok/s {scalars['tokens_per_s']:,.0f}"]
+        if scalars.get("mfu"):
+            parts.append(f"mfu {scalars['mfu']:.3f}")
+        parts.append(f"ETA {fmt_time(eta)}")
+        print("  ".join(parts), flush=True)
+
+    def close(self):
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()

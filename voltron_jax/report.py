@@ -1,0 +1,58 @@
+"""End-of-run report: a per-phase table (report.md) and the loss curves of every phase (losses.png)."""
+
+from __future__ import annotations
+
+import json
+
+from etils import epath
+
+
+def read_metrics(phase_dir: epath.Path) -> list[dict]:
+    f = phase_dir / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def phase_dirs(workdir: epath.Path) -> dict[str, epath.Path]:
+    """{label: folder} of every phase folder holding metrics (fan-out members as name/i)."""
+    out = {}
+    for d in sorted(p for p in workdir.iterdir() if p.is_dir() and p.name[:2].isdigit()):
+        members = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("cluster_"))
+        for m in members or [d]:
+            label = d.name[3:] + (f"/{m.name.split('_')[1]}" if m is not d else "")
+            out[label] = m
+    return out
+
+
+def write(workdir: epath.Path, results: dict[str, dict]) -> None:
+    """report.md (phase, steps, final train loss, validation loss and perplexity) and losses.png."""
+    rows = ["| phase | steps | final train loss | val loss | val perplexity | tokens/s |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    curves = {}
+    for label, d in phase_dirs(workdir).items():
+        recs = read_metrics(d)
+        train = [r for r in recs if r["kind"] == "train"]
+        curves[label] = ([r["step"] for r in train], [r["loss"] for r in train])
+        res = results.get(label, {})
+        last = train[-1] if train else {}
+        rows.append(f"| {label} | {last.get('step', '-')} | {last.get('loss', float('nan')):.4f} | "
+                    f"{res.get('loss', float('nan')):.4f} | {res.get('perplexity', float('nan')):.3f} | "
+                    f"{last.get('tokens_per_s', float('nan')):,.0f} |")
+    (workdir / "report.md").write_text("# Run report\n\n" + "\n".join(rows) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, (x, y) in curves.items():
+        if x:
+            ax.plot(x, y, label=label)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with (workdir / "losses.png").open("wb") as f:
+        fig.savefig(f, dpi=110)
+    plt.close(fig)
+    print("\n".join(rows), flush=True)

@@ -1,0 +1,361 @@
+"""THE train loop: runs every phase of `config.recipe` in dependency order, each resumable on its own.
+
+    run(config, workdir)
+      for each phase (stable, decay, branch xN, mix, fine-tune ...):
+        mesh + shardings -> model/optimizer shapes via jax.eval_shape -> init ladder
+        (resume the phase folder | parents' checkpoints [+ surgery] | scratch) -> loop (step, log, eval, save)
+
+The loop never asks which technique is on: auxiliary losses are whatever the model sowed into the
+'aux_loss' collection, weighted by `config.aux_weights[name]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from flax import struct
+
+from configs import common
+from voltron_jax import checkpoint, metrics, optim, schedules, sharding
+from voltron_jax.models import decoder
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Phase:
+    """One runnable unit: a recipe phase, or one member of a fan-out phase."""
+
+    name: str
+    member: int | None
+    config: ml_collections.ConfigDict  # the phase's own config (recipe overrides applied)
+    directory: epath.Path
+    start: int  # global step at which it starts
+    steps: int
+
+    @property
+    def label(self) -> str:
+        return self.name if self.member is None else f"{self.name}/{self.member}"
+
+
+# ============================================================================ phases and folders
+
+
+def phase_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The config a phase runs with: `recipe.<name>.overrides` applied."""
+    return common.apply_overrides(config, config.recipe[name].overrides)
+
+
+def phases(config, workdir: epath.Path) -> list[Phase]:
+    """Every runnable phase in dependency order, with its folder (DESIGN.md layout)."""
+    out = []
+    for i, name in enumerate(common.phase_order(config.recipe)):
+        ph = config.recipe[name]
+        base = workdir / f"{i:02d}_{name}"
+        members = range(ph.fan_out) if ph.fan_out else [None]
+        for mem in members:
+            out.append(Phase(name, mem, phase_config(config, name),
+                             base if mem is None else base / f"cluster_{mem}",
+                             common.phase_start(config.recipe, name, config.max_steps),
+                             common.phase_steps(ph, config.max_steps)))
+    return out
+
+
+def write_run_info(config, workdir: epath.Path) -> dict:
+    """Resolved config, git commit, package versions and the corpus manifest: to disk and returned."""
+    from voltron_jax import runinfo
+
+    info = runinfo.collect(config)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(info["config"], indent=2, sort_keys=True))
+        (workdir / "run_info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return info
+
+
+# ============================================================================ model, loss, steps
+
+
+def cross_entropy(logits, targets, weights):
+    """Mean token NLL and mean squared log-normaliser (z-loss), both over weighted tokens."""
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B,T]
+    nll = logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    denom = jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(nll * weights) / denom, jnp.sum(jnp.square(logz) * weights) / denom
+
+
+def sum_aux_losses(aux: dict, weights: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
+    """Sum every sown aux loss times its configured weight; returns (total, {name: unweighted sum})."""
+    by_name: dict[str, jax.Array] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
+        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+        by_name[name] = by_name.get(name, 0.0) + jnp.sum(leaf)
+    unknown = sorted(set(by_name) - set(weights.keys()))
+    if unknown:
+        raise common.ConfigError(f"aux losses {unknown} have no weight; add them to aux_weights "
+                                 f"(known: {sorted(weights.keys())}).")
+    total = sum((weights[k] * v for k, v in by_name.items()), jnp.zeros((), jnp.float32))
+    return total, by_name
+
+
+def model_inputs(batch: dict, doc_mask: bool) -> tuple:
+    return batch["inputs"], batch["positions"], batch["segment_ids"] if doc_mask else None
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, lr_fn):
+    """(state, batch) -> (state, metrics); aux losses collected generically."""
+    doc_mask = config.data.doc_mask
+
+    def loss_fn(params, batch):
+        logits, cols = model.apply({"params": params}, *model_inputs(batch, doc_mask),
+                                   mutable=["aux_loss", "intermediates"])
+        ce, zl = cross_entropy(logits, batch["targets"], batch["weights"])
+        aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
+        loss = ce + config.aux_weights.z_loss * zl + aux_total
+        return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v for k, v in aux.items()}}
+
+    def step_fn(state: TrainState, batch):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step), **parts,
+               "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32)}
+        return TrainState(state.step + 1, params, opt_state), out
+
+    return step_fn
+
+
+def make_eval_step(model: nn.Module, config):
+    doc_mask = config.data.doc_mask
+
+    def eval_fn(params, batch):
+        logits = model.apply({"params": params}, *model_inputs(batch, doc_mask))
+        ce, _ = cross_entropy(logits, batch["targets"], batch["weights"])
+        n = jnp.sum(batch["weights"])
+        return ce * jnp.maximum(n, 1.0), n
+
+    return eval_fn
+
+
+# ============================================================================ init ladder
+
+
+class Runtime:
+    """Everything compiled for one phase: mesh, model, optimizer, shardings and jitted functions."""
+
+    def __init__(self, phase: Phase, devices=None):
+        c = phase.config
+        self.config, self.phase = c, phase
+        self.mesh = sharding.make_mesh(c.mesh, devices)
+        self.model = decoder.build_model(c.model)
+        self.lr_fn = schedules.lr_schedule(c, phase.name)
+        dummy = jnp.zeros((1, c.data.seq_len), jnp.int32)
+        abstract_params = jax.eval_shape(lambda k: self.model.init(k, dummy)["params"], jax.random.key(0))
+        self.tx = optim.make_optimizer(c, abstract_params, phase.name)
+
+        def init_state(key):
+            params = self.model.init(key, dummy)["params"]
+            return TrainState(jnp.asarray(phase.start, jnp.int32), params, self.tx.init(params))
+
+        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+            boxed = jax.eval_shape(init_state, jax.random.key(0))
+            self.shardings = sharding.tree_shardings(self.mesh, boxed)
+            self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         nn.unbox(boxed), self.shardings)
+            self._init = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=self.shardings)
+            batch_sh = sharding.batch_sharding(self.mesh)
+            self.train_step = jax.jit(make_train_step(self.model, self.tx, c, self.lr_fn),
+                                      in_shardings=(self.shardings, batch_sh),
+                                      out_shardings=(self.shardings, None), donate_argnums=0)
+            self.eval_step = jax.jit(make_eval_step(self.model, c),
+                                     in_shardings=(self.shardings.params, batch_sh))
+
+    def scratch(self) -> TrainState:
+        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+            return self._init(jax.random.key(self.config.seed))
+
+    def place(self, params, opt_state=None) -> TrainState:
+        """Put host/other-mesh params (and optionally optimizer state) onto this phase's shardings."""
+        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+            params = jax.device_put(params, self.shardings.params)
+            if opt_state is None:
+                opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+            else:
+                opt_state = jax.device_put(opt_state, self.shardings.opt_state)
+        return TrainState(jax.device_put(jnp.asarray(self.phase.start, jnp.int32), self.shardings.step),
+                          params, opt_state)
+
+
+def final_checkpoint(directory: epath.Path):
+    """(params host tree, opt_state, meta) of a finished phase's last checkpoint."""
+    ck = checkpoint.Checkpointer(directory / "ckpt")
+    step = ck.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"phase folder {directory} has no checkpoint; run its phase first.")
+    state, _, meta = ck.restore(step)
+    ck.close()
+    return state, meta
+
+
+def init_from_parents(rt: Runtime, config, workdir_phases: list[Phase], phase: Phase) -> TrainState:
+    """Build a phase's first state from its parents' final checkpoints through the named surgery."""
+    ph = config.recipe[phase.name]
+    parents = common.parents(ph)
+    sources = [p for p in workdir_phases if p.name in parents]
+    loaded = [final_checkpoint(p.directory) for p in sources]
+    if not ph.init.surgery:
+        (state, _), = loaded
+        keep = ph.init.keep_optimizer
+        return rt.place(state["params"], state["opt_state"] if keep else None)
+    from voltron_jax import surgery
+
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
+    params = surgery.apply(ph.init.surgery, [s["params"] for s, _ in loaded], target, config=rt.config,
+                           sources_meta=[m for _, m in loaded], key=jax.random.key(config.seed))
+    return rt.place(params)
+
+
+# ============================================================================ the loop
+
+
+def evaluate(rt: Runtime, params, batches: list[dict]) -> dict[str, float]:
+    tot, n = 0.0, 0.0
+    for b in batches:
+        s, c = rt.eval_step(params, sharding.host_batch_to_global(rt.mesh, b))
+        tot, n = tot + float(s), n + float(c)
+    loss = tot / max(n, 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase], info: dict) -> dict:
+    """Run (or resume, or skip if finished) one phase; returns its final validation metrics."""
+    from voltron_jax.data import pipeline
+
+    c = phase.config
+    phase.directory.mkdir(parents=True, exist_ok=True)
+    rt = Runtime(phase)
+    ck = checkpoint.Checkpointer(phase.directory / "ckpt", keep=c.train.keep, async_save=c.train.async_save)
+    pid, pcount = jax.process_index(), jax.process_count()
+    seed = c.seed * 1000 + (phase.member or 0) + 17 * list(config.recipe.keys()).index(phase.name)
+    data = pipeline.make_train_iterator(c, config.recipe[phase.name].mixture, seed=seed, process_index=pid,
+                                        process_count=pcount, cluster=phase.member)
+    end = phase.start + phase.steps
+
+    # ---- init ladder: resume this folder | parents (+ surgery) | scratch
+    if ck.latest_step() is not None:
+        state, data_state, _ = ck.restore(target=rt.abstract)
+        data.set_state(data_state)
+        print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
+    elif common.parents(config.recipe[phase.name]):
+        state = init_from_parents(rt, config, all_phases, phase)
+    else:
+        state = rt.scratch()
+    meta = {**info, "phase": phase.label, "config": c.to_dict()}
+
+    eval_batches = pipeline.make_eval_batches(c, "pretrain", c.train.eval_batches, pid, pcount)
+    writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start)
+    tokens_per_step = c.data.batch_size * c.data.seq_len
+    flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
+    peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
+
+    def save(step, force=False):
+        ck.save(step, state, data.get_state(), meta, force=force)
+
+    step = int(state.step)
+    if step == phase.start and phase.steps == 0 and ck.latest_step() is None:
+        save(step, force=True)  # e.g. a merge phase: its product is the checkpoint
+    window, t_window = [], time.time()
+    with checkpoint.PreemptionGuard() as guard:
+        while step < end:
+            batch = sharding.host_batch_to_global(rt.mesh, next(data))
+            state, m = rt.train_step(state, batch)
+            step += 1
+            window.append(m)
+            boundary = step % c.train.log_every == 0 or step == end
+            saving = step % c.train.ckpt_every == 0 or step == end
+            if boundary or saving:
+                avg = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
+                if avg.pop("nonfinite") > 0:
+                    raise NonFiniteLoss(
+                        f"[{phase.label}] non-finite loss before step {step}; the last good checkpoint "
+                        f"({ck.latest_step()}) is intact in {phase.directory / 'ckpt'}. Lower optim.lr, "
+                        "raise schedule.warmup or check the data.")
+                dt = (time.time() - t_window) / len(window)
+                avg.update(tokens_per_s=tokens_per_step / dt, step_time_s=dt,
+                           mfu=flops_per_step / dt / peak if peak else 0.0)
+                writer.write(step, avg)
+                writer.progress(step, avg)
+                window, t_window = [], time.time()
+            if step % c.train.eval_every == 0 and step < end:
+                writer.write(step, evaluate(rt, state.params, eval_batches), kind="eval")
+            if saving:
+                save(step)
+            if guard.should_stop(step):
+                save(step, force=True)
+                ck.wait()
+                raise SystemExit(f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume.")
+    final = evaluate(rt, state.params, eval_batches)
+    writer.write(step, final, kind="eval")
+    print(f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}",
+          flush=True)
+    writer.close()
+    ck.wait()
+    ck.close()
+    return final
+
+
+def check_workdir(workdir: str) -> epath.Path:
+    path = epath.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise common.ConfigError(f"workdir {workdir!r} is not writable ({e}); pass a --workdir you can write "
+                                 "to (local path or bucket URL).") from e
+    return path
+
+
+def needs_prepare(config) -> bool:
+    """ICP ordering and cluster-routed phases read the outputs of `voltron_jax.data.prepare`."""
+    return config.data.ordering == "icp" or any(config.recipe[n].mixture == "cluster" for n in config.recipe)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+    """Validate, prepare data if the recipe needs it, then run every phase. Returns {phase: metrics}."""
+    common.validate(config, n_devices=jax.device_count())
+    root = check_workdir(workdir)
+    info = write_run_info(config, root)
+    if needs_prepare(config):
+        from voltron_jax.data import prepare
+
+        prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
+    todo = phases(config, root)
+    results = {}
+    for ph in todo:
+        common.validate(ph.config, n_devices=jax.device_count())
+        results[ph.label] = run_phase(config, root, ph, todo, info)
+    if jax.process_index() == 0:
+        from voltron_jax import report
+
+        report.write(root, results)
+    return results
