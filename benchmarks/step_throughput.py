@@ -37,8 +37,13 @@ def measure(config, steps: int) -> dict:
     rng = np.random.default_rng(0)
     b, t = c.data.batch_size, c.data.seq_len
     ids = rng.integers(3, c.model.vocab_size, size=(b, t + 1), dtype=np.int32)
-    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-             "segment_ids": np.ones((b, t), np.int32), "weights": np.ones((b, t), np.float32)}
+    batch = {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+        "segment_ids": np.ones((b, t), np.int32),
+        "weights": np.ones((b, t), np.float32),
+    }
     batch = sharding.host_batch_to_global(rt.mesh, batch)
     for _ in range(2):
         state, m = rt.train_step(state, batch)
@@ -53,10 +58,17 @@ def measure(config, steps: int) -> dict:
     flops = 3 * decoder.flops_per_token(c.model, t) * b * t
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
     mem = jax.devices()[0].memory_stats() or {}
-    return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
-            "tokens_per_s": b * t / dt, "step_time_s": dt, "mfu": flops / dt / peak if peak else None,
-            "model_tflops_per_step": flops / 1e12, "peak_bytes": mem.get("peak_bytes_in_use"),
-            "loss": float(m["loss"])}
+    return {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "n_devices": jax.device_count(),
+        "tokens_per_s": b * t / dt,
+        "step_time_s": dt,
+        "mfu": flops / dt / peak if peak else None,
+        "model_tflops_per_step": flops / 1e12,
+        "peak_bytes": mem.get("peak_bytes_in_use"),
+        "loss": float(m["loss"]),
+    }
 
 
 def main(argv):

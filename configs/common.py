@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 def phase(steps: int, mixture: str = "pretrain", stage: str = "stable", init_from=(), surgery: str = "",
-          keep_optimizer: bool = True, fan_out: int = 0) -> ml_collections.ConfigDict:
+          keep_optimizer: bool = True, fan_out: int = 0, overrides: str = "") -> ml_collections.ConfigDict:
     """One entry of `config.recipe`.
 
     Args:
@@ -44,9 +44,11 @@ def phase(steps: int, mixture: str = "pretrain", stage: str = "stable", init_fro
       surgery: name of a surgery function applied to the `init_from` params ('' = identity).
       keep_optimizer: carry the parent's optimizer state (only with exactly one parent and no surgery).
       fan_out: > 0 runs this phase as that many independent members (one per data cluster).
+      overrides: "a.b=value,c.d=value" applied to the config for this phase only (e.g. the MoE model of a
+        fine-tune phase: "model.ffn=moe,model.attention=moa").
     """
     return ml_collections.ConfigDict(
-        dict(steps=steps, mixture=mixture, stage=stage, fan_out=fan_out,
+        dict(steps=steps, mixture=mixture, stage=stage, fan_out=fan_out, overrides=overrides,
              init=dict(from_=",".join(init_from), surgery=surgery, keep_optimizer=keep_optimizer)))
 
 
@@ -79,8 +81,11 @@ def get_default() -> ml_collections.ConfigDict:
     # Technique slots (DESIGN.md). Each slot's hyperparameters live in the sub-dict named after its choice.
     for slot, choices in SLOTS.items():
         m[slot] = choices[0]
+    # BitNet (models/bitlinear.py): weights ternary | binary; norm inside each BitLinear rms | layer | none;
+    # warm-in lam ramps 0 -> 1 over warmin_steps global steps from warmin_start (0 steps: off); eps floors
+    # mean|W| and the token absmax; packed: inference params written by voltron_jax/export_bitnet.py.
     m.bitlinear = ml_collections.ConfigDict(dict(
-        weights="ternary", norm="rms", warmin_steps=0, eps=1e-5))
+        weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False))
     m.infini = ml_collections.ConfigDict(dict(
         segment_len=64, update="linear", gate_init=0.0, first_segment="skip"))
     m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
@@ -92,8 +97,9 @@ def get_default() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.corpus = "stdlib"  # stdlib (embedded, no download) | tfds:<name> (e.g. tfds:c4/en)
+    d.corpus = "stdlib"  # stdlib (embedded, no download) | tfds:<name> (e.g. tfds:c4/en); mixture name 'corpus'
     d.tfds_data_dir = ""
+    d.cache_dir = ""  # tokenised streams and trained vocabularies; empty: ~/.cache/voltron_jax
     d.vocab = "byte"  # byte | sentencepiece
     d.spm_path = ""  # existing .model file; empty with vocab=sentencepiece trains one locally
     d.spm_vocab_size = 4096
@@ -105,8 +111,8 @@ def get_default() -> ml_collections.ConfigDict:
     d.val_fraction = 0.02
     d.shuffle_seed = 0
     d.mixtures = ml_collections.ConfigDict(dict(
-        pretrain="stdlib:1.0",
-        decay="stdlib:0.7,pydoc:0.3",
+        pretrain="corpus:1.0",  # "name:rate,...": corpus (= data.corpus), stdlib, pydoc, tfds:<name>, or
+        decay="corpus:0.7,pydoc:0.3",  # any data.register_document_task name (ICP order, clusters)
     ))
     d.n_clusters = 8
 
@@ -122,6 +128,7 @@ def get_default() -> ml_collections.ConfigDict:
     o.lr_stage2_factor = 1.0
     o.grad_clip = 1.0
     o.mup_embed_lr = False  # MiniCPM scales the lr of every 2-D tensor; True also scales the embedding
+    o.decay_embed = False  # weight decay on the token embedding (off: BitNet FAQ, OLMo 2; see optim.py)
     o.gate_lr = 1e-2  # Infini-attention gates: their own lr, no weight decay
     o.decay_alpha = False  # DenseFormer alpha weight decay (the paper's code decays them)
 
@@ -130,7 +137,7 @@ def get_default() -> ml_collections.ConfigDict:
     s.name = "wsd"
     s.warmup = 20
     s.decay_shape = "exp"  # wsd decay: exp (half-life) | linear | cosine
-    s.half_life = 0  # exp decay half-life in steps; 0: decay steps / 4
+    s.half_life = 0  # exp decay half-life in steps; 0: the one that ends the decay at final_frac * peak
     s.final_frac = 0.1  # lr at the end of the decay (and cosine floor) as a fraction of peak
     s.total = 0  # cosine length; 0: total steps of the recipe
 
@@ -188,6 +195,27 @@ def resolve_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, i
         _fail(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
               f"set the axis sizes so their product is {n_devices}, or one axis to -1.")
     return sizes
+
+
+def apply_overrides(c: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
+    """A copy of `c` with "a.b=value,c.d=value" applied (values parsed to the existing field's type)."""
+    out = ml_collections.ConfigDict(c.to_dict())
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            _fail(f"override {item!r} must look like 'a.b=value'.")
+        *path, leaf = key.strip().split(".")
+        node = out
+        for p in path:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                _fail(f"override {key!r}: {p!r} is not a config section; valid: {sorted(node.keys())}.")
+            node = node[p]
+        if leaf not in node:
+            _fail(f"override {key!r}: unknown field {leaf!r}; valid: {sorted(node.keys())}.")
+        old = node[leaf]
+        is_true = value.strip().lower() in ("1", "true", "yes")
+        node[leaf] = is_true if isinstance(old, bool) else type(old)(value)
+    return out
 
 
 def phase_order(recipe: ml_collections.ConfigDict) -> list[str]:
@@ -305,6 +333,8 @@ def _validate_recipe(c):
             _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
         if ph.stage == "decay":
             decay_phases.append(name)
+        if ph.overrides:
+            apply_overrides(c, ph.overrides)
     if sched.name == "wsd":
         first = order[0]
         if sched.warmup > phase_steps(recipe[first], c.max_steps) and c.max_steps <= 0:

@@ -13,8 +13,14 @@ import time
 import jax
 
 PEAK_FLOPS = {  # dense bf16 per device (datasheets); used for MFU when train.peak_flops is 0
-    "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5p": 459e12,
-    "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v6": 918e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5p": 459e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v6": 918e12,
 }
 
 
@@ -66,9 +72,13 @@ class MetricWriter:
         done = step - self.start
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("nan")
-        parts = [f"[{self.label}] step {done}/{self.total}", f"loss {scalars['loss']:.4f}",
-                 f"lr {scalars['lr']:.2e}", f"|g| {scalars['grad_norm']:.3f}",
-                 f"tok/s {scalars['tokens_per_s']:,.0f}"]
+        parts = [
+            f"[{self.label}] step {done}/{self.total}",
+            f"loss {scalars['loss']:.4f}",
+            f"lr {scalars['lr']:.2e}",
+            f"|g| {scalars['grad_norm']:.3f}",
+            f"tok/s {scalars['tokens_per_s']:,.0f}",
+        ]
         if scalars.get("mfu"):
             parts.append(f"mfu {scalars['mfu']:.3f}")
         parts.append(f"ETA {fmt_time(eta)}")

@@ -36,8 +36,14 @@ ROUTING = {
     "none": "voltron_jax.models.decoder:NoRouting",
     "mod": "voltron_jax.models.mod:MoDRouting",
 }
-TABLES = {"linear": LINEAR, "attention": ATTENTION, "memory": MEMORY, "ffn": FFN,
-          "residual": RESIDUAL, "routing": ROUTING}
+TABLES = {
+    "linear": LINEAR,
+    "attention": ATTENTION,
+    "memory": MEMORY,
+    "ffn": FFN,
+    "residual": RESIDUAL,
+    "routing": ROUTING,
+}
 
 
 def get(slot: str, name: str):
@@ -50,7 +56,8 @@ def get(slot: str, name: str):
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise NotImplementedError(
-            f"model.{slot}={name!r} is registered but {table[name]} cannot be loaded ({e}).") from e
+            f"model.{slot}={name!r} is registered but {table[name]} cannot be loaded ({e})."
+        ) from e
 
 
 def selected(model_cfg) -> dict:
@@ -60,7 +67,7 @@ def selected(model_cfg) -> dict:
 
 def validate_slots(config) -> None:
     """Run each selected slot's own `validate(config)`, if it has one."""
-    for slot, cls in selected(config.model).items():
+    for cls in selected(config.model).values():
         check = getattr(cls, "validate", None)
         if check is not None:
             check(config)

@@ -25,8 +25,10 @@ def phase_dirs(workdir: epath.Path) -> dict[str, epath.Path]:
 
 def write(workdir: epath.Path, results: dict[str, dict]) -> None:
     """report.md (phase, steps, final train loss, validation loss and perplexity) and losses.png."""
-    rows = ["| phase | steps | final train loss | val loss | val perplexity | tokens/s |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| phase | steps | final train loss | val loss | val perplexity | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     curves = {}
     for label, d in phase_dirs(workdir).items():
         recs = read_metrics(d)
@@ -34,9 +36,11 @@ def write(workdir: epath.Path, results: dict[str, dict]) -> None:
         curves[label] = ([r["step"] for r in train], [r["loss"] for r in train])
         res = results.get(label, {})
         last = train[-1] if train else {}
-        rows.append(f"| {label} | {last.get('step', '-')} | {last.get('loss', float('nan')):.4f} | "
-                    f"{res.get('loss', float('nan')):.4f} | {res.get('perplexity', float('nan')):.3f} | "
-                    f"{last.get('tokens_per_s', float('nan')):,.0f} |")
+        rows.append(
+            f"| {label} | {last.get('step', '-')} | {last.get('loss', float('nan')):.4f} | "
+            f"{res.get('loss', float('nan')):.4f} | {res.get('perplexity', float('nan')):.3f} | "
+            f"{last.get('tokens_per_s', float('nan')):,.0f} |"
+        )
     (workdir / "report.md").write_text("# Run report\n\n" + "\n".join(rows) + "\n")
     import matplotlib
 

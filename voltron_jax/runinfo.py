@@ -9,18 +9,35 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections", "seqio", "tensorflow",
-            "tensorflow-datasets", "numpy", "sentencepiece")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "ml-collections",
+    "seqio",
+    "tensorflow",
+    "tensorflow-datasets",
+    "numpy",
+    "sentencepiece",
+)
 
 
 def git_commit() -> str:
     """HEAD commit of the source tree (with '+dirty' when it has local changes), or 'unknown'."""
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -40,5 +57,9 @@ def collect(config) -> dict:
     """{'config', 'git_commit', 'versions', 'corpus_manifest'} for a run."""
     from voltron_jax.data import pipeline
 
-    return {"config": config.to_dict(), "git_commit": git_commit(), "versions": versions(),
-            "corpus_manifest": pipeline.corpus_manifest(config)}
+    return {
+        "config": config.to_dict(),
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "corpus_manifest": pipeline.corpus_manifest(config),
+    }

@@ -79,8 +79,12 @@ def tree_shardings(mesh: Mesh, boxed_tree):
     replicate, and mesh axes that do not divide a dim are dropped for that dim (see fit_spec)."""
     specs = nn.logical_to_mesh(param_specs(boxed_tree), RULES)
     shapes = nn.unbox(boxed_tree)
-    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, shapes,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

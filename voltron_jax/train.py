@@ -73,10 +73,16 @@ def phases(config, workdir: epath.Path) -> list[Phase]:
         base = workdir / f"{i:02d}_{name}"
         members = range(ph.fan_out) if ph.fan_out else [None]
         for mem in members:
-            out.append(Phase(name, mem, phase_config(config, name),
-                             base if mem is None else base / f"cluster_{mem}",
-                             common.phase_start(config.recipe, name, config.max_steps),
-                             common.phase_steps(ph, config.max_steps)))
+            out.append(
+                Phase(
+                    name,
+                    mem,
+                    phase_config(config, name),
+                    base if mem is None else base / f"cluster_{mem}",
+                    common.phase_start(config.recipe, name, config.max_steps),
+                    common.phase_steps(ph, config.max_steps),
+                )
+            )
     return out
 
 
@@ -110,8 +116,9 @@ def sum_aux_losses(aux: dict, weights: ml_collections.ConfigDict) -> tuple[jax.A
         by_name[name] = by_name.get(name, 0.0) + jnp.sum(leaf)
     unknown = sorted(set(by_name) - set(weights.keys()))
     if unknown:
-        raise common.ConfigError(f"aux losses {unknown} have no weight; add them to aux_weights "
-                                 f"(known: {sorted(weights.keys())}).")
+        raise common.ConfigError(
+            f"aux losses {unknown} have no weight; add them to aux_weights (known: {sorted(weights.keys())})."
+        )
     total = sum((weights[k] * v for k, v in by_name.items()), jnp.zeros((), jnp.float32))
     return total, by_name
 
@@ -125,8 +132,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     doc_mask = config.data.doc_mask
 
     def loss_fn(params, batch):
-        logits, cols = model.apply({"params": params}, *model_inputs(batch, doc_mask),
-                                   mutable=["aux_loss", "intermediates"])
+        logits, cols = model.apply(
+            {"params": params}, *model_inputs(batch, doc_mask), mutable=["aux_loss", "intermediates"]
+        )
         ce, zl = cross_entropy(logits, batch["targets"], batch["weights"])
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
         loss = ce + config.aux_weights.z_loss * zl + aux_total
@@ -136,8 +144,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        out = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step), **parts,
-               "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32)}
+        out = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_fn(state.step),
+            **parts,
+            "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32),
+        }
         return TrainState(state.step + 1, params, opt_state), out
 
     return step_fn
@@ -178,15 +191,22 @@ class Runtime:
         with self.mesh, nn.logical_axis_rules(sharding.RULES):
             boxed = jax.eval_shape(init_state, jax.random.key(0))
             self.shardings = sharding.tree_shardings(self.mesh, boxed)
-            self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                         nn.unbox(boxed), self.shardings)
+            self.abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                nn.unbox(boxed),
+                self.shardings,
+            )
             self._init = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=self.shardings)
             batch_sh = sharding.batch_sharding(self.mesh)
-            self.train_step = jax.jit(make_train_step(self.model, self.tx, c, self.lr_fn),
-                                      in_shardings=(self.shardings, batch_sh),
-                                      out_shardings=(self.shardings, None), donate_argnums=0)
-            self.eval_step = jax.jit(make_eval_step(self.model, c),
-                                     in_shardings=(self.shardings.params, batch_sh))
+            self.train_step = jax.jit(
+                make_train_step(self.model, self.tx, c, self.lr_fn),
+                in_shardings=(self.shardings, batch_sh),
+                out_shardings=(self.shardings, None),
+                donate_argnums=0,
+            )
+            self.eval_step = jax.jit(
+                make_eval_step(self.model, c), in_shardings=(self.shardings.params, batch_sh)
+            )
 
     def scratch(self) -> TrainState:
         with self.mesh, nn.logical_axis_rules(sharding.RULES):
@@ -200,8 +220,9 @@ class Runtime:
                 opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
             else:
                 opt_state = jax.device_put(opt_state, self.shardings.opt_state)
-        return TrainState(jax.device_put(jnp.asarray(self.phase.start, jnp.int32), self.shardings.step),
-                          params, opt_state)
+        return TrainState(
+            jax.device_put(jnp.asarray(self.phase.start, jnp.int32), self.shardings.step), params, opt_state
+        )
 
 
 def final_checkpoint(directory: epath.Path):
@@ -222,14 +243,20 @@ def init_from_parents(rt: Runtime, config, workdir_phases: list[Phase], phase: P
     sources = [p for p in workdir_phases if p.name in parents]
     loaded = [final_checkpoint(p.directory) for p in sources]
     if not ph.init.surgery:
-        (state, _), = loaded
+        ((state, _),) = loaded
         keep = ph.init.keep_optimizer
         return rt.place(state["params"], state["opt_state"] if keep else None)
     from voltron_jax import surgery
 
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
-    params = surgery.apply(ph.init.surgery, [s["params"] for s, _ in loaded], target, config=rt.config,
-                           sources_meta=[m for _, m in loaded], key=jax.random.key(config.seed))
+    params = surgery.apply(
+        ph.init.surgery,
+        [s["params"] for s, _ in loaded],
+        target,
+        config=rt.config,
+        sources_meta=[m for _, m in loaded],
+        key=jax.random.key(config.seed),
+    )
     return rt.place(params)
 
 
@@ -255,8 +282,14 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
     ck = checkpoint.Checkpointer(phase.directory / "ckpt", keep=c.train.keep, async_save=c.train.async_save)
     pid, pcount = jax.process_index(), jax.process_count()
     seed = c.seed * 1000 + (phase.member or 0) + 17 * list(config.recipe.keys()).index(phase.name)
-    data = pipeline.make_train_iterator(c, config.recipe[phase.name].mixture, seed=seed, process_index=pid,
-                                        process_count=pcount, cluster=phase.member)
+    data = pipeline.make_train_iterator(
+        c,
+        config.recipe[phase.name].mixture,
+        seed=seed,
+        process_index=pid,
+        process_count=pcount,
+        cluster=phase.member,
+    )
     end = phase.start + phase.steps
 
     # ---- init ladder: resume this folder | parents (+ surgery) | scratch
@@ -297,10 +330,14 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
                     raise NonFiniteLoss(
                         f"[{phase.label}] non-finite loss before step {step}; the last good checkpoint "
                         f"({ck.latest_step()}) is intact in {phase.directory / 'ckpt'}. Lower optim.lr, "
-                        "raise schedule.warmup or check the data.")
+                        "raise schedule.warmup or check the data."
+                    )
                 dt = (time.time() - t_window) / len(window)
-                avg.update(tokens_per_s=tokens_per_step / dt, step_time_s=dt,
-                           mfu=flops_per_step / dt / peak if peak else 0.0)
+                avg.update(
+                    tokens_per_s=tokens_per_step / dt,
+                    step_time_s=dt,
+                    mfu=flops_per_step / dt / peak if peak else 0.0,
+                )
                 writer.write(step, avg)
                 writer.progress(step, avg)
                 window, t_window = [], time.time()
@@ -311,11 +348,15 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
             if guard.should_stop(step):
                 save(step, force=True)
                 ck.wait()
-                raise SystemExit(f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume.")
+                raise SystemExit(
+                    f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume."
+                )
     final = evaluate(rt, state.params, eval_batches)
     writer.write(step, final, kind="eval")
-    print(f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}",
-          flush=True)
+    print(
+        f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}",
+        flush=True,
+    )
     writer.close()
     ck.wait()
     ck.close()
@@ -330,8 +371,10 @@ def check_workdir(workdir: str) -> epath.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise common.ConfigError(f"workdir {workdir!r} is not writable ({e}); pass a --workdir you can write "
-                                 "to (local path or bucket URL).") from e
+        raise common.ConfigError(
+            f"workdir {workdir!r} is not writable ({e}); pass a --workdir you can write "
+            "to (local path or bucket URL)."
+        ) from e
     return path
 
 

@@ -41,17 +41,21 @@ def test_every_param_has_a_valid_partition_spec():
     boxed = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     mesh = sharding.make_mesh(c.mesh)
     specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(mesh, boxed))
-    for (path, spec), (_, leaf) in zip(jax.tree_util.tree_leaves_with_path(specs,
-                                                                          is_leaf=lambda x: isinstance(x, PartitionSpec)),
-                                       jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)), strict=True):
+    for (path, spec), (_, leaf) in zip(
+        jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+        jax.tree_util.tree_leaves_with_path(nn.unbox(boxed)),
+        strict=True,
+    ):
         assert isinstance(spec, PartitionSpec), path
         assert len(spec) <= leaf.ndim, (path, spec)
         for dim, axes in zip(leaf.shape, spec):
             size = np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())])
             assert dim % size == 0, (path, spec, leaf.shape)
     # the big matrices are actually sharded, norms replicated
-    flat = {jax.tree_util.keystr(p): s for p, s in
-            jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))}
+    flat = {
+        jax.tree_util.keystr(p): s
+        for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    }
     assert any("tensor" in str(s) for k, s in flat.items() if "q" in k)
     assert all(all(a is None for a in s) for k, s in flat.items() if "norm" in k)
     assert flat["['embed']['embedding']"] == PartitionSpec(None, "fsdp")  # 259 rows: tensor dropped
@@ -98,8 +102,9 @@ def test_minicpm_neutral_values_are_plain_prenorm():
 
 def _stack_rms(c):
     m, v, ids = _init(c)
-    _, st = m.apply(v, ids, capture_intermediates=lambda mdl, _: mdl.name == "stack",
-                    mutable=["intermediates"])
+    _, st = m.apply(
+        v, ids, capture_intermediates=lambda mdl, _: mdl.name == "stack", mutable=["intermediates"]
+    )
     h = st["intermediates"]["stack"]["__call__"][0]
     return float(jnp.sqrt(jnp.mean(h**2)))
 
@@ -127,12 +132,20 @@ def test_kv_cache_decode_matches_full_forward():
     full = m.apply(v, ids)
     md = decoder.build_model(c.model, decode=True)
     cache = md.init(jax.random.key(0), jnp.zeros((2, 12), jnp.int32))["cache"]
-    logits, mut = md.apply({"params": v["params"], "cache": cache}, ids[:, :5],
-                           positions=jnp.broadcast_to(jnp.arange(5), (2, 5)), mutable=["cache"])
+    logits, mut = md.apply(
+        {"params": v["params"], "cache": cache},
+        ids[:, :5],
+        positions=jnp.broadcast_to(jnp.arange(5), (2, 5)),
+        mutable=["cache"],
+    )
     outs = [logits]
     for t in range(5, 12):
-        lg, mut = md.apply({"params": v["params"], **mut}, ids[:, t:t + 1],
-                           positions=jnp.full((2, 1), t), mutable=["cache"])
+        lg, mut = md.apply(
+            {"params": v["params"], **mut},
+            ids[:, t : t + 1],
+            positions=jnp.full((2, 1), t),
+            mutable=["cache"],
+        )
         outs.append(lg)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
 

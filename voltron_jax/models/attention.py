@@ -39,8 +39,9 @@ def attend(q, k, v, mask=None, is_causal=False, impl: str = "xla") -> jax.Array:
     implementation = None if impl == "auto" else impl
     if implementation == "cudnn" and (mask is not None or q.dtype == jnp.float32):
         implementation = None  # cuDNN wants bf16 and no explicit mask; fall back rather than fail
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal and mask is None,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal and mask is None, implementation=implementation
+    )
 
 
 class CausalCore(nn.Module):
@@ -79,7 +80,6 @@ class CausalCore(nn.Module):
         ck.value = ck.value * keep + jnp.einsum("btl,btgk->blgk", write, k)
         cv.value = cv.value * keep + jnp.einsum("btl,btgk->blgk", write, v)
         visible = jnp.arange(length)[None, None, :] <= slot[:, :, None]  # [B,T,L]
-        visible &= jnp.arange(length)[None, None, :] < (idx.value[:, None, None] + jnp.sum(valid, 1)[:, None, None])
         idx.value = idx.value + jnp.sum(valid, axis=1).astype(jnp.int32)
         return attend(q, ck.value, cv.value, mask=visible[:, None], impl=self.impl)
 

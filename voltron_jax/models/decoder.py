@@ -98,12 +98,18 @@ def run_stack(layers: list, x, positions, segment_ids, valid, *, period: int, sc
     n_super = len(layers) // period
     if not scan:
         for s in range(n_super):
-            x = cls(tuple(layers[s * period:(s + 1) * period]), name=f"block_{s}")(
-                x, positions, segment_ids, valid)
+            x = cls(tuple(layers[s * period : (s + 1) * period]), name=f"block_{s}")(
+                x, positions, segment_ids, valid
+            )
         return x
-    scanned = nn.scan(cls, variable_axes={c: 0 for c in SCANNED_COLLECTIONS}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=n_super,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+    scanned = nn.scan(
+        cls,
+        variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=n_super,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     x, _ = scanned(tuple(layers[:period]), name="blocks")(x, positions, segment_ids, valid)
     return x
 
@@ -118,8 +124,16 @@ class PlainResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, valid=None):
-        return run_stack(list(self.layers), x, positions, segment_ids, valid, period=self.period,
-                         scan=self.scan, remat=self.remat)
+        return run_stack(
+            list(self.layers),
+            x,
+            positions,
+            segment_ids,
+            valid,
+            period=self.period,
+            scan=self.scan,
+            remat=self.remat,
+        )
 
     period_of = staticmethod(lambda m: 1)
 
@@ -154,9 +168,15 @@ class Decoder(nn.Module):
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
-                              kernel_init=nn.with_logical_partitioning(
-                                  nn.initializers.normal(self.head_init_std), ("embed", "vocab")))(x)
+            logits = nn.Dense(
+                self.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                name="lm_head",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(self.head_init_std), ("embed", "vocab")
+                ),
+            )(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
@@ -179,25 +199,48 @@ def build_model(m, decode: bool = False) -> Decoder:
     dtype = jnp.dtype(m.dtype)
     std = m.init_std / math.sqrt(width_factor(m))
     linear = functools.partial(slots["linear"], init_std=std, dtype=dtype, **slot_kwargs(slots["linear"], m))
-    core = functools.partial(slots["memory"], rope_theta=m.rope_theta, impl=m.attention_impl, decode=decode,
-                             dtype=dtype, **slot_kwargs(slots["memory"], m))
-    attention = functools.partial(slots["attention"], n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                                  head_dim=head_dim(m), core=core, linear=linear,
-                                  **slot_kwargs(slots["attention"], m))
+    core = functools.partial(
+        slots["memory"],
+        rope_theta=m.rope_theta,
+        impl=m.attention_impl,
+        decode=decode,
+        dtype=dtype,
+        **slot_kwargs(slots["memory"], m),
+    )
+    attention = functools.partial(
+        slots["attention"],
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        head_dim=head_dim(m),
+        core=core,
+        linear=linear,
+        **slot_kwargs(slots["attention"], m),
+    )
     ffn = functools.partial(slots["ffn"], d_ff=m.d_ff, linear=linear, **slot_kwargs(slots["ffn"], m))
     rs = m.scale_depth / math.sqrt(m.n_layers) if m.scale_depth > 0 else 1.0
-    block = functools.partial(Block, attention=attention, ffn=ffn, residual_scale=rs, norm_eps=m.norm_eps,
-                              dtype=dtype)
+    block = functools.partial(
+        Block, attention=attention, ffn=ffn, residual_scale=rs, norm_eps=m.norm_eps, dtype=dtype
+    )
     routing = slots["routing"]
     layers = tuple(routing.wrap(block, i, m) for i in range(m.n_layers))
     residual = slots["residual"]
-    period = math.lcm(routing.period if isinstance(routing.period, int) else routing.period(m),
-                      residual.period_of(m))
-    stack = functools.partial(residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat,
-                              **slot_kwargs(residual, m))
-    return Decoder(vocab_size=m.vocab_size, d_model=m.d_model, stack=stack, scale_emb=m.scale_emb,
-                   logit_div=width_factor(m), tie_embeddings=m.tie_embeddings, init_std=m.init_std,
-                   head_init_std=std, dtype=dtype)
+    period = math.lcm(
+        routing.period if isinstance(routing.period, int) else routing.period(m), residual.period_of(m)
+    )
+    stack = functools.partial(
+        residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat, **slot_kwargs(residual, m)
+    )
+    return Decoder(
+        vocab_size=m.vocab_size,
+        d_model=m.d_model,
+        stack=stack,
+        scale_emb=m.scale_emb,
+        logit_div=width_factor(m),
+        tie_embeddings=m.tie_embeddings,
+        init_std=m.init_std,
+        head_init_std=std,
+        dtype=dtype,
+    )
 
 
 def flops_per_token(m, seq_len: int) -> float:

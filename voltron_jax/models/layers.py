@@ -32,8 +32,13 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std),
-                            (x.shape[-1], self.features), self.kernel_axes)
+        w = param_with_axes(
+            self,
+            "kernel",
+            nn.initializers.normal(self.init_std),
+            (x.shape[-1], self.features),
+            self.kernel_axes,
+        )
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
     @staticmethod
@@ -65,8 +70,13 @@ class Embed(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(self.init_std),
-                                         (self.vocab_size, self.features), ("vocab", "embed"))
+        self.embedding = param_with_axes(
+            self,
+            "embedding",
+            nn.initializers.normal(self.init_std),
+            (self.vocab_size, self.features),
+            ("vocab", "embed"),
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)  # [B,T,D]
