@@ -1,0 +1,90 @@
+"""Embedded corpus: file rules, deterministic disjoint splits, pydoc held out, paragraphs, manifest."""
+
+import hashlib
+import json
+import pathlib
+
+import pytest
+
+from configs import tiny
+from voltron_jax.data import corpus
+
+
+def test_stdlib_files_follow_the_rules():
+    files = corpus.stdlib_files()
+    paths = [p for p, _ in files]
+    assert len(files) > 300 and paths == sorted(paths)
+    for path, data in files:
+        parts = pathlib.PurePosixPath(path).parts
+        assert path.endswith(corpus.SUFFIXES)
+        assert not {"site-packages", "test", "tests", "pydoc_data"} & set(parts[:-1]), path
+        data.decode("utf-8")  # only valid UTF-8 is kept
+    root = corpus.stdlib_root()
+    assert (root / "json" / "decoder.py").read_bytes() == dict(files)["json/decoder.py"]
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    a, b = corpus.stdlib_source("file", 0.05), corpus.stdlib_source("file", 0.05)
+    train, val = [d.id for d in a.documents("train")], [d.id for d in a.documents("validation")]
+    assert train == [d.id for d in b.documents("train")] and val == [d.id for d in b.documents("validation")]
+    assert not set(train) & set(val)
+    nonempty = {p for p, data in corpus.stdlib_files() if data}
+    assert set(train) | set(val) == nonempty
+    assert 0.02 < len(val) / len(nonempty) < 0.09  # hash split near val_fraction
+    # The split depends on the path only: a larger fraction keeps every earlier validation file.
+    assert set(val) <= {d.id for d in corpus.stdlib_source("file", 0.2).documents("validation")}
+
+
+def test_paragraph_granularity_keeps_each_file_in_its_split():
+    files = corpus.stdlib_source("file", 0.05)
+    paras = corpus.stdlib_source("paragraph", 0.05)
+    for split in corpus.SPLITS:
+        file_ids = {d.id for d in files.documents(split)}
+        assert {d.id.split("#")[0] for d in paras.documents(split)} <= file_ids
+    n = sum(len(paras.documents(s)) for s in corpus.SPLITS)
+    assert n > 20 * sum(len(files.documents(s)) for s in corpus.SPLITS)  # ~36k paragraphs from ~740 files
+
+
+def test_paragraphs_split_on_blank_lines_and_merge_tiny_pieces():
+    text = "a = 1\n\n\nimport os\n  \nclass Foo:\n    x = 1\n" + "\n\n" + "y" * 100
+    got = corpus.paragraphs(text, min_chars=20)
+    assert got == ["a = 1\n\nimport os\n\nclass Foo:\n    x = 1", "y" * 100]
+    assert corpus.paragraphs("tiny", min_chars=20) == ["tiny"]  # a short tail is kept
+
+
+def test_pydoc_is_held_out_of_stdlib_and_is_its_own_corpus():
+    stdlib = corpus.stdlib_source("file", 0.02)
+    ids = [d.id for s in corpus.SPLITS for d in stdlib.documents(s)]
+    assert not any("pydoc_data" in i for i in ids)
+    pydoc = corpus.pydoc_source("file", 0.02)
+    topics = corpus.pydoc_topics()
+    docs = [d for s in corpus.SPLITS for d in pydoc.documents(s)]
+    assert {d.id for d in docs} == {f"pydoc:{k}" for k in topics}
+    assert pydoc.documents("validation"), "a tiny corpus still gets one validation document"
+    assert docs[0].text == topics[docs[0].id[len("pydoc:") :]]
+
+
+def test_document_source_ids_empty_docs_and_fingerprint():
+    src = corpus.DocumentSource({"train": ["x", "", "y"], "validation": [corpus.Document("v", "z")]})
+    assert [d.id for d in src.documents("train")] == ["train/0", "train/2"]
+    reordered = corpus.DocumentSource(
+        {"train": [corpus.Document("train/2", "y"), corpus.Document("train/0", "x")]}
+    )
+    assert src.fingerprint("train") != reordered.fingerprint("train")
+    with pytest.raises(corpus.DataError, match="duplicate document ids"):
+        corpus.DocumentSource({"train": [corpus.Document("a", "x"), corpus.Document("a", "y")]})
+    with pytest.raises(corpus.DataError, match="split 'test' does not exist"):
+        src.documents("test")
+
+
+def test_manifest_is_written_with_hashes_and_splits(tmp_path):
+    cfg = tiny.get_config("test")
+    path = corpus.write_manifest(str(tmp_path / "run"), cfg.data)
+    m = json.loads(pathlib.Path(path).read_text())
+    files = {f["path"]: f for f in m["stdlib"]["files"]}
+    data = dict(corpus.stdlib_files())["json/decoder.py"]
+    assert files["json/decoder.py"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert files["json/decoder.py"]["bytes"] == len(data)
+    val = {d.id for d in corpus.stdlib_source("file", cfg.data.val_fraction).documents("validation")}
+    assert {p for p, f in files.items() if f["split"] == "validation"} == val
+    assert m["pydoc"]["topics"] == len(corpus.pydoc_topics()) and m["mixtures"]["decay"]

@@ -1,0 +1,40 @@
+"""Data: embedded corpora, vocabularies, seqio tasks, packing and the resumable per-host iterator.
+
+Public API (what the train loop calls):
+  make_train_iterator(config, mixture, *, seed, process_index=0, process_count=1, cluster=None)
+  make_eval_batches(config, mixture, n_batches, process_index=0, process_count=1)
+  corpus_manifest(config) / write_manifest(workdir, config)
+  make_vocab(data_cfg, workdir=None), register_document_task(name, documents, vocab=None)
+  Document, DocumentSource, DataError
+
+`corpus` and `packing` need no TensorFlow; the rest imports seqio/TensorFlow on first use (attributes
+load lazily), so `import voltron_jax.data` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "make_train_iterator": "pipeline",
+    "make_eval_batches": "pipeline",
+    "corpus_manifest": "pipeline",
+    "write_manifest": "pipeline",
+    "DataIterator": "pipeline",
+    "resolve_mixture": "pipeline",
+    "make_vocab": "vocab",
+    "register_document_task": "tasks",
+    "parse_mixture": "tasks",
+    "Document": "corpus",
+    "DocumentSource": "corpus",
+    "DataError": "corpus",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"voltron_jax.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'voltron_jax.data' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,181 @@
+"""seqio Tasks behind the mixture names of `config.data.mixtures`, and the hook to add more.
+
+Mixture specs are strings "name:rate,name:rate" (rates are normalised). Names:
+
+* `stdlib`: the embedded standard-library corpus (train/validation), seqio task `voltron_stdlib`;
+* `pydoc`: the high-quality pydoc topics (decay stage), `voltron_pydoc`;
+* `corpus`: whatever `data.corpus` names (`stdlib` or `tfds:<name>`), so one override switches the
+  pretraining corpus;
+* `tfds:<name>[:<version>]` (e.g. `tfds:c4/en`): a seqio.TfdsDataSource on `data.tfds_data_dir`
+  (registered on demand; nothing is downloaded: the data must already be in the data_dir);
+* any name given to `register_document_task` (ICP-ordered corpus, c-BTM clusters, ...).
+
+Every task has the same output feature, `targets`, tokenised by the run's vocabulary with EOS appended.
+Registration is idempotent: registering the same documents with the same vocabulary again is a no-op,
+registering different ones under the same name replaces the task.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from voltron_jax.data import corpus
+from voltron_jax.data import vocab as vocab_lib
+
+TASK_PREFIX = "voltron_"
+BUILTIN = ("stdlib", "pydoc", "corpus")
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+# seqio task name -> in-memory documents (None for streaming TFDS tasks), and the key it was added with.
+_SOURCES: dict[str, corpus.DocumentSource | None] = {}
+_ADDED: dict[str, tuple] = {}
+
+PREPROCESSORS = (
+    functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+    seqio.preprocessors.tokenize,
+    seqio.preprocessors.append_eos,
+)
+
+
+def task_name(name: str) -> str:
+    """seqio name of a mixture name: 'stdlib' -> 'voltron_stdlib', 'tfds:c4/en' -> 'voltron_tfds_c4_en'."""
+    if name.startswith("tfds:"):
+        return TASK_PREFIX + "tfds_" + re.sub(r"[^A-Za-z0-9]+", "_", name[5:]).strip("_")
+    if not _NAME.match(name):
+        raise corpus.DataError(f"task name {name!r} may only use letters, digits and '_'.")
+    return TASK_PREFIX + name
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """'stdlib:0.7,pydoc:0.3' -> [('stdlib', 0.7), ('pydoc', 0.3)] with rates normalised to sum 1."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, rate = part.rpartition(":")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value < 0:
+            raise corpus.DataError(
+                f"mixture {spec!r}: entry {part!r} is not 'name:rate' with rate >= 0 "
+                "(e.g. 'stdlib:0.7,pydoc:0.3')."
+            )
+        if value > 0:
+            out.append((name, value))
+    names = [n for n, _ in out]
+    if not out or len(set(names)) != len(names):
+        raise corpus.DataError(
+            f"mixture {spec!r} needs at least one task with a positive rate and no repeated names."
+        )
+    total = sum(r for _, r in out)
+    return [(n, r / total) for n, r in out]
+
+
+def document_source(name: str) -> corpus.DocumentSource | None:
+    """The in-memory documents of a registered task (seqio or mixture name); None for streaming tasks."""
+    return _SOURCES.get(name if name.startswith(TASK_PREFIX) else task_name(name))
+
+
+def registered() -> list[str]:
+    """seqio names of the tasks this module knows (built-in ones appear once a pipeline has used them)."""
+    return sorted(_SOURCES)
+
+
+def _output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    return {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+
+
+def _add(name: str, key: tuple, source: seqio.DataSource, vocab: seqio.Vocabulary) -> None:
+    """Add seqio task `name`, replacing an older registration made with a different key."""
+    if _ADDED.get(name) == key and name in seqio.TaskRegistry.names():
+        return
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=list(PREPROCESSORS),
+        output_features=_output_features(vocab),
+        metric_fns=[],
+    )
+    _ADDED[name] = key
+
+
+def _function_source(source: corpus.DocumentSource) -> seqio.FunctionDataSource:
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # documents are never shuffled; rows are (pipeline.py)
+        texts = [d.text for d in source.documents(split)]
+        return tf.data.Dataset.from_tensor_slices(
+            {"text": tf.constant(texts, dtype=tf.string, shape=[len(texts)])}
+        )
+
+    return seqio.FunctionDataSource(dataset_fn, splits=source.splits, caching_permitted=False)
+
+
+def register_document_task(
+    name: str,
+    documents: corpus.DocumentSource | Mapping[str, Sequence],
+    vocab: seqio.Vocabulary | None = None,
+) -> str:
+    """Register a task over explicit ordered documents per split; returns its seqio task name.
+
+    `documents`: a DocumentSource or {split: [Document | str, ...]}. Use the returned name's mixture form
+    (`name`) in a mixture spec, e.g. register_document_task('icp', ...) then data.mixtures.pretrain='icp:1.0'.
+    Without `vocab` the seqio task is built when a pipeline first uses it (with that run's vocabulary).
+    """
+    tn = task_name(name)
+    source = documents if isinstance(documents, corpus.DocumentSource) else corpus.DocumentSource(documents)
+    _SOURCES[tn] = source
+    if vocab is not None:
+        key = (
+            "docs",
+            tuple(source.fingerprint(s) for s in source.splits),
+            vocab_lib.vocab_fingerprint(vocab),
+        )
+        _add(tn, key, _function_source(source), vocab)
+    return tn
+
+
+def register_tfds_task(name: str, data_dir: str, vocab: seqio.Vocabulary) -> str:
+    """Register 'tfds:<name>[:<version>]' (a dataset with a 'text' feature) on `data_dir`; loads nothing."""
+    tn = task_name(name)
+    tfds_name = name[5:] if ":" in name[5:] else name[5:] + ":*.*.*"  # seqio wants a version; latest
+    key = ("tfds", tfds_name, data_dir, vocab_lib.vocab_fingerprint(vocab))
+    source = seqio.TfdsDataSource(
+        tfds_name=tfds_name,
+        tfds_data_dir=data_dir or None,
+        splits={"train": "train", "validation": "validation"},
+    )
+    _add(tn, key, source, vocab)
+    _SOURCES[tn] = None
+    return tn
+
+
+@functools.lru_cache(maxsize=8)
+def _builtin_source(kind: str, granularity: str, val_fraction: float) -> corpus.DocumentSource:
+    if kind == "stdlib":
+        return corpus.stdlib_source(granularity, val_fraction)
+    return corpus.pydoc_source(granularity, val_fraction)
+
+
+def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
+    """Make mixture name `name` a registered seqio task for this config and vocabulary; return its name."""
+    if name == "corpus":
+        name = data_cfg.corpus
+    if name.startswith("tfds:"):
+        return register_tfds_task(name, data_cfg.tfds_data_dir, vocab)
+    if name in ("stdlib", "pydoc"):
+        source = _builtin_source(name, data_cfg.granularity, float(data_cfg.val_fraction))
+        return register_document_task(name, source, vocab)
+    tn = task_name(name)
+    if tn not in _SOURCES:
+        known = sorted({*BUILTIN, *(n[len(TASK_PREFIX) :] for n in _SOURCES)})
+        raise corpus.DataError(
+            f"unknown data task {name!r}; known: {known} or 'tfds:<name>'. Tasks such as "
+            "ICP orders or clusters exist only after data.register_document_task(...)."
+        )
+    return register_document_task(name, _SOURCES[tn], vocab)

@@ -1,0 +1,149 @@
+"""Vocabularies: seqio.ByteVocabulary by default, or SentencePiece (trained locally or loaded from a path).
+
+Byte vocabulary: 256 byte values shifted by 3 (PAD=0, EOS=1, UNK=2), vocab size 259.
+SentencePiece: the same special ids (pad 0, eos 1, unk 2, no bos) so packing and loss code never ask
+which vocabulary is in use. A locally trained model uses byte fallback, the identity normaliser and no
+dummy prefix or whitespace folding, so source code round-trips exactly (indentation and newlines
+included). It is trained on a deterministic sample of lines of the corpus's train split and cached under
+`data.cache_dir` keyed by the sample and the trainer settings (a copy also goes to `<workdir>/data/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+
+import seqio
+
+from voltron_jax.data import corpus
+
+SPM_SAMPLE_CHARS = 2_000_000  # characters of corpus lines the trainer sees (enough for 4k-32k pieces)
+_SPM_SETTINGS = dict(
+    model_type="unigram",
+    character_coverage=0.9995,
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    max_sentence_length=1 << 16,
+    num_threads=2,
+    minloglevel=2,
+)
+
+
+def cache_dir(data_cfg) -> str:
+    """Where tokenised streams and trained vocabularies are cached (data.cache_dir or ~/.cache)."""
+    return data_cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "voltron_jax")
+
+
+def sample_lines(texts: list[str], max_chars: int = SPM_SAMPLE_CHARS) -> list[str]:
+    """A deterministic sample of non-empty lines (by hash) totalling about `max_chars` characters."""
+    lines = [ln for t in texts for ln in t.split("\n") if ln.strip()]
+    total = sum(len(ln) for ln in lines)
+    if total <= max_chars:
+        return lines
+    keep = max_chars / total
+    return [
+        ln
+        for ln in lines
+        if int.from_bytes(hashlib.sha256(ln.encode("utf-8")).digest()[:4], "big") < keep * 2**32
+    ]
+
+
+def train_sentencepiece(
+    texts: list[str], vocab_size: int, path: str, max_chars: int = SPM_SAMPLE_CHARS
+) -> str:
+    """Train a SentencePiece model on a line sample of `texts` and write it to `path`. Returns `path`."""
+    import sentencepiece as spm
+
+    lines = sample_lines(texts, max_chars)
+    if not lines:
+        raise corpus.DataError("cannot train a SentencePiece vocabulary on an empty corpus.")
+    if vocab_size < 256 + 3 + 1:
+        raise corpus.DataError(
+            f"data.spm_vocab_size={vocab_size} is too small: byte fallback needs 259 ids; "
+            "use at least 260 (typically 4096-32000)."
+        )
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, **_SPM_SETTINGS
+        )
+    except RuntimeError as e:
+        raise corpus.DataError(
+            f"SentencePiece training failed ({e}); the sample has "
+            f"{sum(map(len, lines))} characters: adjust data.spm_vocab_size to the sample."
+        ) from e
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)  # atomic: concurrent trainers never see a half-written model
+    return path
+
+
+def _spm_training_texts(data_cfg) -> list[str]:
+    if data_cfg.corpus != "stdlib":
+        raise corpus.DataError(
+            f"data.corpus={data_cfg.corpus!r}: a SentencePiece model is trained locally only "
+            "on the embedded corpus; pass an existing model with --config.data.spm_path=..."
+        )
+    return [d.text for d in corpus.stdlib_source("file", data_cfg.val_fraction).documents("train")]
+
+
+def make_vocab(data_cfg, workdir: str | None = None) -> seqio.Vocabulary:
+    """The vocabulary named by `data_cfg.vocab` ('byte' | 'sentencepiece')."""
+    if data_cfg.vocab == "byte":
+        return seqio.ByteVocabulary()
+    if data_cfg.vocab != "sentencepiece":
+        raise corpus.DataError(f"data.vocab={data_cfg.vocab!r}; use 'byte' or 'sentencepiece'.")
+    path = data_cfg.spm_path
+    if path:
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(path):
+            raise corpus.DataError(
+                f"data.spm_path={path!r} does not exist; give an existing .model file or "
+                "leave it empty to train one on the embedded corpus."
+            )
+    else:
+        texts = _spm_training_texts(data_cfg)
+        h = hashlib.sha256(
+            repr((sorted(_SPM_SETTINGS.items()), data_cfg.spm_vocab_size, SPM_SAMPLE_CHARS)).encode()
+        )
+        for t in texts:
+            h.update(hashlib.sha256(t.encode("utf-8")).digest())
+        path = os.path.join(cache_dir(data_cfg), f"spm_{data_cfg.spm_vocab_size}_{h.hexdigest()[:16]}.model")
+        if not os.path.exists(path):
+            train_sentencepiece(texts, data_cfg.spm_vocab_size, path)
+        if workdir and "://" not in workdir:
+            os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+            shutil.copyfile(path, os.path.join(workdir, "data", os.path.basename(path)))
+    return seqio.SentencePieceVocabulary(path)
+
+
+def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
+    """A short stable id of the vocabulary (cache key of tokenised streams)."""
+    if isinstance(vocab, seqio.ByteVocabulary):
+        return "byte"
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+        return "spm-" + hashlib.sha256(vocab.sp_model).hexdigest()[:16]
+    return f"{type(vocab).__name__}-{vocab.vocab_size}"
+
+
+def check_vocab_size(model_vocab_size: int, vocab: seqio.Vocabulary, data_cfg) -> None:
+    """Raise if the model's embedding table cannot hold every id of `vocab`."""
+    if model_vocab_size < vocab.vocab_size:
+        raise corpus.DataError(
+            f"model.vocab_size={model_vocab_size} is smaller than the {vocab.vocab_size} ids of "
+            f"data.vocab={data_cfg.vocab!r}; set --config.model.vocab_size={vocab.vocab_size} "
+            "(or larger, e.g. rounded up to a multiple of 128)."
+        )
