@@ -97,7 +97,7 @@ def get_default() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.corpus = "stdlib"  # stdlib (embedded, no download) | tfds:<name> (e.g. tfds:c4/en); mixture name 'corpus'
+    d.corpus = "stdlib"  # stdlib (embedded) | tfds:<name> (e.g. tfds:c4/en); the mixture name 'corpus'
     d.tfds_data_dir = ""
     d.cache_dir = ""  # tokenised streams and trained vocabularies; empty: ~/.cache/voltron_jax
     d.vocab = "byte"  # byte | sentencepiece
