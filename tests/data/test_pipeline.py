@@ -217,6 +217,15 @@ def test_tfds_task_is_registered_without_loading(cfg):
     assert tasks.ensure_task("corpus", cfg.data, seqio.ByteVocabulary()) == "voltron_stdlib"
 
 
+def test_corpus_name_follows_data_ordering(cfg):
+    c = cfg.copy_and_resolve_references()
+    c.data.ordering = "dedup_random"
+    with pytest.raises(corpus.DataError, match="unknown data task 'icp_random'.*voltron_jax.data.prepare"):
+        tasks.ensure_task("corpus", c.data, seqio.ByteVocabulary())
+    tasks.register_document_task("icp_random", {"train": ["b a"], "validation": ["c"]})
+    assert tasks.ensure_task("corpus", c.data, seqio.ByteVocabulary()) == "voltron_icp_random"
+
+
 def test_clear_errors(cfg):
     mk = lambda c=cfg, mixture="synth_a:1", **kw: pipeline.make_train_iterator(c, mixture, seed=0, **kw)
     with pytest.raises(corpus.DataError, match="unknown data task 'nope'"):

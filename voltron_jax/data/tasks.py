@@ -5,7 +5,8 @@ Mixture specs are strings "name:rate,name:rate" (rates are normalised). Names:
 * `stdlib`: the embedded standard-library corpus (train/validation), seqio task `voltron_stdlib`;
 * `pydoc`: the high-quality pydoc topics (decay stage), `voltron_pydoc`;
 * `corpus`: whatever `data.corpus` names (`stdlib` or `tfds:<name>`), so one override switches the
-  pretraining corpus;
+  pretraining corpus; with data.ordering 'icp' / 'dedup_random' it means the prepared 'icp' /
+  'icp_random' task instead;
 * `tfds:<name>[:<version>]` (e.g. `tfds:c4/en`): a seqio.TfdsDataSource on `data.tfds_data_dir`
   (registered on demand; nothing is downloaded: the data must already be in the data_dir);
 * any name given to `register_document_task` (ICP-ordered corpus, c-BTM clusters, ...).
@@ -29,6 +30,8 @@ from voltron_jax.data import vocab as vocab_lib
 
 TASK_PREFIX = "voltron_"
 BUILTIN = ("stdlib", "pydoc", "corpus")
+# data.ordering -> the task that the mixture name 'corpus' means (registered by voltron_jax/data/prepare.py).
+ORDERED_CORPUS = {"icp": "icp", "dedup_random": "icp_random"}
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 # seqio task name -> in-memory documents (None for streaming TFDS tasks), and the key it was added with.
@@ -164,8 +167,8 @@ def _builtin_source(kind: str, granularity: str, val_fraction: float) -> corpus.
 
 def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
     """Make mixture name `name` a registered seqio task for this config and vocabulary; return its name."""
-    if name == "corpus":
-        name = data_cfg.corpus
+    if name == "corpus":  # the prepared (deduplicated, reordered) corpus when data.ordering asks for it
+        name = ORDERED_CORPUS.get(data_cfg.ordering, data_cfg.corpus)
     if name.startswith("tfds:"):
         return register_tfds_task(name, data_cfg.tfds_data_dir, vocab)
     if name in ("stdlib", "pydoc"):
@@ -175,7 +178,7 @@ def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
     if tn not in _SOURCES:
         known = sorted({*BUILTIN, *(n[len(TASK_PREFIX) :] for n in _SOURCES)})
         raise corpus.DataError(
-            f"unknown data task {name!r}; known: {known} or 'tfds:<name>'. Tasks such as "
-            "ICP orders or clusters exist only after data.register_document_task(...)."
+            f"unknown data task {name!r}; known: {known} or 'tfds:<name>'. The 'icp', 'icp_random' and "
+            "'cluster_<j>' tasks exist only after voltron_jax.data.prepare (data.register_document_task)."
         )
     return register_document_task(name, _SOURCES[tn], vocab)
