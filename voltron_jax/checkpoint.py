@@ -1,0 +1,225 @@
+"""Orbax checkpoints: save, list, restore (onto any mesh), and SIGTERM-triggered saves. No model knowledge.
+
+A checkpoint is one Orbax step folder with three items:
+    state   a pytree of arrays (params, opt_state, step), saved sharded (OCDBT/tensorstore)
+    data    JSON: the data iterator state (resume is exact)
+    meta    JSON: resolved config, git commit, package versions, corpus manifest (self-describing)
+
+Restoring takes a target tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: each array is read
+straight into the target's sharding, so a checkpoint saved on one mesh (data=8) restores onto another
+(fsdp=4 x tensor=2) without a gather. Directories may be local paths or bucket URLs (etils.epath).
+
+Incomplete checkpoints are never chosen. Orbax writes a step into a temporary folder and renames it
+(POSIX) or writes in place and then a `commit_success.txt` marker (object stores); it writes the marker
+in both modes. A step counts here only if its folder holds that marker, so a killed write (a leftover
+tmp folder, or a step folder without the marker) is ignored, and removed before the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+COMMIT_MARKER = "commit_success.txt"
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used; the message names the path and the fix."""
+
+
+class Checkpointer:
+    """CheckpointManager for one phase folder: async saves, keep-N, committed steps only.
+
+    Nothing is written until the first `save` (restoring from a wrong path creates no folder).
+    """
+
+    def __init__(self, directory, keep: int = 2, async_save: bool = True):
+        self.directory = epath.Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is a file, not a checkpoint folder; point the workdir "
+                                  "at a folder (it is created on the first save).")
+        if keep < 1:
+            raise CheckpointError(f"keep={keep}: keep at least 1 checkpoint (train.keep).")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=False)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._cleaned = False
+
+    # ------------------------------------------------------------------ listing
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def _committed(self, step: int) -> bool:
+        return (self._step_dir(step) / COMMIT_MARKER).exists()
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return sorted(s for s in self._mgr.all_steps() if self._committed(s))
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ save
+
+    def _drop_uncommitted(self) -> None:
+        """Remove step folders of killed writes, so orbax neither counts nor collides with them."""
+        self._mgr.wait_until_finished()
+        stale = [s for s in self._mgr.all_steps() if not self._committed(s)]
+        if stale and jax.process_index() == 0:
+            for s in stale:
+                logging.warning("checkpoint: removing incomplete step folder %s", self._step_dir(s))
+                self._step_dir(s).rmtree()
+        if stale:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("voltron_jax.checkpoint.drop_uncommitted")
+            self._mgr.reload()
+        self._cleaned = True
+
+    def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
+        """Save `state` (pytree of arrays) with the data iterator state and run metadata (JSON).
+
+        Asynchronous unless async_save=False; returns whether a save started. A step that is already
+        committed is skipped (e.g. a SIGTERM save at the step a periodic save just wrote).
+        """
+        for name, obj in (("data_state", data_state), ("meta", meta)):
+            try:
+                json.dumps(obj)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {self._step_dir(step)}: {name} is not JSON-serialisable "
+                                      f"({e}); pass plain dicts/lists/str/numbers. Nothing was written."
+                                      ) from e
+        if not self._cleaned:
+            self._drop_uncommitted()
+        if step in self._mgr.all_steps():
+            self._mgr.wait_until_finished()
+            if self._committed(step):
+                return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta))
+        return self._mgr.save(step, args=args, force=force)
+
+    # ------------------------------------------------------------------ restore
+
+    def _resolve(self, step: int | None) -> int:
+        self._mgr.wait_until_finished()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                hint = ""
+                if self.directory.name.isdigit() and (self.directory / COMMIT_MARKER).exists():
+                    hint = (f" It looks like a step folder itself: use Checkpointer({self.directory.parent}) "
+                            f"and step={self.directory.name}.")
+                raise CheckpointError(f"no committed checkpoint in {self.directory}.{hint} Check the path "
+                                      "(the phase's ckpt/ folder), or run the phase that writes it first.")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"step {step} has no committed checkpoint in {self.directory}; available "
+                                  f"steps: {steps}. Pass one of them, or step=None for the latest.")
+        return step
+
+    def _restore(self, step: int, args: ocp.args.Composite, what: str):
+        try:
+            return self._mgr.restore(step, args=args)
+        except Exception as e:  # orbax/tensorstore raise many types; one message names path and fix
+            older = [s for s in self.all_steps() if s < step]
+            fix = (f"delete {self._step_dir(step)} to fall back to step {older[-1]}" if older
+                   else f"delete {self._step_dir(step)} to start the phase again")
+            raise CheckpointError(
+                f"cannot restore {what} from checkpoint {self._step_dir(step)}: {type(e).__name__}: {e}. "
+                f"If the target tree or shapes changed (a different model config), restore with the config "
+                f"stored in the checkpoint (restore_meta); if the folder is damaged, {fix}.") from e
+
+    def restore(self, step: int | None = None, target=None) -> tuple:
+        """(state, data_state, meta) of `step` (default: the latest committed one).
+
+        `target`: a tree like the saved state whose leaves are `jax.ShapeDtypeStruct`s with shardings (or
+        arrays); each array is restored onto its target sharding. None restores the saved tree as saved
+        (same devices required; containers come back as dicts/lists).
+        """
+        step = self._resolve(step)
+        state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        out = self._restore(step, ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(),
+                                                     meta=ocp.args.JsonRestore()), "state")
+        return out["state"], out["data"], out["meta"]
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """Only the run metadata (config, commit, versions, manifest) of `step` (default: latest)."""
+        step = self._resolve(step)
+        return self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()), "meta")["meta"]
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PreemptionGuard:
+    """SIGTERM -> save and stop at a step all hosts agree on.
+
+        with PreemptionGuard() as guard:
+            for step in ...:
+                ...
+                if guard.should_stop(step):
+                    save(step); break
+
+    Single process: a SIGTERM handler sets a flag (the default action, killing the process, is
+    suppressed while the guard is active; the previous handler comes back on exit). Multi-process
+    (jax.distributed initialised, process_count > 1): JAX's preemption sync manager catches the
+    notice on any host and `reached_preemption_sync_point` turns True on every host at the same step;
+    no Python handler is installed there, since it would replace JAX's own.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self._flag = threading.Event()
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        del frame
+        logging.warning("received signal %d: will save a checkpoint and stop at the next step", signum)
+        self._flag.set()
+
+    def __enter__(self) -> PreemptionGuard:
+        if jax.process_count() == 1:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("PreemptionGuard must be entered on the main thread (Python delivers "
+                                   "signals there only).")
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self._flag.is_set()
+
+    def should_stop(self, step: int) -> bool:
+        """True when the loop should save at `step` and exit (the same step on every host)."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()

@@ -1,0 +1,202 @@
+"""The optimizer: AdamW with parameter groups keyed on parameter paths, scheduled lr and weight decay.
+
+    clip_by_global_norm(optim.grad_clip)  ->  scale_by_adam(b1, b2, eps)  ->  scale_by_groups:
+        update = -lr(step) * lr_mult[group] * (adam + wd(step) * decay[group] * param)
+
+`lr(step)` and `wd(step)` are schedules of the GLOBAL step (voltron_jax/schedules.py). The step lives in
+the optimizer state and starts at the phase's global start step, so a fresh optimizer (a phase built
+by surgery) and a carried one (keep_optimizer) both see the global step; the lr is a traced scalar, so
+resuming or branching never recompiles. Decay is decoupled AdamW (PyTorch/optax convention: scaled by
+the group's lr).
+
+Parameter groups (`param_labels`, first matching rule wins; names are the path components):
+    gate       leaf named 'beta' (Infini-attention gate)    lr optim.gate_lr (x schedule), no decay
+    router     under a name containing 'router' or 'predictor', logically >= 2-D   lr / w, no decay
+    alpha      under a name starting 'dwa', or leaf starting 'alpha' (DenseFormer)   lr, decay iff
+               optim.decay_alpha
+    embedding  leaf named 'embedding'                       lr (/ w iff optim.mup_embed_lr), decay iff
+               optim.decay_embed
+    norm       leaf named 'scale', or under a name containing 'norm'   lr, no decay
+    matrix     any other leaf that is logically >= 2-D (kernels, expert kernels)   lr / w, decay
+    vector     everything else (biases, 1-D vectors)       lr, no decay
+`w` is MiniCPM's width factor d_model / dim_model_base (1 when dim_model_base = 0), arXiv 2404.06395
+(techniques-b.md 2.3): every 2-D tensor gets lr / w. Choices:
+  - Embedding lr: MiniCPM scales it with the other 2-D tensors; textbook Adam-muP keeps it unscaled. It
+    is unscaled unless optim.mup_embed_lr (the width sweep decides). A tied LM head is the embedding.
+  - Embedding decay: off by default (BitNet FAQ, techniques-a.md 1.5; OLMo 2). The untied LM head is
+    a matmul kernel: decayed and width-scaled like every other matrix.
+  - Routers and the MoD predictor ride the (width-scaled) global lr without decay; the Infini gate beta
+    gets its own lr with no decay (techniques-a.md 2.5); the MLP's 'gate' projection is a plain kernel
+    because only a leaf named 'beta' is a gate.
+"Logically 2-D" ignores a leading scanned layers axis: for a boxed param (nn.Partitioned) the axis
+named 'layers' is dropped; for a plain array under a path component 'blocks' (the scanned stack of
+models/decoder.py run_stack) the leading axis is dropped. Params may be boxed or plain: both give the
+same labels, and the optimizer accepts either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from configs import common
+from voltron_jax import schedules
+from voltron_jax.models.decoder import width_factor
+
+GROUPS = ("gate", "router", "alpha", "embedding", "norm", "matrix", "vector")
+SCANNED_NAME = "blocks"  # path component of the scanned layer stack (decoder.run_stack)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def path_names(path) -> tuple[str, ...]:
+    """Dict keys / sequence indices of a tree path as strings (box attributes such as `.value` dropped)."""
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(str(k.idx))
+    return tuple(out)
+
+
+def logical_ndim(names: tuple[str, ...], leaf) -> int:
+    """ndim without a leading scanned 'layers' axis (see the module docstring)."""
+    if isinstance(leaf, nn.Partitioned):
+        return sum(n != "layers" for n in leaf.names)
+    value = leaf.unbox() if _is_box(leaf) else leaf
+    return len(value.shape) - (1 if SCANNED_NAME in names else 0)
+
+
+def label(names: tuple[str, ...], ndim: int) -> str:
+    """The group of the param at path `names` with logical rank `ndim` (rules in the module docstring)."""
+    leaf = names[-1]
+    if leaf == "beta":
+        return "gate"
+    if any("router" in n or "predictor" in n for n in names):
+        return "router" if ndim >= 2 else "vector"
+    if any(n.startswith("dwa") for n in names) or leaf.startswith("alpha"):
+        return "alpha"
+    if leaf == "embedding":
+        return "embedding"
+    if leaf == "scale" or any("norm" in n for n in names):
+        return "norm"
+    return "matrix" if ndim >= 2 else "vector"
+
+
+def _labels_by_path(params) -> dict[tuple[str, ...], str]:
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+    out = {}
+    for path, leaf in flat:
+        names = path_names(path)
+        out[names] = label(names, logical_ndim(names, leaf))
+    return out
+
+
+def param_labels(params) -> Any:
+    """A tree like the (unboxed) params with each leaf replaced by its group name."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)
+    by_path = _labels_by_path(params)
+    return jax.tree_util.tree_unflatten(treedef, [by_path[path_names(p)] for p, _ in flat])
+
+
+def group_settings(config) -> dict[str, tuple[float, bool]]:
+    """{group: (lr multiplier, weight decay on)} from config.optim and the model's width factor."""
+    o = config.optim
+    if o.gate_lr <= 0:
+        raise common.ConfigError(f"optim.gate_lr={o.gate_lr} must be positive.")
+    mup = 1.0 / width_factor(config.model)
+    return {
+        "gate": (o.gate_lr / o.lr, False),
+        "router": (mup, False),
+        "alpha": (1.0, bool(o.decay_alpha)),
+        "embedding": (mup if o.mup_embed_lr else 1.0, bool(o.decay_embed)),
+        "norm": (1.0, False),
+        "matrix": (mup, True),
+        "vector": (1.0, False),
+    }
+
+
+class GroupScheduleState(NamedTuple):
+    """step: global step of the next update; lr, wd: values of the latest update (at init: the first)."""
+
+    step: jax.Array
+    lr: jax.Array
+    wd: jax.Array
+
+
+Rules = dict[tuple[str, ...], tuple[float, bool]]  # param path -> (lr multiplier, weight decay on)
+
+
+def scale_by_groups(lr_fn: schedules.Schedule, wd_fn: schedules.Schedule, rules: Rules,
+                    start: int) -> optax.GradientTransformation:
+    """-lr(step) * mult * (u + wd(step) * decay * param) per leaf, (mult, decay) = rules[path].
+
+    The global step starts at `start` (the phase's first step) and advances by one per update."""
+
+    def init(params):
+        del params
+        s = jnp.asarray(start, jnp.int32)
+        return GroupScheduleState(s, lr_fn(s), wd_fn(s))
+
+    def update(updates, state, params=None):
+        lr, wd = lr_fn(state.step), wd_fn(state.step)
+
+        def one(path, u, p):
+            names = path_names(path)
+            if names not in rules:
+                raise KeyError(f"param {'/'.join(names)} is not in the tree make_optimizer was built for; "
+                               "build the optimizer from this param tree.")
+            mult, decay = rules[names]
+            if decay:
+                if p is None:
+                    raise ValueError("weight decay needs the params: call tx.update(grads, state, params).")
+                u = u + wd.astype(u.dtype) * p
+            return (-lr * mult).astype(u.dtype) * u
+
+        if params is None:
+            out = jax.tree_util.tree_map_with_path(lambda path, u: one(path, u, None), updates)
+        else:
+            out = jax.tree_util.tree_map_with_path(one, updates, params)
+        return out, GroupScheduleState(state.step + 1, lr, wd)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config, params, phase_name: str) -> optax.GradientTransformation:
+    """AdamW for `params` (boxed or plain, concrete or abstract) in phase `phase_name` of the recipe."""
+    o = config.optim
+    if not (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0 and o.eps > 0 and o.grad_clip >= 0):
+        raise common.ConfigError(f"optim: need 0 <= b1, b2 < 1, eps > 0 and grad_clip >= 0 (0 = off); got "
+                                 f"b1={o.b1}, b2={o.b2}, eps={o.eps}, grad_clip={o.grad_clip}.")
+    settings = group_settings(config)
+    rules = {path: settings[g] for path, g in _labels_by_path(params).items()}
+    start = common.phase_start(config.recipe, phase_name, config.max_steps)
+    lr_fn, wd_fn = schedules.lr_schedule(config, phase_name), schedules.wd_schedule(config)
+    tail = scale_by_groups(lr_fn, wd_fn, rules, start)
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    return optax.chain(*parts, optax.scale_by_adam(o.b1, o.b2, o.eps), tail)
+
+
+def _schedule_state(opt_state) -> GroupScheduleState:
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GroupScheduleState))
+    found = [x for x in leaves if isinstance(x, GroupScheduleState)]
+    if len(found) != 1:
+        raise ValueError("opt_state does not come from voltron_jax.optim.make_optimizer.")
+    return found[0]
+
+
+def current_lr(opt_state) -> jax.Array:
+    """Base lr (before group multipliers) of the latest update; at init, of the first update."""
+    return _schedule_state(opt_state).lr
+
+
+def current_wd(opt_state) -> jax.Array:
+    """Weight decay of the latest update; at init, of the first update."""
+    return _schedule_state(opt_state).wd
