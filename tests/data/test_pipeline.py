@@ -10,7 +10,7 @@ import pytest
 import seqio
 
 from configs import tiny
-from voltron_jax.data import corpus, packing, pipeline, tasks
+from voltron_jax.data import corpus, packing, pipeline, streaming, tasks
 from voltron_jax.data import vocab as vocab_lib
 
 T, B = 16, 4
@@ -167,16 +167,16 @@ def test_streaming_rows_match_memory_rows_and_resume(cfg):
     tn = tasks.ensure_task("synth_a", cfg.data, vocab)
     stream, _ = pipeline.token_stream(tn, "train", vocab, cfg.data)
     n = packing.num_rows(len(stream), T)
-    plain = pipeline._StreamRows(tn, "train", T, (0,), False, None, block_rows=4)
+    plain = streaming.StreamRows(tn, "train", T, (0,), False, None, block_rows=4)
     got = plain.take(n + 3)  # one epoch then the start of the next
     np.testing.assert_array_equal(got[:n], packing.gather_rows(stream, np.arange(n), T))
     np.testing.assert_array_equal(got[n:], got[:3])
-    shuffled = pipeline._StreamRows(tn, "train", T, (0,), True, None, block_rows=4)
+    shuffled = streaming.StreamRows(tn, "train", T, (0,), True, None, block_rows=4)
     first = shuffled.take(6)
     state = dict(shuffled.state)
     ref = shuffled.take(n)
     assert sorted(map(bytes, first[:4])) == sorted(map(bytes, got[:4])) and not np.array_equal(first, got[:6])
-    again = pipeline._StreamRows(tn, "train", T, (0,), True, None, block_rows=4)
+    again = streaming.StreamRows(tn, "train", T, (0,), True, None, block_rows=4)
     again.set_state(state)
     np.testing.assert_array_equal(again.take(n), ref)
 
@@ -185,7 +185,7 @@ def test_streaming_task_in_the_iterator_resumes_exactly(cfg, monkeypatch):
     # Serve synth_b as a stream (the TFDS path) by hiding its in-memory documents from the pipeline.
     real = tasks.document_source
     monkeypatch.setattr(tasks, "document_source", lambda n: None if n == "voltron_synth_b" else real(n))
-    monkeypatch.setattr(pipeline, "STREAM_BLOCK_ROWS", 5)
+    monkeypatch.setattr(streaming, "STREAM_BLOCK_ROWS", 5)
     spec = "synth_a:0.5,synth_b:0.5"
     it = pipeline.make_train_iterator(cfg, spec, seed=2)
     assert it.providers[1].streaming and not it.providers[0].streaming

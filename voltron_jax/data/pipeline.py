@@ -5,10 +5,10 @@ as .npz under data.cache_dir) and served by index from the token stream (packing
 one numpy gather. Every host computes the same global batch plan and materialises only its slice
 [B / process_count, T], so the global batch does not depend on the host count.
 
-TFDS tasks are too big to hold: they stream through seqio with per-host file sharding, in blocks of
-`STREAM_BLOCK_ROWS` consecutive rows shuffled within the block. Their state (epoch, document, token
-offset of the block, rows taken from it) is exact but per host, and their global batch depends on the
-host count (each host reads only its shard of the files).
+TFDS tasks are too big to hold: they stream through seqio with per-host file sharding (streaming.py),
+in blocks of consecutive rows shuffled within the block. Their state (epoch, document, token offset of
+the block, rows taken from it) is exact but per host, and their global batch depends on the host count
+(each host reads only its shard of the files).
 
 Iterator state: {'step', 'mixture', 'seq_len', 'batch_size', 'tasks': {seqio task: {'epoch', 'offset'}}}
 (streaming tasks add 'rows', 'doc', 'token', 'in_block'); JSON-serialisable.
@@ -21,11 +21,10 @@ import os
 import numpy as np
 import seqio
 
-from voltron_jax.data import corpus, packing, tasks
+from voltron_jax.data import corpus, packing, streaming, tasks
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.data.corpus import DataError
 
-STREAM_BLOCK_ROWS = 1024
 STATE_VERSION = 1
 _STREAMS: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # in-memory cache of tokenised splits
 
@@ -104,106 +103,6 @@ class _MemoryRows:
             for e in np.unique(epochs):
                 rows[epochs == e] = self._perm(int(e))[offsets[epochs == e]]
         return packing.gather_rows(self.stream, rows, self.seq_len)
-
-
-class _StreamRows:
-    """Rows of a streamed seqio task (TFDS): blocks of consecutive rows, shuffled within each block."""
-
-    streaming = True
-
-    def __init__(
-        self,
-        task: str,
-        split: str,
-        seq_len: int,
-        seed_parts: tuple,
-        shuffle: bool,
-        shard: seqio.ShardInfo | None,
-        block_rows: int = STREAM_BLOCK_ROWS,
-    ):
-        self.task, self.split, self.seq_len, self.shard = task, split, seq_len, shard
-        self.seed_parts, self.shuffle, self.block_rows = seed_parts, shuffle, block_rows
-        self.state = dict(epoch=0, doc=0, token=0, in_block=0)
-        self._block, self._block_at, self._carry, self._reader, self._next = None, None, [], None, None
-
-    def _open(self, doc: int):
-        ds = (
-            seqio.get_mixture_or_task(self.task)
-            .get_dataset(
-                sequence_length=None,
-                split=self.split,
-                shuffle=False,
-                shard_info=self.shard,
-                num_epochs=1,
-                trim_output_features=False,
-                try_in_mem_cache=False,
-            )
-            .skip(doc)
-        )
-        return ((doc + i, ex["targets"]) for i, ex in enumerate(ds.as_numpy_iterator()))
-
-    def _build(self) -> None:
-        """Materialise the block that starts at state (epoch, doc, token)."""
-        st = self.state
-        at = (st["epoch"], st["doc"], st["token"])
-        if self._reader is None or self._next != at:  # not positioned here: reopen (resume, new epoch)
-            self._reader, self._carry = self._open(st["doc"]), []
-            first = next(self._reader, None)
-            self._carry = [(first[0], st["token"], first[1])] if first is not None else []
-        pieces, total, need = (
-            list(self._carry),
-            sum(len(a) - o for _, o, a in self._carry),
-            self.block_rows * self.seq_len + 1,
-        )
-        while total < need and (item := next(self._reader, None)) is not None:
-            pieces.append((item[0], 0, item[1]))
-            total += len(item[1])
-        buf = np.concatenate([a[o:] for _, o, a in pieces]) if pieces else np.zeros(0, np.int32)
-        n = min(self.block_rows, packing.num_rows(len(buf), self.seq_len))
-        if n == 0 and at[1:] == (0, 0):
-            raise DataError(
-                f"split {self.split!r} of task {self.task!r} has fewer than seq_len+1 tokens "
-                f"(this host's shard); lower data.seq_len or check the data_dir."
-            )
-        if n == self.block_rows:  # the next block starts at buffer index n*T: find its document
-            cut, carry = n * self.seq_len, []
-            for doc, o, a in pieces:
-                size = len(a) - o
-                if carry:
-                    carry.append((doc, o, a))
-                elif cut < size:
-                    carry.append((doc, o + cut, a))
-                else:
-                    cut -= size
-            self._carry = carry
-            self._next = (at[0], self._carry[0][0], self._carry[0][1])
-        else:  # end of the epoch: the tail is dropped, the next epoch starts from the first document
-            self._next, self._reader = (at[0] + 1, 0, 0), None
-        order = (
-            packing.epoch_permutation(n, (*self.seed_parts, *at[1:]), at[0]) if self.shuffle else np.arange(n)
-        )
-        self._block = packing.gather_rows(buf, order, self.seq_len)
-        self._block_at = at
-
-    def take(self, n: int) -> np.ndarray:
-        """The next `n` windows int32[n, T+1]."""
-        out = []
-        while n > 0:
-            st = self.state
-            if self._block_at != (st["epoch"], st["doc"], st["token"]):
-                self._build()
-            if st["in_block"] >= len(self._block):
-                st.update(epoch=self._next[0], doc=self._next[1], token=self._next[2], in_block=0)
-                continue
-            k = min(n, len(self._block) - st["in_block"])
-            out.append(self._block[st["in_block"] : st["in_block"] + k])
-            st["in_block"] += k
-            n -= k
-        return np.concatenate(out) if out else np.zeros((0, self.seq_len + 1), np.int32)
-
-    def set_state(self, state: dict) -> None:
-        self.state = {k: int(state[k]) for k in ("epoch", "doc", "token", "in_block")}
-        self._block_at, self._reader, self._next = None, None, None
 
 
 # --------------------------------------------------------------------------------------------- iterator
@@ -329,6 +228,28 @@ def resolve_mixture(config, mixture: str, cluster: int | None = None) -> list[tu
     return tasks.parse_mixture(spec)
 
 
+def _provider(name: str, split: str, d, vocab, seed_parts: tuple, shuffle: bool, shard):
+    """The row provider of mixture task `name`: in memory for document tasks, streamed for TFDS."""
+    tn = tasks.ensure_task(name, d, vocab)
+    seed_parts = (*seed_parts, packing.stable_hash(tn))
+    source = tasks.document_source(tn)
+    if source is None:
+        return streaming.StreamRows(
+            tn, split, d.seq_len, seed_parts, shuffle, shard, streaming.STREAM_BLOCK_ROWS
+        )
+    if split not in source.splits:
+        raise DataError(f"task {name!r} has no split {split!r}; it has {list(source.splits)}.")
+    stream, _ = token_stream(tn, split, vocab, d)
+    p = _MemoryRows(tn, stream, d.seq_len, seed_parts, shuffle)
+    if p.n_rows == 0:
+        raise DataError(
+            f"split {split!r} of task {name!r} has {len(stream)} tokens, fewer than one row of "
+            f"data.seq_len+1={d.seq_len + 1}; add documents, lower data.seq_len or (validation) "
+            "raise data.val_fraction."
+        )
+    return p
+
+
 def _iterator(
     config,
     mixture: str,
@@ -350,29 +271,18 @@ def _iterator(
     vocab = vocab_lib.make_vocab(d)
     vocab_lib.check_vocab_size(config.model.vocab_size, vocab, d)
     shard = seqio.ShardInfo(process_index, process_count) if process_count > 1 else None
-    names, rates, providers = [], [], []
-    for name, rate in resolve_mixture(config, mixture, cluster):
-        tn = tasks.ensure_task(name, d, vocab)
-        seed_parts = (d.shuffle_seed, seed, packing.stable_hash(tn))
-        source = tasks.document_source(tn)
-        if source is None:
-            p = _StreamRows(tn, split, d.seq_len, seed_parts, shuffle, shard, STREAM_BLOCK_ROWS)
-        else:
-            if split not in source.splits:
-                raise DataError(f"task {name!r} has no split {split!r}; it has {list(source.splits)}.")
-            stream, _ = token_stream(tn, split, vocab, d)
-            p = _MemoryRows(tn, stream, d.seq_len, seed_parts, shuffle)
-            if p.n_rows == 0:
-                raise DataError(
-                    f"split {split!r} of task {name!r} has {len(stream)} tokens, fewer than one row of "
-                    f"data.seq_len+1={d.seq_len + 1}; add documents, lower data.seq_len or (validation) "
-                    "raise data.val_fraction."
-                )
-        names.append(tn)
-        rates.append(rate)
-        providers.append(p)
+    spec = resolve_mixture(config, mixture, cluster)
+    providers = [_provider(n, split, d, vocab, (d.shuffle_seed, seed), shuffle, shard) for n, _ in spec]
+    names = [p.name for p in providers]
     return DataIterator(
-        names, rates, providers, d.batch_size, d.seq_len, vocab.eos_id, process_index, process_count
+        names,
+        [r for _, r in spec],
+        providers,
+        d.batch_size,
+        d.seq_len,
+        vocab.eos_id,
+        process_index,
+        process_count,
     )
 
 
