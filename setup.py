@@ -25,6 +25,7 @@ setup(
         "numpy>=2,<3",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorboard>=2.21,<2.22",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6"],

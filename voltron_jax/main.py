@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,6 +40,7 @@ def main(argv) -> None:
         sys.exit("usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo")
     import jax
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
     if _MULTIHOST.value or _COORD.value:
@@ -54,7 +55,7 @@ def main(argv) -> None:
 
 
 def entrypoint() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, os.getcwd())
     app.run(main)
 

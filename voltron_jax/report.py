@@ -26,7 +26,7 @@ def phase_dirs(workdir: epath.Path) -> dict[str, epath.Path]:
 def write(workdir: epath.Path, results: dict[str, dict]) -> None:
     """report.md (phase, steps, final train loss, validation loss and perplexity) and losses.png."""
     rows = [
-        "| phase | steps | final train loss | val loss | val perplexity | tokens/s |",
+        "| phase | global step | final train loss | val loss | val perplexity | tokens/s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     curves = {}

@@ -225,39 +225,38 @@ class Runtime:
         )
 
 
-def final_checkpoint(directory: epath.Path):
-    """(params host tree, opt_state, meta) of a finished phase's last checkpoint."""
-    ck = checkpoint.Checkpointer(directory / "ckpt")
-    step = ck.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"phase folder {directory} has no checkpoint; run its phase first.")
-    state, _, meta = ck.restore(step)
-    ck.close()
+def restore_final(phase: Phase, target) -> tuple[TrainState, dict]:
+    """(state, meta) of a finished phase's last checkpoint, restored onto `target`'s shardings."""
+    ck = checkpoint.Checkpointer(phase.directory / "ckpt")
+    try:
+        if ck.latest_step() is None:
+            raise checkpoint.CheckpointError(
+                f"phase {phase.label} has no checkpoint in {phase.directory}; run that phase first.")
+        state, _, meta = ck.restore(target=target)
+    finally:
+        ck.close()
     return state, meta
 
 
-def init_from_parents(rt: Runtime, config, workdir_phases: list[Phase], phase: Phase) -> TrainState:
-    """Build a phase's first state from its parents' final checkpoints through the named surgery."""
+def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase) -> TrainState:
+    """A phase's first state from its parents' final checkpoints: resharded onto this phase's mesh, or
+    (with `init.surgery`) mapped on the host by the named surgery function first."""
     ph = config.recipe[phase.name]
-    parents = common.parents(ph)
-    sources = [p for p in workdir_phases if p.name in parents]
-    loaded = [final_checkpoint(p.directory) for p in sources]
+    sources = [p for p in all_phases if p.name in common.parents(ph)]
     if not ph.init.surgery:
-        ((state, _),) = loaded
-        keep = ph.init.keep_optimizer
-        return rt.place(state["params"], state["opt_state"] if keep else None)
+        ((src_state, _),) = [restore_final(p, rt.abstract) for p in sources]
+        return rt.place(src_state.params, src_state.opt_state if ph.init.keep_optimizer else None)
     from voltron_jax import surgery
 
+    params, metas = [], []
+    for p in sources:  # each parent restored with its own model's shapes, then moved to the host
+        state, meta = restore_final(p, Runtime(p).abstract)
+        params.append(jax.device_get(state.params))
+        metas.append(meta)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
-    params = surgery.apply(
-        ph.init.surgery,
-        [s["params"] for s, _ in loaded],
-        target,
-        config=rt.config,
-        sources_meta=[m for _, m in loaded],
-        key=jax.random.key(config.seed),
-    )
-    return rt.place(params)
+    merged = surgery.apply(ph.init.surgery, params, target, config=rt.config, sources_meta=metas,
+                           key=jax.random.key(config.seed))
+    return rt.place(merged)
 
 
 # ============================================================================ the loop
@@ -345,6 +344,8 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
                 writer.write(step, evaluate(rt, state.params, eval_batches), kind="eval")
             if saving:
                 save(step)
+            if boundary or saving:
+                t_window = time.time()  # throughput windows exclude eval and checkpoint time
             if guard.should_stop(step):
                 save(step, force=True)
                 ck.wait()
@@ -380,7 +381,8 @@ def check_workdir(workdir: str) -> epath.Path:
 
 def needs_prepare(config) -> bool:
     """ICP ordering and cluster-routed phases read the outputs of `voltron_jax.data.prepare`."""
-    return config.data.ordering == "icp" or any(config.recipe[n].mixture == "cluster" for n in config.recipe)
+    cluster_phases = any(config.recipe[n].mixture == "cluster" for n in config.recipe)
+    return config.data.ordering in ("icp", "dedup_random") or cluster_phases
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:

@@ -1,0 +1,312 @@
+"""Ablations: sweep config fields, run (or emit) every variant x seed, collect one comparable table.
+
+    python -m voltron_jax.ablate --config=configs/tiny.py --sweep model.linear=dense,bitlinear \
+        --sweep model.routing=none,mod --seeds 3 --workdir=runs/abl [--emit] [--set max_steps=50]
+    python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims [--claims]
+
+Sweeps are a grid (every combination of the `--sweep` lists) or listed variants from a sweep file
+(`get_sweep() -> {"base": "configs/x.py[:arg]", "variants": {name: {field: value}}, "set": {...}}`).
+Each variant x seed trains in its own workdir `<workdir>/<variant>/seed_<s>` through the same command a
+pod would run (`python -m voltron_jax.main ...`); finished runs (a `done.json` there) are skipped, so a
+sweep resumes. `--emit` prints those commands instead of running them. The collected results are a
+markdown table and a CSV (final and best validation loss and perplexity, mean and spread over seeds,
+tokens/s, parameters, FLOPs per token, validation loss at equal FLOPs) and one PNG of every variant's
+curves against steps and against training FLOPs.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from configs import common
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+# ============================================================================ sweep definition
+
+
+def load_config(spec: str):
+    """`configs/x.py[:arg]` -> ConfigDict (as ml_collections' config flag would load it)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise common.ConfigError(f"config file {path!r} does not exist.")
+    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def check_field(config, key: str) -> None:
+    """Raise ConfigError naming the valid fields when `key` (a.b.c) is not a config field."""
+    *path, leaf = key.split(".")
+    node = config
+    for i, p in enumerate(path):
+        if p not in node or not hasattr(node[p], "keys"):
+            raise common.ConfigError(f"sweep field {key!r}: {'.'.join(path[:i + 1])!r} is not a config section; "
+                                     f"valid: {sorted(node.keys())}.")
+        node = node[p]
+    if leaf not in node:
+        raise common.ConfigError(f"sweep field {key!r} does not exist; valid fields of "
+                                 f"{'.'.join(path) or 'the config'}: {sorted(node.keys())}.")
+
+
+def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
+    """Grid over `field=v1,v2` specs; each field checked against the config."""
+    axes = []
+    for s in sweeps:
+        key, eq, values = s.partition("=")
+        if not eq or not values:
+            raise common.ConfigError(f"--sweep {s!r} must look like 'model.linear=dense,bitlinear'.")
+        check_field(config, key.strip())
+        axes.append([(key.strip(), v.strip()) for v in values.split(",")])
+    out = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        name = "+".join(f"{k.split('.')[-1]}={v}" for k, v in combo) or "base"
+        out.append(Variant(name, dict(combo), list(range(seeds))))
+    return out
+
+
+def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], dict, dict]:
+    """(base config spec, variants, fixed overrides, claims) from a sweep file."""
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sw = mod.get_sweep()
+    n = seeds if seeds else sw.get("seeds", 1)
+    variants = [Variant(name, {k: str(v) for k, v in ov.items()}, list(range(n)))
+                for name, ov in sw["variants"].items()]
+    config = load_config(sw["base"])
+    for v in variants:
+        for k in v.overrides:
+            check_field(config, k)
+    for k in sw.get("set", {}):
+        check_field(config, k)
+    return sw["base"], variants, {k: str(v) for k, v in sw.get("set", {}).items()}, sw.get("claims", {})
+
+
+# ============================================================================ run / emit
+
+
+def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) -> list[str]:
+    args = [sys.executable, "-m", "voltron_jax.main", f"--config={base}", f"--workdir={workdir}",
+            f"--config.seed={seed}"]
+    args += [f"--config.{k}={v}" for k, v in {**fixed, **variant.overrides}.items()]
+    return args
+
+
+def run_dir(root: Path, variant: Variant, seed: int) -> Path:
+    return root / variant.name / f"seed_{seed}"
+
+
+def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: bool) -> None:
+    """Run every variant x seed in order (skipping finished ones), or print the commands."""
+    for v in variants:
+        for s in v.seeds:
+            d = run_dir(root, v, s)
+            cmd = command(base, v, s, fixed, d)
+            if emit:
+                print(shlex.join(cmd))
+                continue
+            if (d / "done.json").exists():
+                print(f"[ablate] {v.name} seed {s}: done, skipped", flush=True)
+                continue
+            print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            (d / "done.json").write_text(json.dumps({"command": cmd}))
+
+
+# ============================================================================ collect
+
+
+def read_run(d: Path) -> dict:
+    """Eval and train records of every phase of one run, in global-step order."""
+    evals, trains = [], []
+    for f in sorted(d.glob("[0-9][0-9]_*/**/metrics.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            (evals if r["kind"] == "eval" else trains).append(r)
+    return {"eval": sorted(evals, key=lambda r: r["step"]), "train": sorted(trains, key=lambda r: r["step"])}
+
+
+def model_stats(base: str, overrides: dict) -> tuple[int, float, int]:
+    """(parameter count, forward FLOPs per token, tokens per step) of a variant's config."""
+    import jax
+    import jax.numpy as jnp
+
+    from voltron_jax.models import decoder
+
+    c = common.apply_overrides(load_config(base), ",".join(f"{k}={v}" for k, v in overrides.items()))
+    shapes = jax.eval_shape(decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+    return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len
+
+
+def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> float:
+    """Validation loss interpolated at a training-FLOPs budget (nan past the run's end)."""
+    x = np.array([r["step"] * flops_per_step for r in evals])
+    y = np.array([r["loss"] for r in evals])
+    return float(np.interp(budget, x, y)) if len(x) and budget <= x[-1] * (1 + 1e-9) else float("nan")
+
+
+def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list[dict]:
+    """One row per variant: mean and spread over seeds of final/best validation loss, and the rest."""
+    runs, rows = {}, []
+    for v in variants:
+        params, fpt, tps = model_stats(base, {**fixed, **v.overrides})
+        recs = [read_run(run_dir(root, v, s)) for s in v.seeds]
+        recs = [r for r in recs if r["eval"]]
+        runs[v.name] = (recs, 3 * fpt * tps)
+        rows.append({"variant": v.name, "seeds": len(recs), "params": params, "flops_per_token": fpt,
+                     "_final": [r["eval"][-1]["loss"] for r in recs],
+                     "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
+                     "tokens_per_s": float(np.median([t["tokens_per_s"] for r in recs for t in r["train"]]))
+                     if recs else float("nan"),
+                     "steps": recs[0]["eval"][-1]["step"] if recs else 0})
+    budget = min((r[0]["eval"][-1]["step"] * fps for r, fps in runs.values() if r), default=0.0)
+    for row in rows:
+        recs, fps = runs[row["variant"]]
+        final, best = np.array(row.pop("_final")), np.array(row.pop("_best"))
+        at = np.array([loss_at_flops(r["eval"], fps, budget) for r in recs])
+        for key, vals in (("final_loss", final), ("best_loss", best), ("loss_at_equal_flops", at)):
+            row[key] = float(np.mean(vals)) if len(vals) else float("nan")
+            row[key + "_std"] = float(np.std(vals)) if len(vals) else float("nan")
+        row["final_ppl"] = math.exp(row["final_loss"]) if math.isfinite(row["final_loss"]) else float("nan")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
+            "val loss at equal FLOPs | tokens/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | {r['steps']} | "
+                     f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f} | {r['best_loss']:.4f} ± "
+                     f"{r['best_loss_std']:.4f} | {r['final_ppl']:.3f} | {r['loss_at_equal_flops']:.4f} ± "
+                     f"{r['loss_at_equal_flops_std']:.4f} | {r['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
+    (root / "results.md").write_text(markdown(rows) + "\n")
+    with (root / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(base, variants, fixed, root)
+
+
+def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, v in enumerate(variants):
+        _, fpt, tps = model_stats(base, {**fixed, **v.overrides})
+        for j, s in enumerate(v.seeds):
+            ev = read_run(run_dir(root, v, s))["eval"]
+            if not ev:
+                continue
+            x = np.array([r["step"] for r in ev])
+            y = [r["loss"] for r in ev]
+            kw = dict(color=f"C{i % 10}", alpha=0.85, label=v.name if j == 0 else None)
+            a1.plot(x, y, **kw)
+            a2.plot(x * 3 * fpt * tps, y, **kw)
+    a1.set_xlabel("step")
+    a2.set_xlabel("training FLOPs")
+    a2.set_xscale("log")
+    for a in (a1, a2):
+        a.set_ylabel("validation loss")
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "losses.png", dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================ claims report
+
+
+def claims_section(rows: list[dict], claims: dict, cmd: str) -> str:
+    """Markdown: one row per technique with the paper's claim, our measurement and whether it held."""
+    by = {r["variant"]: r for r in rows}
+    out = ["| technique | paper's claim | our measurement | held? |", "| --- | --- | --- | --- |"]
+    for tech, cl in claims.items():
+        base, var = by.get(cl["baseline"]), by.get(cl["variant"])
+        if not base or not var or not base["seeds"] or not var["seeds"]:
+            out.append(f"| {tech} | {cl['claim']} | not run | - |")
+            continue
+        metric = cl.get("metric", "final_loss")
+        b, v = base[metric], var[metric]
+        rel = (v - b) / b
+        held = cl["holds"](rel, base, var)
+        out.append(f"| {tech} | {cl['claim']} | {metric}: {cl['baseline']} {b:.4f} ± {base[metric + '_std']:.4f} "
+                   f"vs {cl['variant']} {v:.4f} ± {var[metric + '_std']:.4f} ({rel:+.1%}) | "
+                   f"{'yes' if held else 'no: ' + cl.get('why_not', 'see notes')} |")
+    return f"Command: `{cmd}`\n\n" + "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/tiny.py")
+    p.add_argument("--sweep", action="append", default=[], help="field=v1,v2 (repeatable; grid)")
+    p.add_argument("--sweep_file", default="")
+    p.add_argument("--seeds", type=int, default=0, help="seeds per variant (default 1, or the sweep file's)")
+    p.add_argument("--set", action="append", default=[], help="field=value applied to every variant")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--emit", action="store_true", help="print one launch command per run instead of running")
+    p.add_argument("--collect_only", action="store_true")
+    p.add_argument("--claims_out", default="", help="write the verified-claims section to this markdown file")
+    a = p.parse_args(argv)
+    claims = {}
+    try:
+        if a.sweep_file:
+            base, variants, fixed, claims = load_sweep_file(a.sweep_file, a.seeds)
+        else:
+            base = a.config
+            variants = parse_sweeps(load_config(base), a.sweep, a.seeds or 1)
+            fixed = {}
+        cfg = load_config(base)
+        for item in a.set:
+            k, _, v = item.partition("=")
+            check_field(cfg, k)
+            fixed[k] = v
+    except common.ConfigError as e:
+        sys.exit(f"ablate: {e}")
+    root = Path(a.workdir)
+    if not a.collect_only:
+        run_all(base, variants, fixed, root, a.emit)
+    if a.emit:
+        return
+    rows = collect(base, variants, fixed, root)
+    write_outputs(rows, base, variants, fixed, root)
+    print(markdown(rows))
+    if claims and a.claims_out:
+        cmd = "python -m voltron_jax.ablate " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+        Path(a.claims_out).write_text(claims_section(rows, claims, cmd) + "\n")
+        print(f"[ablate] verified claims written to {a.claims_out}")
+
+
+if __name__ == "__main__":
+    main()
