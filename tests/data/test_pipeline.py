@@ -226,6 +226,22 @@ def test_corpus_name_follows_data_ordering(cfg):
     assert tasks.ensure_task("corpus", c.data, seqio.ByteVocabulary()) == "voltron_icp_random"
 
 
+@pytest.mark.slow
+def test_tfds_task_streams_mocked_c4_and_resumes(cfg):
+    import tensorflow_datasets as tfds
+
+    # tfds.testing.mock_data fakes the c4 records in memory: the real TfdsDataSource path, no download.
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        it = pipeline.make_train_iterator(cfg, "tfds:c4/en:0.5,synth_a:0.5", seed=0)
+        ref = _take(it, 6)
+        first = pipeline.make_train_iterator(cfg, "tfds:c4/en:0.5,synth_a:0.5", seed=0)
+        _take(first, 3)
+        resumed = pipeline.make_train_iterator(cfg, "tfds:c4/en:0.5,synth_a:0.5", seed=0)
+        resumed.set_state(json.loads(json.dumps(first.get_state())))
+        assert _equal(_take(resumed, 3), ref[3:])
+    assert it.providers[0].streaming and ref[0]["inputs"].shape == (B, T)
+
+
 def test_clear_errors(cfg):
     mk = lambda c=cfg, mixture="synth_a:1", **kw: pipeline.make_train_iterator(c, mixture, seed=0, **kw)
     with pytest.raises(corpus.DataError, match="unknown data task 'nope'"):
