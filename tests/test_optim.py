@@ -94,6 +94,24 @@ def test_model_param_labels(scan):
     assert optim.param_labels(params) == optim.param_labels(nn.unbox(params))
 
 
+@pytest.mark.parametrize("slots,group,leaf", [
+    ({"memory": "infini"}, "gate", "beta"),  # Infini-attention gate: own lr, no decay
+    ({"ffn": "moe", "attention": "moa"}, "router", "router"),  # expert routers: no decay
+    ({"routing": "mod"}, "router", "w_in"),  # MoD aux predictor
+    ({"residual": "denseformer"}, "alpha", "alpha"),  # DWA weights: decay only with optim.decay_alpha
+])
+def test_technique_params_land_in_their_groups(slots, group, leaf):
+    """The technique modules follow the naming rule of optim.py, so their special params are grouped."""
+    c = tiny.get_config("test")
+    c.model.update(slots)
+    model = build_model(c.model)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))["params"]
+    flat = jax.tree_util.tree_flatten_with_path(optim.param_labels(params))[0]
+    labels = {optim.path_names(p): lab for p, lab in flat}
+    assert {lab for names, lab in labels.items() if names[-1] == leaf} == {group}
+    assert all(lab == "norm" for names, lab in labels.items() if names[-1] == "scale")
+
+
 def first_update(c, params, grads):
     tx = optim.make_optimizer(c, params, "stable")
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)

@@ -12,6 +12,7 @@ the group's lr).
 Parameter groups (`param_labels`, first matching rule wins; names are the path components):
     gate       leaf named 'beta' (Infini-attention gate)    lr optim.gate_lr (x schedule), no decay
     router     under a name containing 'router' or 'predictor', logically >= 2-D   lr / w, no decay
+               (1-D router vectors and biases there: 'vector')
     alpha      under a name starting 'dwa', or leaf starting 'alpha' (DenseFormer)   lr, decay iff
                optim.decay_alpha
     embedding  leaf named 'embedding'                       lr (/ w iff optim.mup_embed_lr), decay iff
