@@ -107,14 +107,28 @@ def get_default() -> ml_collections.ConfigDict:
     d.seq_len = 256
     d.batch_size = 16  # global
     d.doc_mask = False  # block attention across documents in a packed row
-    d.ordering = "random"  # random | icp
+    # random: corpus order, contexts shuffled | icp: In-Context Pretraining order of the deduplicated corpus
+    # (data/prepare.py) | dedup_random: the same deduplicated documents in a seeded random order (ablation)
+    d.ordering = "random"
     d.val_fraction = 0.02
     d.shuffle_seed = 0
     d.mixtures = ml_collections.ConfigDict(dict(
         pretrain="corpus:1.0",  # "name:rate,...": corpus (= data.corpus), stdlib, pydoc, tfds:<name>, or
         decay="corpus:0.7,pydoc:0.3",  # any data.register_document_task name (ICP order, clusters)
     ))
-    d.n_clusters = 8
+    d.n_clusters = 8  # c-BTM clusters: one task per cluster; ICP orders each cluster on its own
+    # Prepare (data/prepare.py): embedder shared by ICP and c-BTM. kind tfidf | hashing (streaming);
+    # fit_sample docs (chosen by a hash of their id) fit the tf-idf, the SVD and the k-means.
+    d.embed = ml_collections.ConfigDict(dict(
+        kind="tfidf", dim=128, fit_sample=20000, min_df=2, max_features=2**17, seed=0))
+    # ICP (data/icp.py): kNN degree, FAISS index auto | flat | ivf | hnsw (auto: exact up to flat_max docs
+    # per cluster), semantic dedup above a cosine (0.99: checked by eye on stdlib, see data/icp.py), adjacent
+    # 3-gram Jaccard filter on the first jaccard_chars characters (released ICP code: 0.85, 100).
+    d.icp = ml_collections.ConfigDict(dict(
+        knn=20, index="auto", dedup_threshold=0.99, jaccard_threshold=0.85, jaccard_chars=100, nprobe=16,
+        hnsw_m=32, flat_max=200_000))
+    # c-BTM balanced k-means (data/cbtm.py): iterations, auction eps as a fraction of the cost range.
+    d.cbtm = ml_collections.ConfigDict(dict(iters=20, eps_frac=0.02, seed=0))
 
     # ---------------------------------------------------------------- optimizer
     o = c.optim = ml_collections.ConfigDict()
@@ -277,7 +291,14 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
 
     d = c.data
     _choice("data.vocab", d.vocab, ("byte", "sentencepiece"))
-    _choice("data.ordering", d.ordering, ("random", "icp"))
+    _choice("data.ordering", d.ordering, ("random", "icp", "dedup_random"))
+    _choice("data.embed.kind", d.embed.kind, ("tfidf", "hashing"))
+    _choice("data.icp.index", d.icp.index, ("auto", "flat", "ivf", "hnsw"))
+    if d.n_clusters < 1 or d.icp.knn < 1 or d.embed.dim < 1 or d.embed.fit_sample < 3:
+        _fail("data.n_clusters, data.icp.knn and data.embed.dim must be >= 1 and data.embed.fit_sample >= 3.")
+    if not 0.0 < d.icp.dedup_threshold <= 1.0 or not 0.0 < d.icp.jaccard_threshold <= 1.0:
+        _fail("data.icp.dedup_threshold and data.icp.jaccard_threshold must be in (0, 1]; 1.0 turns the "
+              "filter off.")
     _choice("data.granularity", d.granularity, ("file", "paragraph"))
     if not (d.corpus == "stdlib" or d.corpus.startswith("tfds:")):
         _fail(f"data.corpus={d.corpus!r}: use 'stdlib' (embedded) or 'tfds:<name>' such as 'tfds:c4/en'.")

@@ -1,0 +1,218 @@
+"""The data preparation (voltron_jax/data/prepare.py) as an Apache Beam pipeline, beyond one machine.
+
+    # local, DirectRunner, the configured corpus (what the tests run):
+    python -m voltron_jax.data.beam_pipeline --config=configs/tiny.py --workdir=runs/demo
+    # JSONL records {"index", "id", "text", "split"} on a bucket, on Dataflow (Beam options after `--`):
+    python -m voltron_jax.data.beam_pipeline --config=configs/recipe_tiny.py --workdir=gs://B/run \\
+        --input='gs://B/corpus/*.jsonl' -- --runner=DataflowRunner --project=P --region=R \\
+        --temp_location=gs://B/tmp --requirements_file=requirements.txt
+    # Flink / Spark: --runner=FlinkRunner --flink_master=HOST:8081 (or --runner=SparkRunner
+    # --spark_master_url=spark://HOST:7077) with --environment_type=DOCKER or PROCESS and an SDK
+    # environment that has this package installed (pip install -c constraints.txt -e '.[data]').
+
+Graph (each step reuses the in-process function of prepare.py, so the outputs are byte-identical):
+    records -> exact dedup (GroupBy text hash, lowest index)      -> kept train records
+    kept -> Top.Smallest(fit_sample, key=sample_rank) -> fit_model -> the ClusterModel (one element)
+    kept -> BatchElements -> embed + nearest centroid (model as a side input)   (map)
+         -> GroupByKey(cluster) -> order_cluster + write the cluster's shard  (ICP per cluster, parallel)
+    validation -> embed + assign -> one list sorted by index -> validation.jsonl
+    all of the above -> finish: empty shards for empty clusters, stats, prepare.json (the completion mark)
+The fit runs on one worker over the sample only (c-BTM fits on one shard too); the kNN + traversal of a
+cluster runs on one worker and needs that cluster's documents and vectors in memory (~N/k * (text +
+4*D bytes)): raise data.n_clusters for a bigger corpus. The result does not depend on the runner: the
+sample is a hash of ids, embeddings depend only on each document, groups are sorted by index before the
+kNN, and ties are broken by index (icp.py). HNSW (data.icp.index='hnsw', or 'auto' above
+data.icp.flat_max docs per cluster) is the exception: FAISS builds it with threads, nondeterministically.
+
+Dependency note: apache-beam 2.77 caps protobuf below 7 and sentencepiece 0.2.3 needs a protobuf 7
+runtime, so `import seqio` breaks once Beam is installed; sentencepiece is pinned to 0.2.0 (setup.py,
+constraints.txt), which imports against protobuf 6. This module does not import seqio or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from etils import epath
+
+from voltron_jax.data import cbtm, prepare
+
+
+def _min_index(records) -> dict:
+    return min(records, key=lambda r: r["index"])
+
+
+def _embed_assign(batch: list[dict], model: tuple) -> list:
+    """Batch of records -> [(cluster, (record, embedding))] with the fitted model (a side input)."""
+    m = model[0]
+    x = m.embedder.transform([r["text"] for r in batch])  # [B, D]
+    labels = cbtm.assign(x, m.centroids)
+    return [(int(c), (r, v)) for r, c, v in zip(batch, labels, x, strict=True)]
+
+
+def _order_and_write(kv, s: dict, out: str) -> dict:
+    cluster, items = kv
+    items = sorted(items, key=lambda it: it[0]["index"])
+    x = np.stack([v for _, v in items]).astype(np.float32)  # [N, D]
+    ordered, stats = prepare.order_cluster(cluster, [r for r, _ in items], x, s["icp"])
+    k = s["n_clusters"]
+    prepare.write_jsonl(prepare.shard_path(epath.Path(out), cluster, k), ordered, ("index", "id", "text"))
+    return stats
+
+
+def _write_validation(records: list[dict], out: str, k: int) -> list[int]:
+    records = sorted(records, key=lambda r: r["index"])
+    prepare.write_jsonl(epath.Path(out) / prepare.VALIDATION, records, ("index", "id", "text", "cluster"))
+    return np.bincount([r["cluster"] for r in records], minlength=k).astype(int).tolist()
+
+
+def _save_model(model: tuple, out: str) -> list[int]:
+    model[0].save(out)
+    return model[1]
+
+
+def _finish(_, s: dict, out: str, stats: list, val_sizes: list, fit_sizes: list, counts: dict) -> dict:
+    out_p = epath.Path(out)
+    k = s["n_clusters"]
+    present = {st["cluster"] for st in stats}
+    for j in range(k):
+        if j not in present:  # GroupByKey emits nothing for an empty cluster; keep k shards
+            prepare.write_jsonl(prepare.shard_path(out_p, j, k), [], ("index", "id", "text"))
+            stats = stats + [prepare.order_cluster(j, [], np.zeros((0, 1), np.float32), s["icp"])[1]]
+    report = prepare.summarize(
+        stats,
+        n_train=counts["train"],
+        n_validation=counts["validation"],
+        n_exact_dup=counts["train"] - counts["kept"],
+        fit_sizes=fit_sizes,
+        val_sizes=val_sizes,
+    )
+    report["seconds"] = dict(icp_parts=_sum_seconds(stats))
+    prepare.write_marker(out_p, prepare.fingerprint(s, counts["digest"]), s, report)
+    return report
+
+
+def _sum_seconds(stats: list) -> dict:
+    out = {}
+    for st in stats:
+        for name, sec in st["seconds"].items():
+            out[name] = out.get(name, 0.0) + sec
+    return out
+
+
+def build(p, records, s: dict, out: str) -> None:
+    """Add the preparation to pipeline `p`, reading PCollection `records` and writing under `out`."""
+    import apache_beam as beam
+    from apache_beam.pvalue import AsDict, AsList, AsSingleton
+
+    from voltron_jax.data import embed
+
+    train = records | "Train" >> beam.Filter(lambda r: r["split"] == "train")
+    val = records | "Validation" >> beam.Filter(lambda r: r["split"] != "train")
+    kept = (
+        train
+        | "KeyByText" >> beam.Map(lambda r: (prepare.text_key(r), r))
+        | "ExactDedup" >> beam.CombinePerKey(_min_index)
+        | "Kept" >> beam.Values()
+    )
+    seed, n_fit = s["embed"]["seed"], s["embed"]["fit_sample"]
+    model = (
+        kept
+        | "Sample" >> beam.combiners.Top.Smallest(n_fit, key=lambda r: embed.sample_rank(r["id"], seed))
+        | "Fit" >> beam.Map(prepare.fit_model, s)
+    )
+    model_side = AsSingleton(model)
+    stats = (
+        kept
+        | "BatchTrain" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        | "EmbedAssign" >> beam.FlatMap(_embed_assign, model_side)
+        | "ByCluster" >> beam.GroupByKey()
+        | "OrderAndWrite" >> beam.Map(_order_and_write, s, out)
+    )
+    val_sizes = (
+        val
+        | "BatchVal" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        | "EmbedAssignVal" >> beam.FlatMap(_embed_assign, model_side)
+        | "WithCluster" >> beam.Map(lambda kv: dict(kv[1][0], cluster=kv[0]))
+        | "ValList" >> beam.combiners.ToList()
+        | "WriteVal" >> beam.Map(_write_validation, out, s["n_clusters"])
+    )
+    fit_sizes = model | "SaveModel" >> beam.Map(_save_model, out)
+    counts = [
+        train
+        | "CountTrain" >> beam.combiners.Count.Globally()
+        | "KTrain" >> beam.Map(lambda n: ("train", n)),
+        val | "CountVal" >> beam.combiners.Count.Globally() | "KVal" >> beam.Map(lambda n: ("validation", n)),
+        kept | "CountKept" >> beam.combiners.Count.Globally() | "KKept" >> beam.Map(lambda n: ("kept", n)),
+        records
+        | "Digest" >> beam.Map(prepare.record_digest)
+        | "SumDigest" >> beam.CombineGlobally(sum)
+        | "KDigest" >> beam.Map(lambda n: ("digest", n)),
+    ]
+    counts = counts | "Counts" >> beam.Flatten()
+    _ = (
+        p
+        | "Once" >> beam.Create([None])
+        | "Finish"
+        >> beam.Map(
+            _finish, s, out, AsList(stats), AsSingleton(val_sizes), AsSingleton(fit_sizes), AsDict(counts)
+        )
+    )
+
+
+def run(
+    config,
+    workdir,
+    *,
+    records: list[dict] | None = None,
+    input_pattern: str = "",
+    beam_args: list[str] | None = None,
+) -> dict:
+    """Run the Beam pipeline into <workdir>/data; returns the stats written to prepare.json.
+
+    Reads `records` (in memory, beam.Create) or the JSONL files matching `input_pattern`, or else the
+    configured corpus. Runs the DirectRunner unless `beam_args` name another runner.
+    """
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    out = epath.Path(workdir) / "data"
+    s = prepare.settings(config)
+    prepare.clear(out)
+    options = PipelineOptions(beam_args or ["--runner=DirectRunner"])
+    with beam.Pipeline(options=options) as p:
+        if input_pattern:
+            recs = p | "Read" >> beam.io.ReadFromText(input_pattern) | "Parse" >> beam.Map(json.loads)
+        else:
+            recs = p | "Create" >> beam.Create(
+                records if records is not None else prepare.corpus_records(config.data)
+            )
+        build(p, recs, s, str(out))
+    return prepare.read_marker(out)["stats"]
+
+
+def main(argv) -> None:
+    from configs.common import validate
+
+    config = _CONFIG.value
+    validate(config)
+    stats = run(config, _WORKDIR.value, input_pattern=_INPUT.value, beam_args=list(argv[1:]) or None)
+    print(prepare.format_report(stats))
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
+    _INPUT = flags.DEFINE_string(
+        "input", "", "JSONL records {index,id,text,split} (glob); empty: data.corpus."
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
+    sys.path.insert(0, os.getcwd())
+    app.run(main)

@@ -1,0 +1,416 @@
+"""Data preparation before training: embed -> c-BTM clusters -> ICP order per cluster -> write -> tasks.
+
+    python -m voltron_jax.data.prepare --config=configs/tiny.py --workdir=runs/demo [--config.data.x=y]
+
+Stages (each shared with the Apache Beam version in voltron_jax/data/beam_pipeline.py):
+  1. read the corpus as records {index, id, text, split}; exact duplicates of a train text are dropped
+     (the lowest index stays);
+  2. fit on a sample (the `data.embed.fit_sample` train docs of smallest `embed.sample_rank`): the
+     tf-idf -> SVD -> L2 embedder and balanced k-means with k = data.n_clusters (`fit_model`);
+  3. embed every document and assign it to its nearest centroid (train and validation);
+  4. per cluster (the unit of parallelism): kNN, semantic dedup, greedy traversal, adjacent-duplicate
+     filter (`order_cluster`, voltron_jax/data/icp.py);
+  5. write <workdir>/data/ (below) and register the seqio tasks (`register_tasks`).
+
+Layout of <workdir>/data/ (DESIGN.md):
+    prepare.json                         fingerprint, settings and stats; written last (completion mark)
+    embedder.joblib, centroids.npz       the fitted clusterer (cbtm.ClusterModel.load(<workdir>/data))
+    train/cluster-0000j-of-0000k.jsonl   kept train docs of cluster j in ICP order: {"index","id","text"}
+    validation.jsonl                     validation docs in corpus order with their cluster
+
+Registered tasks (mixture names): 'icp' (the clusters' ICP orders concatenated), 'icp_random' (the same
+documents in a seeded random order: the ablation baseline that differs from 'icp' only in order) and
+'cluster_<j>' (cluster j's documents, in ICP order when data.ordering='icp', else shuffled; validation =
+the validation docs routed to cluster j, or all of them if none are). All share the corpus validation
+split, so validation losses compare across orderings. data.ordering='icp' ('dedup_random') makes the
+mixture name 'corpus' mean 'icp' ('icp_random'), so the stable and the decay mixture (corpus + pydoc, the
+held-out high-quality set) both read the prepared order.
+
+Idempotent: the fingerprint hashes the settings (corpus, granularity, split, n_clusters, data.embed,
+data.icp, data.cbtm) and every input record; a matching prepare.json means nothing is recomputed, any
+change redoes everything. With several JAX processes, process 0 prepares and the others wait for its
+prepare.json (the workdir is shared storage, as multi-host checkpointing requires anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import numpy as np
+from etils import epath
+
+from voltron_jax.data import cbtm, corpus, embed, icp
+
+FORMAT = 1
+MARKER = "prepare.json"
+VALIDATION = "validation.jsonl"
+WAIT_S = 3600
+
+
+def shard_path(out: epath.Path, cluster: int, n_clusters: int) -> epath.Path:
+    return out / "train" / f"cluster-{cluster:05d}-of-{n_clusters:05d}.jsonl"
+
+
+def settings(config) -> dict:
+    """Everything the outputs depend on besides the documents themselves (part of the fingerprint)."""
+    d = config.data
+    return dict(
+        format=FORMAT,
+        corpus=d.corpus,
+        granularity=d.granularity,
+        val_fraction=float(d.val_fraction),
+        n_clusters=int(d.n_clusters),
+        embed=d.embed.to_dict(),
+        icp=d.icp.to_dict(),
+        cbtm=d.cbtm.to_dict(),
+    )
+
+
+def corpus_records(data_cfg) -> list[dict]:
+    """The configured corpus as records {index, id, text, split}, train then validation, in corpus order."""
+    if data_cfg.corpus != "stdlib":
+        raise corpus.DataError(
+            f"in-process prepare reads the embedded corpus only (data.corpus={data_cfg.corpus!r}); for a "
+            "large corpus run the Beam pipeline on JSONL records: python -m voltron_jax.data.beam_pipeline "
+            "--config=... --workdir=... --input='<files>*.jsonl' (same <workdir>/data layout)."
+        )
+    source = corpus.stdlib_source(data_cfg.granularity, float(data_cfg.val_fraction))
+    return [
+        dict(index=i, id=doc.id, text=doc.text, split=split)
+        for i, (split, doc) in enumerate((s, doc) for s in corpus.SPLITS for doc in source.documents(s))
+    ]
+
+
+def record_digest(r: dict) -> int:
+    """Order-free part of the fingerprint: records are summed mod 2^256, so any runner gets the same."""
+    blob = json.dumps([r["index"], r["id"], r["split"], r["text"]]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest(), "big")
+
+
+def fingerprint(s: dict, digest_sum: int) -> str:
+    blob = json.dumps(s, sort_keys=True) + f"{digest_sum % 2**256:064x}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def text_key(r: dict) -> str:
+    return hashlib.sha1(r["text"].encode()).hexdigest()
+
+
+def dedup_exact(train: list[dict]) -> list[dict]:
+    """One record per distinct text (the lowest index), in index order."""
+    best: dict[str, dict] = {}
+    for r in train:
+        k = text_key(r)
+        if k not in best or r["index"] < best[k]["index"]:
+            best[k] = r
+    return sorted(best.values(), key=lambda r: r["index"])
+
+
+def fit_model(sample: list[dict], s: dict) -> tuple[cbtm.ClusterModel, list[int]]:
+    """Embedder + balanced k-means fit on the sample; returns the model and the fit-set cluster sizes."""
+    texts = [r["text"] for r in sorted(sample, key=lambda r: r["index"])]
+    e = s["embed"]
+    embedder = embed.fit_embedder(
+        texts,
+        kind=e["kind"],
+        dim=e["dim"],
+        min_df=e["min_df"],
+        max_features=e["max_features"],
+        seed=e["seed"],
+    )
+    x = embedder.transform(texts)  # [S, D]
+    c = s["cbtm"]
+    centroids, labels = cbtm.fit_balanced_kmeans(
+        x, s["n_clusters"], iters=c["iters"], eps_frac=c["eps_frac"], seed=c["seed"]
+    )
+    return cbtm.ClusterModel(embedder, centroids), np.bincount(labels, minlength=s["n_clusters"]).tolist()
+
+
+def order_cluster(cluster: int, records: list[dict], x: np.ndarray, icp_cfg: dict) -> tuple[list[dict], dict]:
+    """ICP order of one cluster's records (sorted by index, embeddings x [N, D]); returns (ordered, stats)."""
+    res = icp.order_documents(x, [r["text"] for r in records], **icp_cfg)
+    cos_sum, pairs = icp.adjacent_cosine(x, res.order)
+    kept = x[res.order].astype(np.float64)  # [M, D]
+    stats = dict(
+        cluster=cluster,
+        n_in=len(records),
+        n_semantic_dup=res.n_semantic_dup,
+        n_adjacent_dup=res.n_adjacent_dup,
+        n_out=len(res.order),
+        chain_lengths=res.chain_lengths.tolist(),
+        adj_cos_sum=cos_sum,
+        adj_pairs=pairs,
+        vec_sum=kept.sum(0).tolist() if len(kept) else [],
+        sq_norm_sum=float((kept * kept).sum()),
+        seconds=res.seconds,
+    )
+    return [records[i] for i in res.order], stats
+
+
+def write_jsonl(path: epath.Path, records: list[dict], fields: tuple[str, ...]) -> None:
+    """Write records (only `fields`) as JSON lines; via a temporary name so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(json.dumps({f: r[f] for f in fields}) + "\n" for r in records))
+    tmp.rename(path)
+
+
+def read_jsonl(path: epath.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def summarize(
+    cluster_stats: list[dict],
+    *,
+    n_train: int,
+    n_validation: int,
+    n_exact_dup: int,
+    fit_sizes: list[int],
+    val_sizes: list[int],
+) -> dict:
+    """The stats report: docs kept/dropped, chain lengths, adjacent cosine ICP vs random, cluster sizes."""
+    cs = sorted(cluster_stats, key=lambda st: st["cluster"])
+    chains = np.asarray([n for st in cs for n in st["chain_lengths"]] or [0])
+    kept = sum(st["n_out"] for st in cs)
+    vec_sum = np.sum([st["vec_sum"] for st in cs if st["vec_sum"]] or [[0.0]], axis=0)
+    sq = sum(st["sq_norm_sum"] for st in cs)
+    pairs = sum(st["adj_pairs"] for st in cs)
+    # Mean cosine of adjacent docs under a uniformly random order = mean over distinct pairs (exact).
+    random_cos = float((vec_sum @ vec_sum - sq) / (kept * (kept - 1))) if kept > 1 else 0.0
+    return dict(
+        docs=dict(
+            train=n_train,
+            validation=n_validation,
+            exact_duplicates=n_exact_dup,
+            semantic_duplicates=sum(st["n_semantic_dup"] for st in cs),
+            adjacent_duplicates=sum(st["n_adjacent_dup"] for st in cs),
+            kept=kept,
+        ),
+        chains=dict(
+            count=int((chains > 0).sum()),
+            mean=float(chains.mean()),
+            median=float(np.median(chains)),
+            p90=float(np.percentile(chains, 90)),
+            max=int(chains.max()),
+            singletons=int((chains == 1).sum()),
+        ),
+        adjacent_cosine=dict(icp=sum(st["adj_cos_sum"] for st in cs) / max(pairs, 1), random=random_cos),
+        clusters=dict(
+            fit_sizes=fit_sizes, train_sizes=[st["n_out"] for st in cs], validation_sizes=val_sizes
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------- in process
+
+
+class _Clock:
+    """Wall seconds and documents/s per phase, for the stats report."""
+
+    def __init__(self):
+        self.t, self.seconds, self.docs_per_s = time.perf_counter(), {}, {}
+
+    def lap(self, name: str, n_docs: int) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.docs_per_s[name] = n_docs / max(self.seconds[name], 1e-9)
+        self.t = now
+
+
+def _compute(records: list[dict], s: dict, out: epath.Path, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    clock, k = _Clock(), s["n_clusters"]
+    train = [r for r in records if r["split"] == "train"]
+    val = sorted((dict(r) for r in records if r["split"] != "train"), key=lambda r: r["index"])  # + cluster
+    kept = dedup_exact(train)
+    clock.lap("exact_dedup", len(train))
+    ids = embed.sample_ids([r["id"] for r in kept], s["embed"]["fit_sample"], s["embed"]["seed"])
+    chosen = set(ids)
+    model, fit_sizes = fit_model([r for r in kept if r["id"] in chosen], s)
+    clock.lap("fit", len(ids))
+    x = embed.embed_in_batches(model.embedder, [r["text"] for r in kept], progress=progress)  # [N, D]
+    xv = embed.embed_in_batches(model.embedder, [r["text"] for r in val], progress=progress, desc="embed val")
+    clock.lap("embed", len(kept) + len(val))
+    labels, val_labels = cbtm.assign(x, model.centroids), cbtm.assign(xv, model.centroids)
+    clock.lap("assign", len(kept) + len(val))
+    stats, sub = [], {}
+    for j in tqdm(range(k), desc="icp", unit="cluster", disable=not progress):
+        idx = np.flatnonzero(labels == j)
+        ordered, st = order_cluster(j, [kept[i] for i in idx], x[idx], s["icp"])
+        write_jsonl(shard_path(out, j, k), ordered, ("index", "id", "text"))
+        stats.append(st)
+        for name, sec in st["seconds"].items():
+            sub[name] = sub.get(name, 0.0) + sec
+    clock.lap("icp", len(kept))
+    for r, c in zip(val, val_labels, strict=True):
+        r["cluster"] = int(c)
+    write_jsonl(out / VALIDATION, val, ("index", "id", "text", "cluster"))
+    model.save(str(out))
+    clock.lap("write", len(kept) + len(val))
+    report = summarize(
+        stats,
+        n_train=len(train),
+        n_validation=len(val),
+        n_exact_dup=len(train) - len(kept),
+        fit_sizes=fit_sizes,
+        val_sizes=np.bincount(val_labels, minlength=k).tolist(),
+    )
+    report["seconds"] = dict(clock.seconds, icp_parts=sub)
+    report["docs_per_s"] = clock.docs_per_s
+    return report
+
+
+def clear(out: epath.Path) -> None:
+    for name in (MARKER, VALIDATION, cbtm.EMBEDDER_FILE, cbtm.CENTROIDS_FILE):
+        if (out / name).exists():
+            (out / name).unlink()
+    if (out / "train").exists():
+        (out / "train").rmtree()
+
+
+def read_marker(out: epath.Path) -> dict | None:
+    path = out / MARKER
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_marker(out: epath.Path, fp: str, s: dict, stats: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps(dict(fingerprint=fp, settings=s, stats=stats), indent=1))
+
+
+def _jax_process() -> tuple[int, int]:
+    jax = sys.modules.get("jax")  # only if the caller already uses JAX (the train loop); the CLI does not
+    return (jax.process_index(), jax.process_count()) if jax is not None else (0, 1)
+
+
+def prepare(
+    config, workdir, *, records: list[dict] | None = None, progress: bool = True, register: bool = True
+) -> dict:
+    """Run (or reuse) the preparation for `config` into <workdir>/data and register its tasks.
+
+    `records` replaces the configured corpus (tests, external corpora): dicts {index, id, text, split}.
+    Returns the stats dict (also stored in <workdir>/data/prepare.json).
+    """
+    out = epath.Path(workdir) / "data"
+    s = settings(config)
+    done = read_marker(out)
+    if records is None and config.data.corpus != "stdlib":
+        # A corpus that cannot be listed here was prepared by the Beam pipeline: same settings = done.
+        if done is None or done["settings"] != s:
+            corpus_records(config.data)  # raises: how to run the Beam pipeline
+        fp = done["fingerprint"]
+    else:
+        records = corpus_records(config.data) if records is None else records
+        fp = fingerprint(s, sum(record_digest(r) for r in records))
+    pid, _ = _jax_process()
+    if pid > 0:  # process 0 writes; the others wait for it
+        t0 = time.time()
+        while (done is None or done["fingerprint"] != fp) and time.time() - t0 < WAIT_S:
+            time.sleep(5)
+            done = read_marker(out)
+        if done is None or done["fingerprint"] != fp:
+            raise TimeoutError(
+                f"process {pid}: {out / MARKER} did not appear within {WAIT_S} s; run "
+                "`python -m voltron_jax.data.prepare` once before a multi-host run."
+            )
+    if done is not None and done["fingerprint"] == fp:
+        stats = done["stats"]
+        if progress:
+            print(f"prepare: {out} is up to date (fingerprint {fp[:12]}); nothing to do.", flush=True)
+    else:
+        clear(out)
+        stats = _compute(records, s, out, progress)
+        write_marker(out, fp, s, stats)
+        if progress:
+            print(format_report(stats), flush=True)
+    if register:
+        register_tasks(config, workdir)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def prepared_documents(workdir, n_clusters: int) -> tuple[list[list[dict]], list[dict]]:
+    """(train records per cluster in ICP order, validation records in corpus order) from <workdir>/data."""
+    out = epath.Path(workdir) / "data"
+    if read_marker(out) is None:
+        raise corpus.DataError(
+            f"{out} holds no finished preparation; run `python -m voltron_jax.data.prepare "
+            "--config=... --workdir=...` (or the Beam pipeline) first."
+        )
+    return [read_jsonl(shard_path(out, j, n_clusters)) for j in range(n_clusters)], read_jsonl(
+        out / VALIDATION
+    )
+
+
+def register_tasks(config, workdir) -> list[str]:
+    """Register 'icp', 'icp_random' and 'cluster_<j>' from <workdir>/data; returns their seqio names."""
+    from voltron_jax.data import tasks
+
+    d = config.data
+    shards, val = prepared_documents(workdir, d.n_clusters)
+    docs = lambda rs: [corpus.Document(r["id"], r["text"]) for r in rs]
+    rng = np.random.default_rng([int(d.shuffle_seed), 0x1C9])
+    shuffled = lambda rs: [rs[i] for i in rng.permutation(len(rs))]
+    icp_train = [r for shard in shards for r in shard]
+    names = [
+        tasks.register_document_task("icp", {"train": docs(icp_train), "validation": docs(val)}),
+        tasks.register_document_task(
+            "icp_random", {"train": docs(shuffled(icp_train)), "validation": docs(val)}
+        ),
+    ]
+    for j, shard in enumerate(shards):
+        train = shard if d.ordering == "icp" else shuffled(shard)
+        val_j = [r for r in val if r["cluster"] == j] or val
+        names.append(
+            tasks.register_document_task(f"cluster_{j}", {"train": docs(train), "validation": docs(val_j)})
+        )
+    return names
+
+
+def format_report(stats: dict) -> str:
+    """Human-readable stats report."""
+    dd, ch, cos, cl = stats["docs"], stats["chains"], stats["adjacent_cosine"], stats["clusters"]
+    lines = [
+        f"prepare: {dd['train']} train docs -> {dd['kept']} kept (dropped: {dd['exact_duplicates']} exact, "
+        f"{dd['semantic_duplicates']} semantic, {dd['adjacent_duplicates']} adjacent near-duplicates); "
+        f"{dd['validation']} validation docs",
+        f"chains: {ch['count']} (mean {ch['mean']:.1f}, median {ch['median']:.0f}, p90 {ch['p90']:.0f}, "
+        f"max {ch['max']}, singletons {ch['singletons']})",
+        f"mean cosine of adjacent docs: ICP {cos['icp']:.3f} vs random order {cos['random']:.3f}",
+        f"cluster sizes: fit {cl['fit_sizes']}, train {cl['train_sizes']}, "
+        f"validation {cl['validation_sizes']}",
+    ]
+    if "seconds" in stats:
+        lines.append(
+            "seconds: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stats["seconds"].items() if not isinstance(v, dict))
+        )
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    del argv
+    from configs.common import validate
+
+    config = _CONFIG.value
+    validate(config)
+    prepare(config, _WORKDIR.value, progress=True, register=False)
+
+
+if __name__ == "__main__":
+    import os
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    sys.path.insert(0, os.getcwd())
+    app.run(main)
