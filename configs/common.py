@@ -86,8 +86,11 @@ def get_default() -> ml_collections.ConfigDict:
     # mean|W| and the token absmax; packed: inference params written by voltron_jax/export_bitnet.py.
     m.bitlinear = ml_collections.ConfigDict(dict(
         weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False))
+    # Infini-attention (models/infini_attention.py): rule linear | delta | none (segment-local twin, no
+    # memory); gate_init = beta at init (0 from scratch, about -5 for continual training); first_segment
+    # skip (memory term off while empty) | eps (divide by sigma(q) z + eps).
     m.infini = ml_collections.ConfigDict(dict(
-        segment_len=64, update="linear", gate_init=0.0, first_segment="skip"))
+        segment_len=64, rule="linear", gate_init=0.0, first_segment="skip"))
     m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
     m.mod = ml_collections.ConfigDict(dict(
         capacity=0.125, every=2, router_weight="sigmoid", causal="predictor"))
