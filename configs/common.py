@@ -94,9 +94,13 @@ def get_default() -> ml_collections.ConfigDict:
     m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
     m.mod = ml_collections.ConfigDict(dict(
         capacity=0.125, every=2, router_weight="sigmoid", causal="predictor"))
+    # MoE FFN / MoA (models/moe.py, moa.py): impl capacity (gather dispatch, overflow dropped; the GPU path)
+    # | dropless (sort + ragged_dot; the TPU path) | dense (all experts on all tokens; reference).
+    # capacity_factor >= n_experts / top_k never drops. The router is fp32, N(0, router_init_std^2).
     m.moe = ml_collections.ConfigDict(dict(
+        n_experts=8, top_k=2, impl="capacity", capacity_factor=1.25, router_init_std=0.02))
+    m.moa = ml_collections.ConfigDict(dict(
         n_experts=8, top_k=2, impl="capacity", capacity_factor=2.0, router_init_std=0.02))
-    m.moa = ml_collections.ConfigDict(dict(n_experts=8, top_k=2))
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()

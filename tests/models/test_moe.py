@@ -1,0 +1,179 @@
+"""MoE FFN: reduction to the dense MLP, routing properties, aux losses, dispatch implementations."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from voltron_jax.models import moe
+from voltron_jax.models.bitlinear import BitLinear
+from voltron_jax.models.layers import MLP, Dense
+
+D, F, E = 16, 24, 4
+
+
+def _x(b=2, t=8, seed=1):
+    return jax.random.normal(jax.random.key(seed), (b, t, D))
+
+
+def _mlp_params(seed):
+    return nn.unbox(MLP(F).init(jax.random.key(seed), _x())["params"])
+
+
+def _stack(mlps: list) -> dict:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *mlps)
+
+
+def _moe_params(mlps, router):
+    return {**_stack(mlps), "router": router}
+
+
+@pytest.mark.parametrize("impl", ["dropless", "capacity", "dense"])
+def test_identical_experts_equal_dense_mlp_for_any_router(impl):
+    mlp = _mlp_params(0)
+    x = _x()
+    want = MLP(F).apply({"params": mlp}, x)
+    layer = moe.MoE(F, n_experts=E, top_k=2, impl=impl, capacity_factor=E / 2)
+    for seed, std in [(3, 1.0), (4, 30.0)]:  # near-uniform and adversarially peaked routers
+        router = std * jax.random.normal(jax.random.key(seed), (D, E))
+        got = jax.jit(layer.apply)({"params": _moe_params([mlp] * E, router)}, x)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dropless", "capacity", "dense"])
+def test_all_experts_zero_router_is_mean_of_experts(impl):
+    mlps = [_mlp_params(i) for i in range(E)]
+    x = _x()
+    want = sum(MLP(F).apply({"params": p}, x) for p in mlps) / E
+    layer = moe.MoE(F, n_experts=E, top_k=E, impl=impl, capacity_factor=1.0)
+    got = layer.apply({"params": _moe_params(mlps, jnp.zeros((D, E)))}, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dropless", "capacity"])
+def test_one_hot_router_reproduces_chosen_expert(impl):
+    mlps = [_mlp_params(i) for i in range(E)]
+    x = _x().at[..., 0].set(1.0)  # a constant feature the router can key on
+    j = 2
+    router = jnp.zeros((D, E)).at[0, j].set(100.0)  # logit 100 for expert j, 0 otherwise: second gate ~e^-100
+    layer = moe.MoE(F, n_experts=E, top_k=2, impl=impl, capacity_factor=E / 2)
+    got = layer.apply({"params": _moe_params(mlps, router)}, x)
+    np.testing.assert_allclose(got, MLP(F).apply({"params": mlps[j]}, x), atol=1e-5, rtol=1e-5)
+
+
+def test_large_capacity_equals_dropless_values_and_grads():
+    mlps = [_mlp_params(i) for i in range(E)]
+    params = _moe_params(mlps, jax.random.normal(jax.random.key(9), (D, E)))
+    x = _x(b=3, t=5)
+
+    def run(impl):
+        layer = moe.MoE(F, n_experts=E, top_k=2, impl=impl, capacity_factor=E / 2)
+        y = lambda p: layer.apply({"params": p}, x)
+        _, g = jax.jit(jax.value_and_grad(lambda p: jnp.sum(y(p) ** 2)))(params)
+        return jax.jit(y)(params), g
+
+    (y_d, g_d), (y_c, g_c), (y_r, g_r) = run("dropless"), run("capacity"), run("dense")
+    np.testing.assert_allclose(y_c, y_d, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y_r, y_d, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_c) + jax.tree.leaves(g_r), jax.tree.leaves(g_d) * 2, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_capacity_drops_latest_positions_first():
+    # 2 rows x 8 tokens all pick expert 0 (top-1 of 2): C = ceil(1.0 * 16 / 2) = 8 slots, so the 8 kept
+    # assignments are positions 0..3 of both rows (priority by position, then row).
+    experts = jnp.zeros((2, 8, 1), jnp.int32)
+    plan = moe.make_plan(experts, 2, "capacity", 1.0)
+    assert plan.capacity == 8
+    kept = np.asarray(plan.slot < 2 * 8).reshape(2, 8)
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.arange(8) < 4, (2, 8)))
+    # the dropped tokens get a zero expert output (they keep only the residual)
+    rows = jnp.arange(16, dtype=jnp.float32)[:, None] + 1.0
+    back = moe.combine(plan, moe.dispatch(plan, rows, shared=True), shared=True)
+    np.testing.assert_array_equal(
+        np.asarray(back)[:, 0], np.where(kept.reshape(-1), np.arange(16) + 1.0, 0.0)
+    )
+
+
+def test_load_balance_loss_known_assignment():
+    # 4 tokens, E=2, top-1: probs rows [.25, .75] x3 and [.5, .5]; choices 1, 1, 1, 0.
+    probs = jnp.array([[0.25, 0.75]] * 3 + [[0.5, 0.5]])
+    experts = jnp.array([[1], [1], [1], [0]])
+    # f = [1/4, 3/4], p = [(0.75 + 0.5)/4, (2.25 + 0.5)/4] = [0.3125, 0.6875]; 2 * (0.078125 + 0.515625)
+    assert float(moe.load_balance_loss(probs, experts, 2)) == pytest.approx(1.1875, abs=1e-6)
+    uniform = jnp.full((4, 4), 0.25)
+    assert float(
+        moe.load_balance_loss(uniform, jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]]), 4)
+    ) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_z_loss_and_sown_aux_losses():
+    logits = jnp.log(jnp.array([[1.0, 3.0], [2.0, 2.0]]))  # logsumexp = log 4 for both rows
+    assert float(moe.z_loss(logits)) == pytest.approx(np.log(4.0) ** 2, abs=1e-6)
+    layer = moe.MoE(F, n_experts=E, top_k=2)
+    x = _x()
+    params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+    _, state = jax.jit(functools.partial(layer.apply, mutable=["aux_loss"]))({"params": params}, x)
+    router = params["router"]
+    logits = x.reshape(-1, D) @ router
+    (lb,), (z,) = state["aux_loss"]["moe_lb"], state["aux_loss"]["moe_z"]
+    _, top = jax.lax.top_k(logits, 2)
+    np.testing.assert_allclose(lb, moe.load_balance_loss(jax.nn.softmax(logits), top, E), rtol=1e-6)
+    np.testing.assert_allclose(z, moe.z_loss(logits), rtol=1e-6)
+
+
+def test_params_layout_and_router_precision():
+    layer = moe.MoE(F, linear=functools.partial(Dense, dtype=jnp.bfloat16), n_experts=E, top_k=2)
+    boxed = jax.eval_shape(layer.init, jax.random.key(0), _x())["params"]
+    specs = nn.get_partition_spec(boxed)
+    assert nn.unbox(boxed)["gate"]["kernel"].shape == (E, D, F)
+    assert nn.unbox(boxed)["down"]["kernel"].shape == (E, F, D)
+    assert tuple(specs["gate"]["kernel"]) == ("expert", "embed", "mlp")
+    assert tuple(specs["down"]["kernel"]) == ("expert", "mlp", "embed")
+    assert nn.unbox(boxed)["router"].dtype == jnp.float32
+    params = nn.unbox(layer.init(jax.random.key(0), _x())["params"])
+    assert float(jnp.abs(params["router"]).max()) > 0  # never an all-zero router
+
+
+def test_bitlinear_identical_experts_equal_bitlinear_mlp():
+    # per-expert scales: each stacked expert quantises its own kernel exactly like the dense BitLinear
+    lin = functools.partial(BitLinear, norm="rms")
+    x = _x()
+    mlp = nn.unbox(MLP(F, linear=lin).init(jax.random.key(0), x)["params"])
+    want = MLP(F, linear=lin).apply({"params": mlp}, x)
+    layer = moe.MoE(F, linear=lin, n_experts=E, top_k=2, impl="capacity", capacity_factor=E / 2)
+    router = jax.random.normal(jax.random.key(5), (D, E))
+    got = layer.apply({"params": _moe_params([mlp] * E, router)}, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # one scale per expert: scaling one expert's latent kernel leaves the other experts' outputs alone
+    scaled = _moe_params([mlp] * E, router)
+    scaled["gate"]["kernel"] = scaled["gate"]["kernel"].at[0].multiply(3.0)
+    dense_ref = moe.MoE(F, linear=lin, n_experts=E, top_k=1, impl="dense")
+    x1 = x.at[..., 0].set(1.0)
+    one_hot = jnp.zeros((D, E)).at[0, 1].set(100.0)
+    for p in (scaled, _moe_params([mlp] * E, router)):
+        p = {**p, "router": one_hot}
+        np.testing.assert_allclose(
+            dense_ref.apply({"params": p}, x1),
+            MLP(F, linear=lin).apply({"params": mlp}, x1),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_dropless_with_a_linear_without_ragged_hook_fails_clearly():
+    layer = moe.MoE(F, linear=BitLinear, n_experts=E, top_k=2, impl="dropless")
+    with pytest.raises(NotImplementedError, match="ragged_dot"):
+        layer.init(jax.random.key(0), _x())
+
+
+def test_flops_per_token_counts_active_experts():
+    from configs import tiny
+
+    m = tiny.get_config("test").model
+    m.ffn = "moe"
+    want = 2 * m.d_model * m.moe.n_experts + m.moe.top_k * 6 * m.d_model * m.d_ff
+    assert moe.MoE.flops_per_token(m) == want

@@ -1,0 +1,298 @@
+"""Mixture-of-Experts SwiGLU FFN (FFN slot 'moe') and the token routing shared with moa.py.
+
+Papers: Switch Transformers (arXiv 2101.03961: load-balancing loss, capacity), ST-MoE (arXiv 2202.08906:
+router z-loss), GShard (arXiv 2006.16668: capacity dispatch), Branch-Train-MiX (arXiv 2403.07816: top-2
+with gates renormalised over the chosen experts), MegaBlocks (arXiv 2211.15841: dropless grouped matmul).
+Spec: techniques-b.md sections 4, 5 and 7.
+
+Implemented: an fp32 softmax router (param `router` [D,E], never BitLinear, random init), top-k experts
+per token, gates = softmax over the k chosen logits (they sum to 1, so identical experts reproduce the
+dense FFN for any router), the Switch load-balancing loss E * sum_e f_e * p_e (f_e = share of the A*P
+assignments routed to e, p_e = mean router probability, both over the whole batch: under jit/GSPMD a
+mean over a sharded batch is global) and the z-loss mean(logsumexp(logits)^2), sown as
+`aux_loss/moe_lb`, `aux_loss/moe_z`. Each expert is one copy of the linear slot: the projections
+gate/up/down are `nn.vmap`s of the linear slot over a leading expert axis, so expert params are the dense
+MLP's leaves stacked [E,...] with logical axes ('expert', ...) (Dense: gate/up [E,D,F], down [E,F,D]),
+and a BitLinear expert keeps its own per-expert scales and norms. Three dispatch implementations
+(`impl`), identical up to dropping:
+  - 'capacity': GShard dispatch by gathers into a [E,C,D] buffer, batched matmuls, gather back.
+    C = min(A, ceil(capacity_factor * A * P / E)) rounded up to a multiple of 8. Overflow is dropped (the
+    token keeps its residual); priority by position in the sequence, then pick, then batch row, so a
+    token never competes with later positions (no causal leak). The fast GPU path.
+  - 'dropless': assignments sorted by expert and `jax.lax.ragged_dot` (the TPU path). Needs the raw
+    stacked params: Dense kernels directly; another linear class must offer
+    `ragged_dot(self, params, x [R,in], group_sizes [E]) -> [R,out]` (an instance method, called on an
+    unbound instance carrying the slot's fields).
+  - 'dense': every expert on every token, masked by the gates (the reference for tests).
+Deviations: with top_k=1 the gate is the router probability itself (Switch), because a renormalised
+top-1 gate is always 1 and the router would get no LM-loss gradient (techniques-b.md 5.1). Groups for
+capacity are the whole batch (no per-device grouping); padding tokens are routed like real ones.
+Shape letters beyond the house set: A = B*T tokens, P = top-k picks, R = rows of a dispatched layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from voltron_jax.models.layers import Dense, param_with_axes
+
+IMPLS = ("capacity", "dropless", "dense")
+
+
+# --------------------------------------------------------------------------------------------- routing
+
+
+class Routing(NamedTuple):
+    gates: jax.Array  # [A,P] fp32, sum to 1 over P when P > 1
+    experts: jax.Array  # [A,P] int32
+
+
+def load_balance_loss(probs: jax.Array, experts: jax.Array, n_experts: int) -> jax.Array:
+    """Switch LB loss E * sum_e f_e p_e: probs [A,E] fp32, experts [A,P] chosen ids. 1.0 when uniform."""
+    f = jnp.mean(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=(0, 1))  # [E]
+    p = jnp.mean(probs, axis=0)  # [E]
+    return n_experts * jnp.sum(f * p)
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
+def route(
+    module: nn.Module, rows: jax.Array, n_experts: int, top_k: int, init_std: float, prefix: str
+) -> Routing:
+    """fp32 router of `module` on rows [A,D]: top-k experts, renormalised gates; sows `{prefix}_lb`,
+    `{prefix}_z` (aux_loss) and the mean router input (intermediates, for centroid router init)."""
+    w = param_with_axes(
+        module, "router", nn.initializers.normal(init_std), (rows.shape[-1], n_experts), ("embed", "router")
+    )
+    x32 = rows.astype(jnp.float32)
+    logits = x32 @ w  # [A,E]
+    probs = jax.nn.softmax(logits, axis=-1)  # [A,E]
+    top, experts = jax.lax.top_k(logits, top_k)  # [A,P]
+    if top_k > 1:
+        gates = jax.nn.softmax(top, axis=-1)  # [A,P] renormalised over the chosen experts
+    else:
+        gates = jnp.take_along_axis(probs, experts, axis=-1)  # [A,1] Switch gate (see docstring)
+    module.sow("aux_loss", f"{prefix}_lb", load_balance_loss(probs, experts, n_experts))
+    module.sow("aux_loss", f"{prefix}_z", z_loss(logits))
+    module.sow("intermediates", "router_input_mean", jnp.mean(x32, axis=0))
+    return Routing(gates, experts.astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+
+class Plan(NamedTuple):
+    """Where each assignment a = token * P + pick goes, for one implementation."""
+
+    impl: str
+    n_experts: int
+    experts: jax.Array  # [A*P] expert of each assignment
+    slot: jax.Array | None = None  # capacity: [A*P] buffer slot e*C+c, E*C when dropped
+    table: jax.Array | None = None  # capacity: [E*C] assignment in each slot, A*P when empty
+    capacity: int = 0
+    order: jax.Array | None = None  # dropless: [A*P] assignment of each sorted row
+    inverse: jax.Array | None = None  # dropless: [A*P] sorted row of each assignment
+    group_sizes: jax.Array | None = None  # dropless: [E]
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(cf * A * P / E) rounded up to a multiple of 8, at most A (never needed)."""
+    c = math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    return max(1, min(n_tokens, -(-c // 8) * 8))
+
+
+def make_plan(experts: jax.Array, n_experts: int, impl: str, capacity_factor: float) -> Plan:
+    """Dispatch plan for experts [B,T,P] (chosen expert ids)."""
+    b, t, p = experts.shape
+    flat = experts.reshape(-1)  # [A*P]
+    if impl == "dense":
+        return Plan(impl, n_experts, flat)
+    if impl == "dropless":
+        order = jnp.argsort(flat, stable=True)  # [A*P]
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+        return Plan(
+            impl,
+            n_experts,
+            flat,
+            order=order,
+            inverse=inverse,
+            group_sizes=jnp.bincount(flat, length=n_experts).astype(jnp.int32),
+        )
+    if impl != "capacity":
+        raise ValueError(f"moe impl={impl!r} is unknown; choose one of {IMPLS}.")
+    c = capacity(b * t, p, n_experts, capacity_factor)
+    onehot = jax.nn.one_hot(experts, n_experts, dtype=jnp.int32)  # [B,T,P,E]
+    ordered = onehot.transpose(1, 2, 0, 3).reshape(-1, n_experts)  # [T*P*B,E] priority: position, pick, row
+    pos = jnp.sum((jnp.cumsum(ordered, axis=0) - 1) * ordered, axis=-1)  # [T*P*B]
+    pos = pos.reshape(t, p, b).transpose(2, 0, 1).reshape(-1)  # [A*P]
+    slot = jnp.where(pos < c, flat * c + pos, n_experts * c)  # [A*P]
+    table = (
+        jnp.full((n_experts * c,), flat.size, jnp.int32)
+        .at[slot]
+        .set(jnp.arange(flat.size, dtype=jnp.int32), mode="drop")
+    )  # [E*C]
+    return Plan(impl, n_experts, flat, slot=slot, table=table, capacity=c)
+
+
+def dispatch(plan: Plan, rows: jax.Array, shared: bool) -> jax.Array:
+    """Expert layout of rows: [A,Din] shared by the P picks of a token (shared=True) or [A*P,Din] one
+    per assignment. Returns capacity [E,C,Din] | dropless [A*P,Din] sorted by expert | dense [E,R,Din]."""
+    p = plan.experts.size // rows.shape[0] if shared else 1
+    if plan.impl == "dense":
+        return jnp.broadcast_to(rows, (plan.n_experts,) + rows.shape)  # [E,R,Din]
+    if plan.impl == "dropless":
+        return rows[plan.order // p]  # [A*P,Din]
+    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])  # [R+1,Din]
+    out = padded[plan.table // p].reshape(plan.n_experts, plan.capacity, rows.shape[-1])  # [E,C,Din]
+    return nn.with_logical_constraint(out, ("act_expert", "act_capacity", None))
+
+
+def combine(plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
+    """Inverse of `dispatch` for expert outputs y: [A*P,Dout] per assignment (dropped: zeros)."""
+    if plan.impl == "dense":
+        r = jnp.arange(plan.experts.size)  # [A*P]
+        if shared:
+            r = r // (plan.experts.size // y.shape[1])
+        return y[plan.experts, r]  # [A*P,Dout]
+    if plan.impl == "dropless":
+        return y[plan.inverse]  # [A*P,Dout]
+    flat = jnp.concatenate([y.reshape(-1, y.shape[-1]), jnp.zeros((1, y.shape[-1]), y.dtype)])  # [E*C+1,Dout]
+    return flat[plan.slot]  # [A*P,Dout]
+
+
+# --------------------------------------------------------------------------------------------- experts
+
+
+def stacked(linear: Any, n_experts: int):
+    """The linear slot vmapped over a leading expert axis: params [E,...], logical axis 'expert'."""
+    return nn.vmap(
+        linear,
+        variable_axes={"params": 0, "state": None},
+        split_rngs={"params": True},
+        in_axes=0,
+        out_axes=0,
+        axis_size=n_experts,
+        metadata_params={nn.PARTITION_NAME: "expert"},
+    )
+
+
+def expert_projection(
+    module: nn.Module,
+    linear: Any,
+    n_experts: int,
+    features: int,
+    kernel_axes: tuple,
+    x: jax.Array,
+    plan: Plan,
+    name: str,
+) -> jax.Array:
+    """E stacked `linear(features, kernel_axes)` experts applied to x in `plan`'s layout; call it from
+    `module`'s compact method (it creates the submodule `name` there)."""
+    proj = stacked(linear, n_experts)(features, kernel_axes, name=name)
+    if plan.impl != "dropless":
+        return proj(x)  # [E,R,out]
+    proj(jnp.zeros((n_experts, 0, x.shape[-1]), x.dtype))  # creates the params; an empty matmul
+    params = nn.unbox(module.variables["params"][name])
+    inst = linear(features, kernel_axes, parent=None)  # unbound: carries the slot's fields
+    hook = getattr(inst, "ragged_dot", None)
+    if hook is not None:
+        return hook(params, x, plan.group_sizes)
+    if not isinstance(inst, Dense):
+        raise NotImplementedError(
+            f"impl='dropless' needs {type(inst).__name__}.ragged_dot(params, x, group_sizes) (stacked params "
+            f"{sorted(params)}); add it to that linear class or use impl='capacity'."
+        )
+    return jax.lax.ragged_dot(x.astype(inst.dtype), params["kernel"].astype(inst.dtype), plan.group_sizes)
+
+
+def weighted_sum(gates: jax.Array, y: jax.Array) -> jax.Array:
+    """sum_p gate * output: gates [A,P], y [A*P,D] -> [A,D]."""
+    a, p = gates.shape
+    return jnp.einsum("ap,apd->ad", gates.astype(y.dtype), y.reshape(a, p, -1))
+
+
+class MoE(nn.Module):
+    """x [B,T,D] -> [B,T,D]: top-k of E SwiGLU experts (each d_ff wide) per token."""
+
+    d_ff: int
+    linear: Any = Dense  # callable(features, kernel_axes, name=...) -> module (the linear slot)
+    n_experts: int = 8
+    top_k: int = 2
+    impl: str = "capacity"
+    capacity_factor: float = 1.25
+    router_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        rows = x.reshape(b * t, d)  # [A,D]
+        r = route(self, rows, self.n_experts, self.top_k, self.router_init_std, "moe")
+        plan = make_plan(r.experts.reshape(b, t, self.top_k), self.n_experts, self.impl, self.capacity_factor)
+        h = dispatch(plan, rows, shared=True)  # [E,C,D] | [A*P,D] | [E,A,D]
+        proj = lambda name, f, axes, v: expert_projection(
+            self, self.linear, self.n_experts, f, axes, v, plan, name
+        )
+        h = jax.nn.silu(proj("gate", self.d_ff, ("embed", "mlp"), h)) * proj(
+            "up", self.d_ff, ("embed", "mlp"), h
+        )
+        y = combine(plan, proj("down", d, ("mlp", "embed"), h), shared=True)  # [A*P,D]
+        return weighted_sum(r.gates, y).reshape(b, t, d)
+
+    @staticmethod
+    def from_config(m, **ctx) -> dict:
+        c = m.moe
+        return dict(
+            n_experts=c.n_experts,
+            top_k=c.top_k,
+            impl=c.impl,
+            capacity_factor=c.capacity_factor,
+            router_init_std=c.router_init_std,
+        )
+
+    @staticmethod
+    def flops_per_token(m) -> float:
+        """ACTIVE forward FLOPs per token: the router plus top_k experts (3 D x F matmuls each)."""
+        return 2.0 * m.d_model * m.moe.n_experts + m.moe.top_k * 3 * 2.0 * m.d_model * m.d_ff
+
+    @staticmethod
+    def validate(config) -> None:
+        check_routing(config, "moe")
+
+
+def check_routing(config, name: str) -> None:
+    """Shared checks of config.model.moe / config.model.moa (raises ConfigError)."""
+    from configs.common import ConfigError
+
+    c = config.model[name]
+    where = f"model.{name}"
+    if c.impl not in IMPLS:
+        raise ConfigError(f"{where}.impl={c.impl!r} is not valid; choose one of {', '.join(IMPLS)}.")
+    if c.n_experts < 1 or not 1 <= c.top_k <= c.n_experts:
+        raise ConfigError(f"{where}: need 1 <= top_k ({c.top_k}) <= n_experts ({c.n_experts}).")
+    if c.capacity_factor <= 0:
+        raise ConfigError(f"{where}.capacity_factor must be > 0 (got {c.capacity_factor}).")
+    if c.router_init_std <= 0:
+        raise ConfigError(
+            f"{where}.router_init_std must be > 0: an all-zero router makes top-k pick "
+            "experts 0..k-1 for every token."
+        )
+    mesh_e = config.mesh.expert
+    if mesh_e > 1 and c.n_experts % mesh_e:
+        raise ConfigError(f"{where}.n_experts={c.n_experts} is not divisible by mesh.expert={mesh_e}.")
+    if c.impl == "dropless" and config.model.linear != "dense":
+        from voltron_jax import registry
+
+        cls = registry.get("linear", config.model.linear)
+        if not hasattr(cls, "ragged_dot"):
+            raise ConfigError(
+                f"{where}.impl='dropless' needs {cls.__name__}.ragged_dot (grouped matmul of "
+                f"stacked experts) for model.linear={config.model.linear!r}; use impl='capacity'."
+            )

@@ -1,0 +1,93 @@
+"""Surgery CLI: merge branch checkpoints into one MoE+MoA checkpoint (c-BTX), or upcycle one.
+
+    python -m voltron_jax.surgery merge --branches=runs/x/02_branch/cluster_0/ckpt,... \\
+        --config=configs/recipe_tiny.py --out=runs/x/merged [--seed_ckpt=runs/x/00_stable/ckpt]
+    python -m voltron_jax.surgery upcycle --branches=runs/x/01_decay/ckpt --config=... --out=...
+
+`--config` describes the TARGET model (model.ffn='moe', model.attention='moa'; n_experts = branches, +1
+with --seed_ckpt); overrides such as `--config.model.moe.n_experts=4` work as in voltron_jax.main. Each
+branch is read at its latest committed step (or --step). The output is a Checkpointer folder holding
+step 0 with state {'params': merged} (no optimizer state: fine-tuning starts it fresh, as in BTX) and
+the target config plus the surgery arguments in its metadata. Routers: small random
+(model.moe.router_init_std); centroid routers need data, see btx.centroid_router_init.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "Target model config (configs/*.py[:variant]).", flag_values=fv, sys_argv=argv
+    )  # overrides are found in argv
+    flags.DEFINE_string(
+        "branches", None, "Comma-separated branch checkpoint folders (expert order).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "seed_ckpt", "", "Optional seed checkpoint folder: the last, generalist expert.", flag_values=fv
+    )
+    flags.DEFINE_string("out", None, "Output checkpoint folder.", flag_values=fv)
+    flags.DEFINE_integer("step", -1, "Step to read from every source (-1: latest).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "PRNG seed of the router init.", flag_values=fv)
+    return fv
+
+
+def _params(directory: str, step: int):
+    """Host params of a checkpoint folder saved by the train loop (state.params)."""
+    from voltron_jax import checkpoint
+
+    with checkpoint.Checkpointer(directory) as ck:
+        state, _, _ = ck.restore(step=None if step < 0 else step)
+    params = state["params"] if isinstance(state, dict) else getattr(state, "params", None)
+    if params is None:
+        raise SystemExit(
+            f"{directory}: the checkpoint state has no 'params'; is it a voltron_jax checkpoint?"
+        )
+    return jax.device_get(params)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point; argv[0] is the program name, argv[1] the command ('merge' or 'upcycle')."""
+    from voltron_jax import checkpoint, surgery
+
+    fv = _flags(argv)
+    rest = fv(argv)
+    if len(rest) != 2 or rest[1] not in ("merge", "upcycle") or not (fv.branches and fv.out and fv.config):
+        print(__doc__, file=sys.stderr)
+        raise SystemExit(
+            "usage: python -m voltron_jax.surgery {merge,upcycle} --branches=... --config=... --out=..."
+        )
+    config = fv.config
+    dirs = [d for d in fv.branches.split(",") if d]
+    sources = [_params(d, fv.step) for d in dirs]
+    seed = _params(fv.seed_ckpt, fv.step) if fv.seed_ckpt else None
+    shapes = surgery.target_shapes(config)
+    key = jax.random.key(fv.seed)
+    std = config.model.moe.router_init_std
+    if rest[1] == "upcycle":
+        if len(sources) != 1 or seed is not None:
+            raise SystemExit("upcycle takes exactly one --branches folder and no --seed_ckpt.")
+        merged = surgery.upcycle(sources[0], shapes, key=key, router_std=std)
+    else:
+        merged = surgery.btx_merge(sources, shapes, seed_params=seed, key=key, router_std=std)
+    meta = {
+        "config": config.to_dict(),
+        "surgery": {"command": rest[1], "branches": dirs, "seed_ckpt": fv.seed_ckpt, "seed": fv.seed},
+    }
+    with checkpoint.Checkpointer(fv.out, keep=1, async_save=False) as ck:
+        ck.save(0, {"params": merged}, {}, meta, force=True)
+    print(
+        f"wrote {fv.out}/0: {len(dirs)} branches{' + seed' if seed is not None else ''} -> "
+        f"{surgery.tree.count(merged):,} params"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
