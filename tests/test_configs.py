@@ -14,8 +14,11 @@ from configs import common, tiny
 from voltron_jax.models import decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                      if os.path.basename(f) not in ("common.py", "__init__.py"))
+CONFIG_FILES = sorted(
+    f
+    for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if os.path.basename(f) not in ("common.py", "__init__.py")
+)
 
 
 def _load(path):
@@ -45,10 +48,17 @@ def test_every_config_builds_and_validates(path):
 
 
 def test_overrides_reach_the_model():
-    c = _parse("--config=configs/tiny.py:test", "--config.model.d_model=96", "--config.model.n_heads=3",
-               "--config.model.n_kv_heads=3", "--config.max_steps=3")
+    c = _parse(
+        "--config=configs/tiny.py:test",
+        "--config.model.d_model=96",
+        "--config.model.n_heads=3",
+        "--config.model.n_kv_heads=3",
+        "--config.max_steps=3",
+    )
     assert c.model.d_model == 96 and c.max_steps == 3
-    params = jax.eval_shape(decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    params = jax.eval_shape(
+        decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+    )
     assert params["params"]["embed"]["embedding"].value.shape == (c.model.vocab_size, 96)
 
 
@@ -57,14 +67,17 @@ def test_unknown_key_fails_at_parse_time():
         _parse("--config=configs/tiny.py", "--config.model.dmodel=3")
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("linear", "ternary", "dense.*bitlinear"),
-    ("attention", "flash", "mha.*moa"),
-    ("memory", "rmt", "none.*infini"),
-    ("ffn", "swiglu", "mlp.*moe"),
-    ("residual", "dense", "plain.*denseformer"),
-    ("routing", "mor", "none.*mod"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("linear", "ternary", "dense.*bitlinear"),
+        ("attention", "flash", "mha.*moa"),
+        ("memory", "rmt", "none.*infini"),
+        ("ffn", "swiglu", "mlp.*moe"),
+        ("residual", "dense", "plain.*denseformer"),
+        ("routing", "mor", "none.*mod"),
+    ],
+)
 def test_unknown_technique_names_the_valid_choices(field, value, match):
     c = tiny.get_config()
     c.model[field] = value

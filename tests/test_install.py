@@ -6,16 +6,48 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = ["jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "seqio", "tensorflow",
-           "tensorflow_datasets", "sentencepiece", "apache_beam", "faiss", "sklearn", "libtpu", "matplotlib",
-           "tqdm", "nbclient"]
+MODULES = [
+    "jax",
+    "flax",
+    "optax",
+    "orbax.checkpoint",
+    "ml_collections",
+    "seqio",
+    "tensorflow",
+    "tensorflow_datasets",
+    "sentencepiece",
+    "apache_beam",
+    "faiss",
+    "sklearn",
+    "libtpu",
+    "matplotlib",
+    "tqdm",
+    "nbclient",
+]
 
 
 def test_constraints_pin_the_core_stack():
-    pins = {k.lower().replace("_", "-"): v for k, v in (
-        line.strip().split("==") for line in open(os.path.join(ROOT, "constraints.txt")) if "==" in line)}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "seqio", "tensorflow",
-                 "tensorflow-datasets", "ml-collections", "sentencepiece", "apache-beam", "libtpu", "protobuf"):
+    pins = {
+        k.lower().replace("_", "-"): v
+        for k, v in (
+            line.strip().split("==") for line in open(os.path.join(ROOT, "constraints.txt")) if "==" in line
+        )
+    }
+    for name in (
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "seqio",
+        "tensorflow",
+        "tensorflow-datasets",
+        "ml-collections",
+        "sentencepiece",
+        "apache-beam",
+        "libtpu",
+        "protobuf",
+    ):
         assert name in pins, name
     assert pins["sentencepiece"] == "0.2.0"  # 0.2.3 needs protobuf 7; apache-beam caps protobuf < 7
 
@@ -28,12 +60,20 @@ def test_everything_imports_together():
 
 
 def test_models_and_bench_import_without_tensorflow_or_seqio():
-    code = ("import sys; import voltron_jax.models.decoder, voltron_jax.registry; "
-            "sys.path.insert(0, '.'); import configs.bench_1b; "
-            "from voltron_jax.models import decoder; decoder.build_model(configs.bench_1b.get_config().model); "
-            "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    code = (
+        "import sys; import voltron_jax.models.decoder, voltron_jax.registry; "
+        "sys.path.insert(0, '.'); import configs.bench_1b; "
+        "from voltron_jax.models import decoder; decoder.build_model(configs.bench_1b.get_config().model); "
+        "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
     importlib.import_module("voltron_jax")

@@ -32,19 +32,38 @@ def _losses(workdir, phase_folder="00_stable"):
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
+def _wrap_train_batches(monkeypatch, fn):
+    """Call fn(n, batch) -> batch on every training batch drawn (n counts across phases from 1)."""
+    from voltron_jax.data import pipeline
+
+    orig, count = pipeline.make_train_iterator, {"n": 0}
+
+    def make(*a, **kw):
+        it = orig(*a, **kw)
+
+        class Wrapped:
+            def __next__(self):
+                count["n"] += 1
+                return fn(count["n"], next(it))
+
+            get_state, set_state = it.get_state, it.set_state
+
+        return Wrapped()
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", make)
+
+
 def _stop_at(monkeypatch, stop_step, use_signal=False):
-    """Make the loop receive a preemption at `stop_step` (a real SIGTERM when use_signal)."""
-    calls = {"n": 0}
-    orig = sharding.host_batch_to_global
+    """Preempt the loop right after global step `stop_step` (a real SIGTERM when use_signal)."""
+    if use_signal:
 
-    def feed(mesh, batch):
-        calls["n"] += 1
-        if use_signal and calls["n"] == stop_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return orig(mesh, batch)
+        def feed(n, batch):
+            if n == stop_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batch
 
-    monkeypatch.setattr(sharding, "host_batch_to_global", feed)
-    if not use_signal:
+        _wrap_train_batches(monkeypatch, feed)
+    else:
         monkeypatch.setattr(checkpoint.PreemptionGuard, "should_stop", lambda self, step: step == stop_step)
 
 
@@ -117,27 +136,7 @@ def test_two_phase_recipe_resumes_in_second_phase(reference, tmp_path, monkeypat
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from voltron_jax.data import pipeline
-
-    orig = pipeline.make_train_iterator
-
-    def poisoned(*a, **kw):
-        it = orig(*a, **kw)
-        nxt, count = it.__next__, {"n": 0}
-
-        class Wrapped:
-            def __next__(self):
-                count["n"] += 1
-                b = nxt()
-                if count["n"] >= 3:
-                    b = {**b, "weights": b["weights"] * np.nan}
-                return b
-
-            get_state, set_state = it.get_state, it.set_state
-
-        return Wrapped()
-
-    monkeypatch.setattr(pipeline, "make_train_iterator", poisoned)
+    _wrap_train_batches(monkeypatch, lambda n, b: {**b, "weights": b["weights"] * np.nan} if n >= 3 else b)
     with pytest.raises(train.NonFiniteLoss, match="last good checkpoint"):
         train.run(_config(), str(tmp_path))
     ck = checkpoint.Checkpointer(tmp_path / "00_stable" / "ckpt")
@@ -148,16 +147,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 def test_sharded_step_equals_single_device_step():
     results = {}
-    for name, mesh, devices in (("single", dict(data=1, fsdp=1, tensor=1, expert=1), jax.devices()[:1]),
-                                ("sharded", dict(data=2, fsdp=2, tensor=2, expert=1), jax.devices())):
+    for name, mesh, devices in (
+        ("single", dict(data=1, fsdp=1, tensor=1, expert=1), jax.devices()[:1]),
+        ("sharded", dict(data=2, fsdp=2, tensor=2, expert=1), jax.devices()),
+    ):
         c = _config()
         c.mesh.update(mesh)
         rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2), devices=devices)
         state = rt.scratch()
         rng = np.random.default_rng(0)
         ids = rng.integers(3, 259, size=(8, 65)).astype(np.int32)
-        batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((8, 64), np.float32),
-                 "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)), "segment_ids": np.ones((8, 64), np.int32)}
+        batch = {
+            "inputs": ids[:, :-1],
+            "targets": ids[:, 1:],
+            "weights": np.ones((8, 64), np.float32),
+            "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
+            "segment_ids": np.ones((8, 64), np.int32),
+        }
         losses = []
         for _ in range(3):
             state, m = rt.train_step(state, sharding.host_batch_to_global(rt.mesh, batch))

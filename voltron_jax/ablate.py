@@ -60,12 +60,16 @@ def check_field(config, key: str) -> None:
     node = config
     for i, p in enumerate(path):
         if p not in node or not hasattr(node[p], "keys"):
-            raise common.ConfigError(f"sweep field {key!r}: {'.'.join(path[:i + 1])!r} is not a config section; "
-                                     f"valid: {sorted(node.keys())}.")
+            raise common.ConfigError(
+                f"sweep field {key!r}: {'.'.join(path[: i + 1])!r} is not a config section; "
+                f"valid: {sorted(node.keys())}."
+            )
         node = node[p]
     if leaf not in node:
-        raise common.ConfigError(f"sweep field {key!r} does not exist; valid fields of "
-                                 f"{'.'.join(path) or 'the config'}: {sorted(node.keys())}.")
+        raise common.ConfigError(
+            f"sweep field {key!r} does not exist; valid fields of "
+            f"{'.'.join(path) or 'the config'}: {sorted(node.keys())}."
+        )
 
 
 def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
@@ -91,8 +95,10 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
     spec.loader.exec_module(mod)
     sw = mod.get_sweep()
     n = seeds if seeds else sw.get("seeds", 1)
-    variants = [Variant(name, {k: str(v) for k, v in ov.items()}, list(range(n)))
-                for name, ov in sw["variants"].items()]
+    variants = [
+        Variant(name, {k: str(v) for k, v in ov.items()}, list(range(n)))
+        for name, ov in sw["variants"].items()
+    ]
     config = load_config(sw["base"])
     for v in variants:
         for k in v.overrides:
@@ -106,8 +112,14 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
 
 
 def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) -> list[str]:
-    args = [sys.executable, "-m", "voltron_jax.main", f"--config={base}", f"--workdir={workdir}",
-            f"--config.seed={seed}"]
+    args = [
+        sys.executable,
+        "-m",
+        "voltron_jax.main",
+        f"--config={base}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+    ]
     args += [f"--config.{k}={v}" for k, v in {**fixed, **variant.overrides}.items()]
     return args
 
@@ -154,7 +166,9 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int]:
     from voltron_jax.models import decoder
 
     c = common.apply_overrides(load_config(base), ",".join(f"{k}={v}" for k, v in overrides.items()))
-    shapes = jax.eval_shape(decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    shapes = jax.eval_shape(
+        decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+    )
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
     return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len
 
@@ -174,12 +188,20 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
         recs = [read_run(run_dir(root, v, s)) for s in v.seeds]
         recs = [r for r in recs if r["eval"]]
         runs[v.name] = (recs, 3 * fpt * tps)
-        rows.append({"variant": v.name, "seeds": len(recs), "params": params, "flops_per_token": fpt,
-                     "_final": [r["eval"][-1]["loss"] for r in recs],
-                     "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
-                     "tokens_per_s": float(np.median([t["tokens_per_s"] for r in recs for t in r["train"]]))
-                     if recs else float("nan"),
-                     "steps": recs[0]["eval"][-1]["step"] if recs else 0})
+        rows.append(
+            {
+                "variant": v.name,
+                "seeds": len(recs),
+                "params": params,
+                "flops_per_token": fpt,
+                "_final": [r["eval"][-1]["loss"] for r in recs],
+                "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
+                "tokens_per_s": float(np.median([t["tokens_per_s"] for r in recs for t in r["train"]]))
+                if recs
+                else float("nan"),
+                "steps": recs[0]["eval"][-1]["step"] if recs else 0,
+            }
+        )
     budget = min((r[0]["eval"][-1]["step"] * fps for r, fps in runs.values() if r), default=0.0)
     for row in rows:
         recs, fps = runs[row["variant"]]
@@ -193,14 +215,18 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
-            "val loss at equal FLOPs | tokens/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = (
+        "| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
+        "val loss at equal FLOPs | tokens/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | {r['steps']} | "
-                     f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f} | {r['best_loss']:.4f} ± "
-                     f"{r['best_loss_std']:.4f} | {r['final_ppl']:.3f} | {r['loss_at_equal_flops']:.4f} ± "
-                     f"{r['loss_at_equal_flops_std']:.4f} | {r['tokens_per_s']:,.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | {r['steps']} | "
+            f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f} | {r['best_loss']:.4f} ± "
+            f"{r['best_loss_std']:.4f} | {r['final_ppl']:.3f} | {r['loss_at_equal_flops']:.4f} ± "
+            f"{r['loss_at_equal_flops_std']:.4f} | {r['tokens_per_s']:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -259,16 +285,20 @@ def claims_section(rows: list[dict], claims: dict, cmd: str) -> str:
         b, v = base[metric], var[metric]
         rel = (v - b) / b
         held = cl["holds"](rel, base, var)
-        out.append(f"| {tech} | {cl['claim']} | {metric}: {cl['baseline']} {b:.4f} ± {base[metric + '_std']:.4f} "
-                   f"vs {cl['variant']} {v:.4f} ± {var[metric + '_std']:.4f} ({rel:+.1%}) | "
-                   f"{'yes' if held else 'no: ' + cl.get('why_not', 'see notes')} |")
+        out.append(
+            f"| {tech} | {cl['claim']} | {metric}: {cl['baseline']} {b:.4f} ± {base[metric + '_std']:.4f} "
+            f"vs {cl['variant']} {v:.4f} ± {var[metric + '_std']:.4f} ({rel:+.1%}) | "
+            f"{'yes' if held else 'no: ' + cl.get('why_not', 'see notes')} |"
+        )
     return f"Command: `{cmd}`\n\n" + "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--config", default="configs/tiny.py")
     p.add_argument("--sweep", action="append", default=[], help="field=v1,v2 (repeatable; grid)")
     p.add_argument("--sweep_file", default="")

@@ -22,6 +22,8 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 _COORD = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-host outside TPU VMs).")
 _NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-host outside TPU VMs).")
 _PID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-host outside TPU VMs).")
+_ONLY = flags.DEFINE_string("only_phase", "", "Run just this recipe phase (its parents must be finished).")
+_MEMBER = flags.DEFINE_integer("member", -1, "With --only_phase of a fan-out phase: just this member.")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache folder.")
 
 
@@ -49,7 +51,7 @@ def main(argv) -> None:
     from voltron_jax import train
 
     try:
-        train.run(_CONFIG.value, _WORKDIR.value)
+        train.run(_CONFIG.value, _WORKDIR.value, only_phase=_ONLY.value, member=_MEMBER.value)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
 

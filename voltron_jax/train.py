@@ -231,7 +231,8 @@ def restore_final(phase: Phase, target) -> tuple[TrainState, dict]:
     try:
         if ck.latest_step() is None:
             raise checkpoint.CheckpointError(
-                f"phase {phase.label} has no checkpoint in {phase.directory}; run that phase first.")
+                f"phase {phase.label} has no checkpoint in {phase.directory}; run that phase first."
+            )
         state, _, meta = ck.restore(target=target)
     finally:
         ck.close()
@@ -254,8 +255,9 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
         params.append(jax.device_get(state.params))
         metas.append(meta)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
-    merged = surgery.apply(ph.init.surgery, params, target, config=rt.config, sources_meta=metas,
-                           key=jax.random.key(config.seed))
+    merged = surgery.apply(
+        ph.init.surgery, params, target, config=rt.config, sources_meta=metas, key=jax.random.key(config.seed)
+    )
     return rt.place(merged)
 
 
@@ -385,8 +387,11 @@ def needs_prepare(config) -> bool:
     return config.data.ordering in ("icp", "dedup_random") or cluster_phases
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Validate, prepare data if the recipe needs it, then run every phase. Returns {phase: metrics}."""
+def run(
+    config: ml_collections.ConfigDict, workdir: str, only_phase: str = "", member: int = -1
+) -> dict[str, dict]:
+    """Validate, prepare data if the recipe needs it, then run every phase in dependency order (or just
+    `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}."""
     common.validate(config, n_devices=jax.device_count())
     root = check_workdir(workdir)
     info = write_run_info(config, root)
@@ -395,11 +400,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
 
         prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
     todo = phases(config, root)
+    if only_phase and only_phase not in config.recipe:
+        raise common.ConfigError(f"--only_phase={only_phase!r} is not in the recipe {list(config.recipe)}.")
+    selected = [p for p in todo if not only_phase or (p.name == only_phase and member in (-1, p.member))]
+    if only_phase and not selected:
+        raise common.ConfigError(f"phase {only_phase!r} has no member {member}.")
     results = {}
-    for ph in todo:
+    for ph in selected:
         common.validate(ph.config, n_devices=jax.device_count())
         results[ph.label] = run_phase(config, root, ph, todo, info)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not only_phase:
         from voltron_jax import report
 
         report.write(root, results)
