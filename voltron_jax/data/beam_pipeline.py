@@ -3,7 +3,7 @@
     # local, DirectRunner, the configured corpus (what the tests run):
     python -m voltron_jax.data.beam_pipeline --config=configs/tiny.py --workdir=runs/demo
     # JSONL records {"index", "id", "text", "split"} on a bucket, on Dataflow (Beam options after `--`):
-    python -m voltron_jax.data.beam_pipeline --config=configs/recipe_tiny.py --workdir=gs://B/run \\
+    python -m voltron_jax.data.beam_pipeline --config=configs/voltron_13b.py --workdir=gs://B/run \\
         --input='gs://B/corpus/*.jsonl' -- --runner=DataflowRunner --project=P --region=R \\
         --temp_location=gs://B/tmp --requirements_file=requirements.txt
     # Flink / Spark: --runner=FlinkRunner --flink_master=HOST:8081 (or --runner=SparkRunner

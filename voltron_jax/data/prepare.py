@@ -112,8 +112,12 @@ def dedup_exact(train: list[dict]) -> list[dict]:
 def fit_model(sample: list[dict], s: dict) -> tuple[cbtm.ClusterModel, list[int]]:
     """Embedder + balanced k-means fit on the sample; returns the model and the fit-set cluster sizes."""
     texts = [r["text"] for r in sorted(sample, key=lambda r: r["index"])]
+    return fit_clusters(fit_sample_embedder(texts, s), texts, s)
+
+
+def fit_sample_embedder(texts: list[str], s: dict) -> embed.Embedder:
     e = s["embed"]
-    embedder = embed.fit_embedder(
+    return embed.fit_embedder(
         texts,
         kind=e["kind"],
         dim=e["dim"],
@@ -121,8 +125,11 @@ def fit_model(sample: list[dict], s: dict) -> tuple[cbtm.ClusterModel, list[int]
         max_features=e["max_features"],
         seed=e["seed"],
     )
-    x = embedder.transform(texts)  # [S, D]
+
+
+def fit_clusters(embedder: embed.Embedder, texts: list[str], s: dict) -> tuple[cbtm.ClusterModel, list[int]]:
     c = s["cbtm"]
+    x = embedder.transform(texts)  # [S, D]
     centroids, labels = cbtm.fit_balanced_kmeans(
         x, s["n_clusters"], iters=c["iters"], eps_frac=c["eps_frac"], seed=c["seed"]
     )
@@ -208,16 +215,21 @@ def summarize(
 
 
 class _Clock:
-    """Wall seconds and documents/s per phase, for the stats report."""
+    """Wall seconds, process CPU seconds (all threads) and documents/s per phase, for the stats report."""
 
     def __init__(self):
-        self.t, self.seconds, self.docs_per_s = time.perf_counter(), {}, {}
+        self.t, self.c, self.seconds, self.cpu_seconds, self.docs_per_s = self._now() + ({}, {}, {})
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
 
     def lap(self, name: str, n_docs: int) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        t, c = self._now()
+        self.seconds[name] = self.seconds.get(name, 0.0) + t - self.t
+        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + c - self.c
         self.docs_per_s[name] = n_docs / max(self.seconds[name], 1e-9)
-        self.t = now
+        self.t, self.c = t, c
 
 
 def _compute(records: list[dict], s: dict, out: epath.Path, progress: bool) -> dict:
@@ -230,8 +242,11 @@ def _compute(records: list[dict], s: dict, out: epath.Path, progress: bool) -> d
     clock.lap("exact_dedup", len(train))
     ids = embed.sample_ids([r["id"] for r in kept], s["embed"]["fit_sample"], s["embed"]["seed"])
     chosen = set(ids)
-    model, fit_sizes = fit_model([r for r in kept if r["id"] in chosen], s)
-    clock.lap("fit", len(ids))
+    sample = [r["text"] for r in kept if r["id"] in chosen]  # index order, as fit_model sorts
+    embedder = fit_sample_embedder(sample, s)
+    clock.lap("fit_embedder", len(sample))
+    model, fit_sizes = fit_clusters(embedder, sample, s)
+    clock.lap("fit_kmeans", len(sample))
     x = embed.embed_in_batches(model.embedder, [r["text"] for r in kept], progress=progress)  # [N, D]
     xv = embed.embed_in_batches(model.embedder, [r["text"] for r in val], progress=progress, desc="embed val")
     clock.lap("embed", len(kept) + len(val))
@@ -261,6 +276,7 @@ def _compute(records: list[dict], s: dict, out: epath.Path, progress: bool) -> d
     )
     report["seconds"] = dict(clock.seconds, icp_parts=sub)
     report["docs_per_s"] = clock.docs_per_s
+    report["cpu_seconds"] = clock.cpu_seconds
     return report
 
 
