@@ -91,9 +91,14 @@ def get_default() -> ml_collections.ConfigDict:
     # skip (memory term off while empty) | eps (divide by sigma(q) z + eps).
     m.infini = ml_collections.ConfigDict(dict(
         segment_len=64, rule="linear", gate_init=0.0, first_segment="skip"))
+    # DenseFormer DWA after every `period`-th block over outputs j = i (mod dilation); the paper's 1x1 / 4x5.
     m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
+    # Mixture-of-Depths on layers i % every == every - 1: top int(capacity * T) tokens per sequence;
+    # router_weight sigmoid | logit; causal aux_loss | predictor (MLP of predictor_hidden units);
+    # route_by topk (training) | causal (predictor / router sign, as at decode); dispatch gather | onehot.
     m.mod = ml_collections.ConfigDict(dict(
-        capacity=0.125, every=2, router_weight="sigmoid", causal="predictor"))
+        capacity=0.125, every=2, router_weight="sigmoid", causal="predictor", route_by="topk",
+        dispatch="gather", predictor_hidden=64))
     # MoE FFN / MoA (models/moe.py, moa.py): impl capacity (gather dispatch, overflow dropped; the GPU path)
     # | dropless (sort + ragged_dot; the TPU path) | dense (all experts on all tokens; reference).
     # capacity_factor >= n_experts / top_k never drops. The router is fp32, N(0, router_init_std^2).

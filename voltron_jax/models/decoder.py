@@ -59,8 +59,8 @@ class NoRouting:
     period = 1
 
     @staticmethod
-    def wrap(block, index: int, m):
-        del index, m
+    def wrap(block, index: int, m, decode: bool = False):
+        del index, m, decode
         return block
 
     @staticmethod
@@ -96,12 +96,17 @@ def run_stack(layers: list, x, positions, segment_ids, valid, *, period: int, sc
     if remat != "none":
         cls = nn.remat(cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     n_super = len(layers) // period
-    if not scan:
-        for s in range(n_super):
+    if not scan:  # a last, shorter super-block takes any remainder
+        for s in range(math.ceil(len(layers) / period)):
             x = cls(tuple(layers[s * period : (s + 1) * period]), name=f"block_{s}")(
                 x, positions, segment_ids, valid
             )
         return x
+    if len(layers) % period:
+        raise ValueError(
+            f"scan_layers=True needs n_layers={len(layers)} to be a multiple of the super-block size "
+            f"{period} (lcm of the routing and residual periods); set scan_layers=False."
+        )
     scanned = nn.scan(
         cls,
         variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
@@ -222,7 +227,7 @@ def build_model(m, decode: bool = False) -> Decoder:
         Block, attention=attention, ffn=ffn, residual_scale=rs, norm_eps=m.norm_eps, dtype=dtype
     )
     routing = slots["routing"]
-    layers = tuple(routing.wrap(block, i, m) for i in range(m.n_layers))
+    layers = tuple(routing.wrap(block, i, m, decode=decode) for i in range(m.n_layers))
     residual = slots["residual"]
     period = math.lcm(
         routing.period if isinstance(routing.period, int) else routing.period(m), residual.period_of(m)

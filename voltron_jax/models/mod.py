@@ -1,0 +1,282 @@
+"""Mixture-of-Depths: "Mixture-of-Depths: Dynamically allocating compute in transformer-based language
+models" (Raposo et al., arXiv 2404.02258). Routing slot 'mod'.
+
+What is implemented (spec: shared/research/techniques-a.md section 4):
+  - Expert-choice routing on every `mod.every`-th block (layers i with i % every == every - 1, so the
+    first block always sees every token): a linear fp32 router r = w^T x scores each token; per sequence
+    the top k = int(c * T) tokens are selected (exact capacity, static shapes), their indices sorted to
+    keep causal order. The block runs only on those k tokens, with their original positions (RoPE),
+    gathered segment ids (document mask) and a plain causal mask among them (valid because sorted).
+  - x_new = x + w(r) * (block(x_sel) - x_sel) at selected positions: the router weight multiplies the
+    block's update, not the residual (the OLMo fork's scatter_add double-counts x), which is the
+    router's only gradient path. w = sigmoid(r) (default, bounded) or the raw logit r (the paper).
+    Unselected positions are returned bit-identical.
+  - Dispatch: `take_along_axis` + `.at[].set` ('gather') or one-hot einsums with precision HIGHEST
+    ('onehot', the TPU-friendly form under sharding). Integer metadata is always gathered.
+  - Causal sampling (top-k over the sequence is non-causal), both fixes of paper section 3.5:
+    causal='aux_loss': BCE on the router logits with top-k membership targets (sown as 'mod_router');
+    causal='predictor': a small fp32 MLP on stop_gradient(x) trained with BCE (sown as 'mod_predictor';
+    no gradient reaches the backbone). Targets are built per row (the OLMo fork flattens [B*T] and
+    sends every row's selection to row 0). Routing accuracy vs top-k is sown as
+    intermediates/'mod_route_acc' (and, when routing causally, the routed fraction as 'mod_routed_frac').
+  - route_by='causal' (and always at decode): a token is routed when the predictor logit (or the
+    router logit, for 'aux_loss') is > 0, i.e. sigmoid > 0.5. The block then runs on all tokens with
+    valid = routed, so unrouted tokens are neither keys nor cache entries (attention.CausalCore's
+    `valid`), and jnp.where keeps unrouted positions unchanged: decoding token by token equals this
+    full forward.
+  - With Infini-attention the top-k is taken per segment of model.infini.segment_len tokens, and the
+    routed block's core runs with segment_len = k per segment, so gathered segment s holds exactly the
+    routed tokens of segment s and only they write the memory.
+
+Deviations: the predictor normalises its input (parameter-free RMS) before its ReLU MLP, for a
+well-conditioned tiny classifier; the paper gives no predictor architecture. Routing decode with
+Infini-attention is refused: the streaming InfiniCore folds every N *valid* tokens while MoD training
+segments by position.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from voltron_jax import registry
+from voltron_jax.models.layers import param_with_axes
+
+ROUTER_WEIGHTS = ("sigmoid", "logit")
+CAUSAL = ("aux_loss", "predictor")
+ROUTE_BY = ("topk", "causal")
+DISPATCH = ("gather", "onehot")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def select_topk(logits: jax.Array, k: int, segment_len: int = 0, valid: jax.Array | None = None):
+    """Top-k per row (or per segment of `segment_len`) of logits [B,T].
+
+    Returns (idx [B,C] ascending, C = k * segments; targets [B,T] fp32, 1 at selected positions).
+    Invalid tokens are chosen last."""
+    b, t = logits.shape
+    if valid is not None:
+        logits = jnp.where(valid, logits, -jnp.inf)
+    n = segment_len or t
+    _, idx = jax.lax.top_k(logits.reshape(b, t // n, n), k)  # [B,S,k]
+    idx = jnp.sort(idx, axis=-1) + (jnp.arange(t // n, dtype=idx.dtype) * n)[None, :, None]
+    idx = idx.reshape(b, -1)  # [B,C]
+    return idx, membership(idx, t)
+
+
+def membership(idx: jax.Array, t: int) -> jax.Array:
+    """[B,T] fp32 top-k targets from per-row indices [B,C] (scattered row by row)."""
+    b = idx.shape[0]
+    return jnp.zeros((b, t), jnp.float32).at[jnp.arange(b)[:, None], idx].set(1.0)
+
+
+def gather_rows(x: jax.Array, idx: jax.Array, onehot: bool) -> jax.Array:
+    """x [B,T,...] at idx [B,C] -> [B,C,...]."""
+    if onehot:
+        d = jax.nn.one_hot(idx, x.shape[1], dtype=x.dtype)  # [B,C,T]
+        return jnp.einsum("bct,bt...->bc...", d, x, precision=HIGHEST)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def scatter_rows(x: jax.Array, idx: jax.Array, values: jax.Array, onehot: bool) -> jax.Array:
+    """x [B,T,D] with rows idx [B,C] replaced by values [B,C,D]; other rows untouched (bit-exact)."""
+    if onehot:
+        d = jax.nn.one_hot(idx, x.shape[1], dtype=values.dtype)  # [B,C,T]
+        upd = jnp.einsum("bct,bcd->btd", d, values, precision=HIGHEST)  # [B,T,D]
+        hit = jnp.sum(d, axis=1) > 0  # [B,T]
+        return jnp.where(hit[..., None], upd.astype(x.dtype), x)
+    return x.at[jnp.arange(x.shape[0])[:, None], idx].set(values.astype(x.dtype))
+
+
+def bce(logits: jax.Array, targets: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Mean binary cross-entropy over valid tokens."""
+    loss = optax.sigmoid_binary_cross_entropy(logits, targets)
+    w = jnp.ones_like(loss) if valid is None else valid.astype(loss.dtype)
+    return jnp.sum(loss * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def with_core_segment_len(block, n: int):
+    """The block partial with its attention core's `segment_len` set to n (Infini cores only)."""
+    try:
+        att = block.keywords["attention"]
+        core = att.keywords["core"]
+    except (AttributeError, KeyError) as e:
+        raise ValueError(
+            "MoD per-segment routing needs the block built by decoder.build_model "
+            "(partial(Block, attention=partial(..., core=...)))."
+        ) from e
+    if not isinstance(core, functools.partial) or "segment_len" not in core.keywords:
+        return block
+    core = functools.partial(core.func, *core.args, **{**core.keywords, "segment_len": n})
+    att = functools.partial(att.func, *att.args, **{**att.keywords, "core": core})
+    return functools.partial(block.func, *block.args, **{**block.keywords, "attention": att})
+
+
+class Predictor(nn.Module):
+    """Small fp32 MLP: RMS-normalised x [B,T,D] -> routing logit [B,T]."""
+
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        w_in = param_with_axes(
+            self, "w_in", nn.initializers.normal(d**-0.5), (d, self.hidden), ("router", None)
+        )
+        b_in = param_with_axes(self, "b_in", nn.initializers.zeros, (self.hidden,), (None,))
+        w_out = param_with_axes(
+            self, "w_out", nn.initializers.normal(self.hidden**-0.5), (self.hidden,), (None,)
+        )
+        return jax.nn.relu(jnp.dot(x, w_in, precision=HIGHEST) + b_in) @ w_out  # [B,T]
+
+
+class MoDRouting(nn.Module):
+    """A routed layer: (x [B,T,D], positions, segment_ids, valid) -> x_new [B,T,D]. Also the slot API."""
+
+    block: Any  # callable(name=...) -> the plain Block
+    capacity: float = 0.125
+    router_weight: str = "sigmoid"
+    causal: str = "predictor"
+    route_by: str = "topk"
+    dispatch: str = "gather"
+    segment_len: int = 0  # > 0: top-k per segment (Infini-attention)
+    predictor_hidden: int = 64
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, valid=None, selection=None):
+        """`selection` [B,C] (sorted indices) overrides the top-k (tests fix the routing with it)."""
+        x32 = x.astype(jnp.float32)
+        w = param_with_axes(
+            self, "router", nn.initializers.normal(x.shape[-1] ** -0.5), (x.shape[-1],), ("router",)
+        )
+        logits = jnp.dot(x32, w, precision=HIGHEST)  # [B,T]
+        pred = None
+        if self.causal == "predictor":
+            pred = Predictor(self.predictor_hidden, name="predictor")(jax.lax.stop_gradient(x32))  # [B,T]
+        decide = logits if pred is None else pred
+        if self.route_by == "causal":
+            route = decide > 0 if valid is None else (decide > 0) & valid  # [B,T]
+            self.sow("intermediates", "mod_routed_frac", jnp.mean(route.astype(jnp.float32)))
+            out = self.block(name="block")(x, positions, segment_ids, route)
+            new = x + self.weight(logits)[..., None].astype(x.dtype) * (out - x)
+            return jnp.where(route[..., None], new, x)
+        n = self.segment_len or x.shape[1]
+        k = int(self.capacity * n)
+        if k < 1:
+            raise ValueError(
+                f"MoD capacity {self.capacity} x {n} tokens selects none; raise model.mod.capacity."
+            )
+        if selection is None:
+            idx, targets = select_topk(logits, k, self.segment_len, valid)
+        else:
+            idx, targets = selection, membership(selection, x.shape[1])
+        self.sow_losses(logits, decide, targets, valid)
+        block = with_core_segment_len(self.block, k) if self.segment_len else self.block
+        return self.routed_update(block(name="block"), x, idx, logits, positions, segment_ids, valid)
+
+    def routed_update(self, block, x, idx, logits, positions, segment_ids, valid):
+        """Run `block` on the selected tokens and write x_sel + w(r) * delta back at idx."""
+        onehot = self.dispatch == "onehot"
+        x_sel = gather_rows(x, idx, onehot)  # [B,C,D]
+        take = lambda a: None if a is None else jnp.take_along_axis(a, idx, axis=1)  # [B,C]
+        delta = block(x_sel, take(positions), take(segment_ids), take(valid)) - x_sel  # [B,C,D]
+        r = self.weight(take(logits))[..., None].astype(x.dtype)  # [B,C,1]
+        return scatter_rows(x, idx, x_sel + r * delta, onehot)
+
+    def weight(self, logits: jax.Array) -> jax.Array:
+        """The router weight that multiplies the block's update."""
+        return jax.nn.sigmoid(logits) if self.router_weight == "sigmoid" else logits
+
+    def sow_losses(self, logits, decide, targets, valid):
+        """Aux BCE on the router ('aux_loss') or on the predictor ('predictor'); routing accuracy."""
+        name = "mod_router" if self.causal == "aux_loss" else "mod_predictor"
+        self.sow("aux_loss", name, bce(decide, targets, valid))
+        hit = ((decide > 0) == (targets > 0.5)).astype(jnp.float32)
+        w = jnp.ones_like(hit) if valid is None else valid.astype(jnp.float32)
+        self.sow("intermediates", "mod_route_acc", jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1.0))
+
+    # ------------------------------------------------------------------------------- slot API
+
+    @staticmethod
+    def period(m) -> int:
+        return m.mod.every
+
+    @staticmethod
+    def is_routed(m, index: int) -> bool:
+        return index % m.mod.every == m.mod.every - 1
+
+    @staticmethod
+    def wrap(block, index: int, m, decode: bool = False):
+        """Layer `index`: the plain block, or the block routed through MoDRouting."""
+        if not MoDRouting.is_routed(m, index):
+            return block
+        seg = m.infini.segment_len if m.memory == "infini" else 0
+        if decode and seg:
+            raise NotImplementedError(
+                "decoding a MoD model with model.memory='infini' is not supported: the streaming InfiniCore "
+                "folds a segment every N valid tokens while MoD training segments by position."
+            )
+        mod = m.mod
+        return functools.partial(
+            MoDRouting,
+            block=block,
+            capacity=mod.capacity,
+            router_weight=mod.router_weight,
+            causal=mod.causal,
+            route_by="causal" if decode else mod.route_by,
+            dispatch=mod.dispatch,
+            segment_len=seg,
+            predictor_hidden=mod.predictor_hidden,
+        )
+
+    @staticmethod
+    def layer_fraction(m, index: int) -> float:
+        """Fraction of tokens layer `index` computes (capacity on routed layers)."""
+        return m.mod.capacity if MoDRouting.is_routed(m, index) else 1.0
+
+    @staticmethod
+    def extra_flops_per_token(m) -> float:
+        """Router (and predictor) FLOPs per token over all routed layers."""
+        d, h = m.d_model, m.mod.predictor_hidden
+        per = 2.0 * d + (2.0 * d * h + 2.0 * h if m.mod.causal == "predictor" else 0.0)
+        return per * sum(MoDRouting.is_routed(m, i) for i in range(m.n_layers))
+
+    @staticmethod
+    def validate(config) -> None:
+        from configs.common import ConfigError
+
+        m, mod = config.model, config.model.mod
+        for name, value, choices in (
+            ("router_weight", mod.router_weight, ROUTER_WEIGHTS),
+            ("causal", mod.causal, CAUSAL),
+            ("route_by", mod.route_by, ROUTE_BY),
+            ("dispatch", mod.dispatch, DISPATCH),
+        ):
+            if value not in choices:
+                raise ConfigError(f"model.mod.{name}={value!r} is not valid; choose one of {choices}.")
+        if not 0.0 < mod.capacity <= 1.0 or mod.every < 1 or mod.predictor_hidden < 1:
+            raise ConfigError(
+                f"model.mod needs 0 < capacity <= 1 (got {mod.capacity}), every >= 1 (got "
+                f"{mod.every}) and predictor_hidden >= 1 (got {mod.predictor_hidden})."
+            )
+        n = m.infini.segment_len if m.memory == "infini" else config.data.seq_len
+        if int(mod.capacity * n) < 1:
+            raise ConfigError(
+                f"model.mod.capacity={mod.capacity} selects no token of {n} (per sequence, or "
+                "per Infini segment); raise the capacity or the length."
+            )
+        residual = registry.get("residual", m.residual)
+        size = math.lcm(mod.every, residual.period_of(m))
+        if m.scan_layers and m.n_layers % size:
+            raise ConfigError(
+                f"model.scan_layers=True scans super-blocks of {size} layers (lcm of mod.every="
+                f"{mod.every} and the residual period), which must divide model.n_layers="
+                f"{m.n_layers}; change n_layers or mod.every, or set model.scan_layers=False."
+            )
