@@ -72,7 +72,7 @@ def get_default() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype; params are always fp32
     m.remat = "none"
     m.scan_layers = False
-    m.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto
+    m.attention_impl = "xla"  # xla | cudnn | auto (splash kernel on TPU, JAX picks elsewhere) | splash
     # MiniCPM / tensor-program parameterisation (techniques-b.md 2.3). Neutral values = plain pre-norm.
     m.scale_emb = 1.0  # h0 = scale_emb * embed(ids)
     m.scale_depth = 0.0  # > 0: residual branches scaled by scale_depth / sqrt(n_layers)
@@ -184,6 +184,7 @@ def get_default() -> ml_collections.ConfigDict:
     t.async_save = True
     t.peak_flops = 0.0  # per device; 0: guess from the backend (for MFU)
     t.profile_step = -1
+    t.eval_clusters = False  # also report validation loss per data cluster (needs data prepare)
 
     # ---------------------------------------------------------------- recipe
     c.recipe = ml_collections.ConfigDict()
@@ -291,7 +292,7 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         _choice(f"model.{slot}", m[slot], choices)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
-    _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "auto"))
+    _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "auto", "splash"))
     if m.d_model <= 0 or m.n_layers <= 0 or m.d_ff <= 0:
         _fail("model.d_model, model.n_layers and model.d_ff must be positive.")
     if m.head_dim == 0 and m.d_model % m.n_heads:

@@ -23,6 +23,27 @@ def phase_dirs(workdir: epath.Path) -> dict[str, epath.Path]:
     return out
 
 
+def cluster_table(results: dict[str, dict]) -> str:
+    """Validation perplexity per data cluster (columns) for every phase (rows), when it was measured."""
+    clusters = sorted(
+        {k.split("/")[0] for r in results.values() for k in r if k.startswith("cluster_")},
+        key=lambda n: int(n.split("_")[1]),
+    )
+    if not clusters:
+        return ""
+    lines = [
+        "",
+        "Validation perplexity per data cluster:",
+        "",
+        "| phase | overall | " + " | ".join(clusters) + " |",
+        "| --- " * (len(clusters) + 2) + "|",
+    ]
+    for label, r in results.items():
+        cells = [f"{r.get(f'{c}/perplexity', float('nan')):.3f}" for c in clusters]
+        lines.append(f"| {label} | {r.get('perplexity', float('nan')):.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write(workdir: epath.Path, results: dict[str, dict]) -> None:
     """report.md (phase, steps, final train loss, validation loss and perplexity) and losses.png."""
     rows = [
@@ -41,7 +62,8 @@ def write(workdir: epath.Path, results: dict[str, dict]) -> None:
             f"{res.get('loss', float('nan')):.4f} | {res.get('perplexity', float('nan')):.3f} | "
             f"{last.get('tokens_per_s', float('nan')):,.0f} |"
         )
-    (workdir / "report.md").write_text("# Run report\n\n" + "\n".join(rows) + "\n")
+    text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results)
+    (workdir / "report.md").write_text(text)
     import matplotlib
 
     matplotlib.use("Agg")

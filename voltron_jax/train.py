@@ -273,13 +273,35 @@ def evaluate(rt: Runtime, params, batches: list[dict]) -> dict[str, float]:
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
 
 
-def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase], info: dict) -> dict:
-    """Run (or resume, or skip if finished) one phase; returns its final validation metrics."""
+def eval_sets(c, pid: int, pcount: int) -> dict[str, list[dict]]:
+    """Validation batches: the pretraining mixture, plus each data cluster with train.eval_clusters."""
+    from voltron_jax.data import pipeline
+
+    sets = {"": pipeline.make_eval_batches(c, "pretrain", c.train.eval_batches, pid, pcount)}
+    if c.train.eval_clusters:
+        for j in range(c.data.n_clusters):
+            sets[f"cluster_{j}/"] = pipeline.make_eval_batches(
+                c, "cluster", c.train.eval_batches, pid, pcount, cluster=j
+            )
+    return sets
+
+
+def evaluate_all(rt: Runtime, params, sets: dict[str, list[dict]]) -> dict[str, float]:
+    out = {}
+    for prefix, batches in sets.items():
+        out.update({prefix + k: v for k, v in evaluate(rt, params, batches).items()})
+    return out
+
+
+def run_phase(
+    config, workdir: epath.Path, phase: Phase, all_phases: list[Phase], info: dict, rt: Runtime
+) -> dict:
+    """Run (or resume, or skip if finished) one phase with its compiled runtime `rt` (fan-out members
+    share one); returns its final validation metrics."""
     from voltron_jax.data import pipeline
 
     c = phase.config
     phase.directory.mkdir(parents=True, exist_ok=True)
-    rt = Runtime(phase)
     ck = checkpoint.Checkpointer(phase.directory / "ckpt", keep=c.train.keep, async_save=c.train.async_save)
     pid, pcount = jax.process_index(), jax.process_count()
     seed = c.seed * 1000 + (phase.member or 0) + 17 * list(config.recipe.keys()).index(phase.name)
@@ -304,7 +326,7 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
         state = rt.scratch()
     meta = {**info, "phase": phase.label, "config": c.to_dict()}
 
-    eval_batches = pipeline.make_eval_batches(c, "pretrain", c.train.eval_batches, pid, pcount)
+    eval_batches = eval_sets(c, pid, pcount)
     writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start)
     tokens_per_step = c.data.batch_size * c.data.seq_len
     flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
@@ -320,7 +342,13 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
     with checkpoint.PreemptionGuard() as guard:
         while step < end:
             batch = sharding.host_batch_to_global(rt.mesh, next(data))
+            profiling = step == c.train.profile_step
+            if profiling:  # one step's trace, viewable in TensorBoard's profile tab
+                jax.profiler.start_trace(str(phase.directory / "tb"))
             state, m = rt.train_step(state, batch)
+            if profiling:
+                jax.block_until_ready(m["loss"])
+                jax.profiler.stop_trace()
             step += 1
             window.append(m)
             boundary = step % c.train.log_every == 0 or step == end
@@ -343,7 +371,7 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
                 writer.progress(step, avg)
                 window, t_window = [], time.time()
             if step % c.train.eval_every == 0 and step < end:
-                writer.write(step, evaluate(rt, state.params, eval_batches), kind="eval")
+                writer.write(step, evaluate_all(rt, state.params, eval_batches), kind="eval")
             if saving:
                 save(step)
             if boundary or saving:
@@ -354,7 +382,7 @@ def run_phase(config, workdir: epath.Path, phase: Phase, all_phases: list[Phase]
                 raise SystemExit(
                     f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume."
                 )
-    final = evaluate(rt, state.params, eval_batches)
+    final = evaluate_all(rt, state.params, eval_batches)
     writer.write(step, final, kind="eval")
     print(
         f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}",
@@ -405,10 +433,12 @@ def run(
     selected = [p for p in todo if not only_phase or (p.name == only_phase and member in (-1, p.member))]
     if only_phase and not selected:
         raise common.ConfigError(f"phase {only_phase!r} has no member {member}.")
-    results = {}
+    results, rt = {}, None
     for ph in selected:
         common.validate(ph.config, n_devices=jax.device_count())
-        results[ph.label] = run_phase(config, root, ph, todo, info)
+        if rt is None or rt.phase.name != ph.name:  # fan-out members reuse one compiled runtime
+            rt = Runtime(ph)
+        results[ph.label] = run_phase(config, root, ph, todo, info, rt)
     if jax.process_index() == 0 and not only_phase:
         from voltron_jax import report
 
