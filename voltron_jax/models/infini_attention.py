@@ -127,6 +127,19 @@ def local_attention(qr, kr, v, key_ok, segment_ids, n: int, impl: str) -> jax.Ar
     return out.reshape(qr.shape)
 
 
+def stream_buffer(old, new, slot, off, width: int) -> jax.Array:
+    """The segment-aligned [B,W,...] row of one streaming call: the first `off` [B] cached entries of
+    `old` [B,N,...] (None: nothing cached) at [0, off), then `new` [B,T,...] at `slot` [B,T] (slots
+    >= W are dropped)."""
+    b = slot.shape[0]
+    base = jnp.zeros((b, width) + new.shape[2:], new.dtype)
+    if old is not None:
+        n = old.shape[1]
+        keep = (jnp.arange(n)[None] < off[:, None]).reshape((b, n) + (1,) * (old.ndim - 2))
+        base = base.at[:, :n].set(jnp.where(keep, old, jnp.zeros_like(old)))
+    return base.at[jnp.arange(b)[:, None], slot].set(new, mode="drop")
+
+
 class InfiniCore(nn.Module):
     """Memory slot 'infini': (q [B,T,H,K], k, v [B,T,G,K] pre-RoPE, positions, segment_ids, valid) ->
     [B,T,H,K]. With decode=True it streams: any number of tokens per call, state in 'cache'."""
@@ -205,17 +218,8 @@ class InfiniCore(nn.Module):
         count = jnp.sum(valid, axis=1).astype(jnp.int32)
         s = (n + t - 2) // n + 1  # buffer segments: room for off + t tokens
         slot = jnp.where(valid, off[:, None] + jnp.cumsum(valid, axis=1) - 1, s * n)  # [B,T]; -> dropped
-        rows = jnp.arange(b)[:, None]
-        cached = jnp.arange(n)[None] < off[:, None]  # [B,N]
-
-        def buffer(old, new):  # cache entries at [0, off), new tokens at their slots: [B,S*N,...]
-            base = jnp.zeros((b, s * n) + new.shape[2:], new.dtype)
-            if old is not None:
-                keep = cached.reshape(cached.shape + (1,) * (old.ndim - 2))
-                base = base.at[:, :n].set(jnp.where(keep, old, jnp.zeros_like(old)))
-            return base.at[rows, slot].set(new, mode="drop")
-
-        ok = buffer(cached, valid)
+        buffer = lambda old, new: stream_buffer(old, new, slot, off, s * n)
+        ok = buffer(jnp.ones((b, n), bool), valid)  # [B,S*N] cached or new valid token
         pos = buffer(cpos.value, positions.astype(jnp.int32))
         kb, vb, qb = buffer(ck.value, k), buffer(cv.value, v), buffer(None, q)
         end = (off + count) // n  # [B] index of the open segment after this call

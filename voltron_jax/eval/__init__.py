@@ -1,0 +1,1 @@
+"""Evaluations beyond validation loss: passkey retrieval (passkey.py)."""
