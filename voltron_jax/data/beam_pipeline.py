@@ -88,17 +88,29 @@ def _finish(_, s: dict, out: str, stats: list, val_sizes: list, fit_sizes: list,
         fit_sizes=fit_sizes,
         val_sizes=val_sizes,
     )
-    report["seconds"] = dict(icp_parts=_sum_seconds(stats))
+    report["seconds"] = dict(icp_parts=prepare.sum_seconds(stats))
     prepare.write_marker(out_p, prepare.fingerprint(s, counts["digest"]), s, report)
     return report
 
 
-def _sum_seconds(stats: list) -> dict:
-    out = {}
-    for st in stats:
-        for name, sec in st["seconds"].items():
-            out[name] = out.get(name, 0.0) + sec
-    return out
+def _counts(records, train, val, kept):
+    """PCollection of (name, value): document counts and the order-free digest of the input records."""
+    import apache_beam as beam
+
+    def count(pcoll, name):
+        return (
+            pcoll
+            | f"Count_{name}" >> beam.combiners.Count.Globally()
+            | f"Key_{name}" >> beam.Map(lambda n: (name, n))
+        )
+
+    digest = (
+        records
+        | "Digest" >> beam.Map(prepare.record_digest)
+        | "SumDigest" >> beam.CombineGlobally(sum)
+        | "KeyDigest" >> beam.Map(lambda n: ("digest", n))
+    )
+    return [count(train, "train"), count(val, "validation"), count(kept, "kept"), digest] | beam.Flatten()
 
 
 def build(p, records, s: dict, out: str) -> None:
@@ -117,48 +129,34 @@ def build(p, records, s: dict, out: str) -> None:
         | "Kept" >> beam.Values()
     )
     seed, n_fit = s["embed"]["seed"], s["embed"]["fit_sample"]
-    model = (
-        kept
-        | "Sample" >> beam.combiners.Top.Smallest(n_fit, key=lambda r: embed.sample_rank(r["id"], seed))
-        | "Fit" >> beam.Map(prepare.fit_model, s)
+    sample = kept | "Sample" >> beam.combiners.Top.Smallest(
+        n_fit, key=lambda r: embed.sample_rank(r["id"], seed)
     )
-    model_side = AsSingleton(model)
+    model = AsSingleton(sample | "Fit" >> beam.Map(prepare.fit_model, s))
+
+    def embed_assign(pcoll, name):
+        batches = pcoll | f"Batch{name}" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+        return batches | f"EmbedAssign{name}" >> beam.FlatMap(_embed_assign, model)
+
     stats = (
-        kept
-        | "BatchTrain" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-        | "EmbedAssign" >> beam.FlatMap(_embed_assign, model_side)
+        embed_assign(kept, "Train")
         | "ByCluster" >> beam.GroupByKey()
         | "OrderAndWrite" >> beam.Map(_order_and_write, s, out)
     )
     val_sizes = (
-        val
-        | "BatchVal" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-        | "EmbedAssignVal" >> beam.FlatMap(_embed_assign, model_side)
+        embed_assign(val, "Val")
         | "WithCluster" >> beam.Map(lambda kv: dict(kv[1][0], cluster=kv[0]))
         | "ValList" >> beam.combiners.ToList()
         | "WriteVal" >> beam.Map(_write_validation, out, s["n_clusters"])
     )
-    fit_sizes = model | "SaveModel" >> beam.Map(_save_model, out)
-    counts = [
-        train
-        | "CountTrain" >> beam.combiners.Count.Globally()
-        | "KTrain" >> beam.Map(lambda n: ("train", n)),
-        val | "CountVal" >> beam.combiners.Count.Globally() | "KVal" >> beam.Map(lambda n: ("validation", n)),
-        kept | "CountKept" >> beam.combiners.Count.Globally() | "KKept" >> beam.Map(lambda n: ("kept", n)),
-        records
-        | "Digest" >> beam.Map(prepare.record_digest)
-        | "SumDigest" >> beam.CombineGlobally(sum)
-        | "KDigest" >> beam.Map(lambda n: ("digest", n)),
-    ]
-    counts = counts | "Counts" >> beam.Flatten()
-    _ = (
-        p
-        | "Once" >> beam.Create([None])
-        | "Finish"
-        >> beam.Map(
-            _finish, s, out, AsList(stats), AsSingleton(val_sizes), AsSingleton(fit_sizes), AsDict(counts)
-        )
+    fit_sizes = model.pvalue | "SaveModel" >> beam.Map(_save_model, out)
+    sides = (
+        AsList(stats),
+        AsSingleton(val_sizes),
+        AsSingleton(fit_sizes),
+        AsDict(_counts(records, train, val, kept)),
     )
+    _ = p | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(_finish, s, out, *sides)
 
 
 def run(

@@ -74,6 +74,18 @@ class Embedder:
         return cls(blob["pipeline"], blob["kind"])
 
 
+def _term_steps(kind: str, min_df: int, max_features: int) -> list:
+    """The sparse term-weighting steps: tf-idf over a capped vocabulary, or hashing + idf."""
+    common = dict(stop_words="english", token_pattern=TOKEN_PATTERN)
+    if kind == "tfidf":
+        vec = TfidfVectorizer(
+            sublinear_tf=True, min_df=min_df, max_features=max_features, dtype=np.float32, **common
+        )
+        return [("tfidf", vec)]
+    vec = HashingVectorizer(n_features=max_features, alternate_sign=False, norm=None, **common)
+    return [("hash", vec), ("tfidf", TfidfTransformer(sublinear_tf=True))]
+
+
 def fit_embedder(
     texts: Sequence[str],
     *,
@@ -94,25 +106,7 @@ def fit_embedder(
             f"the embedder needs at least 3 sample documents, got {len(texts)}; "
             f"raise data.embed.fit_sample or use a larger corpus."
         )
-    if kind == "tfidf":
-        vec = TfidfVectorizer(
-            sublinear_tf=True,
-            stop_words="english",
-            token_pattern=TOKEN_PATTERN,
-            min_df=min_df,
-            max_features=max_features,
-            dtype=np.float32,
-        )
-        steps = [("tfidf", vec)]
-    else:
-        vec = HashingVectorizer(
-            n_features=max_features,
-            alternate_sign=False,
-            norm=None,
-            stop_words="english",
-            token_pattern=TOKEN_PATTERN,
-        )
-        steps = [("hash", vec), ("tfidf", TfidfTransformer(sublinear_tf=True))]
+    steps = _term_steps(kind, min_df, max_features)
     try:
         counts = Pipeline(steps).fit_transform(list(texts))  # [N, V] sparse
     except ValueError as e:  # empty vocabulary: min_df too high for the sample

@@ -57,15 +57,14 @@ def shard_path(out: epath.Path, cluster: int, n_clusters: int) -> epath.Path:
 def settings(config) -> dict:
     """Everything the outputs depend on besides the documents themselves (part of the fingerprint)."""
     d = config.data
+    sub = {k: d[k].to_dict() for k in ("embed", "icp", "cbtm")}
     return dict(
         format=FORMAT,
         corpus=d.corpus,
         granularity=d.granularity,
         val_fraction=float(d.val_fraction),
         n_clusters=int(d.n_clusters),
-        embed=d.embed.to_dict(),
-        icp=d.icp.to_dict(),
-        cbtm=d.cbtm.to_dict(),
+        **sub,
     )
 
 
@@ -116,15 +115,8 @@ def fit_model(sample: list[dict], s: dict) -> tuple[cbtm.ClusterModel, list[int]
 
 
 def fit_sample_embedder(texts: list[str], s: dict) -> embed.Embedder:
-    e = s["embed"]
-    return embed.fit_embedder(
-        texts,
-        kind=e["kind"],
-        dim=e["dim"],
-        min_df=e["min_df"],
-        max_features=e["max_features"],
-        seed=e["seed"],
-    )
+    kw = {k: v for k, v in s["embed"].items() if k != "fit_sample"}  # kind, dim, min_df, max_features, seed
+    return embed.fit_embedder(texts, **kw)
 
 
 def fit_clusters(embedder: embed.Embedder, texts: list[str], s: dict) -> tuple[cbtm.ClusterModel, list[int]]:
@@ -233,15 +225,12 @@ class _Clock:
 
 
 def _compute(records: list[dict], s: dict, out: epath.Path, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     clock, k = _Clock(), s["n_clusters"]
     train = [r for r in records if r["split"] == "train"]
     val = sorted((dict(r) for r in records if r["split"] != "train"), key=lambda r: r["index"])  # + cluster
     kept = dedup_exact(train)
     clock.lap("exact_dedup", len(train))
-    ids = embed.sample_ids([r["id"] for r in kept], s["embed"]["fit_sample"], s["embed"]["seed"])
-    chosen = set(ids)
+    chosen = set(embed.sample_ids([r["id"] for r in kept], s["embed"]["fit_sample"], s["embed"]["seed"]))
     sample = [r["text"] for r in kept if r["id"] in chosen]  # index order, as fit_model sorts
     embedder = fit_sample_embedder(sample, s)
     clock.lap("fit_embedder", len(sample))
@@ -252,32 +241,51 @@ def _compute(records: list[dict], s: dict, out: epath.Path, progress: bool) -> d
     clock.lap("embed", len(kept) + len(val))
     labels, val_labels = cbtm.assign(x, model.centroids), cbtm.assign(xv, model.centroids)
     clock.lap("assign", len(kept) + len(val))
-    stats, sub = [], {}
-    for j in tqdm(range(k), desc="icp", unit="cluster", disable=not progress):
-        idx = np.flatnonzero(labels == j)
-        ordered, st = order_cluster(j, [kept[i] for i in idx], x[idx], s["icp"])
-        write_jsonl(shard_path(out, j, k), ordered, ("index", "id", "text"))
-        stats.append(st)
-        for name, sec in st["seconds"].items():
-            sub[name] = sub.get(name, 0.0) + sec
+    stats = _order_all(kept, x, labels, s, out, progress)
     clock.lap("icp", len(kept))
     for r, c in zip(val, val_labels, strict=True):
         r["cluster"] = int(c)
     write_jsonl(out / VALIDATION, val, ("index", "id", "text", "cluster"))
     model.save(str(out))
     clock.lap("write", len(kept) + len(val))
+    val_sizes = np.bincount(val_labels, minlength=k).tolist()
+    n_train, n_val, n_dup = len(train), len(val), len(train) - len(kept)
     report = summarize(
         stats,
-        n_train=len(train),
-        n_validation=len(val),
-        n_exact_dup=len(train) - len(kept),
+        n_train=n_train,
+        n_validation=n_val,
+        n_exact_dup=n_dup,
         fit_sizes=fit_sizes,
-        val_sizes=np.bincount(val_labels, minlength=k).tolist(),
+        val_sizes=val_sizes,
     )
-    report["seconds"] = dict(clock.seconds, icp_parts=sub)
+    report["seconds"] = dict(clock.seconds, icp_parts=sum_seconds(stats))
     report["docs_per_s"] = clock.docs_per_s
     report["cpu_seconds"] = clock.cpu_seconds
     return report
+
+
+def _order_all(
+    kept: list[dict], x: np.ndarray, labels: np.ndarray, s: dict, out: epath.Path, progress: bool
+) -> list[dict]:
+    """ICP order and shard of every cluster, one after the other (Beam runs them in parallel)."""
+    from tqdm.auto import tqdm
+
+    k, stats = s["n_clusters"], []
+    for j in tqdm(range(k), desc="icp", unit="cluster", disable=not progress):
+        idx = np.flatnonzero(labels == j)
+        ordered, st = order_cluster(j, [kept[i] for i in idx], x[idx], s["icp"])
+        write_jsonl(shard_path(out, j, k), ordered, ("index", "id", "text"))
+        stats.append(st)
+    return stats
+
+
+def sum_seconds(stats: list[dict]) -> dict:
+    """Wall seconds of the ICP sub-phases (knn, dedup, traverse, filter) summed over clusters."""
+    out = {}
+    for st in stats:
+        for name, sec in st["seconds"].items():
+            out[name] = out.get(name, 0.0) + sec
+    return out
 
 
 def clear(out: epath.Path) -> None:
