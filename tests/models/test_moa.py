@@ -25,9 +25,28 @@ def _pos():
     return jnp.broadcast_to(jnp.arange(T), (B, T))
 
 
-def _attn_params(seed, core=CausalCore):
-    att = Attention(H, G, K, core=core)
-    return nn.unbox(att.init(jax.random.key(seed), _x(), _pos())["params"])
+CORES = {"causal": CausalCore, "infini": functools.partial(InfiniCore, segment_len=4)}
+
+
+@functools.lru_cache
+def _dense(core: str):
+    """(jitted dense Attention apply, E distinct dense param trees sharing k/v and core params)."""
+    att = Attention(H, G, K, core=CORES[core])
+    init = jax.jit(att.init)
+    params = [nn.unbox(init(jax.random.key(i), _x(), _pos())["params"]) for i in range(E)]
+    if core == "infini":  # distinct gates per head, so a wrong head order would show
+        params[0]["core"]["beta"] = jnp.linspace(-2.0, 2.0, H)
+    for p in params[1:]:
+        p.update({n: params[0][n] for n in ("k", "v", "core") if n in params[0]})
+    return jax.jit(att.apply), params
+
+
+@functools.lru_cache
+def _moa(core: str, impl: str, top_k: int = P):
+    layer = moa.MixtureOfAttention(
+        H, G, K, core=CORES[core], n_experts=E, top_k=top_k, impl=impl, capacity_factor=E / top_k
+    )
+    return jax.jit(layer.apply)
 
 
 def _moa_params(dense: list, router, top_k=P):
@@ -41,38 +60,24 @@ def _moa_params(dense: list, router, top_k=P):
     return out
 
 
-CORES = {"causal": CausalCore, "infini": functools.partial(InfiniCore, segment_len=4)}
-
-
 @pytest.mark.parametrize(
     "impl,core", [("dropless", "causal"), ("capacity", "causal"), ("dense", "causal"), ("dropless", "infini")]
 )
 def test_identical_experts_equal_dense_attention_for_any_router(impl, core):
-    dense = _attn_params(0, CORES[core])
-    if core == "infini":  # distinct gates per head, so a wrong head order would show
-        dense["core"]["beta"] = jnp.linspace(-2.0, 2.0, H)
+    apply, dense = _dense(core)
     x, pos = _x(), _pos()
-    want = Attention(H, G, K, core=CORES[core]).apply({"params": dense}, x, pos)
-    layer = moa.MixtureOfAttention(
-        H, G, K, core=CORES[core], n_experts=E, top_k=P, impl=impl, capacity_factor=E / P
-    )
+    want = apply({"params": dense[0]}, x, pos)
     router = 10.0 * jax.random.normal(jax.random.key(3), (D, E))
-    got = jax.jit(layer.apply)({"params": _moa_params([dense] * E, router)}, x, pos)
+    got = _moa(core, impl)({"params": _moa_params([dense[0]] * E, router)}, x, pos)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("core", ["causal", "infini"])
 def test_all_experts_zero_router_is_mean_of_dense_attentions(core):
-    dense = [_attn_params(i, CORES[core]) for i in range(E)]
-    for d in dense[1:]:  # shared K/V (and memory gate) across experts
-        d.update(k=dense[0]["k"], v=dense[0]["v"])
-        if core == "infini":
-            d["core"] = dense[0]["core"]
+    apply, dense = _dense(core)  # distinct q/o, shared K/V (and memory gate)
     x, pos = _x(), _pos()
-    ref = Attention(H, G, K, core=CORES[core])
-    want = sum(ref.apply({"params": d}, x, pos) for d in dense) / E
-    layer = moa.MixtureOfAttention(H, G, K, core=CORES[core], n_experts=E, top_k=E, impl="dropless")
-    got = jax.jit(layer.apply)({"params": _moa_params(dense, jnp.zeros((D, E)), top_k=E)}, x, pos)
+    want = sum(apply({"params": d}, x, pos) for d in dense) / E
+    got = _moa(core, "dropless", top_k=E)({"params": _moa_params(dense, jnp.zeros((D, E)), top_k=E)}, x, pos)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -94,8 +99,8 @@ def test_params_layout_and_aux_losses():
     assert shapes["q"]["kernel"] == (E, D, H * K) and shapes["o"]["kernel"] == (E, H * K, D)
     assert shapes["k"]["kernel"] == (D, G * K) and shapes["router"] == (D, E)
     assert tuple(specs["q"]["kernel"]) == ("expert", "embed", "heads")
-    params = nn.unbox(layer.init(jax.random.key(0), _x(), _pos())["params"])
-    _, state = layer.apply({"params": params}, _x(), _pos(), mutable=["aux_loss"])
+    params = _moa_params(_dense("causal")[1], jax.random.normal(jax.random.key(0), (D, E)))
+    _, state = jax.jit(functools.partial(layer.apply, mutable=["aux_loss"]))({"params": params}, _x(), _pos())
     assert set(state["aux_loss"]) == {"moa_lb", "moa_z"}
     assert np.isfinite(float(state["aux_loss"]["moa_lb"][0])) and float(state["aux_loss"]["moa_z"][0]) > 0
 
@@ -105,11 +110,13 @@ def test_decode_matches_full_forward():
     m.attention, m.ffn = "moa", "moe"
     m.moa.impl = m.moe.impl = "dropless"  # capacity drops depend on how many tokens a call sees
     m.moa.n_experts = m.moe.n_experts = 4
-    ids = jax.random.randint(jax.random.key(0), (2, 6), 0, m.vocab_size)
+    m.n_layers, m.d_model, m.d_ff, m.vocab_size = 1, 32, 32, 64
+    ids = jax.random.randint(jax.random.key(0), (2, 5), 0, m.vocab_size)
     full_model, dec_model = decoder.build_model(m), decoder.build_model(m, decode=True)
-    params = nn.unbox(full_model.init(jax.random.key(1), ids)["params"])
-    want = full_model.apply({"params": params}, ids)
-    cache = dec_model.init(jax.random.key(1), ids)["cache"]
+    params = nn.unbox(jax.jit(full_model.init)(jax.random.key(1), ids)["params"])
+    want = jax.jit(full_model.apply)({"params": params}, ids)
+    shapes = jax.eval_shape(dec_model.init, jax.random.key(1), ids)["cache"]  # an empty cache: zeros
+    cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     step = jax.jit(
         lambda c, t, pos: dec_model.apply({"params": params, "cache": c}, t, pos, mutable=["cache"])
     )
@@ -131,3 +138,8 @@ def test_flops_per_token_counts_active_experts():
         + m.moa.top_k * 4 * m.d_model * m.n_heads * k
     )
     assert moa.MixtureOfAttention.flops_per_token(m) == want
+    # the core attends with top_k * n_heads query heads: the model count includes it
+    dense = tiny.get_config("test").model
+    core = CausalCore.flops_per_token(m, 64)
+    extra = want - Attention.flops_per_token(dense) + (m.moa.top_k - 1) * core
+    assert decoder.flops_per_token(m, 64) - decoder.flops_per_token(dense, 64) == m.n_layers * extra

@@ -19,61 +19,56 @@ def _x(b=2, t=8, seed=1):
     return jax.random.normal(jax.random.key(seed), (b, t, D))
 
 
-def _mlp_params(seed):
-    return nn.unbox(MLP(F).init(jax.random.key(seed), _x())["params"])
+MLP_INIT, MLP_APPLY = jax.jit(MLP(F).init), jax.jit(MLP(F).apply)
+MLPS = [nn.unbox(MLP_INIT(jax.random.key(i), _x())["params"]) for i in range(E)]  # E distinct experts
 
 
-def _stack(mlps: list) -> dict:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *mlps)
+@functools.lru_cache
+def _moe(impl: str, top_k: int = 2, capacity_factor: float = E / 2):
+    """Jitted MoE apply (one compile per variant for the whole file)."""
+    return jax.jit(moe.MoE(F, n_experts=E, top_k=top_k, impl=impl, capacity_factor=capacity_factor).apply)
 
 
 def _moe_params(mlps, router):
-    return {**_stack(mlps), "router": router}
+    return {**jax.tree.map(lambda *xs: jnp.stack(xs), *mlps), "router": router}
 
 
 @pytest.mark.parametrize("impl", ["dropless", "capacity", "dense"])
 def test_identical_experts_equal_dense_mlp_for_any_router(impl):
-    mlp = _mlp_params(0)
     x = _x()
-    want = MLP(F).apply({"params": mlp}, x)
-    layer = moe.MoE(F, n_experts=E, top_k=2, impl=impl, capacity_factor=E / 2)
+    want = MLP_APPLY({"params": MLPS[0]}, x)
     for seed, std in [(3, 1.0), (4, 30.0)]:  # near-uniform and adversarially peaked routers
         router = std * jax.random.normal(jax.random.key(seed), (D, E))
-        got = jax.jit(layer.apply)({"params": _moe_params([mlp] * E, router)}, x)
+        got = _moe(impl)({"params": _moe_params([MLPS[0]] * E, router)}, x)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["dropless", "capacity", "dense"])
+@pytest.mark.parametrize("impl", ["dropless", "capacity"])
 def test_all_experts_zero_router_is_mean_of_experts(impl):
-    mlps = [_mlp_params(i) for i in range(E)]
     x = _x()
-    want = sum(MLP(F).apply({"params": p}, x) for p in mlps) / E
-    layer = moe.MoE(F, n_experts=E, top_k=E, impl=impl, capacity_factor=1.0)
-    got = layer.apply({"params": _moe_params(mlps, jnp.zeros((D, E)))}, x)
+    want = sum(MLP_APPLY({"params": p}, x) for p in MLPS) / E
+    got = _moe(impl, top_k=E, capacity_factor=1.0)({"params": _moe_params(MLPS, jnp.zeros((D, E)))}, x)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["dropless", "capacity"])
 def test_one_hot_router_reproduces_chosen_expert(impl):
-    mlps = [_mlp_params(i) for i in range(E)]
     x = _x().at[..., 0].set(1.0)  # a constant feature the router can key on
     j = 2
     router = jnp.zeros((D, E)).at[0, j].set(100.0)  # logit 100 for expert j, 0 otherwise: second gate ~e^-100
-    layer = moe.MoE(F, n_experts=E, top_k=2, impl=impl, capacity_factor=E / 2)
-    got = layer.apply({"params": _moe_params(mlps, router)}, x)
-    np.testing.assert_allclose(got, MLP(F).apply({"params": mlps[j]}, x), atol=1e-5, rtol=1e-5)
+    got = _moe(impl)({"params": _moe_params(MLPS, router)}, x)
+    np.testing.assert_allclose(got, MLP_APPLY({"params": MLPS[j]}, x), atol=1e-5, rtol=1e-5)
 
 
 def test_large_capacity_equals_dropless_values_and_grads():
-    mlps = [_mlp_params(i) for i in range(E)]
-    params = _moe_params(mlps, jax.random.normal(jax.random.key(9), (D, E)))
+    params = _moe_params(MLPS, jax.random.normal(jax.random.key(9), (D, E)))
     x = _x(b=3, t=5)
 
     def run(impl):
         layer = moe.MoE(F, n_experts=E, top_k=2, impl=impl, capacity_factor=E / 2)
-        y = lambda p: layer.apply({"params": p}, x)
-        _, g = jax.jit(jax.value_and_grad(lambda p: jnp.sum(y(p) ** 2)))(params)
-        return jax.jit(y)(params), g
+        loss = lambda p: (lambda y: (jnp.sum(y**2), y))(layer.apply({"params": p}, x))
+        (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return y, g
 
     (y_d, g_d), (y_c, g_c), (y_r, g_r) = run("dropless"), run("capacity"), run("dense")
     np.testing.assert_allclose(y_c, y_d, atol=1e-5, rtol=1e-5)
@@ -110,58 +105,48 @@ def test_load_balance_loss_known_assignment():
     ) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_z_loss_and_sown_aux_losses():
+def test_z_loss_known_value():
     logits = jnp.log(jnp.array([[1.0, 3.0], [2.0, 2.0]]))  # logsumexp = log 4 for both rows
     assert float(moe.z_loss(logits)) == pytest.approx(np.log(4.0) ** 2, abs=1e-6)
-    layer = moe.MoE(F, n_experts=E, top_k=2)
+
+
+def test_params_layout_fp32_router_and_sown_aux_losses():
+    layer = moe.MoE(F, linear=functools.partial(Dense, dtype=jnp.bfloat16), n_experts=E, top_k=2)
     x = _x()
-    params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+    boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+    specs, shapes = nn.get_partition_spec(boxed), nn.unbox(boxed)
+    assert shapes["gate"]["kernel"].shape == (E, D, F) and shapes["down"]["kernel"].shape == (E, F, D)
+    assert tuple(specs["gate"]["kernel"]) == ("expert", "embed", "mlp")
+    assert tuple(specs["down"]["kernel"]) == ("expert", "mlp", "embed")
+    assert shapes["router"].shape == (D, E) and shapes["router"].dtype == jnp.float32
+    params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
+    assert float(jnp.abs(params["router"]).max()) > 0  # never an all-zero router
     _, state = jax.jit(functools.partial(layer.apply, mutable=["aux_loss"]))({"params": params}, x)
-    router = params["router"]
-    logits = x.reshape(-1, D) @ router
+    logits = x.reshape(-1, D) @ params["router"]  # fp32 even though the experts compute in bf16
     (lb,), (z,) = state["aux_loss"]["moe_lb"], state["aux_loss"]["moe_z"]
     _, top = jax.lax.top_k(logits, 2)
     np.testing.assert_allclose(lb, moe.load_balance_loss(jax.nn.softmax(logits), top, E), rtol=1e-6)
     np.testing.assert_allclose(z, moe.z_loss(logits), rtol=1e-6)
 
 
-def test_params_layout_and_router_precision():
-    layer = moe.MoE(F, linear=functools.partial(Dense, dtype=jnp.bfloat16), n_experts=E, top_k=2)
-    boxed = jax.eval_shape(layer.init, jax.random.key(0), _x())["params"]
-    specs = nn.get_partition_spec(boxed)
-    assert nn.unbox(boxed)["gate"]["kernel"].shape == (E, D, F)
-    assert nn.unbox(boxed)["down"]["kernel"].shape == (E, F, D)
-    assert tuple(specs["gate"]["kernel"]) == ("expert", "embed", "mlp")
-    assert tuple(specs["down"]["kernel"]) == ("expert", "mlp", "embed")
-    assert nn.unbox(boxed)["router"].dtype == jnp.float32
-    params = nn.unbox(layer.init(jax.random.key(0), _x())["params"])
-    assert float(jnp.abs(params["router"]).max()) > 0  # never an all-zero router
-
-
-def test_bitlinear_identical_experts_equal_bitlinear_mlp():
-    # per-expert scales: each stacked expert quantises its own kernel exactly like the dense BitLinear
+def test_bitlinear_experts_quantise_per_expert():
     lin = functools.partial(BitLinear, norm="rms")
-    x = _x()
-    mlp = nn.unbox(MLP(F, linear=lin).init(jax.random.key(0), x)["params"])
-    want = MLP(F, linear=lin).apply({"params": mlp}, x)
-    layer = moe.MoE(F, linear=lin, n_experts=E, top_k=2, impl="capacity", capacity_factor=E / 2)
+    x = _x().at[..., 0].set(1.0)
+    mlp = nn.unbox(jax.jit(MLP(F, linear=lin).init)(jax.random.key(0), x)["params"])
+    want = jax.jit(MLP(F, linear=lin).apply)({"params": mlp}, x)
+    # identical BitLinear experts reproduce the BitLinear MLP for any router
+    layer = jax.jit(
+        moe.MoE(F, linear=lin, n_experts=E, top_k=2, impl="capacity", capacity_factor=E / 2).apply
+    )
     router = jax.random.normal(jax.random.key(5), (D, E))
-    got = layer.apply({"params": _moe_params([mlp] * E, router)}, x)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    # one scale per expert: scaling one expert's latent kernel leaves the other experts' outputs alone
-    scaled = _moe_params([mlp] * E, router)
+    np.testing.assert_allclose(
+        layer({"params": _moe_params([mlp] * E, router)}, x), want, atol=1e-5, rtol=1e-5
+    )
+    # one scale per expert: tripling expert 0's latent kernel leaves expert 1 (forced by the router) alone;
+    # a scale shared across experts would change with it
+    scaled = _moe_params([mlp] * E, jnp.zeros((D, E)).at[0, 1].set(100.0))
     scaled["gate"]["kernel"] = scaled["gate"]["kernel"].at[0].multiply(3.0)
-    dense_ref = moe.MoE(F, linear=lin, n_experts=E, top_k=1, impl="dense")
-    x1 = x.at[..., 0].set(1.0)
-    one_hot = jnp.zeros((D, E)).at[0, 1].set(100.0)
-    for p in (scaled, _moe_params([mlp] * E, router)):
-        p = {**p, "router": one_hot}
-        np.testing.assert_allclose(
-            dense_ref.apply({"params": p}, x1),
-            MLP(F, linear=lin).apply({"params": mlp}, x1),
-            atol=1e-5,
-            rtol=1e-5,
-        )
+    np.testing.assert_allclose(layer({"params": scaled}, x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_dropless_with_a_linear_without_ragged_hook_fails_clearly():

@@ -1,5 +1,7 @@
 """c-BTX surgery (techniques-b.md 5.2, 6.4): identities, exact averages/stacks, routers, shapes, sharding."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,9 @@ def _configs(scan=False, memory="none", n_experts=E):
     return dense, moe
 
 
-def _init(config, seed):
-    return nn.unbox(decoder.build_model(config.model).init(jax.random.key(seed), IDS)["params"])
+def _init(config, seeds):
+    init = jax.jit(decoder.build_model(config.model).init)
+    return [nn.unbox(init(jax.random.key(s), IDS)["params"]) for s in seeds]
 
 
 def _logits(config, params):
@@ -50,18 +53,20 @@ def _layer(params, scan):
 @pytest.mark.parametrize("scan,memory", [(False, "none"), (True, "infini")])
 def test_upcycled_logits_equal_dense_for_any_router(scan, memory):
     dense_cfg, moe_cfg = _configs(scan, memory)
-    dense = _init(dense_cfg, 1)
+    (dense,) = _init(dense_cfg, [1])
     shapes = surgery.target_shapes(moe_cfg)
     merged = surgery.upcycle(dense, shapes, key=jax.random.key(2), router_std=5.0)  # peaked routers
     assert jax.tree.map(np.shape, merged) == jax.tree.map(np.shape, nn.unbox(shapes))
     np.testing.assert_allclose(_logits(moe_cfg, merged), _logits(dense_cfg, dense), atol=1e-5, rtol=1e-5)
 
 
+@functools.lru_cache
 def _merge_setup(seed_expert=False):
+    """Shared by several tests (do not mutate): configs, branches, seed, target shapes, merged tree."""
     dense_cfg, moe_cfg = _configs()
     n = E - int(seed_expert)
-    branches = [_init(dense_cfg, 10 + i) for i in range(n)]  # distinct "trained" branches
-    seed = _init(dense_cfg, 99) if seed_expert else None
+    *branches, seed = _init(dense_cfg, [10 + i for i in range(n)] + [99])  # distinct "trained" branches
+    seed = seed if seed_expert else None
     shapes = surgery.target_shapes(moe_cfg)
     merged = surgery.btx_merge(branches, shapes, seed_params=seed, key=jax.random.key(0))
     return dense_cfg, moe_cfg, branches, seed, shapes, merged
@@ -106,15 +111,16 @@ def test_full_routing_zero_router_is_mean_of_branch_ffns_and_attentions():
     x = jax.random.normal(jax.random.key(3), (2, 16, m.d_model))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
     moe = MoE(m.d_ff, n_experts=E, top_k=E, impl="dropless")
-    got = moe.apply({"params": {**layer["ffn"], "router": jnp.zeros((m.d_model, E))}}, x)
-    want = sum(MLP(m.d_ff).apply({"params": _layer(b, False)["ffn"]}, x) for b in branches) / E
+    got = jax.jit(moe.apply)({"params": {**layer["ffn"], "router": jnp.zeros((m.d_model, E))}}, x)
+    mlp = jax.jit(MLP(m.d_ff).apply)
+    want = sum(mlp({"params": _layer(b, False)["ffn"]}, x) for b in branches) / E
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     hd = m.d_model // m.n_heads
     moa = MixtureOfAttention(m.n_heads, m.n_kv_heads, hd, n_experts=E, top_k=E, impl="dropless")
-    got = moa.apply({"params": {**layer["attn"], "router": jnp.zeros((m.d_model, E))}}, x, pos)
+    got = jax.jit(moa.apply)({"params": {**layer["attn"], "router": jnp.zeros((m.d_model, E))}}, x, pos)
     shared = {n: layer["attn"][n] for n in ("k", "v")}  # the averaged K/V
-    att = Attention(m.n_heads, m.n_kv_heads, hd)
-    want = sum(att.apply({"params": {**_layer(b, False)["attn"], **shared}}, x, pos) for b in branches) / E
+    att = jax.jit(Attention(m.n_heads, m.n_kv_heads, hd).apply)
+    want = sum(att({"params": {**_layer(b, False)["attn"], **shared}}, x, pos) for b in branches) / E
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -124,8 +130,8 @@ def test_one_hot_router_reproduces_that_branch_ffn():
     x = jax.random.normal(jax.random.key(4), (2, 16, m.d_model)).at[..., 0].set(1.0)
     router = jnp.zeros((m.d_model, E)).at[0, j].set(100.0)
     moe = MoE(m.d_ff, n_experts=E, top_k=2, impl="capacity", capacity_factor=E / 2)
-    got = moe.apply({"params": {**_layer(merged, False)["ffn"], "router": router}}, x)
-    want = MLP(m.d_ff).apply({"params": _layer(branches[j], False)["ffn"]}, x)
+    got = jax.jit(moe.apply)({"params": {**_layer(merged, False)["ffn"], "router": router}}, x)
+    want = jax.jit(MLP(m.d_ff).apply)({"params": _layer(branches[j], False)["ffn"]}, x)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -141,9 +147,25 @@ def test_extract_expert_round_trip():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_apply_by_name_with_plain_target_shapes():
+    # the train loop passes plain ShapeDtypeStructs; the expert axes come from the config's boxed shapes
+    dense_cfg, moe_cfg, branches, _, shapes, merged = _merge_setup()
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(shapes))
+    got = surgery.apply("btx_merge", branches, plain, config=moe_cfg, key=jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_array_equal(a, b)
+    up = surgery.apply("upcycle", branches[:1], plain, config=moe_cfg, key=jax.random.key(0))
+    gate = _layer(up, False)["ffn"]["gate"]["kernel"]  # [E,D,F]: every expert the dense FFN
+    np.testing.assert_array_equal(
+        gate, np.broadcast_to(_layer(branches[0], False)["ffn"]["gate"]["kernel"], gate.shape)
+    )
+    with pytest.raises(surgery.SurgeryError, match="unknown"):
+        surgery.apply("nope", branches, plain, config=moe_cfg)
+
+
 def test_expert_count_is_validated_with_a_clear_error():
     dense_cfg, moe_cfg = _configs()
-    branches = [_init(dense_cfg, i) for i in range(E - 1)]
+    branches = _merge_setup()[2][: E - 1]
     with pytest.raises(surgery.SurgeryError, match="4 experts but 3 branches give 3"):
         surgery.btx_merge(branches, surgery.target_shapes(moe_cfg))
     surgery.validate(3, 4, seed_expert=True)
@@ -178,6 +200,7 @@ def test_sharded_target_and_orbax_round_trip(tmp_path):
     from voltron_jax import checkpoint
 
     _, moe_cfg, _, _, shapes, merged = _merge_setup()
+    moe_cfg = moe_cfg.copy_and_resolve_references()
     moe_cfg.mesh.data, moe_cfg.mesh.expert = 2, E
     mesh = sharding.make_mesh(moe_cfg.mesh)
     shard = sharding.tree_shardings(mesh, shapes)

@@ -255,9 +255,11 @@ def flops_per_token(m, seq_len: int) -> float:
     Training FLOPs are 3x this (forward + backward)."""
     slots = registry.selected(m)
     per_layer = []
+    heads = getattr(slots["attention"], "core_head_factor", lambda m: 1)(m)
     for i in range(m.n_layers):
         frac = slots["routing"].layer_fraction(m, i)
-        attn = slots["attention"].flops_per_token(m) + slots["memory"].flops_per_token(m, seq_len) * frac
+        core = slots["memory"].flops_per_token(m, seq_len) * heads  # MoA: top_k * n_heads query heads
+        attn = slots["attention"].flops_per_token(m) + core * frac
         per_layer.append(frac * (attn + slots["ffn"].flops_per_token(m)))
     head = 2.0 * m.d_model * m.vocab_size
     routing_extra = getattr(slots["routing"], "extra_flops_per_token", lambda m: 0.0)(m)

@@ -95,7 +95,7 @@ class Plan(NamedTuple):
     impl: str
     n_experts: int
     experts: jax.Array  # [A*P] expert of each assignment
-    slot: jax.Array | None = None  # capacity: [A*P] buffer slot e*C+c, E*C when dropped
+    slot: jax.Array | None = None  # capacity: [A*P] buffer slot e*C+c, >= E*C when dropped
     table: jax.Array | None = None  # capacity: [E*C] assignment in each slot, A*P when empty
     capacity: int = 0
     order: jax.Array | None = None  # dropless: [A*P] assignment of each sorted row
@@ -133,12 +133,9 @@ def make_plan(experts: jax.Array, n_experts: int, impl: str, capacity_factor: fl
     ordered = onehot.transpose(1, 2, 0, 3).reshape(-1, n_experts)  # [T*P*B,E] priority: position, pick, row
     pos = jnp.sum((jnp.cumsum(ordered, axis=0) - 1) * ordered, axis=-1)  # [T*P*B]
     pos = pos.reshape(t, p, b).transpose(2, 0, 1).reshape(-1)  # [A*P]
-    slot = jnp.where(pos < c, flat * c + pos, n_experts * c)  # [A*P]
-    table = (
-        jnp.full((n_experts * c,), flat.size, jnp.int32)
-        .at[slot]
-        .set(jnp.arange(flat.size, dtype=jnp.int32), mode="drop")
-    )  # [E*C]
+    a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
+    slot = jnp.where(pos < c, flat * c + pos, n_experts * c + a)  # [A*P] dropped: unique, out of range
+    table = jnp.full((n_experts * c,), flat.size, jnp.int32).at[slot].set(a, mode="drop")  # [E*C]
     return Plan(impl, n_experts, flat, slot=slot, table=table, capacity=c)
 
 
@@ -150,8 +147,8 @@ def dispatch(plan: Plan, rows: jax.Array, shared: bool) -> jax.Array:
         return jnp.broadcast_to(rows, (plan.n_experts,) + rows.shape)  # [E,R,Din]
     if plan.impl == "dropless":
         return rows[plan.order // p]  # [A*P,Din]
-    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)])  # [R+1,Din]
-    out = padded[plan.table // p].reshape(plan.n_experts, plan.capacity, rows.shape[-1])  # [E,C,Din]
+    out = rows.at[plan.table // p].get(mode="fill", fill_value=0)  # [E*C,Din] empty slots (index R): 0
+    out = out.reshape(plan.n_experts, plan.capacity, rows.shape[-1])  # [E,C,Din]
     return nn.with_logical_constraint(out, ("act_expert", "act_capacity", None))
 
 
@@ -163,9 +160,9 @@ def combine(plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
             r = r // (plan.experts.size // y.shape[1])
         return y[plan.experts, r]  # [A*P,Dout]
     if plan.impl == "dropless":
-        return y[plan.inverse]  # [A*P,Dout]
-    flat = jnp.concatenate([y.reshape(-1, y.shape[-1]), jnp.zeros((1, y.shape[-1]), y.dtype)])  # [E*C+1,Dout]
-    return flat[plan.slot]  # [A*P,Dout]
+        return y.at[plan.inverse].get(unique_indices=True)  # [A*P,Dout]
+    y = y.reshape(-1, y.shape[-1])  # [E*C,Dout]
+    return y.at[plan.slot].get(mode="fill", fill_value=0, unique_indices=True)  # [A*P,Dout] dropped: 0
 
 
 # --------------------------------------------------------------------------------------------- experts
