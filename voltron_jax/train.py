@@ -398,7 +398,7 @@ def check_workdir(workdir: str) -> epath.Path:
     path = epath.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe.{jax.process_index()}"  # hosts may share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
