@@ -29,22 +29,27 @@ Choices and deviations:
   - rule='none' keeps everything except the memory (no read, no write, no beta): the segment-local
     twin used as the passkey baseline.
   - The softmax scale is 1/sqrt(d_head) (the paper writes d_model).
+  - sigma(q), sigma(k), M, z, the division and the gate mix are fp32 whatever the compute dtype, and the
+    memory einsums ask for Precision.HIGHEST (z grows with every token; bf16 overflows, Beomi #21).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from voltron_jax.models.attention import attend, head_dim
+from voltron_jax.models.attention import causal_attention, head_dim
 from voltron_jax.models.layers import param_with_axes, rope
 
 RULES = ("linear", "delta", "none")
 FIRST_SEGMENT = ("skip", "eps")
 EPS = 1e-6  # convention (b) only
+# Memory einsums run at full fp32 (TPUs default to bf16 passes for fp32 matmuls, GPUs to TF32).
+fp32_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
 def sigma(x: jax.Array) -> jax.Array:
@@ -57,18 +62,18 @@ def segment_update(sk: jax.Array, v: jax.Array, mem: jax.Array, norm: jax.Array,
 
     Returns (dM [...,G,K,V], dz [...,G,K]). Rows with sk = 0 (padding) add nothing."""
     if rule == "delta":
-        num = jnp.einsum("...ngk,...gkv->...ngv", sk, mem)
-        den = jnp.einsum("...ngk,...gk->...ng", sk, norm)[..., None]
+        num = fp32_einsum("...ngk,...gkv->...ngv", sk, mem)
+        den = fp32_einsum("...ngk,...gk->...ng", sk, norm)[..., None]
         v = v - num / jnp.where(den > 0, den, 1.0)  # empty memory or padding: retrieved value 0
-    return jnp.einsum("...ngk,...ngv->...gkv", sk, v), jnp.sum(sk, axis=-3)
+    return fp32_einsum("...ngk,...ngv->...gkv", sk, v), jnp.sum(sk, axis=-3)
 
 
 def read(sq: jax.Array, mem: jax.Array, norm: jax.Array, first_segment: str):
     """A_mem = sigma(q) M / (sigma(q) z). sq [...,N,G,R,K] -> ([...,N,G,R,V], has [...,G]).
 
     `has` marks states that hold something; under 'skip' the caller ignores A_mem where it is False."""
-    num = jnp.einsum("...ngrk,...gkv->...ngrv", sq, mem)
-    den = jnp.einsum("...ngrk,...gk->...ngr", sq, norm)[..., None]
+    num = fp32_einsum("...ngrk,...gkv->...ngrv", sq, mem)
+    den = fp32_einsum("...ngrk,...gk->...ngr", sq, norm)[..., None]
     has = jnp.sum(norm, axis=-1) > 0
     if first_segment == "eps":
         return num / (den + EPS), jnp.ones_like(has)
@@ -114,16 +119,9 @@ def local_attention(qr, kr, v, key_ok, segment_ids, n: int, impl: str) -> jax.Ar
     key_ok [B,T] bool or None; segment_ids [B,T] or None (document mask). Returns [B,T,H,K]."""
     b, t = qr.shape[:2]
     s = t // n
-    seg = lambda x: x.reshape(b * s, n, *x.shape[2:])  # [B*S,N,...]
-    mask = None
-    if key_ok is not None or segment_ids is not None:
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b * s, 1, n, n))  # [B*S,1,N,N]
-        if key_ok is not None:
-            mask = mask & seg(key_ok)[:, None, None, :]
-        if segment_ids is not None:
-            d = seg(segment_ids)
-            mask = mask & (d[:, :, None] == d[:, None, :])[:, None]
-    out = attend(seg(qr), seg(kr), seg(v), mask=mask, is_causal=True, impl=impl)
+    seg = lambda x: None if x is None else x.reshape(b * s, n, *x.shape[2:])  # [B*S,N,...]
+    # attention.causal_attention: the splash kernel on TPU, the XLA path elsewhere
+    out = causal_attention(seg(qr), seg(kr), seg(v), seg(segment_ids), seg(key_ok), impl)
     return out.reshape(qr.shape)
 
 
