@@ -212,9 +212,9 @@ def resolve_mixture(config, mixture: str, cluster: int | None = None) -> list[tu
         name = f"cluster_{int(cluster)}"
         if tasks.task_name(name) not in tasks.registered():
             raise DataError(
-                f"no cluster assignment: task {name!r} is not registered. Run the c-BTM data "
-                "preparation (voltron_jax/data/cbtm.py) first; it registers one document task "
-                "per cluster with data.register_document_task('cluster_<i>', ...)."
+                f"no cluster assignment: task {name!r} is not registered. Run the data preparation "
+                "first (voltron_jax.data.prepare.prepare(config, workdir), which train.run calls for "
+                "cluster phases); it registers one document task 'cluster_<i>' per c-BTM cluster."
             )
         return [(name, 1.0)]
     if mixture == "cluster":
