@@ -36,12 +36,27 @@ def causal_mask(segment_ids: jax.Array | None, t: int) -> jax.Array | None:
 
 def attend(q, k, v, mask=None, is_causal=False, impl: str = "xla") -> jax.Array:
     """jax.nn.dot_product_attention with grouped KV heads; 'auto' lets JAX pick (cuDNN on GPU)."""
-    implementation = None if impl == "auto" else impl
+    implementation = None if impl in ("auto", "splash") else impl  # splash: see causal_attention
     if implementation == "cudnn" and (mask is not None or q.dtype == jnp.float32):
         implementation = None  # cuDNN wants bf16 and no explicit mask; fall back rather than fail
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal and mask is None, implementation=implementation
     )
+
+
+def causal_attention(q, k, v, segment_ids=None, valid=None, impl: str = "xla") -> jax.Array:
+    """Causal attention over whole rows, the one entry of every core's training-time attention:
+    q [B,T,H,K], k/v [B,T,G,K]; segment_ids [B,T] keep documents apart; invalid keys are never seen.
+    On TPU ('auto') or with impl='splash' it runs the Pallas splash kernel (models/splash.py)."""
+    from voltron_jax.models import splash
+
+    if splash.selected(impl, q.shape[1]):
+        return splash.causal_attention(q, k, v, segment_ids, valid)
+    mask = causal_mask(segment_ids, q.shape[1])
+    if valid is not None:
+        causal = jnp.tril(jnp.ones((q.shape[1],) * 2, bool))[None, None]
+        mask = (causal if mask is None else mask) & valid[:, None, None, :]
+    return attend(q, k, v, mask=mask, is_causal=True, impl=impl)
 
 
 class CausalCore(nn.Module):
@@ -57,11 +72,7 @@ class CausalCore(nn.Module):
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         if self.decode:
             return self._cached(q, k, v, valid)
-        mask = causal_mask(segment_ids, q.shape[1])
-        if valid is not None:
-            causal = jnp.tril(jnp.ones((q.shape[1],) * 2, bool))[None, None]
-            mask = (causal if mask is None else mask) & valid[:, None, None, :]
-        return attend(q, k, v, mask=mask, is_causal=True, impl=self.impl)
+        return causal_attention(q, k, v, segment_ids, valid, self.impl)
 
     def _cached(self, q, k, v, valid):
         """KV cache of fixed length L; per row, valid tokens are appended in order."""
