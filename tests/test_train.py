@@ -181,3 +181,25 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker.write_text("x")
     with pytest.raises(common.ConfigError, match="not writable"):
         train.run(_config(), str(blocker / "run"))
+
+
+def test_loop_feeds_the_global_step_to_the_state_collection():
+    """BitNet warm-in reads the step from the 'state' collection: the same params evaluate differently
+    at step 0 (lambda = 0, full precision) and at the end of the ramp (lambda = 1, quantised)."""
+    c = _config(**{"model.linear": "bitlinear", "model.bitlinear.warmin_steps": 10})
+    rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2))
+    state = rt.scratch()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 259, size=(8, 65)).astype(np.int32)
+    batch = {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "weights": np.ones((8, 64), np.float32),
+        "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
+        "segment_ids": np.ones((8, 64), np.int32),
+    }
+    at = {
+        s: train.evaluate(rt, state.replace(step=jax.numpy.asarray(s, jax.numpy.int32)), [batch])["loss"]
+        for s in (0, 5, 10, 20)
+    }
+    assert at[0] != at[10] and at[5] not in (at[0], at[10]) and at[10] == at[20]

@@ -127,13 +127,23 @@ def model_inputs(batch: dict, doc_mask: bool) -> tuple:
     return batch["inputs"], batch["positions"], batch["segment_ids"] if doc_mask else None
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, lr_fn):
+def step_variables(params, state_tree, step) -> dict:
+    """Model variables for one apply: params, plus every leaf of the 'state' collection (whatever
+    module declared it, e.g. BitNet warm-in) set to the global step. The loop never asks who reads it."""
+    if not state_tree:
+        return {"params": params}
+    return {"params": params, "state": jax.tree.map(lambda a: jnp.full(a.shape, step, a.dtype), state_tree)}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, lr_fn, state_tree=None):
     """(state, batch) -> (state, metrics); aux losses collected generically."""
     doc_mask = config.data.doc_mask
 
-    def loss_fn(params, batch):
+    def loss_fn(params, step, batch):
         logits, cols = model.apply(
-            {"params": params}, *model_inputs(batch, doc_mask), mutable=["aux_loss", "intermediates"]
+            step_variables(params, state_tree, step),
+            *model_inputs(batch, doc_mask),
+            mutable=["aux_loss", "intermediates"],
         )
         ce, zl = cross_entropy(logits, batch["targets"], batch["weights"])
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
@@ -141,7 +151,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
         return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v for k, v in aux.items()}}
 
     def step_fn(state: TrainState, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.step, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
@@ -156,11 +166,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     return step_fn
 
 
-def make_eval_step(model: nn.Module, config):
+def make_eval_step(model: nn.Module, config, state_tree=None):
     doc_mask = config.data.doc_mask
 
-    def eval_fn(params, batch):
-        logits = model.apply({"params": params}, *model_inputs(batch, doc_mask))
+    def eval_fn(params, step, batch):
+        logits = model.apply(step_variables(params, state_tree, step), *model_inputs(batch, doc_mask))
         ce, _ = cross_entropy(logits, batch["targets"], batch["weights"])
         n = jnp.sum(batch["weights"])
         return ce * jnp.maximum(n, 1.0), n
@@ -181,8 +191,9 @@ class Runtime:
         self.model = decoder.build_model(c.model)
         self.lr_fn = schedules.lr_schedule(c, phase.name)
         dummy = jnp.zeros((1, c.data.seq_len), jnp.int32)
-        abstract_params = jax.eval_shape(lambda k: self.model.init(k, dummy)["params"], jax.random.key(0))
-        self.tx = optim.make_optimizer(c, abstract_params, phase.name)
+        variables = jax.eval_shape(lambda k: self.model.init(k, dummy), jax.random.key(0))
+        self.tx = optim.make_optimizer(c, variables["params"], phase.name)
+        state_tree = variables.get("state")
 
         def init_state(key):
             params = self.model.init(key, dummy)["params"]
@@ -199,13 +210,14 @@ class Runtime:
             self._init = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=self.shardings)
             batch_sh = sharding.batch_sharding(self.mesh)
             self.train_step = jax.jit(
-                make_train_step(self.model, self.tx, c, self.lr_fn),
+                make_train_step(self.model, self.tx, c, self.lr_fn, state_tree),
                 in_shardings=(self.shardings, batch_sh),
                 out_shardings=(self.shardings, None),
                 donate_argnums=0,
             )
             self.eval_step = jax.jit(
-                make_eval_step(self.model, c), in_shardings=(self.shardings.params, batch_sh)
+                make_eval_step(self.model, c, state_tree),
+                in_shardings=(self.shardings.params, self.shardings.step, batch_sh),
             )
 
     def scratch(self) -> TrainState:
@@ -264,10 +276,10 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
 # ============================================================================ the loop
 
 
-def evaluate(rt: Runtime, params, batches: list[dict]) -> dict[str, float]:
+def evaluate(rt: Runtime, state: TrainState, batches: list[dict]) -> dict[str, float]:
     tot, n = 0.0, 0.0
     for b in batches:
-        s, c = rt.eval_step(params, sharding.host_batch_to_global(rt.mesh, b))
+        s, c = rt.eval_step(state.params, state.step, sharding.host_batch_to_global(rt.mesh, b))
         tot, n = tot + float(s), n + float(c)
     loss = tot / max(n, 1.0)
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
@@ -286,10 +298,10 @@ def eval_sets(c, pid: int, pcount: int) -> dict[str, list[dict]]:
     return sets
 
 
-def evaluate_all(rt: Runtime, params, sets: dict[str, list[dict]]) -> dict[str, float]:
+def evaluate_all(rt: Runtime, state: TrainState, sets: dict[str, list[dict]]) -> dict[str, float]:
     out = {}
     for prefix, batches in sets.items():
-        out.update({prefix + k: v for k, v in evaluate(rt, params, batches).items()})
+        out.update({prefix + k: v for k, v in evaluate(rt, state, batches).items()})
     return out
 
 
@@ -371,7 +383,7 @@ def run_phase(
                 writer.progress(step, avg)
                 window, t_window = [], time.time()
             if step % c.train.eval_every == 0 and step < end:
-                writer.write(step, evaluate_all(rt, state.params, eval_batches), kind="eval")
+                writer.write(step, evaluate_all(rt, state, eval_batches), kind="eval")
             if saving:
                 save(step)
             if boundary or saving:
@@ -382,7 +394,7 @@ def run_phase(
                 raise SystemExit(
                     f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume."
                 )
-    final = evaluate_all(rt, state.params, eval_batches)
+    final = evaluate_all(rt, state, eval_batches)
     writer.write(step, final, kind="eval")
     print(
         f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}",
