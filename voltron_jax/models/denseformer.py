@@ -212,6 +212,7 @@ class DenseFormerResidual(nn.Module):
         first = [alpha_index(i, 0, k, p) if i % k == 0 else -1 for i in dwa_depths(n, p)]
         w0 = jnp.where(jnp.array(first) >= 0, alpha[jnp.maximum(jnp.array(first), 0)], 0.0)  # [Q]
         acc = w0[:, None, None, None] * x.astype(jnp.float32)[None]  # [Q,B,T,D]
+        acc = nn.with_logical_constraint(acc, (None, "act_batch", "act_seq", "act_embed"))
         scanned = nn.scan(
             PushSuperBlock,
             variable_axes={c: 0 for c in SCANNED_COLLECTIONS},

@@ -18,7 +18,8 @@ What is implemented (spec: shared/research/techniques-a.md section 4):
     causal='predictor': a small fp32 MLP on stop_gradient(x) trained with BCE (sown as 'mod_predictor';
     no gradient reaches the backbone). Targets are built per row (the OLMo fork flattens [B*T] and
     sends every row's selection to row 0). Routing accuracy vs top-k is sown as
-    intermediates/'mod_route_acc' (and, when routing causally, the routed fraction as 'mod_routed_frac').
+    intermediates/'mod_route_acc' and 'mod_route_recall' (share of top-k tokens the causal rule keeps);
+    when routing causally, the routed fraction as 'mod_routed_frac'.
   - route_by='causal' (and always at decode): a token is routed when the predictor logit (or the
     router logit, for 'aux_loss') is > 0, i.e. sigmoid > 0.5. The block then runs on all tokens with
     valid = routed, so unrouted tokens are neither keys nor cache entries (attention.CausalCore's
@@ -184,7 +185,7 @@ class MoDRouting(nn.Module):
     def routed_update(self, block, x, idx, logits, positions, segment_ids, valid):
         """Run `block` on the selected tokens and write x_sel + w(r) * delta back at idx."""
         onehot = self.dispatch == "onehot"
-        x_sel = gather_rows(x, idx, onehot)  # [B,C,D]
+        x_sel = nn.with_logical_constraint(gather_rows(x, idx, onehot), ("act_batch", "act_seq", "act_embed"))
         take = lambda a: None if a is None else jnp.take_along_axis(a, idx, axis=1)  # [B,C]
         delta = block(x_sel, take(positions), take(segment_ids), take(valid)) - x_sel  # [B,C,D]
         r = self.weight(take(logits))[..., None].astype(x.dtype)  # [B,C,1]
@@ -201,6 +202,8 @@ class MoDRouting(nn.Module):
         hit = ((decide > 0) == (targets > 0.5)).astype(jnp.float32)
         w = jnp.ones_like(hit) if valid is None else valid.astype(jnp.float32)
         self.sow("intermediates", "mod_route_acc", jnp.sum(hit * w) / jnp.maximum(jnp.sum(w), 1.0))
+        recall = jnp.sum(hit * targets * w) / jnp.maximum(jnp.sum(targets * w), 1.0)  # top-k tokens kept
+        self.sow("intermediates", "mod_route_recall", recall)
 
     # ------------------------------------------------------------------------------- slot API
 

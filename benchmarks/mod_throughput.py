@@ -1,0 +1,115 @@
+"""Mixture-of-Depths vs dense train-step throughput at equal parameter count, on whatever backend is present.
+
+    python benchmarks/mod_throughput.py [--config=configs/tiny.py] [--capacity=0.125] [--every=2]
+        [--steps=5] [--rounds=3] [--json=out.jsonl] [--set model.scan_layers=True ...]
+
+Builds the real train step (voltron_jax.train.Runtime: forward, backward, aux losses, AdamW) for the base
+config (dense) and for routing='mod' (same layers, same parameters plus the router/predictor), then
+alternates timed rounds of `steps` steps between the two (dense, MoD, dense, MoD, ...) so that a shared,
+busy machine slows both alike, and reports the median tokens/s of each and their ratio, beside the ratio
+of analytic training FLOPs. Synthetic batches; no seqio/TensorFlow imports. On one GPU:
+    python benchmarks/mod_throughput.py --config=configs/bench_1b.py
+(goal from issue 5: MoD at c=0.125 on every other block >= 1.55x dense tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def load_config(spec: str):
+    """configs/x.py[:variant] -> ConfigDict (the same syntax as --config of voltron_jax.main)."""
+    path, _, arg = spec.partition(":")
+    spec_ = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def runtime_and_batch(config):
+    """(Runtime, initial state, sharded synthetic batch) for one config."""
+    from voltron_jax import sharding, train
+
+    phase = train.Phase("stable", None, config, None, 0, 10**6)
+    rt = train.Runtime(phase)
+    b, t = config.data.batch_size, config.data.seq_len
+    ids = np.random.default_rng(0).integers(3, config.model.vocab_size, size=(b, t + 1), dtype=np.int32)
+    batch = {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+        "segment_ids": np.ones((b, t), np.int32),
+        "weights": np.ones((b, t), np.float32),
+    }
+    return rt, rt.scratch(), sharding.host_batch_to_global(rt.mesh, batch)
+
+
+def timed_round(rt, state, batch, steps: int):
+    """Run `steps` train steps; returns (state, seconds per step)."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = rt.train_step(state, batch)
+    jax.block_until_ready(m["loss"])
+    return state, (time.perf_counter() - t0) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/tiny.py")
+    p.add_argument("--capacity", type=float, default=0.125)
+    p.add_argument("--every", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], help="extra overrides a.b=value for both arms")
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+    from configs import common
+    from voltron_jax.models import decoder
+
+    base = common.apply_overrides(load_config(a.config), ",".join(a.set))
+    mod = common.apply_overrides(
+        base, f"model.routing=mod,model.mod.capacity={a.capacity},model.mod.every={a.every}"
+    )
+    arms = {}
+    for name, c in (("dense", base), ("mod", mod)):
+        common.validate(c)
+        rt, state, batch = runtime_and_batch(c)
+        state, _ = timed_round(rt, state, batch, 2)  # compile + warm-up
+        arms[name] = [rt, state, batch, []]
+    for _ in range(a.rounds):
+        for arm in arms.values():
+            arm[1], dt = timed_round(arm[0], arm[1], arm[2], a.steps)
+            arm[3].append(dt)
+    tokens = base.data.batch_size * base.data.seq_len
+    res = {
+        "config": a.config,
+        "overrides": a.set,
+        "capacity": a.capacity,
+        "every": a.every,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        **{f"{n}_tokens_per_s": tokens / float(np.median(arm[3])) for n, arm in arms.items()},
+        **{f"{n}_step_s_rounds": [round(x, 4) for x in arm[3]] for n, arm in arms.items()},
+        "flops_ratio_dense_over_mod": decoder.flops_per_token(base.model, base.data.seq_len)
+        / decoder.flops_per_token(mod.model, mod.data.seq_len),
+    }
+    res["speedup_mod_over_dense"] = res["mod_tokens_per_s"] / res["dense_tokens_per_s"]
+    print(json.dumps(res, indent=1))
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
