@@ -151,6 +151,11 @@ def test_decode_with_predictor_equals_causal_full_forward():
         o, cache = step(cache, ids[:, t : t + 1], pos[:, t : t + 1])
         outs.append(o)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-4)
+    # the routed layer's KV cache holds only the routed tokens; the dense layer's holds all of them
+    index = lambda layer: cache["stack"]["block_0"][layer]["attn"]["core"]["index"]
+    index_routed = cache["stack"]["block_0"]["layer_1"]["block"]["attn"]["core"]["index"]
+    np.testing.assert_array_equal(index("layer_0"), T)
+    assert int(jnp.sum(index_routed)) == round(frac * ids.size)
 
 
 def test_per_segment_topk_with_infini_writes_only_routed_tokens():
