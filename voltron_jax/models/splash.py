@@ -87,7 +87,8 @@ def _kernel(t: int, heads: int, interpret: bool):
         block_kv_dq=block,
     )
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # the cached block tables must be constants, not tracers
+        return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _local(q, k, v, seg, interpret: bool):
