@@ -38,6 +38,7 @@ class Variant:
     name: str
     overrides: dict[str, str]
     seeds: list[int] = field(default_factory=lambda: [0])
+    base: str = ""  # its own config file (sweep files only); empty: the sweep's base
 
 
 # ============================================================================ sweep definition
@@ -96,13 +97,13 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
     sw = mod.get_sweep()
     n = seeds if seeds else sw.get("seeds", 1)
     variants = [
-        Variant(name, {k: str(v) for k, v in ov.items()}, list(range(n)))
+        Variant(name, {k: str(v) for k, v in ov.items() if k != "base"}, list(range(n)), ov.get("base", ""))
         for name, ov in sw["variants"].items()
     ]
     config = load_config(sw["base"])
     for v in variants:
         for k in v.overrides:
-            check_field(config, k)
+            check_field(load_config(v.base) if v.base else config, k)
     for k in sw.get("set", {}):
         check_field(config, k)
     return sw["base"], variants, {k: str(v) for k, v in sw.get("set", {}).items()}, sw.get("claims", {})
@@ -133,7 +134,7 @@ def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: b
     for v in variants:
         for s in v.seeds:
             d = run_dir(root, v, s)
-            cmd = command(base, v, s, fixed, d)
+            cmd = command(v.base or base, v, s, fixed, d)
             if emit:
                 print(shlex.join(cmd))
                 continue
@@ -184,7 +185,7 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
     """One row per variant: mean and spread over seeds of final/best validation loss, and the rest."""
     runs, rows = {}, []
     for v in variants:
-        params, fpt, tps = model_stats(base, {**fixed, **v.overrides})
+        params, fpt, tps = model_stats(v.base or base, {**fixed, **v.overrides})
         recs = [read_run(run_dir(root, v, s)) for s in v.seeds]
         recs = [r for r in recs if r["eval"]]
         runs[v.name] = (recs, 3 * fpt * tps)
@@ -222,7 +223,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | {r['steps']} | "
+            f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
+            f"{r['steps']} | "
             f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f} | {r['best_loss']:.4f} ± "
             f"{r['best_loss_std']:.4f} | {r['final_ppl']:.3f} | {r['loss_at_equal_flops']:.4f} ± "
             f"{r['loss_at_equal_flops_std']:.4f} | {r['tokens_per_s']:,.0f} |"
@@ -247,7 +249,7 @@ def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, v in enumerate(variants):
-        _, fpt, tps = model_stats(base, {**fixed, **v.overrides})
+        _, fpt, tps = model_stats(v.base or base, {**fixed, **v.overrides})
         for j, s in enumerate(v.seeds):
             ev = read_run(run_dir(root, v, s))["eval"]
             if not ev:
