@@ -60,6 +60,24 @@ def test_upcycled_logits_equal_dense_for_any_router(scan, memory):
     np.testing.assert_allclose(_logits(moe_cfg, merged), _logits(dense_cfg, dense), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_upcycled_equals_dense_with_every_technique_on():
+    # BitLinear (warm-in state), Infini memory, DenseFormer, MoD, scanned layers; capacity dispatch that
+    # cannot drop (capacity factor E / top_k)
+    dense_cfg, moe_cfg = _configs(scan=True, memory="infini")
+    for c in (dense_cfg, moe_cfg):
+        m = c.model
+        m.linear, m.residual, m.routing, m.bitlinear.warmin_steps = "bitlinear", "denseformer", "mod", 5
+    for c in (moe_cfg.model.moe, moe_cfg.model.moa):
+        c.impl, c.capacity_factor = "capacity", E / 2
+    variables = nn.unbox(jax.jit(decoder.build_model(dense_cfg.model).init)(jax.random.key(1), IDS))
+    dense, state = variables["params"], {"state": variables["state"]}
+    merged = surgery.upcycle(dense, surgery.target_shapes(moe_cfg), key=jax.random.key(2), router_std=5.0)
+    want = jax.jit(decoder.build_model(dense_cfg.model).apply)({"params": dense, **state}, IDS)
+    got = jax.jit(decoder.build_model(moe_cfg.model).apply)({"params": merged, **state}, IDS)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 @functools.lru_cache
 def _merge_setup(seed_expert=False):
     """Shared by several tests (do not mutate): configs, branches, seed, target shapes, merged tree."""

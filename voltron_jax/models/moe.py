@@ -32,6 +32,7 @@ Shape letters beyond the house set: A = B*T tokens, P = top-k picks, R = rows of
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -90,17 +91,17 @@ def route(
 
 
 class Plan(NamedTuple):
-    """Where each assignment a = token * P + pick goes, for one implementation."""
+    """Where each assignment a = token * P + pick goes. Rows of the expert layout: capacity slots e*C+c
+    ([E*C]) or assignments sorted by expert (dropless, [A*P]); `to_expert` and `to_assign` are inverse
+    maps between the two (out-of-range entries: an empty slot, a dropped assignment)."""
 
     impl: str
     n_experts: int
     experts: jax.Array  # [A*P] expert of each assignment
-    slot: jax.Array | None = None  # capacity: [A*P] buffer slot e*C+c, >= E*C when dropped
-    table: jax.Array | None = None  # capacity: [E*C] assignment in each slot, A*P when empty
+    to_expert: jax.Array | None = None  # [R] assignment held by each expert-layout row, >= A*P if empty
+    to_assign: jax.Array | None = None  # [A*P] expert-layout row of each assignment, >= R if dropped
     capacity: int = 0
-    order: jax.Array | None = None  # dropless: [A*P] assignment of each sorted row
-    inverse: jax.Array | None = None  # dropless: [A*P] sorted row of each assignment
-    group_sizes: jax.Array | None = None  # dropless: [E]
+    group_sizes: jax.Array | None = None  # dropless: [E] rows per expert
 
 
 def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -113,19 +114,14 @@ def make_plan(experts: jax.Array, n_experts: int, impl: str, capacity_factor: fl
     """Dispatch plan for experts [B,T,P] (chosen expert ids)."""
     b, t, p = experts.shape
     flat = experts.reshape(-1)  # [A*P]
+    a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
     if impl == "dense":
         return Plan(impl, n_experts, flat)
     if impl == "dropless":
-        order = jnp.argsort(flat, stable=True)  # [A*P]
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-        return Plan(
-            impl,
-            n_experts,
-            flat,
-            order=order,
-            inverse=inverse,
-            group_sizes=jnp.bincount(flat, length=n_experts).astype(jnp.int32),
-        )
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # [A*P] assignment of each sorted row
+        inverse = jnp.zeros_like(order).at[order].set(a)  # [A*P]
+        sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+        return Plan(impl, n_experts, flat, to_expert=order, to_assign=inverse, group_sizes=sizes)
     if impl != "capacity":
         raise ValueError(f"moe impl={impl!r} is unknown; choose one of {IMPLS}.")
     c = capacity(b * t, p, n_experts, capacity_factor)
@@ -133,21 +129,41 @@ def make_plan(experts: jax.Array, n_experts: int, impl: str, capacity_factor: fl
     ordered = onehot.transpose(1, 2, 0, 3).reshape(-1, n_experts)  # [T*P*B,E] priority: position, pick, row
     pos = jnp.sum((jnp.cumsum(ordered, axis=0) - 1) * ordered, axis=-1)  # [T*P*B]
     pos = pos.reshape(t, p, b).transpose(2, 0, 1).reshape(-1)  # [A*P]
-    a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
-    slot = jnp.where(pos < c, flat * c + pos, n_experts * c + a)  # [A*P] dropped: unique, out of range
+    slot = jnp.where(pos < c, flat * c + pos, n_experts * c)  # [A*P] dropped: out of range
     table = jnp.full((n_experts * c,), flat.size, jnp.int32).at[slot].set(a, mode="drop")  # [E*C]
-    return Plan(impl, n_experts, flat, slot=slot, table=table, capacity=c)
+    return Plan(impl, n_experts, flat, to_expert=table, to_assign=slot, capacity=c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_rows(x: jax.Array, fwd: jax.Array, bwd: jax.Array, p: int) -> jax.Array:
+    """out[i] = x[fwd[i] // p] (0 where out of range), with a gather as its transpose too:
+    grad_x[j] = sum_{s<p} g[bwd[j*p + s]], for bwd the inverse map of fwd. Dispatch and combine never
+    scatter (atomics on GPU, slow on TPU) in either direction."""
+    return x.at[fwd // p].get(mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x, fwd, bwd, p):
+    return gather_rows(x, fwd, bwd, p), (fwd, bwd, x.shape[0])
+
+
+def _gather_rows_bwd(p, res, g):
+    fwd, bwd, n = res
+    gx = g.at[bwd].get(mode="fill", fill_value=0).reshape(n, p, g.shape[-1])  # [N,P,Din]
+    return (jnp.sum(gx, axis=1) if p > 1 else gx[:, 0]), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def dispatch(plan: Plan, rows: jax.Array, shared: bool) -> jax.Array:
     """Expert layout of rows: [A,Din] shared by the P picks of a token (shared=True) or [A*P,Din] one
     per assignment. Returns capacity [E,C,Din] | dropless [A*P,Din] sorted by expert | dense [E,R,Din]."""
-    p = plan.experts.size // rows.shape[0] if shared else 1
     if plan.impl == "dense":
         return jnp.broadcast_to(rows, (plan.n_experts,) + rows.shape)  # [E,R,Din]
+    p = plan.experts.size // rows.shape[0] if shared else 1
+    out = gather_rows(rows, plan.to_expert, plan.to_assign, p)  # [R,Din]; empty capacity slots: 0
     if plan.impl == "dropless":
-        return rows[plan.order // p]  # [A*P,Din]
-    out = rows.at[plan.table // p].get(mode="fill", fill_value=0)  # [E*C,Din] empty slots (index R): 0
+        return out
     out = out.reshape(plan.n_experts, plan.capacity, rows.shape[-1])  # [E,C,Din]
     return nn.with_logical_constraint(out, ("act_expert", "act_capacity", None))
 
@@ -159,10 +175,7 @@ def combine(plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
         if shared:
             r = r // (plan.experts.size // y.shape[1])
         return y[plan.experts, r]  # [A*P,Dout]
-    if plan.impl == "dropless":
-        return y.at[plan.inverse].get(unique_indices=True)  # [A*P,Dout]
-    y = y.reshape(-1, y.shape[-1])  # [E*C,Dout]
-    return y.at[plan.slot].get(mode="fill", fill_value=0, unique_indices=True)  # [A*P,Dout] dropped: 0
+    return gather_rows(y.reshape(-1, y.shape[-1]), plan.to_assign, plan.to_expert, 1)  # [A*P,Dout]
 
 
 # --------------------------------------------------------------------------------------------- experts
