@@ -17,8 +17,10 @@ Head layout (spec 6.2 pitfall): cores group query head j with KV head j // (P*H/
 Expert-slot s head h = g*(H/G) + r must meet KV head g, so core heads are ordered [G, P, H/G]:
 j = g*(P*H/G) + s*(H/G) + r, not JetMoE's slot-major s*H + h (which pairs with `repeat`, not interleave).
 Deviations: with capacity dispatch an overflowing (token, expert) pick is dropped (its query is zero and
-its output is not added); use impl='dropless' or a capacity factor >= E/top_k to avoid it. No attention
-output bias (the codebase has no biases).
+its output is not added); use impl='dropless' or a capacity factor >= E/top_k to avoid it, and for
+decoding (drops depend on how many tokens a call sees). A core's per-query-head params (Infini's gate
+beta) get P*H entries, one per (pick, head), not one per expert head: the core cannot see which expert
+a pick holds; surgery tiles the dense values. No attention output bias (the codebase has no biases).
 Shape letters beyond the house set: A = B*T tokens, P = top-k picks.
 """
 

@@ -15,10 +15,12 @@ gate/up/down are `nn.vmap`s of the linear slot over a leading expert axis, so ex
 MLP's leaves stacked [E,...] with logical axes ('expert', ...) (Dense: gate/up [E,D,F], down [E,F,D]),
 and a BitLinear expert keeps its own per-expert scales and norms. Three dispatch implementations
 (`impl`), identical up to dropping:
-  - 'capacity': GShard dispatch by gathers into a [E,C,D] buffer, batched matmuls, gather back.
-    C = min(A, ceil(capacity_factor * A * P / E)) rounded up to a multiple of 8. Overflow is dropped (the
-    token keeps its residual); priority by position in the sequence, then pick, then batch row, so a
-    token never competes with later positions (no causal leak). The fast GPU path.
+  - 'capacity': GShard dispatch by a row gather into a [E,C,D] buffer (not the [A,E,C] one-hot einsum,
+    which costs A*E*C*D), batched matmuls, a gather back; the backward is two gathers as well (custom
+    VJP: no scatter-add). C = min(A, ceil(capacity_factor * A * P / E)) rounded up to a multiple of 8.
+    Overflow is dropped (the token keeps its residual); priority by position in the sequence, then
+    pick, then batch row, so a token never competes with later positions (no causal leak). The fast GPU
+    path; dispatch and combine gathers serve 'dropless' too (with the sort order as the map).
   - 'dropless': assignments sorted by expert and `jax.lax.ragged_dot` (the TPU path). Needs the raw
     stacked params: Dense kernels directly; another linear class must offer
     `ragged_dot(self, params, x [R,in], group_sizes [E]) -> [R,out]` (an instance method, called on an

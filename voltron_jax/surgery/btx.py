@@ -98,7 +98,7 @@ def _tile_core_heads(mean: np.ndarray, target: tuple, path: T.Path, src: dict) -
 
 
 def _router(
-    path: T.Path, shape: tuple, dtype, key, router_std: float, centroids, n_seed: int, scale: float
+    path: T.Path, shape: tuple, dtype, *, key, router_std: float, centroids, n_seed: int, scale: float
 ) -> np.ndarray:
     """Router [..., D, E]: small random, or scale * (mu_i - mean mu) / |.| from centroids [..., E', D]."""
     k = jax.random.fold_in(key, zlib.crc32(T.path_str(path).encode()))
@@ -161,25 +161,17 @@ def btx_merge(
         _check_same_trees([srcs[0], experts[-1]])
     key = jax.random.key(0) if key is None else key
     axes = expert_axes(target_shapes, {p: np.shape(x) for p, x in srcs[0].items()})
+    router = dict(
+        key=key,
+        router_std=router_std,
+        centroids=centroids,
+        scale=router_scale,
+        n_seed=int(seed_params is not None),
+    )
     out = {}
     for path, leaf in T.flatten(target_shapes).items():
         shape, dtype = T.shape_of(leaf), T.dtype_of(leaf)
-        if path in axes:
-            validate(len(srcs), shape[axes[path]], seed_params is not None)
-            val = np.stack([np.asarray(s[path]) for s in experts], axis=axes[path])
-        elif path in srcs[0]:
-            val = _fp32_mean([s[path] for s in srcs])
-            if val.shape != shape and "core" in path:
-                val = _tile_core_heads(val, shape, path, srcs[0])
-        elif path[-1] == "router":
-            val = _router(
-                path, shape, dtype, key, router_std, centroids, int(seed_params is not None), router_scale
-            )
-        else:
-            raise SurgeryError(
-                f"target param {T.path_str(path)} {shape} has no source leaf and is not a "
-                "router; the branches and the target config describe different models."
-            )
+        val = _merge_leaf(path, shape, dtype, srcs, experts, axes.get(path), router)
         if val.shape != shape:
             raise SurgeryError(
                 f"{T.path_str(path)}: built shape {val.shape} but the target needs {shape}; "
@@ -193,6 +185,24 @@ def btx_merge(
             "the target; the branches and the target config describe different models."
         )
     return T.unflatten(out)
+
+
+def _merge_leaf(path, shape, dtype, srcs: list, experts: list, axis: int | None, router: dict) -> np.ndarray:
+    """One target leaf: stacked experts, fp32 mean (tiled for MoA core heads), or a new router."""
+    if axis is not None:
+        validate(len(srcs), shape[axis], len(experts) > len(srcs))
+        return np.stack([np.asarray(s[path]) for s in experts], axis=axis)
+    if path in srcs[0]:
+        val = _fp32_mean([s[path] for s in srcs])
+        if val.shape != shape and "core" in path:
+            val = _tile_core_heads(val, shape, path, srcs[0])
+        return val
+    if path[-1] == "router":
+        return _router(path, shape, dtype, **router)
+    raise SurgeryError(
+        f"target param {T.path_str(path)} {shape} has no source leaf and is not a "
+        "router; the branches and the target config describe different models."
+    )
 
 
 def _check_same_trees(srcs: list[dict]) -> None:
