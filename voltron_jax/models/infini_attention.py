@@ -115,14 +115,12 @@ def memory_scan(sq, sk, v, state, fold, first_segment: str, rule: str):
 
 
 def local_attention(qr, kr, v, key_ok, segment_ids, n: int, impl: str) -> jax.Array:
-    """Causal attention inside each segment of n tokens. qr [B,T,H,K], kr/v [B,T,G,K] post-RoPE;
+    """Causal attention inside each segment of n tokens: the rows are folded to [B*S,N] and go through
+    attention.causal_attention (XLA, or the splash kernel on TPU). qr [B,T,H,K], kr/v [B,T,G,K] post-RoPE;
     key_ok [B,T] bool or None; segment_ids [B,T] or None (document mask). Returns [B,T,H,K]."""
     b, t = qr.shape[:2]
-    s = t // n
-    seg = lambda x: None if x is None else x.reshape(b * s, n, *x.shape[2:])  # [B*S,N,...]
-    # attention.causal_attention: the splash kernel on TPU, the XLA path elsewhere
-    out = causal_attention(seg(qr), seg(kr), seg(v), seg(segment_ids), seg(key_ok), impl)
-    return out.reshape(qr.shape)
+    seg = lambda x: None if x is None else x.reshape(b * (t // n), n, *x.shape[2:])  # [B*S,N,...]
+    return causal_attention(seg(qr), seg(kr), seg(v), seg(segment_ids), seg(key_ok), impl).reshape(qr.shape)
 
 
 def stream_buffer(old, new, slot, off, width: int) -> jax.Array:
