@@ -179,6 +179,28 @@ def test_dropless_with_a_linear_without_ragged_hook_fails_clearly():
         layer.init(jax.random.key(0), _x())
 
 
+def test_expert_sharded_equals_unsharded():
+    from configs import common
+    from voltron_jax import sharding
+
+    cfg = common.get_default().mesh
+    cfg.data, cfg.expert = 2, 4  # experts over 4 devices, the batch over all 8
+    mesh = sharding.make_mesh(cfg)
+    layer = moe.MoE(F, n_experts=E, top_k=2, impl="capacity", capacity_factor=1.0)
+    x = _x(b=8)
+    params = _moe_params(MLPS, jax.random.normal(jax.random.key(9), (D, E)))
+    loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
+    want = jax.jit(jax.value_and_grad(loss))(params, x)
+    with mesh, nn.logical_axis_rules(sharding.RULES):
+        shard = sharding.tree_shardings(mesh, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
+        assert shard["gate"]["kernel"].spec[0] == "expert"
+        got = jax.jit(jax.value_and_grad(loss), in_shardings=(shard, sharding.batch_sharding(mesh)))(
+            params, x
+        )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_flops_per_token_counts_active_experts():
     from configs import tiny
 
