@@ -5,3 +5,13 @@ Importing the package is light: data (seqio/TensorFlow) and checkpoint code load
 """
 
 __version__ = "0.1.0"
+
+
+def load(path_or_workdir, step=None, **kwargs):
+    """Load a trained checkpoint: a Model with `.config`, `.params`, `.generate(...)`, `.score(...)`.
+
+    Accepts a run folder (the last phase with a checkpoint), a phase folder, its ckpt/ folder or a step
+    folder; see voltron_jax/api.py. JAX, Flax and Orbax are imported on the first call, not on import."""
+    from voltron_jax import api
+
+    return api.load(path_or_workdir, step, **kwargs)
