@@ -4,12 +4,13 @@
         [--top_k=2] [--capacity_factor=1.25] [--impls=capacity,dropless] [--json=out.jsonl]
 
 From the base config (default configs/tiny.py, the CPU-sized shape; configs/bench_1b.py on a GPU) it
-times the real train step (voltron_jax.train via benchmarks/step_throughput.py: forward, backward, aux
-losses, AdamW) of
+times the real train step (voltron_jax.train.Runtime: forward, backward, aux losses, AdamW; synthetic
+batches) of
   - dense:        ffn='mlp', d_ff = F
   - moe-<impl>:   ffn='moe', `experts` experts, top_k, expert d_ff = F / top_k (so the top_k chosen experts
                   hold F hidden units: the same active FFN parameters and FLOPs as dense, plus the router)
-and prints tokens/s and the ratio to dense. Synthetic batches; no seqio/TensorFlow imports.
+and prints tokens/s and the ratio to dense. The variants are timed in interleaved rounds, so load from
+other processes hits them alike. No seqio/TensorFlow imports.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def load_config(spec: str):
@@ -49,6 +53,54 @@ def variants(base, experts: int, top_k: int, capacity_factor: float, impls: list
     return out
 
 
+def synthetic_batch(c) -> dict:
+    rng = np.random.default_rng(0)
+    b, t = c.data.batch_size, c.data.seq_len
+    ids = rng.integers(3, c.model.vocab_size, size=(b, t + 1), dtype=np.int32)
+    return {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+        "segment_ids": np.ones((b, t), np.int32),
+        "weights": np.ones((b, t), np.float32),
+    }
+
+
+def measure_interleaved(configs: dict, steps: int) -> dict:
+    """Median step time of each variant, timed in rounds (one step of every variant per round), so a
+    shared or throttling machine slows all variants alike; also the median per-round ratio to dense."""
+    from voltron_jax import sharding, train
+
+    runs = {}
+    for name, c in configs.items():
+        rt = train.Runtime(train.Phase("stable", None, c, None, 0, steps + 2))
+        batch = sharding.host_batch_to_global(rt.mesh, synthetic_batch(c))
+        state = rt.scratch()
+        for _ in range(2):  # compile + warm-up
+            state, m = rt.train_step(state, batch)
+        jax.block_until_ready(m["loss"])
+        runs[name] = [rt, batch, state, []]
+    for _ in range(steps):
+        for run in runs.values():
+            rt, batch, state, times = run
+            t0 = time.perf_counter()
+            state, m = rt.train_step(state, batch)
+            jax.block_until_ready(m["loss"])
+            times.append(time.perf_counter() - t0)
+            run[2] = state
+    dense = np.asarray(runs["dense"][3])
+    out = {}
+    for name, (_, _, _, times) in runs.items():
+        c = configs[name]
+        tokens = c.data.batch_size * c.data.seq_len
+        out[name] = {
+            "tokens_per_s": tokens / float(np.median(times)),
+            "ratio_to_dense": float(np.median(dense / np.asarray(times))),
+            "step_time_s": float(np.median(times)),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.py")
@@ -60,38 +112,35 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    from step_throughput import measure
-
     from voltron_jax.models import decoder
 
     base = load_config(args.config)
-    rows = {}
-    for name, c in variants(
-        base, args.experts, args.top_k, args.capacity_factor, args.impls.split(",")
-    ).items():
-        res = measure(c, args.steps)
-        res.update(
+    configs = variants(base, args.experts, args.top_k, args.capacity_factor, args.impls.split(","))
+    rows = measure_interleaved(configs, args.steps)
+    print(f"{'variant':<16}{'d_ff':>8}{'tokens/s':>14}{'vs dense':>10}{'active GFLOP/tok':>18}")
+    for name, r in rows.items():
+        c = configs[name]
+        r.update(
             variant=name,
             config=args.config,
             d_ff=c.model.d_ff,
             capacity_factor=args.capacity_factor,
+            backend=jax.default_backend(),
+            device=jax.devices()[0].device_kind,
+            steps=args.steps,
             active_flops_per_token=decoder.flops_per_token(c.model, c.data.seq_len),
         )
-        rows[name] = res
-        print(json.dumps(res), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(res) + "\n")
-    dense = rows["dense"]["tokens_per_s"]
-    print(f"\n{'variant':<16}{'d_ff':>8}{'tokens/s':>14}{'vs dense':>10}{'active GFLOP/tok':>18}")
-    for name, r in rows.items():
         print(
-            f"{name:<16}{r['d_ff']:>8}{r['tokens_per_s']:>14,.0f}{r['tokens_per_s'] / dense:>10.2f}"
+            f"{name:<16}{r['d_ff']:>8}{r['tokens_per_s']:>14,.0f}{r['ratio_to_dense']:>10.2f}"
             f"{r['active_flops_per_token'] / 1e9:>18.4f}"
         )
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
     print(
-        f"backend {rows['dense']['backend']} ({rows['dense']['device']}), {args.config}, "
-        f"{args.experts} experts top-{args.top_k}, capacity factor {args.capacity_factor}"
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.config}, "
+        f"{args.experts} experts top-{args.top_k}, capacity factor {args.capacity_factor}; 'vs dense' is "
+        f"the median over {args.steps} rounds of the per-round step-time ratio"
     )
 
 
