@@ -299,8 +299,13 @@ def make_train_iterator(
 
     Yields dict(inputs, targets, positions, segment_ids: int32[B_local, T], weights: float32[B_local, T]),
     B_local = data.batch_size / process_count. Rows are shuffled per epoch by (data.shuffle_seed, seed).
-    `cluster=i` trains on the c-BTM cluster task 'cluster_<i>' instead of the mixture.
+    `cluster=i` trains on the c-BTM cluster task 'cluster_<i>' instead of the mixture. Mixture 'passkey'
+    is the synthetic passkey-retrieval fine-tuning data (voltron_jax/eval/passkey.py).
     """
+    if mixture == "passkey":
+        from voltron_jax.eval import passkey
+
+        return passkey.PasskeyIterator.from_config(config, seed, process_index, process_count)
     return _iterator(config, mixture, "train", seed, True, process_index, process_count, cluster)
 
 
