@@ -9,7 +9,8 @@ Recipe (DESIGN.md), all on the embedded standard-library corpus:
   stable   WSD warmup + stable lr on the ICP-ordered corpus                      00_stable/
   branch   8 copies of the stable checkpoint, each trained on its cluster       01_branch/cluster_{0..7}/
   mix      btx_merge: FFNs -> 8-expert MoE, attention q/o -> 8 MoA experts,  02_mix/
-           everything else averaged, routers from per-cluster hidden means
+           everything else averaged in fp32, small random routers (the per-cluster hidden-mean
+           init, surgery.btx.centroid_router_init, is not wired into the loop yet)
   moe_ft   MoE+MoA fine-tune = the WSD decay stage on the high-quality mix     03_moe_ft/
 Each phase reports overall and per-cluster validation perplexity; the workdir ends with report.md and
 losses.png. About 15 minutes on 2 CPU cores.
