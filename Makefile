@@ -16,7 +16,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo
+	$(PY) -m voltron_jax.main --config=configs/recipe_tiny.py --workdir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check voltron_jax configs launch benchmarks tests
