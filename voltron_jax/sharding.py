@@ -38,6 +38,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("act_expert", "expert"),
     ("act_capacity", None),
+    ("act_group", ("data", "fsdp")),  # rows of the grouped MoE layout [E, B*C] (models/moe_groups.py)
 )
 
 

@@ -26,6 +26,8 @@ and a BitLinear expert keeps its own per-expert scales and norms. Three dispatch
     `ragged_dot(self, params, x [R,in], group_sizes [E]) -> [R,out]` (an instance method, called on an
     unbound instance carrying the slot's fields).
   - 'dense': every expert on every token, masked by the gates (the reference for tests).
+  - 'grouped': 'capacity' with one group per sequence (per-row capacity, batched gathers and an
+    all-to-all to the expert layout; moe_groups.py): the one that stays sharded on pods.
 Deviations: with top_k=1 the gate is the router probability itself (Switch), because a renormalised
 top-1 gate is always 1 and the router would get no LM-loss gradient (techniques-b.md 5.1). Groups for
 capacity are the whole batch (no per-device grouping); padding tokens are routed like real ones.
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 
 from voltron_jax.models.layers import Dense, param_with_axes
 
-IMPLS = ("capacity", "dropless", "dense")
+IMPLS = ("capacity", "dropless", "dense", "grouped")
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -119,6 +121,10 @@ def make_plan(experts: jax.Array, n_experts: int, impl: str, capacity_factor: fl
     a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
     if impl == "dense":
         return Plan(impl, n_experts, flat)
+    if impl == "grouped":
+        from voltron_jax.models import moe_groups
+
+        return moe_groups.make_plan(experts, n_experts, capacity_factor)
     if impl == "dropless":
         order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # [A*P] assignment of each sorted row
         inverse = jnp.zeros_like(order).at[order].set(a)  # [A*P]
@@ -162,6 +168,10 @@ def dispatch(plan: Plan, rows: jax.Array, shared: bool) -> jax.Array:
     per assignment. Returns capacity [E,C,Din] | dropless [A*P,Din] sorted by expert | dense [E,R,Din]."""
     if plan.impl == "dense":
         return jnp.broadcast_to(rows, (plan.n_experts,) + rows.shape)  # [E,R,Din]
+    if plan.impl == "grouped":
+        from voltron_jax.models import moe_groups
+
+        return moe_groups.dispatch(plan, rows, shared)
     p = plan.experts.size // rows.shape[0] if shared else 1
     out = gather_rows(rows, plan.to_expert, plan.to_assign, p)  # [R,Din]; empty capacity slots: 0
     if plan.impl == "dropless":
@@ -177,6 +187,10 @@ def combine(plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
         if shared:
             r = r // (plan.experts.size // y.shape[1])
         return y[plan.experts, r]  # [A*P,Dout]
+    if plan.impl == "grouped":
+        from voltron_jax.models import moe_groups
+
+        return moe_groups.combine(plan, y)
     return gather_rows(y.reshape(-1, y.shape[-1]), plan.to_assign, plan.to_expert, 1)  # [A*P,Dout]
 
 

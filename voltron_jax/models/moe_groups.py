@@ -1,0 +1,61 @@
+"""Per-sequence capacity dispatch (`moe.impl` / `moa.impl` = 'grouped'): GShard groups = batch rows.
+
+moe.py's 'capacity' dispatch plans over the whole batch: one cumsum over all B*T*P assignments and one
+gather of any token into any slot. Under GSPMD on a pod that gather cannot stay local, so the token rows
+and the expert buffers are replicated on every device (a 13B MoE step on v4-128 asks for 60 GiB per core;
+docs/results.md, "Pod configs (AOT)"). Here every row (sequence) is its own group, as in GShard
+(arXiv 2006.16668, section 2.2, with group = sequence):
+  - capacity per row and expert C = ceil(capacity_factor * T * P / E) (rounded up to 8, at most T),
+    priority by position, then pick, inside the row only: no token competes with another sequence's
+    (techniques-b.md 7: batch-wide dropping leaks across sequences);
+  - dispatch is a batched gather, row b's tokens into row b's [E, C] slots ([B, E*C, D], local to the
+    devices holding row b), then one transpose to the expert layout [E, B*C, D], constrained to
+    ('act_expert', 'act_group', None): experts over the 'expert' mesh axis, rows over data x fsdp. That
+    transpose is GShard's all-to-all; combine is its inverse and a batched gather back.
+The plan is moe.py's capacity plan with B = 1, vmapped over rows, so every property of that impl (gather-
+only backward, drops, gates) holds per row; with one row 'grouped' equals 'capacity' exactly.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from voltron_jax.models import moe
+
+
+def make_plan(experts: jax.Array, n_experts: int, capacity_factor: float) -> moe.Plan:
+    """Per-row plan for experts [B,T,P]: to_expert [B,E*C] (row-local assignment of each slot, T*P if
+    empty), to_assign [B,T*P] (slot of each assignment, E*C if dropped)."""
+    b, t, p = experts.shape
+    c = moe.capacity(t, p, n_experts, capacity_factor)
+
+    def row(ex):  # [T,P] -> ([E*C], [T*P])
+        plan = moe.make_plan(ex[None], n_experts, "capacity", capacity_factor)
+        return plan.to_expert, plan.to_assign
+
+    to_expert, to_assign = jax.vmap(row)(experts)
+    return moe.Plan(
+        "grouped", n_experts, experts.reshape(-1), to_expert=to_expert, to_assign=to_assign, capacity=c
+    )
+
+
+def dispatch(plan: moe.Plan, rows: jax.Array, shared: bool) -> jax.Array:
+    """rows [A,Din] (one per token, shared by its P picks) or [A*P,Din] (one per assignment) -> the
+    expert layout [E,B*C,Din]."""
+    b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
+    per_row = rows.reshape(b, -1, rows.shape[-1])  # [B,T(*P),Din]
+    p = plan.to_assign.shape[1] // per_row.shape[1] if shared else 1
+    gather = jax.vmap(lambda x, fwd, bwd: moe.gather_rows(x, fwd, bwd, p))
+    out = gather(per_row, plan.to_expert, plan.to_assign)  # [B,E*C,Din]
+    out = out.reshape(b, e, c, -1).transpose(1, 0, 2, 3).reshape(e, b * c, -1)  # [E,B*C,Din]
+    return nn.with_logical_constraint(out, ("act_expert", "act_group", None))
+
+
+def combine(plan: moe.Plan, y: jax.Array) -> jax.Array:
+    """Expert outputs y [E,B*C,Dout] -> [A*P,Dout] per assignment (dropped: zeros)."""
+    b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
+    y = y.reshape(e, b, c, -1).transpose(1, 0, 2, 3).reshape(b, e * c, -1)  # [B,E*C,Dout]
+    y = nn.with_logical_constraint(y, ("act_batch", None, None))
+    out = jax.vmap(lambda x, fwd, bwd: moe.gather_rows(x, fwd, bwd, 1))(y, plan.to_assign, plan.to_expert)
+    return out.reshape(-1, out.shape[-1])  # [A*P,Dout]
