@@ -43,7 +43,7 @@ def test_every_config_builds_and_validates(path):
         c = mod.get_config(variant)
         common.validate(c)
         model = decoder.build_model(c.model)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32))
         assert shapes["params"], (path, variant)
 
 

@@ -1,0 +1,113 @@
+"""The ~13B dense voltron seed and the c-BTX 8-expert MoE+MoA model built from it, for TPU pods.
+
+Model (LLaMA-13B shape): 40 layers, d_model 5120, 40 heads of 128 (MHA: the K/V shared by every MoA
+expert stay as wide as the dense model's), SwiGLU d_ff 13824, SentencePiece vocabulary 32000, sequence
+4096 split into two Infini-attention segments of 2048. Every technique is on: BitLinear (b1.58 ternary)
+projections, Infini-attention memory, DenseFormer DWA (dilation 4, period 2), Mixture-of-Depths on
+every second layer (capacity 1/8, causal predictor), MiniCPM tensor-program scaling and WSD schedule, In-
+Context Pretraining order. bf16 compute, fp32 params, scanned layers with full remat; attention_impl
+'auto' takes the Pallas splash kernel on TPU (voltron_jax/models/splash.py).
+
+Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
+  ''      the seed's full c-BTX recipe: stable (WSD) -> branch x8 (one per c-BTM cluster) -> mix (BTX merge
+          into 8-expert MoE + MoA) -> moe_ft (MoE fine-tune = the WSD decay stage, high-quality mix)
+  dense   the dense-only two-stage recipe: stable -> decay
+  moe     the MoE + MoA model itself (one stable phase): what the moe_ft phase trains, for AOT and sweeps
+  v4 | v5p | v5e   sharding preset and global batch for v4-128 (128 cores of 15.25 GiB), v5p-128
+          (64 chips of 95 GiB) or v5e-256 (256 chips of 16 GiB). All presets shard parameters and optimizer
+          state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x fsdp).
+Parameter counts (launch/aot_compile.py prints them, analytic and from eval_shape): seed 13.0B, MoE 87B
+(23.6B active per token: top-2 of 8 experts in FFN and attention).
+
+Runs (pods only; see docs/pods.md). Real data needs a SentencePiece model and a TFDS corpus:
+  python launch/tpu.py run --name=v13 --zone=... -- python -m voltron_jax.main --multihost \\
+      --config=configs/voltron_13b.py:v4 --workdir=gs://BUCKET/v13 \\
+      --config.data.spm_path=gs://BUCKET/spm32k.model --compilation_cache=gs://BUCKET/xla_cache
+Prove it fits before paying for a pod: python launch/aot_compile.py --config=configs/voltron_13b.py:v4
+--topology=v4:4x4x4 (and :moe,v4 --phase=... ; docs/results.md "Pod configs (AOT)").
+"""
+
+import ml_collections
+
+from configs import common
+
+MOE = "model.ffn=moe,model.attention=moa,mesh.expert=8"
+# The model variants (tests/test_configs.py builds each); any of them takes a preset too: "moe,v4".
+VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
+# preset -> (global batch, mesh). fsdp=-1 fills the devices the run has; data/tensor stay 1: at 13B the
+# full-FSDP all-gathers overlap with compute and give the smallest per-device footprint.
+PRESETS = {
+    "v4": (128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v5p": (128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v5e": (256, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+}
+
+
+def model(c) -> None:
+    """The 13.0B dense seed (configs/common.py model fields)."""
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.d_ff = 32000, 5120, 40, 13824
+    m.n_heads, m.n_kv_heads, m.head_dim = 40, 40, 128
+    m.rope_theta = 10000.0
+    m.dtype, m.remat, m.scan_layers, m.attention_impl = "bfloat16", "full", True, "auto"
+    m.scale_emb, m.scale_depth, m.dim_model_base = 12.0, 1.4, 256  # MiniCPM (arXiv 2404.06395 Table 7)
+    m.linear, m.memory, m.residual, m.routing = "bitlinear", "infini", "denseformer", "mod"
+    m.infini.segment_len = 2048
+    # DWA every 2nd block over outputs 4 apart. The paper's 4x5 makes super-blocks of lcm(5, mod.every=2)
+    # = 10 scanned layers and asks 243 GiB per v4 core (docs/results.md); 4x2 keeps them at 2 layers.
+    m.denseformer.dilation, m.denseformer.period = 4, 2
+    m.mod.capacity, m.mod.every, m.mod.causal = 0.125, 2, "predictor"
+    m.moe.n_experts, m.moe.top_k, m.moe.impl = 8, 2, "grouped"  # per-sequence capacity: stays sharded
+    m.moa.n_experts, m.moa.top_k, m.moa.impl = 8, 2, "grouped"
+
+
+def data(c) -> None:
+    d = c.data
+    d.corpus, d.vocab, d.spm_vocab_size = "tfds:c4/en", "sentencepiece", 32000
+    d.seq_len, d.batch_size = 4096, 128
+    d.ordering, d.n_clusters = "icp", 8
+    d.mixtures.decay = "corpus:1.0"  # point it at the high-quality mix of the run (data.mixtures.decay)
+
+
+def recipe(c, kind: str) -> None:
+    """Phases (steps at 128 x 4096 = 0.52M tokens per step)."""
+    c.schedule.warmup = 2000
+    c.optim.lr = 1e-2  # MiniCPM's peak; matrices get lr / (d_model / dim_model_base) = 5e-4
+    c.recipe = ml_collections.ConfigDict()
+    c.recipe.stable = common.phase(200_000, mixture="pretrain", stage="stable")  # ~105B tokens
+    if kind == "dense":
+        c.recipe.decay = common.phase(20_000, mixture="decay", stage="decay", init_from=["stable"])
+    elif kind == "":
+        c.recipe.branch = common.phase(
+            20_000, mixture="cluster", stage="stable", init_from=["stable"], fan_out=8
+        )
+        c.recipe.mix = common.phase(
+            0, stage="stable", init_from=["branch"], surgery="btx_merge", keep_optimizer=False, overrides=MOE
+        )
+        c.recipe.moe_ft = common.phase(
+            20_000, mixture="decay", stage="decay", init_from=["mix"], keep_optimizer=False, overrides=MOE
+        )
+
+
+def get_config(arg: str = ""):
+    tokens = [t for t in arg.split(",") if t]
+    unknown = [t for t in tokens if t not in ("dense", "moe", *PRESETS)]
+    kinds = [t for t in tokens if t in ("dense", "moe")]
+    presets = [t for t in tokens if t in PRESETS]
+    if unknown or len(kinds) > 1 or len(presets) > 1:
+        raise ValueError(
+            f"configs/voltron_13b.py: bad variant {arg!r}; use comma-separated tokens, at most one "
+            f"of dense|moe and one of {'|'.join(PRESETS)} (e.g. 'moe,v4')."
+        )
+    kind = kinds[0] if kinds else ""
+    c = common.get_default()
+    model(c)
+    data(c)
+    recipe(c, "dense" if kind == "dense" else ("" if kind == "" else "moe"))
+    c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 50, 2000, 1000, 8
+    if presets:
+        c.data.batch_size, mesh = PRESETS[presets[0]]
+        c.mesh.update(mesh)
+    if kind == "moe":
+        c = common.apply_overrides(c, MOE)
+    return c

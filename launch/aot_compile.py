@@ -1,0 +1,270 @@
+"""Ahead-of-time compile the REAL train step for a TPU topology on a CPU host (libtpu), before renting it.
+
+    python launch/aot_compile.py --config=configs/voltron_13b.py:v4 --topology=v4:4x4x4 [--phase=stable]
+        [--step_time=12.5] [--json=out.jsonl] [--config.data.batch_size=256 ...]
+
+Builds `train.Runtime` for the phase (mesh, model, optimizer, shardings, jitted train step) over the
+topology's devices (`jax.experimental.topologies.get_topology_desc`), lowers the step with
+`jax.ShapeDtypeStruct` arguments carrying their shardings and compiles it with libtpu. Prints the
+parameter count (analytic and from eval_shape), per-device memory (arguments, outputs, temporaries,
+generated code) against the HBM libtpu reports for the device, compile time, host RAM used, analytic
+FLOPs per step (3 x decoder.flops_per_token; XLA's cost analysis counts a scanned layer once) and the
+MFU that a measured --step_time would mean. A step that does not fit is reported, not raised: libtpu
+refuses it with the bytes it needed. Exit status: 0 fits, 1 does not fit, 2 bad input.
+
+Topologies are libtpu names TYPE:AxB[xC]: v4:2x2x1 (8 devices: a v4 chip is 2 JAX devices here),
+v4:4x4x4 (v4-128), v5p:4x4x4 (v5p-128, 64 chips), v5e:2x2, v5e:16x16 (v5e-256), v6e:4x4 ...
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Compile on the CPU host; quiet libtpu's TPU-VM discovery (there is no TPU VM metadata here).
+for _k, _v in (
+    ("JAX_PLATFORMS", "cpu"),
+    ("TPU_SKIP_MDS_QUERY", "1"),
+    ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ("TPU_ACCELERATOR_TYPE", "v4-8"),
+    ("TF_CPP_MIN_LOG_LEVEL", "3"),
+):
+    os.environ.setdefault(_k, _v)
+if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+    # No TPU chips on this host: let several compiles load libtpu at once (its lockfile guards chips).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+GIB = 2**30
+# bf16 dense peak per chip (datasheets). JAX exposes v4 chips as 2 devices in these topologies.
+PEAK_PER_CHIP = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12, "v6e": 918e12, "v5litepod": 197e12}
+EXAMPLES = "v4:2x2x1, v4:4x4x4 (v4-128), v5p:2x2x1, v5p:4x4x4 (v5p-128), v5e:2x2, v5e:16x16, v6e:4x4"
+
+
+class TopologyError(ValueError):
+    """A topology name libtpu does not know (or no libtpu)."""
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a libtpu topology such as 'v4:4x4x4'; TopologyError with one clear message."""
+    from jax.experimental import topologies
+
+    if not re.fullmatch(r"[a-z0-9]+:\d+(x\d+){1,2}", name):
+        raise TopologyError(f"topology {name!r} is not of the form TYPE:AxB[xC]; e.g. {EXAMPLES}.")
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:  # libtpu raises JaxRuntimeError (unknown type, bad shape) or is missing
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TopologyError(
+            f"unknown TPU topology {name!r} ({detail}); use a libtpu topology name such as {EXAMPLES} "
+            "(libtpu must be installed: pip install -e '.[aot]')."
+        ) from e
+
+
+def chips(name: str) -> int:
+    return math.prod(int(x) for x in name.split(":")[1].split("x"))
+
+
+def available_hbm(devices) -> float:
+    """Usable HBM bytes per device, as libtpu reports it when a probe program overflows it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices[:1]), ("x",))
+    probe = jax.ShapeDtypeStruct((2**40 // 4,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    try:
+        jax.jit(lambda a: a * 2 + 1).lower(probe).compile()
+    except Exception as e:
+        m = re.search(r"available HBM \(([\d.]+)([GMK])\)", str(e))
+        if m:
+            return float(m.group(1)) * {"G": GIB, "M": 2**20, "K": 2**10}[m.group(2)]
+    return float("nan")
+
+
+def param_counts(m) -> dict[str, float]:
+    """Analytic counts of the backbone matrices: total and active per token (MoE/MoA experts top_k of E).
+
+    Small technique tensors (norm gains, routers' predictors, DWA alphas, gates) are left out; the
+    eval_shape count includes them."""
+    k = m.head_dim or m.d_model // m.n_heads
+    d, n_layers = m.d_model, m.n_layers
+    q_o, k_v, ffn = 2 * d * m.n_heads * k, 2 * d * m.n_kv_heads * k, 3 * d * m.d_ff
+    e_att, p_att = (m.moa.n_experts, m.moa.top_k) if m.attention == "moa" else (1, 1)
+    e_ffn, p_ffn = (m.moe.n_experts, m.moe.top_k) if m.ffn == "moe" else (1, 1)
+    routers = d * (e_att if e_att > 1 else 0) + d * (e_ffn if e_ffn > 1 else 0)
+    embed = m.vocab_size * d * (1 if m.tie_embeddings else 2)
+    total = embed + n_layers * (e_att * q_o + k_v + e_ffn * ffn + routers)
+    active = embed + n_layers * (p_att * q_o + k_v + p_ffn * ffn + routers)
+    return {"total": float(total), "active": float(active)}
+
+
+def abstract_batch(config, mesh) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from voltron_jax import sharding
+
+    b, t = config.data.batch_size, config.data.seq_len
+    sh = sharding.batch_sharding(mesh)
+    kinds = dict(
+        inputs=jnp.int32, targets=jnp.int32, positions=jnp.int32, segment_ids=jnp.int32, weights=jnp.float32
+    )
+    return {k: jax.ShapeDtypeStruct((b, t), dt, sharding=sh) for k, dt in kinds.items()}
+
+
+def select_phase(config, name: str):
+    from etils import epath
+
+    from voltron_jax import train
+
+    phases = train.phases(config, epath.Path("/nonexistent/aot"))  # paths only; nothing is created
+    if not name:
+        return phases[0]
+    for ph in phases:
+        if ph.name == name:
+            return ph
+    raise ValueError(f"--phase={name!r} is not in the recipe; phases: {sorted({p.name for p in phases})}.")
+
+
+def compile_step(config, topology: str, phase_name: str = "", step_time: float = 0.0) -> dict:
+    """AOT-compile the phase's train step for `topology`; returns the report as a dict."""
+    import flax.linen as nn
+    import jax
+
+    from configs import common
+    from voltron_jax import sharding, train
+    from voltron_jax.models import decoder
+
+    devices = topology_devices(topology)
+    phase = select_phase(config, phase_name)
+    c = phase.config
+    common.validate(c, n_devices=len(devices))
+    t0 = time.time()
+    rt = train.Runtime(phase, devices=devices)
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(rt.abstract.params))
+    warnings.filterwarnings("ignore", message=".*context manager has been deprecated.*")
+    with rt.mesh, nn.logical_axis_rules(sharding.RULES):  # the context a TPU run traces under
+        lowered = rt.train_step.lower(rt.abstract, abstract_batch(c, rt.mesh))
+    t_lower = time.time() - t0
+    out = dict(
+        topology=topology,
+        phase=phase.name,
+        devices=len(devices),
+        device_kind=devices[0].device_kind,
+        mesh=dict(rt.mesh.shape),
+        batch=c.data.batch_size,
+        seq_len=c.data.seq_len,
+        params=n_params,
+        params_analytic=param_counts(c.model),
+        lower_s=t_lower,
+        hbm_bytes=available_hbm(devices),
+    )
+    t1 = time.time()
+    try:
+        mem = lowered.compile().memory_analysis()
+        out.update(
+            fits=True,
+            arguments=mem.argument_size_in_bytes,
+            outputs=mem.output_size_in_bytes,
+            aliased=mem.alias_size_in_bytes,
+            temporaries=mem.temp_size_in_bytes,
+            code=mem.generated_code_size_in_bytes,
+        )
+        out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    except Exception as e:  # libtpu: RESOURCE_EXHAUSTED with the bytes it needed
+        msg = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
+            raise
+        out.update(fits=False, error=msg)
+    out["compile_s"] = time.time() - t1
+    out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = c.data.batch_size * c.data.seq_len
+    out["flops_per_step"] = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens
+    peak = chips(topology) * PEAK_PER_CHIP.get(topology.split(":")[0], float("nan"))
+    out["peak_flops"] = peak
+    out["step_time_s"] = step_time
+    out["mfu"] = out["flops_per_step"] / step_time / peak if step_time > 0 else None
+    return out
+
+
+def count(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def render(r: dict) -> str:
+    g = lambda b: f"{b / GIB:.2f} GiB"
+    a = r["params_analytic"]
+    lines = [
+        f"topology {r['topology']}: {r['devices']} x {r['device_kind']}, HBM {g(r['hbm_bytes'])} per device; "
+        f"mesh {r['mesh']}; phase {r['phase']}; batch {r['batch']} x {r['seq_len']} tokens",
+        f"params: {count(r['params'])} (eval_shape); analytic backbone {count(a['total'])} total, "
+        f"{count(a['active'])} active per token",
+    ]
+    if r["fits"]:
+        lines.append(
+            f"per device: arguments {g(r['arguments'])}, outputs {g(r['outputs'])} "
+            f"(aliased {g(r['aliased'])}), "
+            f"temporaries {g(r['temporaries'])}, code {g(r['code'])}; total {g(r['total'])} of "
+            f"{g(r['hbm_bytes'])} ({100 * r['total'] / r['hbm_bytes']:.0f}%): FITS"
+        )
+    else:
+        lines.append(f"DOES NOT FIT: {r['error']}")
+    lines.append(
+        f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, host peak RSS "
+        f"{g(r['host_peak_rss_bytes'])}"
+    )
+    lines.append(
+        f"analytic FLOPs per step {r['flops_per_step']:.3e} (3 x forward); peak "
+        f"{r['peak_flops']:.3e} FLOP/s for {chips(r['topology'])} chips; 50% MFU = "
+        f"{r['flops_per_step'] / (0.5 * r['peak_flops']):.2f} s per step"
+    )
+    if r["mfu"] is not None:
+        lines.append(
+            f"at {r['step_time_s']} s per step: MFU {r['mfu']:.3f}, "
+            f"{r['batch'] * r['seq_len'] / r['step_time_s']:,.0f} tokens/s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    cfg = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    topo = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v4:4x4x4 or v5p:4x4x4.")
+    phase = flags.DEFINE_string("phase", "", "Recipe phase to compile (default: the first).")
+    step_time = flags.DEFINE_float("step_time", 0.0, "Measured seconds per step, for the MFU it implies.")
+    json_out = flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.")
+    flags.FLAGS(argv)
+    if cfg.value is None or not topo.value:
+        print(
+            "usage: python launch/aot_compile.py --config=configs/x.py[:variant] --topology=v4:4x4x4",
+            file=sys.stderr,
+        )
+        return 2
+    from configs.common import ConfigError
+
+    try:
+        r = compile_step(cfg.value, topo.value, phase.value, step_time.value)
+    except (TopologyError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    print(render(r), flush=True)
+    if json_out.value:
+        with open(json_out.value, "a") as f:
+            f.write(json.dumps(r, default=float) + "\n")
+    return 0 if r["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
