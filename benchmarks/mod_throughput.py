@@ -6,8 +6,9 @@
 Builds the real train step (voltron_jax.train.Runtime: forward, backward, aux losses, AdamW) for the base
 config (dense) and for routing='mod' (same layers, same parameters plus the router/predictor), then
 alternates timed rounds of `steps` steps between the two (dense, MoD, dense, MoD, ...) so that a shared,
-busy machine slows both alike, and reports the median tokens/s of each and their ratio, beside the ratio
-of analytic training FLOPs. Synthetic batches; no seqio/TensorFlow imports. On one GPU:
+busy machine slows both alike, and reports the median tokens/s of each, their ratio and the median of the
+per-round ratios, beside the ratio of analytic training FLOPs. Synthetic batches; no seqio/TensorFlow
+imports. On one GPU:
     python benchmarks/mod_throughput.py --config=configs/bench_1b.py
 (goal from issue 5: MoD at c=0.125 on every other block >= 1.55x dense tokens/s).
 """
@@ -105,6 +106,9 @@ def main():
         / decoder.flops_per_token(mod.model, mod.data.seq_len),
     }
     res["speedup_mod_over_dense"] = res["mod_tokens_per_s"] / res["dense_tokens_per_s"]
+    per_round = [d / m for d, m in zip(arms["dense"][3], arms["mod"][3], strict=True)]
+    res["speedup_per_round"] = [round(x, 3) for x in per_round]
+    res["speedup_median_per_round"] = float(np.median(per_round))
     print(json.dumps(res, indent=1))
     if a.json:
         with open(a.json, "a") as f:
