@@ -9,8 +9,9 @@ The tiny shape (4 layers, d=256, seq 256) with batch 8 and a short WSD run (100 
 steps). 'mod': MoD at capacity 0.125 on every other block (layers 1 and 3), predictor for causal
 sampling, the same steps as 'dense'. 'mod_flops': the same MoD model trained for as many training FLOPs
 as 'dense' (steps scaled by the analytic FLOPs ratio, ~1.7x). 'mod_aux': the router-BCE causal fix
-instead of the predictor. Expect MoD slightly worse than dense at equal steps and closer at equal FLOPs
-(the paper's win needs isoFLOP-optimal, larger MoD models).
+instead of the predictor. Measured (docs/results.md, "Mixture-of-Depths"): at this length MoD beats the
+4-layer dense model at equal steps (val ~2.44 vs ~2.51, as does a 2-layer dense model: shallow nets learn
+faster early) and reaches ~2.20 at equal FLOPs; causal (predictor) routing costs < 0.01 nats vs top-k.
 """
 
 from configs import tiny

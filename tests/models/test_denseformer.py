@@ -122,17 +122,25 @@ def test_fused_equals_naive_loop_values_and_grads(k, p):
     stack, params = _stack_init(c)
     x, pos = _inputs()
     ct = jax.random.normal(jax.random.key(5), (B, T, D))
-    fused = lambda p_, x_: jnp.sum(jnp.sin(stack.apply({"params": p_}, x_, pos)) * ct)
-    naive = lambda p_, x_: jnp.sum(jnp.sin(_naive(c, p_, x_, pos)) * ct)
-    grad_fused = jax.jit(jax.grad(fused, argnums=(0, 1)))
-    g_init = np.asarray(grad_fused(params, x)[0]["dwa_weights"]["alpha"])
+
+    def value_and_grads(forward):
+        def loss(p_, x_):
+            y = forward(p_, x_)
+            return jnp.sum(jnp.sin(y) * ct), y
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+    fused = value_and_grads(lambda p_, x_: stack.apply({"params": p_}, x_, pos))
+    naive = value_and_grads(lambda p_, x_: _naive(c, p_, x_, pos))
+    g_init = np.asarray(fused(params, x)[1][0]["dwa_weights"]["alpha"])
     assert g_init.shape == (denseformer.n_alpha(4, k, p),) and np.all(g_init != 0), g_init
     params = _random_alpha(params)
-    np.testing.assert_allclose(jax.jit(fused)(params, x), jax.jit(naive)(params, x), rtol=1e-5)
-    run = jax.jit(lambda x_: stack.apply({"params": params}, x_, pos))  # DWA mixes depths, never positions
-    np.testing.assert_array_equal(run(x.at[:, 9:].add(1.0))[:, :9], run(x)[:, :9])
-    gf, gn = grad_fused(params, x), jax.jit(jax.grad(naive, argnums=(0, 1)))(params, x)
+    (lf, yf), gf = fused(params, x)
+    (ln, yn), gn = naive(params, x)
+    np.testing.assert_allclose(yf, yn, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), gf, gn)
+    y2 = fused(params, x.at[:, 9:].add(1.0))[0][1]  # DWA mixes depths, never positions
+    np.testing.assert_array_equal(y2[:, :9], yf[:, :9])
 
 
 @pytest.mark.parametrize("routing,k,p,remat", [("none", 2, 2, "full"), ("mod", 1, 1, "none")])
@@ -145,22 +153,19 @@ def test_scan_equals_unrolled_values_and_grads(routing, k, p, remat):
     stack, params = _stack_init(c)
     params = _random_alpha(params)
     size = stack.period
-    scanned = _regroup(params, size, True)
     stack_s = decoder.build_model(cs.model).stack()
     x, pos = _inputs()
 
-    def loss(mod, p_):
-        out, cols = mod.apply({"params": p_}, x, pos, mutable=["aux_loss"])
-        return jnp.sum(out**2) + sum(jnp.sum(v) for v in jax.tree.leaves(cols))
+    def value_and_grad(mod, p_):
+        def loss(p_):
+            out, cols = mod.apply({"params": p_}, x, pos, mutable=["aux_loss"])
+            return jnp.sum(out**2) + sum(jnp.sum(v) for v in jax.tree.leaves(cols)), out
 
-    np.testing.assert_allclose(
-        jax.jit(stack_s.apply)({"params": scanned}, x, pos),
-        jax.jit(stack.apply)({"params": params}, x, pos),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    g = jax.jit(jax.grad(lambda p_: loss(stack, p_)))(params)
-    gs = jax.jit(jax.grad(lambda p_: loss(stack_s, p_)))(scanned)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(p_)
+
+    (_, y), g = value_and_grad(stack, params)
+    (_, ys), gs = value_and_grad(stack_s, _regroup(params, size, True))
+    np.testing.assert_allclose(ys, y, rtol=1e-5, atol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _regroup(g, size, True), gs
     )
