@@ -21,7 +21,8 @@ Two code paths compute the same thing:
     activations), so the carry instead holds one fp32 *pending sum* per DWA, acc [Q,B,T,D] (Q = L // p):
     each new X_j is pushed into every later DWA of its residue class, acc_q += alpha_{i_q j} X_j. The
     push is linear in acc, so the backward pass saves only the X_j (O(L) activations); it costs Q
-    elementwise multiply-adds per layer instead of the unrolled path's |S_i| per DWA.
+    elementwise multiply-adds per layer instead of the unrolled path's |S_i| per DWA (on a CPU at d=64,
+    24 blocks, 1x1: +61% step time scanned vs +5% unrolled; docs/results.md).
 Deviations: with remat, each layer (not each super-block) is rematerialised, so a super-block's saved
 inputs never include the accumulators; the DWA sums are computed in fp32 and cast to the compute dtype.
 """
