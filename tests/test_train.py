@@ -203,3 +203,16 @@ def test_loop_feeds_the_global_step_to_the_state_collection():
         for s in (0, 5, 10, 20)
     }
     assert at[0] != at[10] and at[5] not in (at[0], at[10]) and at[10] == at[20]
+
+
+def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
+    """`make demo` passes a relative workdir; Orbax's writer needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    ck = checkpoint.Checkpointer("runs/demo/00_stable/ckpt", async_save=True)
+    ck.save(3, {"w": jax.numpy.arange(4.0)}, {"epoch": 0}, {"phase": "stable"})
+    ck.wait()
+    state, data, meta = ck.restore()
+    np.testing.assert_array_equal(state["w"], np.arange(4.0))
+    assert (data, meta, ck.latest_step()) == ({"epoch": 0}, {"phase": "stable"}, 3)
+    ck.close()
+    assert train.check_workdir("runs/demo") == tmp_path / "runs" / "demo"

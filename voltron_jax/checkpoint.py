@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 
@@ -42,7 +43,8 @@ class Checkpointer:
     """
 
     def __init__(self, directory, keep: int = 2, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        # Orbax's tensorstore writer needs absolute local paths (bucket URLs are absolute already).
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} is a file, not a checkpoint folder; point the workdir "
                                   "at a folder (it is created on the first save).")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -407,7 +408,8 @@ def run_phase(
 
 
 def check_workdir(workdir: str) -> epath.Path:
-    path = epath.Path(workdir)
+    """The workdir as an absolute path (or bucket URL), created and proven writable."""
+    path = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_probe.{jax.process_index()}"  # hosts may share the folder
