@@ -57,8 +57,9 @@ def model(c) -> None:
     # = 10 scanned layers and asks 243 GiB per v4 core (docs/results.md); 4x2 keeps them at 2 layers.
     m.denseformer.dilation, m.denseformer.period = 4, 2
     m.mod.capacity, m.mod.every, m.mod.causal = 0.125, 2, "predictor"
-    m.moe.n_experts, m.moe.top_k, m.moe.impl = 8, 2, "grouped"  # per-sequence capacity: stays sharded
-    m.moa.n_experts, m.moa.top_k, m.moa.impl = 8, 2, "grouped"
+    # per-sequence capacity (stays sharded on pods); 1.25 x the even share of each expert (GShard/Switch)
+    m.moe.n_experts, m.moe.top_k, m.moe.impl, m.moe.capacity_factor = 8, 2, "grouped", 1.25
+    m.moa.n_experts, m.moa.top_k, m.moa.impl, m.moa.capacity_factor = 8, 2, "grouped", 1.25
 
 
 def data(c) -> None:
