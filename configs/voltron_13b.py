@@ -23,8 +23,8 @@ Runs (pods only; see docs/pods.md). Real data needs a SentencePiece model and a 
   python launch/tpu.py run --name=v13 --zone=... -- python -m voltron_jax.main --multihost \\
       --config=configs/voltron_13b.py:v4 --workdir=gs://BUCKET/v13 \\
       --config.data.spm_path=gs://BUCKET/spm32k.model --compilation_cache=gs://BUCKET/xla_cache
-Prove it fits before paying for a pod: python launch/aot_compile.py --config=configs/voltron_13b.py:v4
---topology=v4:4x4x4 (and :moe,v4 --phase=... ; docs/results.md "Pod configs (AOT)").
+Prove it fits before paying for a pod (docs/results.md, "Pod configs (AOT)"):
+  python launch/aot_compile.py --config=configs/voltron_13b.py:moe,v5p --topology=v5p:4x4x4
 """
 
 import ml_collections
@@ -86,7 +86,7 @@ def recipe(c, kind: str) -> None:
             0, stage="stable", init_from=["branch"], surgery="btx_merge", keep_optimizer=False, overrides=MOE
         )
         c.recipe.moe_ft = common.phase(
-            20_000, mixture="decay", stage="decay", init_from=["mix"], keep_optimizer=False, overrides=MOE
+            20_000, mixture="decay", stage="decay", init_from=["mix"], overrides=MOE
         )
 
 
