@@ -108,8 +108,8 @@ def test_merge_stacks_bitwise_and_averages_in_fp32(seed_expert):
             for i, s in enumerate(src):  # expert i is source i, bit for bit (the seed last)
                 np.testing.assert_array_equal(np.take(val, i, axis=axis), np.asarray(s[path]))
         else:
-            averaged.append(path)
-            want = np.mean([np.asarray(s[path], np.float64) for s in src[: len(branches)]], axis=0)
+            averaged.append(path)  # over every expert tree, the seed expert included (spec 5.1, BTX)
+            want = np.mean([np.asarray(s[path], np.float64) for s in src], axis=0)
             np.testing.assert_allclose(val, want.astype(np.float32), rtol=1e-6, atol=1e-7)
     names = {p[-2] for p in stacked}
     assert names == {"gate", "up", "down", "q", "o"}, names

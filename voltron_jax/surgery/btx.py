@@ -7,23 +7,25 @@ Pure functions on 'params' trees (nested dicts of arrays; numpy or jax), no I/O,
 is described by `target_shapes`, the params of `jax.eval_shape(model.init, ...)` for the MoE/MoA model
 (boxed leaves keep their logical axis names, which locate the expert axis). Key mapping of
 `btx_merge`, decided per target leaf p (the output has exactly the target's paths, shapes, dtypes):
-  - p in the sources with the same shape: the fp32 mean over the branches (attention k/v, norms,
-    embeddings, LM head, latent BitLinear kernels and norm gains, DenseFormer alpha, MoD routers,
-    Infini beta, ...). The seed expert, if any, is not part of the mean.
+  - p in the sources with the same shape: the fp32 mean over the experts' source trees (attention
+    k/v, norms, embeddings, LM head, latent BitLinear kernels and norm gains, DenseFormer alpha, MoD
+    routers, Infini beta, ...). A seed expert is part of the mean: spec 5.1 averages over every
+    expert checkpoint, and BTX merges the seed as one more expert model (mean over N + 1 trees).
   - p in the sources, the target has one more axis, 'expert' (MoE ffn/{gate,up,down}/..., MoA
     attn/{q,o}/...): the sources stacked on that axis, branch i -> expert i, the seed last. After the
     layers axis when layers are scanned ([L,E,...]), first otherwise ([E,...]).
   - p in the sources, last axis top_k times longer, under an attention core (Infini beta per query
     head: the MoA core sees top_k * H heads): the mean tiled into the core head order of moa.py.
   - p not in the sources and named 'router' (MoE / MoA routers [..., D, E]): N(0, router_std^2), or
-    from per-cluster centroids (`centroid_router_init`); never all-zero (top-k ties pick experts 0..k-1).
+    from per-cluster centroids (`centroid_router_init`; the seed expert's column stays small-random);
+    never all-zero (top-k ties pick experts 0..k-1).
   - anything else (a target leaf without source, a source leaf without target) is an error.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -143,7 +145,7 @@ def btx_merge(
       target_shapes: params of `jax.eval_shape(target_model.init, ...)` (boxed or plain).
       router_init: 'random' (N(0, router_std^2)) or 'centroid' (needs `centroids`).
       centroids: {router path: [..., N, D] per-cluster mean router inputs} from `centroid_router_init`.
-      seed_params: optional dense params appended as the last ("generalist") expert.
+      seed_params: optional dense params appended as the last ("generalist") expert; also averaged.
       key: jax PRNG key for router init (default key 0).
     Returns: nested dicts of numpy arrays with the target's paths, shapes and dtypes.
     """
@@ -193,7 +195,7 @@ def _merge_leaf(path, shape, dtype, srcs: list, experts: list, axis: int | None,
         validate(len(srcs), shape[axis], len(experts) > len(srcs))
         return np.stack([np.asarray(s[path]) for s in experts], axis=axis)
     if path in srcs[0]:
-        val = _fp32_mean([s[path] for s in srcs])
+        val = _fp32_mean([s[path] for s in experts])  # branches and the seed expert, if any
         if val.shape != shape and "core" in path:
             val = _tile_core_heads(val, shape, path, srcs[0])
         return val
@@ -258,14 +260,22 @@ def centroid_router_init(model, params, cluster_batches: Sequence[Iterable]) -> 
 
     `model` is the merged model (flax Module), `params` its params (e.g. btx_merge with random routers),
     `cluster_batches[i]` an iterable of token-id batches [B,T] from cluster i. The router input is the
-    block's normalised hidden state, recorded by moe.route as 'intermediates/.../router_input_mean'."""
+    block's normalised hidden state, recorded by moe.route as 'intermediates/.../router_input_mean'.
+    The train loop runs the same reduction on its own mesh and batches (`router_centroids`)."""
     run = jax.jit(lambda p, ids: model.apply({"params": p}, ids, mutable=["intermediates"])[1])
+    return router_centroids(lambda ids: run(params, ids)["intermediates"], cluster_batches)
+
+
+def router_centroids(forward: Callable[[object], dict], cluster_batches: Sequence[Iterable]) -> dict:
+    """{router path: [..., N, D]}: the mean over cluster i's batches of each router's mean input.
+
+    `forward(batch)` returns a model's sown 'intermediates' collection for one batch (any batch format
+    the caller's model takes; arrays on the host or fully replicated)."""
     per_cluster = []
     for i, batches in enumerate(cluster_batches):
         sums, n = {}, 0
-        for ids in batches:
-            inter = T.flatten(run(params, ids)["intermediates"])
-            for path, val in inter.items():
+        for batch in batches:
+            for path, val in T.flatten(forward(batch)).items():
                 if "router_input_mean" in path:
                     r = path[: path.index("router_input_mean")] + ("router",)
                     sums[r] = sums.get(r, 0.0) + np.asarray(val, np.float32)
