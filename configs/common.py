@@ -26,6 +26,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 STAGES = ("stable", "decay")
+ROUTER_INITS = ("random", "centroid")
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,8 @@ def phase(steps: int, mixture: str = "pretrain", stage: str = "stable", init_fro
       mixture: data mixture name (see voltron_jax/data/tasks.py), or 'cluster' for fan-out phases.
       stage: 'stable' (WSD warmup + constant) or 'decay' (WSD decay starts at this phase's first step).
       init_from: phases whose final checkpoints initialise this one (empty: scratch).
-      surgery: name of a surgery function applied to the `init_from` params ('' = identity).
+      surgery: name of a surgery function applied to the `init_from` params ('' = identity); its
+        options are `config.surgery` (per phase via `overrides`, e.g. "surgery.router_init=random").
       keep_optimizer: carry the parent's optimizer state (only with exactly one parent and no surgery).
       fan_out: > 0 runs this phase as that many independent members (one per data cluster).
       overrides: "a.b=value,c.d=value" applied to the config for this phase only (e.g. the MoE model of a
@@ -186,6 +188,16 @@ def get_default() -> ml_collections.ConfigDict:
     t.profile_step = -1
     t.eval_clusters = False  # also report validation loss per data cluster (needs data prepare)
 
+    # ---------------------------------------------------------------- surgery (phases with init.surgery)
+    # voltron_jax/surgery; techniques-b.md 5.1. Routers of a 'btx_merge': router_init random
+    # (N(0, model.moe.router_init_std^2)) | centroid (column i = router_scale * (mu_i - mean mu) / |.|,
+    # mu_i the mean router input of centroid_batches TRAINING batches of cluster i, i.e. of the branch
+    # that becomes expert i, run through the randomly-routed merge). seed_expert: the branches' parent
+    # phase (the seed) is one more, last expert, also averaged into the shared params; needs
+    # model.moe.n_experts = model.moa.n_experts = branches + 1 (its router column stays random).
+    c.surgery = ml_collections.ConfigDict(dict(
+        router_init="random", centroid_batches=4, router_scale=1.0, seed_expert=False))
+
     # ---------------------------------------------------------------- recipe
     c.recipe = ml_collections.ConfigDict()
     c.recipe.stable = phase(200, mixture="pretrain", stage="stable")
@@ -285,6 +297,20 @@ def phase_steps(ph: ml_collections.ConfigDict, max_steps: int = 0) -> int:
     return min(ph.steps, max_steps) if max_steps > 0 else ph.steps
 
 
+def seed_phase(recipe: ml_collections.ConfigDict, name: str) -> str:
+    """The seed of merge phase `name` (surgery.seed_expert): the one phase that all its parents (the
+    branches) start from."""
+    seeds = sorted({g for p in parents(recipe[name]) for g in parents(recipe[p])})
+    if len(seeds) != 1:
+        _fail(f"recipe.{name}: surgery.seed_expert needs its parents {parents(recipe[name])} to start "
+              f"from one seed phase, but they start from {seeds or 'scratch'}; set "
+              "surgery.seed_expert=False.")
+    if recipe[seeds[0]].fan_out:
+        _fail(f"recipe.{name}: the seed phase {seeds[0]!r} is a fan-out phase; the seed expert must be one "
+              "dense checkpoint.")
+    return seeds[0]
+
+
 def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_collections.ConfigDict:
     """Reject configs that cannot run, before any compile. Returns the config for chaining."""
     m = c.model
@@ -327,6 +353,10 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         if c.aux_weights[name] < 0:
             _fail(f"aux_weights.{name} must be >= 0.")
 
+    _choice("surgery.router_init", c.surgery.router_init, ROUTER_INITS)
+    if c.surgery.centroid_batches < 1 or c.surgery.router_scale <= 0:
+        _fail("surgery.centroid_batches must be >= 1 and surgery.router_scale > 0.")
+
     _validate_recipe(c)
 
     if n_devices is not None:
@@ -367,8 +397,9 @@ def _validate_recipe(c):
             _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
         if ph.stage == "decay":
             decay_phases.append(name)
-        if ph.overrides:
-            apply_overrides(c, ph.overrides)
+        pc = apply_overrides(c, ph.overrides) if ph.overrides else c
+        if ph.init.surgery and parents(ph):
+            _validate_surgery(c, name, pc)
     if sched.name == "wsd":
         first = order[0]
         if sched.warmup > phase_steps(recipe[first], c.max_steps) and c.max_steps <= 0:
@@ -380,3 +411,31 @@ def _validate_recipe(c):
     elif decay_phases:
         _fail(f"recipe phases {decay_phases} have stage='decay', which needs schedule.name='wsd' "
               f"(got {sched.name!r}).")
+
+
+def _validate_surgery(c, name: str, pc):
+    """Surgery options of merge phase `name` (its own config `pc`): known values, expert counts."""
+    recipe, ph, s = c.recipe, c.recipe[name], pc.surgery
+    _choice(f"recipe.{name}: surgery.router_init", s.router_init, ROUTER_INITS)
+    if ph.init.surgery != "btx_merge":
+        if s.router_init != "random" or s.seed_expert:
+            _fail(f"recipe.{name}: surgery.router_init={s.router_init!r} / "
+                  f"surgery.seed_expert={s.seed_expert} apply to init.surgery='btx_merge' only, "
+                  f"not {ph.init.surgery!r}; set them back to 'random' / False for this phase "
+                  f"(recipe.{name}.overrides).")
+        return
+    if s.router_init == "centroid":
+        for p in parents(ph):
+            if not recipe[p].fan_out:
+                _fail(f"recipe.{name}: surgery.router_init='centroid' needs every parent to be a fan-out "
+                      f"phase (member i trains on data cluster i and becomes expert i); {p!r} is not.")
+    if s.seed_expert:
+        seed_phase(recipe, name)
+    branches = sum(recipe[p].fan_out or 1 for p in parents(ph))
+    want = branches + int(s.seed_expert)
+    for slot, sub in (("ffn", "moe"), ("attention", "moa")):
+        if pc.model[slot] == sub and pc.model[sub].n_experts != want:
+            seed = " + 1 seed expert (surgery.seed_expert)" if s.seed_expert else ""
+            _fail(f"recipe.{name}: {branches} branches{seed} make {want} experts, but "
+                  f"model.{sub}.n_experts={pc.model[sub].n_experts}; set model.moe.n_experts and "
+                  f"model.moa.n_experts to {want}.")

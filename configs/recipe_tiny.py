@@ -9,14 +9,17 @@ Recipe (DESIGN.md), all on the embedded standard-library corpus:
   stable   WSD warmup + stable lr on the ICP-ordered corpus                      00_stable/
   branch   8 copies of the stable checkpoint, each trained on its cluster       01_branch/cluster_{0..7}/
   mix      btx_merge: FFNs -> 8-expert MoE, attention q/o -> 8 MoA experts,  02_mix/
-           everything else averaged in fp32, small random routers (the per-cluster hidden-mean
-           init, surgery.btx.centroid_router_init, is not wired into the loop yet)
+           everything else averaged in fp32; centroid routers (surgery.router_init='centroid'):
+           column i = the centred, normalised mean router input of 4 training batches of cluster i,
+           run through the randomly-routed merge (`--config.surgery.router_init=random`: N(0, 0.02^2))
   moe_ft   MoE+MoA fine-tune = the WSD decay stage on the high-quality mix     03_moe_ft/
 Each phase reports overall and per-cluster validation perplexity; the workdir ends with report.md and
 losses.png. About 15 minutes on 2 CPU cores.
 
-Variants: `:continue` is the dense baseline for the c-BTX comparison: the seed continued for the same
-tokens as the branches plus the fine-tune, with the same decay. `:test` is a seconds-long smoke size.
+Variants (comma-separated, e.g. `:test,seed_expert`): `:continue` is the dense baseline for the c-BTX
+comparison: the seed continued for the same tokens as the branches plus the fine-tune, with the same
+decay. `:seed_expert` merges the stable checkpoint as a 9th, generalist expert (BTX; 9 MoE and 9 MoA
+experts, the seed also averaged into the shared params). `:test` is a seconds-long smoke size.
 """
 
 import ml_collections
@@ -24,16 +27,23 @@ import ml_collections
 from configs import common
 
 MOE_MODEL = "model.ffn=moe,model.attention=moa"
+VARIANTS = ("", "continue", "test", "seed_expert", "test,seed_expert")
 
 
 def get_config(arg: str = ""):
+    opts = set(filter(None, arg.split(",")))
+    if not opts <= {"continue", "test", "seed_expert"} or {"continue", "seed_expert"} <= opts:
+        raise ValueError(
+            f"configs/recipe_tiny.py: unknown variant {arg!r}; use '', 'continue', 'test', 'seed_expert' "
+            "or 'test' with one of the others (e.g. 'test,seed_expert')."
+        )
     c = common.get_default()
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 128, 4, 4, 4, 384
     m.linear, m.memory, m.residual, m.routing = "bitlinear", "infini", "denseformer", "mod"
     m.infini.segment_len = 64
     m.mod.capacity = 0.25
-    m.moe.n_experts = m.moa.n_experts = 8
+    m.moe.n_experts = m.moa.n_experts = 8 + ("seed_expert" in opts)
     m.moe.top_k = m.moa.top_k = 2
     c.data.seq_len, c.data.batch_size = 256, 8
     c.data.ordering = "icp"
@@ -42,17 +52,18 @@ def get_config(arg: str = ""):
     c.schedule.warmup = 20
     c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 10, 1000, 50, 2
     c.train.eval_clusters = True
+    c.surgery.router_init, c.surgery.centroid_batches = "centroid", 4
+    c.surgery.seed_expert = "seed_expert" in opts
     stable, branch, ft = 150, 15, 40
-    if arg == "test":
+    if "test" in opts:
         stable, branch, ft = 4, 2, 2
         c.schedule.warmup = 2
         c.train.log_every, c.train.ckpt_every = 2, 2
         c.data.embed.fit_sample = 400
-    elif arg not in ("", "continue"):
-        raise ValueError(f"configs/recipe_tiny.py: unknown variant {arg!r}; use '', 'continue' or 'test'.")
+        c.surgery.centroid_batches = 1
     c.recipe = ml_collections.ConfigDict()
     c.recipe.stable = common.phase(stable, mixture="pretrain")
-    if arg == "continue":  # same tokens as 8 branches + fine-tune, same decay, dense all along
+    if "continue" in opts:  # same tokens as 8 branches + fine-tune, same decay, dense all along
         c.recipe.cont = common.phase(branch * c.data.n_clusters, mixture="pretrain", init_from=["stable"])
         c.recipe.decay = common.phase(ft, mixture="decay", stage="decay", init_from=["cont"])
         return c

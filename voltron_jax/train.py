@@ -167,6 +167,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
     return step_fn
 
 
+def make_probe_step(model: nn.Module, config, state_tree=None):
+    """(params, step, batch) -> the model's sown 'intermediates' (e.g. mean router inputs), for surgery."""
+    doc_mask = config.data.doc_mask
+
+    def probe_fn(params, step, batch):
+        _, cols = model.apply(
+            step_variables(params, state_tree, step),
+            *model_inputs(batch, doc_mask),
+            mutable=["intermediates"],
+        )
+        return cols.get("intermediates", {})
+
+    return probe_fn
+
+
 def make_eval_step(model: nn.Module, config, state_tree=None):
     doc_mask = config.data.doc_mask
 
@@ -220,6 +235,11 @@ class Runtime:
                 make_eval_step(self.model, c, state_tree),
                 in_shardings=(self.shardings.params, self.shardings.step, batch_sh),
             )
+            self.probe_step = jax.jit(  # compiled only if a surgery asks (centroid router init)
+                make_probe_step(self.model, c, state_tree),
+                in_shardings=(self.shardings.params, self.shardings.step, batch_sh),
+                out_shardings=sharding.replicated(self.mesh),  # readable on every host
+            )
 
     def scratch(self) -> TrainState:
         with self.mesh, nn.logical_axis_rules(sharding.RULES):
@@ -252,9 +272,56 @@ def restore_final(phase: Phase, target) -> tuple[TrainState, dict]:
     return state, meta
 
 
+def restore_host(phase: Phase) -> tuple[Any, dict]:
+    """(params on the host, meta) of a finished phase, restored with its own model's shapes."""
+    state, meta = restore_final(phase, Runtime(phase).abstract)
+    return jax.device_get(state.params), meta
+
+
+def data_seed(config, name: str, member: int | None) -> int:
+    """Shuffle seed of the training data of phase `name` (fan-out member or data cluster `member`)."""
+    return config.seed * 1000 + (member or 0) + 17 * list(config.recipe.keys()).index(name)
+
+
+def make_probe(rt: Runtime, phase: Phase, sources: list[Phase]):
+    """A surgery.Probe: runs host params on this phase's mesh over TRAINING batches of the cluster that
+    source i trained on (source i is fan-out member i, which trained on cluster i)."""
+    from voltron_jax import surgery
+    from voltron_jax.data import pipeline
+
+    c = rt.config
+    step = jax.device_put(jnp.asarray(phase.start, jnp.int32), rt.shardings.step)
+
+    def forward(host_params):
+        params = jax.device_put(host_params, rt.shardings.params)  # placed once for all batches
+
+        def run(batch: dict) -> dict:
+            batch = sharding.host_batch_to_global(rt.mesh, batch)
+            return jax.device_get(rt.probe_step(params, step, batch))
+
+        return run
+
+    def batches(i: int):
+        cluster = sources[i].member
+        if cluster is None:
+            raise surgery.SurgeryError(f"source {sources[i].label} is not a fan-out member: no data cluster.")
+        return pipeline.make_train_iterator(
+            c,
+            "cluster",
+            seed=data_seed(c, phase.name, cluster),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            cluster=cluster,
+        )
+
+    return surgery.Probe(forward, batches)
+
+
 def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase) -> TrainState:
     """A phase's first state from its parents' final checkpoints: resharded onto this phase's mesh, or
-    (with `init.surgery`) mapped on the host by the named surgery function first."""
+    (with `init.surgery`) mapped on the host by the named surgery function first. Sources keep the
+    recipe's order (fan-out members 0..N-1: branch i -> expert i); with surgery.seed_expert the phase
+    the branches started from (common.seed_phase) comes last."""
     ph = config.recipe[phase.name]
     sources = [p for p in all_phases if p.name in common.parents(ph)]
     if not ph.init.surgery:
@@ -262,14 +329,21 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
         return rt.place(src_state.params, src_state.opt_state if ph.init.keep_optimizer else None)
     from voltron_jax import surgery
 
-    params, metas = [], []
-    for p in sources:  # each parent restored with its own model's shapes, then moved to the host
-        state, meta = restore_final(p, Runtime(p).abstract)
-        params.append(jax.device_get(state.params))
-        metas.append(meta)
+    params, metas = zip(*[restore_host(p) for p in sources], strict=True)
+    seed = None
+    if rt.config.surgery.seed_expert:
+        (seed_src,) = [p for p in all_phases if p.name == common.seed_phase(config.recipe, phase.name)]
+        seed, _ = restore_host(seed_src)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
     merged = surgery.apply(
-        ph.init.surgery, params, target, config=rt.config, sources_meta=metas, key=jax.random.key(config.seed)
+        ph.init.surgery,
+        list(params),
+        target,
+        config=rt.config,
+        sources_meta=list(metas),
+        key=jax.random.key(config.seed),
+        seed_params=seed,
+        probe=make_probe(rt, phase, sources),
     )
     return rt.place(merged)
 
@@ -317,11 +391,10 @@ def run_phase(
     phase.directory.mkdir(parents=True, exist_ok=True)
     ck = checkpoint.Checkpointer(phase.directory / "ckpt", keep=c.train.keep, async_save=c.train.async_save)
     pid, pcount = jax.process_index(), jax.process_count()
-    seed = c.seed * 1000 + (phase.member or 0) + 17 * list(config.recipe.keys()).index(phase.name)
     data = pipeline.make_train_iterator(
         c,
         config.recipe[phase.name].mixture,
-        seed=seed,
+        seed=data_seed(c, phase.name, phase.member),
         process_index=pid,
         process_count=pcount,
         cluster=phase.member,

@@ -9,7 +9,8 @@ with --seed_ckpt); overrides such as `--config.model.moe.n_experts=4` work as in
 branch is read at its latest committed step (or --step). The output is a Checkpointer folder holding
 step 0 with state {'params': merged} (no optimizer state: fine-tuning starts it fresh, as in BTX) and
 the target config plus the surgery arguments in its metadata. Routers: small random
-(model.moe.router_init_std); centroid routers need data, see btx.centroid_router_init.
+(model.moe.router_init_std); centroid routers need data: the train loop's merge phases do them
+(config.surgery.router_init='centroid'), or see btx.centroid_router_init. The seed is averaged too.
 """
 
 from __future__ import annotations
