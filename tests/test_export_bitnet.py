@@ -78,6 +78,14 @@ def test_packed_linear_weights_are_at_least_7_5x_smaller_than_bf16():
         assert r["ratio"] >= 7.5
 
 
+def test_weight_bytes_of_an_infini_model_whose_segment_is_longer_than_8():
+    """Shapes are traced at one whole segment (Infini-attention refuses partial ones); the memory's
+    gates are not linear weights, so the byte counts equal the local-attention model's."""
+    c = _bitnet("")
+    c.model.memory, c.model.infini.segment_len = "infini", 32
+    assert export_bitnet.linear_weight_bytes(c) == export_bitnet.linear_weight_bytes(_bitnet(""))
+
+
 def test_dense_checkpoints_are_refused():
     c = tiny.get_config("test")
     with pytest.raises(ValueError, match="bitlinear"):

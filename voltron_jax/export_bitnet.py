@@ -43,7 +43,9 @@ def packed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def abstract_params(model_cfg: ml_collections.ConfigDict) -> dict:
     """Unboxed param shapes of the model built from `model_cfg` (nothing is allocated)."""
     model = decoder.build_model(model_cfg)
-    ids = jnp.zeros((1, 8), jnp.int32)
+    # Params do not depend on the length; Infini-attention only takes whole segments.
+    length = model_cfg.infini.segment_len if model_cfg.memory == "infini" else 8
+    ids = jnp.zeros((1, length), jnp.int32)
     return nn.unbox(jax.eval_shape(lambda k: model.init(k, ids)["params"], jax.random.key(0)))
 
 
