@@ -23,12 +23,13 @@ def phase_dirs(workdir: epath.Path) -> dict[str, epath.Path]:
     return out
 
 
-def cluster_table(results: dict[str, dict]) -> str:
-    """Validation perplexity per data cluster (columns) for every phase (rows), when it was measured."""
-    clusters = sorted(
-        {k.split("/")[0] for r in results.values() for k in r if k.startswith("cluster_")},
-        key=lambda n: int(n.split("_")[1]),
-    )
+def cluster_table(results: dict[str, dict], n_clusters: int = 0) -> str:
+    """Validation perplexity per data cluster (columns: cluster_0..n_clusters-1, else those measured) for
+    every phase (rows); '-' where it was not measured."""
+    measured = {
+        int(k.split("/")[0].split("_")[1]) for r in results.values() for k in r if k.startswith("cluster_")
+    }
+    clusters = [f"cluster_{j}" for j in (range(n_clusters) if n_clusters else sorted(measured))]
     if not clusters:
         return ""
     lines = [
@@ -38,14 +39,22 @@ def cluster_table(results: dict[str, dict]) -> str:
         "| phase | overall | " + " | ".join(clusters) + " |",
         "| --- " * (len(clusters) + 2) + "|",
     ]
+    missing = False
     for label, r in results.items():
-        cells = [f"{r.get(f'{c}/perplexity', float('nan')):.3f}" for c in clusters]
+        cells = [f"{r[k]:.3f}" if (k := f"{c}/perplexity") in r else "-" for c in clusters]
+        missing |= "-" in cells
         lines.append(f"| {label} | {r.get('perplexity', float('nan')):.3f} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += [
+            "",
+            "-: not measured: less than data.seq_len+1 tokens of validation text routed to the cluster.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write(workdir: epath.Path, results: dict[str, dict]) -> None:
-    """report.md (phase, steps, final train loss, validation loss and perplexity) and losses.png."""
+def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) -> None:
+    """report.md (phase, steps, final train loss, validation loss and perplexity; per-cluster perplexity
+    for n_clusters clusters) and losses.png."""
     rows = [
         "| phase | global step | final train loss | val loss | val perplexity | tokens/s |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -62,7 +71,7 @@ def write(workdir: epath.Path, results: dict[str, dict]) -> None:
             f"{res.get('loss', float('nan')):.4f} | {res.get('perplexity', float('nan')):.3f} | "
             f"{last.get('tokens_per_s', float('nan')):,.0f} |"
         )
-    text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results)
+    text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results, n_clusters)
     (workdir / "report.md").write_text(text)
     import matplotlib
 

@@ -360,13 +360,29 @@ def evaluate(rt: Runtime, state: TrainState, batches: list[dict]) -> dict[str, f
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
 
 
+_SKIP_NOTED: set[str] = set()
+
+
 def eval_sets(c, pid: int, pcount: int) -> dict[str, list[dict]]:
-    """Validation batches: the pretraining mixture, plus each data cluster with train.eval_clusters."""
+    """Validation batches: the pretraining mixture, plus each data cluster with train.eval_clusters.
+
+    A cluster with less than one row (data.seq_len+1 tokens) of validation text routed to it gets no
+    set (its metrics are absent, '-' in the report), never the whole split's loss under its name.
+    """
     from voltron_jax.data import pipeline
 
     sets = {"": pipeline.make_eval_batches(c, "pretrain", c.train.eval_batches, pid, pcount)}
     if c.train.eval_clusters:
         for j in range(c.data.n_clusters):
+            if pipeline.cluster_validation_rows(c, j) == 0:
+                msg = (
+                    f"cluster_{j}: no per-cluster validation (less than data.seq_len+1="
+                    f"{c.data.seq_len + 1} tokens of validation text routed to it; raise data.val_fraction)"
+                )
+                if msg not in _SKIP_NOTED:
+                    _SKIP_NOTED.add(msg)
+                    print(msg, flush=True)
+                continue
             sets[f"cluster_{j}/"] = pipeline.make_eval_batches(
                 c, "cluster", c.train.eval_batches, pid, pcount, cluster=j
             )
@@ -529,5 +545,5 @@ def run(
     if jax.process_index() == 0 and not only_phase:
         from voltron_jax import report
 
-        report.write(root, results)
+        report.write(root, results, config.data.n_clusters if config.train.eval_clusters else 0)
     return results

@@ -151,15 +151,29 @@ def test_mixture_rows_come_from_their_tasks(cfg):
     assert rows == {"voltron_synth_a": 30, "voltron_synth_b": 10}
 
 
-def test_eval_batches_are_fixed_unshuffled_and_wrap(cfg):
-    a = pipeline.make_eval_batches(cfg, "synth_tiny:1", 6)
-    assert _equal(a, pipeline.make_eval_batches(cfg, "synth_tiny:1", 6))
-    tn = tasks.task_name("synth_tiny")
-    stream, _ = pipeline.token_stream(tn, "validation", seqio.ByteVocabulary(), cfg.data)
-    np.testing.assert_array_equal(a[0]["inputs"][0], stream[:T])  # validation split, in order
-    n = packing.num_rows(len(stream), T)
-    flat = np.concatenate([x["inputs"] for x in a])
-    assert len(flat) > n and np.array_equal(flat[n], flat[0])  # wraps around a short split
+def _eval_rows(cfg, name, n_batches):
+    a = pipeline.make_eval_batches(cfg, f"{name}:1", n_batches)
+    assert _equal(a, pipeline.make_eval_batches(cfg, f"{name}:1", n_batches))  # fixed
+    stream, _ = pipeline.token_stream(tasks.task_name(name), "validation", seqio.ByteVocabulary(), cfg.data)
+    return np.concatenate([x["inputs"] for x in a]), stream, packing.num_rows(len(stream), T)
+
+
+def test_eval_batches_spread_over_the_whole_split_in_order(cfg):
+    flat, stream, n = _eval_rows(cfg, "synth_a", 1)
+    assert n > 2 * len(flat)  # a long split: a prefix would miss most of it
+    rows = [i * n // len(flat) for i in range(len(flat))]
+    assert rows[-1] >= n // 2  # not the first rows
+    for x, r in zip(flat, rows, strict=True):
+        np.testing.assert_array_equal(x, stream[r * T : r * T + T])  # validation split, in order
+
+
+def test_eval_batches_use_every_row_of_a_short_split_equally(cfg):
+    flat, stream, n = _eval_rows(cfg, "synth_tiny", 6)
+    assert len(flat) > n
+    hits = np.array([[np.array_equal(x, stream[r * T : r * T + T]) for r in range(n)] for x in flat])
+    assert hits.any(1).all()  # every eval row is a row of the split
+    uses = hits.sum(0)
+    assert uses.min() >= len(flat) // n and uses.max() <= len(flat) // n + 1  # none doubled by a wrap
 
 
 def test_streaming_rows_match_memory_rows_and_resume(cfg):

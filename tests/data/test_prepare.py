@@ -11,6 +11,7 @@ from planted import planted_records
 
 from configs import tiny
 from voltron_jax.data import cbtm, pipeline, prepare, tasks
+from voltron_jax.data import vocab as vocab_lib
 
 N_TRAIN, N_VAL, K = 200, 40, 4
 
@@ -133,6 +134,36 @@ def test_decay_mixture_adds_the_held_out_high_quality_task(prepared):
     next(it)
     ids = [r["id"] for r in prepare.corpus_records(c.data)]  # the stage-1 corpus (file granularity)
     assert ids and not any("pydoc_data" in i or i.startswith("pydoc:") for i in ids)
+
+
+def test_cluster_eval_uses_only_its_docs_and_skips_a_cluster_without_any(prepared, monkeypatch):
+    from voltron_jax import train
+
+    c, workdir, _, _, _ = prepared
+    c = c.copy_and_resolve_references()
+    c.data.ordering, c.train.eval_clusters, c.train.eval_batches = "icp", True, 2
+    shards, val = _shards(workdir)
+    val = [r for r in val if r["cluster"] != 0]  # nothing routed to cluster 0
+    monkeypatch.setattr(prepare, "prepared_documents", lambda w, k: (shards, val))
+    prepare.register_tasks(c, workdir)
+    assert "validation" not in tasks.document_source("cluster_0").splits  # no stand-in split
+    assert pipeline.cluster_validation_rows(c, 0) == 0
+    sets = train.eval_sets(c, 0, 1)
+    assert "cluster_0/" not in sets  # absent, not the overall split under cluster_0's name
+    measured = [j for j in range(1, K) if pipeline.cluster_validation_rows(c, j) > 0]
+    assert len(measured) >= 2 and set(sets) == {""} | {f"cluster_{j}/" for j in measured}
+    vocab = vocab_lib.make_vocab(c.data)
+    T = c.data.seq_len
+    for j in measured:
+        tn = tasks.task_name(f"cluster_{j}")
+        assert [d.id for d in tasks.document_source(tn).documents("validation")] == [
+            r["id"] for r in val if r["cluster"] == j
+        ]
+        stream, _ = pipeline.token_stream(tn, "validation", vocab, c.data)
+        own = {stream[r * T : r * T + T].tobytes() for r in range(len(stream) // T)}
+        rows = np.concatenate([b["inputs"] for b in sets[f"cluster_{j}/"]]).astype(stream.dtype)
+        assert all(x.tobytes() in own for x in rows)  # only cluster j's validation text
+        assert not np.array_equal(rows, np.concatenate([b["inputs"] for b in sets[""]]))
 
 
 @pytest.mark.slow

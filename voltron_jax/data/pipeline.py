@@ -86,6 +86,7 @@ class _MemoryRows:
         self.name, self.stream, self.seq_len = name, stream, seq_len
         self.n_rows = packing.num_rows(len(stream), seq_len)
         self.seed_parts, self.shuffle = seed_parts, shuffle
+        self.spread = 0  # > 0: row k is row k * n_rows // spread (k < spread rows spread over the stream)
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -97,7 +98,10 @@ class _MemoryRows:
 
     def windows(self, ks: np.ndarray) -> np.ndarray:
         """int32[len(ks), T+1] windows of the task's rows number `ks` (global, across epochs)."""
-        epochs, offsets = np.divmod(np.asarray(ks, np.int64), self.n_rows)
+        ks = np.asarray(ks, np.int64)
+        if self.spread:
+            ks = ks * self.n_rows // self.spread
+        epochs, offsets = np.divmod(ks, self.n_rows)
         rows = offsets.copy()
         if self.shuffle:
             for e in np.unique(epochs):
@@ -106,6 +110,11 @@ class _MemoryRows:
 
 
 # --------------------------------------------------------------------------------------------- iterator
+
+
+def _batch_plan(rates: list[float], counts: np.ndarray, batch_size: int) -> np.ndarray:
+    """Task index of each row of the next global batch, given the rows each task has given so far."""
+    return packing.allocate(rates, counts, batch_size) if len(rates) > 1 else np.zeros(batch_size, np.int64)
 
 
 class DataIterator:
@@ -134,11 +143,7 @@ class DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        plan = (
-            packing.allocate(self.rates, self.counts, self.batch_size)
-            if len(self.names) > 1
-            else np.zeros(self.batch_size, np.int64)
-        )
+        plan = _batch_plan(self.rates, self.counts, self.batch_size)
         windows = np.empty((self.local, self.seq_len + 1), np.int32)
         mine = plan[self.lo : self.lo + self.local]
         for j, p in enumerate(self.providers):
@@ -317,12 +322,31 @@ def make_eval_batches(
     process_count: int = 1,
     cluster: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """The first `n_batches` batches of the validation split, unshuffled (the same every call).
+    """`n_batches` fixed batches of the validation split (the same every call), unshuffled.
 
-    A validation split shorter than n_batches * batch_size rows wraps around to its start.
+    The m rows an in-memory task gives are spread evenly over its whole split (row k * n_rows // m), not
+    its first m rows: a prefix would measure only the first documents (with the demo's 16 rows of 256
+    bytes, one 5.5 KB file). A split with fewer than m rows gives each row m // n_rows or one more times.
     """
     it = _iterator(config, mixture, "validation", 0, False, process_index, process_count, cluster)
+    counts = np.zeros(len(it.names), np.int64)
+    for _ in range(n_batches):  # the global plan alone: how many rows each task will give
+        counts += np.bincount(_batch_plan(it.rates, counts, it.batch_size), minlength=len(it.names))
+    for p, m in zip(it.providers, counts, strict=True):
+        if not p.streaming:
+            p.spread = int(m)
     return [next(it) for _ in range(n_batches)]
+
+
+def cluster_validation_rows(config, cluster: int) -> int:
+    """Validation rows of data.seq_len+1 tokens of c-BTM cluster task 'cluster_<cluster>' (0: no text)."""
+    d = config.data
+    vocab = vocab_lib.make_vocab(d)
+    ((name, _),) = resolve_mixture(config, "cluster", cluster)
+    tn = tasks.ensure_task(name, d, vocab)
+    if "validation" not in tasks.document_source(tn).splits:
+        return 0
+    return packing.num_rows(len(token_stream(tn, "validation", vocab, d)[0]), d.seq_len)
 
 
 def corpus_manifest(config) -> dict:

@@ -21,10 +21,10 @@ Layout of <workdir>/data/ (DESIGN.md):
 Registered tasks (mixture names): 'icp' (the clusters' ICP orders concatenated), 'icp_random' (the same
 documents in a seeded random order: the ablation baseline that differs from 'icp' only in order) and
 'cluster_<j>' (cluster j's documents, in ICP order when data.ordering='icp', else shuffled; validation =
-the validation docs routed to cluster j, or all of them if none are). All share the corpus validation
-split, so validation losses compare across orderings. data.ordering='icp' ('dedup_random') makes the
-mixture name 'corpus' mean 'icp' ('icp_random'), so the stable and the decay mixture (corpus + pydoc, the
-held-out high-quality set) both read the prepared order.
+the validation docs routed to cluster j; no validation split if none are). 'icp' and 'icp_random'
+share the corpus validation split, so validation losses compare across orderings. data.ordering='icp'
+('dedup_random') makes the mixture name 'corpus' mean 'icp' ('icp_random'), so the stable and the
+decay mixture (corpus + pydoc, the held-out high-quality set) both read the prepared order.
 
 Idempotent: the fingerprint hashes the settings (corpus, granularity, split, n_clusters, data.embed,
 data.icp, data.cbtm) and every input record; a matching prepare.json means nothing is recomputed, any
@@ -390,10 +390,11 @@ def register_tasks(config, workdir) -> list[str]:
     ]
     for j, shard in enumerate(shards):
         train = shard if d.ordering == "icp" else shuffled(shard)
-        val_j = [r for r in val if r["cluster"] == j] or val
-        names.append(
-            tasks.register_document_task(f"cluster_{j}", {"train": docs(train), "validation": docs(val_j)})
-        )
+        splits = {"train": docs(train)}
+        val_j = [r for r in val if r["cluster"] == j]
+        if val_j:  # no stand-in: a cluster without validation docs has no validation split
+            splits["validation"] = docs(val_j)
+        names.append(tasks.register_document_task(f"cluster_{j}", splits))
     return names
 
 
