@@ -1,0 +1,72 @@
+"""Re-evaluate finished runs: the final checkpoint of each run's last phase on N validation batches.
+
+    python -m voltron_jax.evaluate --workdir=runs/a --workdir=runs/b [--batches=32] [--json=out.jsonl]
+
+The loop evaluates on `train.eval_batches` batches, which is cheap but noisy and depends on the code
+version that ran; comparing runs (seeds, learning rates, techniques) on one larger fixed validation set
+taken by this code is the fair read-out. Each workdir's `config.json` (written by the loop) gives the
+model and data; the set is `data.pipeline.make_eval_batches(config, 'pretrain', N)`: N fixed batches of
+the pretraining mixture's validation split, spread over the whole split. Prints one line per run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from etils import epath
+
+_WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
+_BATCHES = flags.DEFINE_integer("batches", 32, "Validation batches (of data.batch_size x seq_len).")
+_JSON = flags.DEFINE_string("json", "", "Append one JSON line per run to this file.")
+
+
+class EvalError(ValueError):
+    pass
+
+
+def evaluate_run(workdir: str, n_batches: int) -> dict:
+    """{'workdir', 'phase', 'step', 'loss', 'perplexity', 'tokens'} of the run's last phase."""
+    from voltron_jax import train
+    from voltron_jax.api import config_from_meta
+    from voltron_jax.data import pipeline
+
+    root = epath.Path(workdir)
+    if not (root / "config.json").exists():
+        raise EvalError(f"{workdir}: no config.json; pass the workdir of a run started by voltron_jax.main.")
+    config = config_from_meta(json.loads((root / "config.json").read_text()))
+    if n_batches < 1:
+        raise EvalError(f"--batches={n_batches}: evaluate on at least one batch.")
+    if train.needs_prepare(config):
+        from voltron_jax.data import prepare
+
+        prepare.prepare(config, root)  # registers the prepared tasks; reuses <workdir>/data
+    last = train.phases(config, root)[-1]
+    rt = train.Runtime(last)
+    state, _ = train.restore_final(last, rt.abstract)
+    batches = pipeline.make_eval_batches(last.config, "pretrain", n_batches)
+    metrics = train.evaluate(rt, state, batches)
+    tokens = int(sum(float(b["weights"].sum()) for b in batches))
+    return dict(workdir=workdir, phase=last.label, step=int(state.step), tokens=tokens, **metrics)
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    if not _WORKDIRS.value:
+        sys.exit("usage: python -m voltron_jax.evaluate --workdir=runs/a [--workdir=...] [--batches=32]")
+    for w in _WORKDIRS.value:
+        try:
+            r = evaluate_run(w, _BATCHES.value)
+        except (EvalError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        print(f"{w}: {r['phase']} step {r['step']}  val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  "
+              f"({r['tokens']:,} tokens)", flush=True)
+        if _JSON.value:
+            with open(_JSON.value, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
