@@ -34,12 +34,14 @@ from configs import common
 MOE = "model.ffn=moe,model.attention=moa,mesh.expert=8"
 # The model variants (tests/test_configs.py builds each); any of them takes a preset too: "moe,v4".
 VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
-# preset -> (global batch, mesh). fsdp=-1 fills the devices the run has; data/tensor stay 1: at 13B the
-# full-FSDP all-gathers overlap with compute and give the smallest per-device footprint.
+# preset -> (global batch of the dense seed, of the MoE, mesh). fsdp=-1 fills the devices the run has; data
+# and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint. The MoE holds ~3x the
+# dense activations per sequence (top-2 of 8 experts at capacity 1.25 in FFN and attention): on v5p-128 it
+# takes one sequence per chip (docs/results.md, "Pod configs (AOT)").
 PRESETS = {
-    "v4": (128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
-    "v5p": (128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
-    "v5e": (256, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v4": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v5p": (128, 64, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1)),
 }
 
 
@@ -107,8 +109,12 @@ def get_config(arg: str = ""):
     recipe(c, "dense" if kind == "dense" else ("" if kind == "" else "moe"))
     c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 50, 2000, 1000, 8
     if presets:
-        c.data.batch_size, mesh = PRESETS[presets[0]]
+        dense_batch, moe_batch, mesh = PRESETS[presets[0]]
+        c.data.batch_size = moe_batch if kind == "moe" else dense_batch
         c.mesh.update(mesh)
+        for name in ("mix", "moe_ft"):  # the MoE phases of the full recipe
+            if name in c.recipe:
+                c.recipe[name].overrides += f",data.batch_size={moe_batch}"
     if kind == "moe":
         c = common.apply_overrides(c, MOE)
     return c

@@ -214,7 +214,7 @@ def render(r: dict) -> str:
             f"per device: arguments {g(r['arguments'])}, outputs {g(r['outputs'])} "
             f"(aliased {g(r['aliased'])}), "
             f"temporaries {g(r['temporaries'])}, code {g(r['code'])}; total {g(r['total'])} of "
-            f"{g(r['hbm_bytes'])} ({100 * r['total'] / r['hbm_bytes']:.0f}%): FITS"
+            f"{g(r['hbm_bytes'])} ({100 * r['total'] / r['hbm_bytes']:.0f}%): FITS (the compiler accepted it)"
         )
     else:
         lines.append(f"DOES NOT FIT: {r['error']}")
