@@ -10,7 +10,9 @@ parameter count (analytic and from eval_shape), per-device memory (arguments, ou
 generated code) against the HBM libtpu reports for the device, compile time, host RAM used, analytic
 FLOPs per step (3 x decoder.flops_per_token; XLA's cost analysis counts a scanned layer once) and the
 MFU that a measured --step_time would mean. A step that does not fit is reported, not raised: libtpu
-refuses it with the bytes it needed. Exit status: 0 fits, 1 does not fit, 2 bad input.
+refuses it with the bytes it needed, or (seen for programs a little over) accepts it although its own
+memory analysis exceeds the device's HBM, which counts as not fitting here. Exit status: 0 fits, 1 does
+not fit, 2 bad input.
 
 Topologies are libtpu names TYPE:AxB[xC]: v4:2x2x1 (8 devices: a v4 chip is 2 JAX devices here),
 v4:4x4x4 (v4-128), v5p:4x4x4 (v5p-128, 64 chips), v5e:2x2, v5e:16x16 (v5e-256), v6e:4x4 ...
@@ -179,7 +181,7 @@ def compile_step(config, topology: str, phase_name: str = "", step_time: float =
             temporaries=mem.temp_size_in_bytes,
             code=mem.generated_code_size_in_bytes,
         )
-        out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+        judge(out)
     except Exception as e:  # libtpu: RESOURCE_EXHAUSTED with the bytes it needed
         msg = str(e).strip().splitlines()[0]
         if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
@@ -196,6 +198,18 @@ def compile_step(config, topology: str, phase_name: str = "", step_time: float =
     return out
 
 
+def judge(out: dict) -> dict:
+    """Total per-device bytes of a compiled step; over the HBM it does not fit, whatever libtpu said."""
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    if out["total"] > out["hbm_bytes"]:
+        out.update(
+            fits=False,
+            error=f"the compiler accepted it, but its memory analysis needs {out['total'] / 2**30:.2f} GiB "
+            f"per device of {out['hbm_bytes'] / 2**30:.2f} GiB",
+        )
+    return out
+
+
 def count(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
 
@@ -209,14 +223,15 @@ def render(r: dict) -> str:
         f"params: {count(r['params'])} (eval_shape); analytic backbone {count(a['total'])} total, "
         f"{count(a['active'])} active per token",
     ]
-    if r["fits"]:
+    if "total" in r:
         lines.append(
             f"per device: arguments {g(r['arguments'])}, outputs {g(r['outputs'])} "
             f"(aliased {g(r['aliased'])}), "
             f"temporaries {g(r['temporaries'])}, code {g(r['code'])}; total {g(r['total'])} of "
-            f"{g(r['hbm_bytes'])} ({100 * r['total'] / r['hbm_bytes']:.0f}%): FITS (the compiler accepted it)"
+            f"{g(r['hbm_bytes'])} ({100 * r['total'] / r['hbm_bytes']:.0f}%)"
+            + (": FITS" if r["fits"] else "")
         )
-    else:
+    if not r["fits"]:
         lines.append(f"DOES NOT FIT: {r['error']}")
     lines.append(
         f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, host peak RSS "

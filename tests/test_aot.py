@@ -36,6 +36,16 @@ def test_tiny_train_step_compiles_for_a_tpu_topology():
     assert "FITS" in aot.render(r)
 
 
+def test_a_compiled_step_over_the_hbm_does_not_fit():
+    """libtpu accepted a 13B DenseFormer 4x5 step whose own memory analysis puts it
+    above a 15.25 GiB v4 core (temporaries 18.95 GiB)."""
+    gib = 2**30
+    mem = dict(fits=True, arguments=1.24 * gib, outputs=1.24 * gib, aliased=1.24 * gib, code=0.1 * gib)
+    over = aot.judge(dict(mem, temporaries=18.95 * gib, hbm_bytes=15.25 * gib))
+    assert not over["fits"] and "20.29 GiB per device of 15.25 GiB" in over["error"]
+    assert aot.judge(dict(mem, temporaries=10 * gib, hbm_bytes=15.25 * gib))["fits"]
+
+
 def test_splash_kernel_compiles_forward_and_backward_for_tpu():
     """On a TPU mesh 'auto' lowers both attention paths (plain core and Infini's segment-local attention)
     to the Mosaic splash kernel, sharded over batch and heads, and the train step compiles."""

@@ -13,7 +13,8 @@ def test_reevaluation_reproduces_the_loops_final_validation_loss(tmp_path):
     c.recipe.stable.steps, c.recipe.decay.steps = 4, 2
     train.run(c, str(tmp_path / "run"))
     last_eval = [
-        r for r in map(json.loads, (tmp_path / "run" / "01_decay" / "metrics.jsonl").read_text().splitlines())
+        r
+        for r in map(json.loads, (tmp_path / "run" / "01_decay" / "metrics.jsonl").read_text().splitlines())
         if r["kind"] == "eval"
     ][-1]
     r = evaluate.evaluate_run(str(tmp_path / "run"), c.train.eval_batches)

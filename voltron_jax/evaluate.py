@@ -61,8 +61,11 @@ def main(argv) -> None:
             r = evaluate_run(w, _BATCHES.value)
         except (EvalError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
-        print(f"{w}: {r['phase']} step {r['step']}  val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  "
-              f"({r['tokens']:,} tokens)", flush=True)
+        print(
+            f"{w}: {r['phase']} step {r['step']}  val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  "
+            f"({r['tokens']:,} tokens)",
+            flush=True,
+        )
         if _JSON.value:
             with open(_JSON.value, "a") as f:
                 f.write(json.dumps(r) + "\n")
