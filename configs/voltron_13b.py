@@ -56,7 +56,8 @@ def model(c) -> None:
     m.linear, m.memory, m.residual, m.routing = "bitlinear", "infini", "denseformer", "mod"
     m.infini.segment_len = 2048
     # DWA every 2nd block over outputs 4 apart. The paper's 4x5 makes super-blocks of lcm(5, mod.every=2)
-    # = 10 scanned layers and asks 243 GiB per v4 core (docs/results.md); 4x2 keeps them at 2 layers.
+    # = 10 scanned layers: 18.95 GiB of temporaries per v4 core, over its 15.25 (docs/results.md, "Pod
+    # configs (AOT)"); 4x2 keeps them at 2 layers (11.56 GiB).
     m.denseformer.dilation, m.denseformer.period = 4, 2
     m.mod.capacity, m.mod.every, m.mod.causal = 0.125, 2, "predictor"
     # per-sequence capacity (stays sharded on pods); 1.25 x the even share of each expert (GShard/Switch)
