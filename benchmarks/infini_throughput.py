@@ -25,8 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-VARIANTS = {"plain": ("none", ""), "infini-linear": ("infini", "linear"),
-            "infini-delta": ("infini", "delta"), "local": ("infini", "none")}
+VARIANTS = {
+    "plain": ("none", ""),
+    "infini-linear": ("infini", "linear"),
+    "infini-delta": ("infini", "delta"),
+    "local": ("infini", "none"),
+}
 
 
 def variant(base, seq_len: int, segment_len: int, batch: int, memory: str, rule: str):
@@ -68,8 +72,13 @@ def main() -> None:
                 c = variant(base, t, args.segment_len, args.batch, *VARIANTS[name])
                 res = measure(c, args.steps)
                 if name not in best or res["tokens_per_s"] > best[name]["tokens_per_s"]:
-                    best[name] = dict(res, variant=name, seq_len=t, segment_len=args.segment_len,
-                                      gflops_per_token=decoder.flops_per_token(c.model, t) / 1e9)
+                    best[name] = dict(
+                        res,
+                        variant=name,
+                        seq_len=t,
+                        segment_len=args.segment_len,
+                        gflops_per_token=decoder.flops_per_token(c.model, t) / 1e9,
+                    )
         for name in names:
             print(json.dumps(best[name]), flush=True)
             if args.json:
@@ -79,11 +88,15 @@ def main() -> None:
     print(f"\n{'seq_len':>8} {'variant':<15}{'tokens/s':>12}{'vs plain':>10}{'fwd GFLOP/tok':>15}")
     for r in table:
         plain = next(x for x in table if x["seq_len"] == r["seq_len"] and x["variant"] == "plain")
-        print(f"{r['seq_len']:>8} {r['variant']:<15}{r['tokens_per_s']:>12,.0f}"
-              f"{r['tokens_per_s'] / plain['tokens_per_s']:>10.2f}{r['gflops_per_token']:>15.4f}")
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.config}, "
-          f"segment {args.segment_len}, batch {args.batch}, best of {args.rounds} rounds x {args.steps} "
-          "steps (after 2 warm-up steps)")
+        print(
+            f"{r['seq_len']:>8} {r['variant']:<15}{r['tokens_per_s']:>12,.0f}"
+            f"{r['tokens_per_s'] / plain['tokens_per_s']:>10.2f}{r['gflops_per_token']:>15.4f}"
+        )
+    print(
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {args.config}, "
+        f"segment {args.segment_len}, batch {args.batch}, best of {args.rounds} rounds x {args.steps} "
+        "steps (after 2 warm-up steps)"
+    )
 
 
 if __name__ == "__main__":

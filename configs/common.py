@@ -33,8 +33,16 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the problem and the fix."""
 
 
-def phase(steps: int, mixture: str = "pretrain", stage: str = "stable", init_from=(), surgery: str = "",
-          keep_optimizer: bool = True, fan_out: int = 0, overrides: str = "") -> ml_collections.ConfigDict:
+def phase(
+    steps: int,
+    mixture: str = "pretrain",
+    stage: str = "stable",
+    init_from=(),
+    surgery: str = "",
+    keep_optimizer: bool = True,
+    fan_out: int = 0,
+    overrides: str = "",
+) -> ml_collections.ConfigDict:
     """One entry of `config.recipe`.
 
     Args:
@@ -50,8 +58,15 @@ def phase(steps: int, mixture: str = "pretrain", stage: str = "stable", init_fro
         fine-tune phase: "model.ffn=moe,model.attention=moa").
     """
     return ml_collections.ConfigDict(
-        dict(steps=steps, mixture=mixture, stage=stage, fan_out=fan_out, overrides=overrides,
-             init=dict(from_=",".join(init_from), surgery=surgery, keep_optimizer=keep_optimizer)))
+        dict(
+            steps=steps,
+            mixture=mixture,
+            stage=stage,
+            fan_out=fan_out,
+            overrides=overrides,
+            init=dict(from_=",".join(init_from), surgery=surgery, keep_optimizer=keep_optimizer),
+        )
+    )
 
 
 def get_default() -> ml_collections.ConfigDict:
@@ -86,28 +101,40 @@ def get_default() -> ml_collections.ConfigDict:
     # BitNet (models/bitlinear.py): weights ternary | binary; norm inside each BitLinear rms | layer | none;
     # warm-in lam ramps 0 -> 1 over warmin_steps global steps from warmin_start (0 steps: off); eps floors
     # mean|W| and the token absmax; packed: inference params written by voltron_jax/export_bitnet.py.
-    m.bitlinear = ml_collections.ConfigDict(dict(
-        weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False))
+    m.bitlinear = ml_collections.ConfigDict(
+        dict(weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False)
+    )
     # Infini-attention (models/infini_attention.py): rule linear | delta | none (segment-local twin, no
     # memory); gate_init = beta at init (0 from scratch, about -5 for continual training); first_segment
     # skip (memory term off while empty) | eps (divide by sigma(q) z + eps).
-    m.infini = ml_collections.ConfigDict(dict(
-        segment_len=64, rule="linear", gate_init=0.0, first_segment="skip"))
+    m.infini = ml_collections.ConfigDict(
+        dict(segment_len=64, rule="linear", gate_init=0.0, first_segment="skip")
+    )
     # DenseFormer DWA after every `period`-th block over outputs j = i (mod dilation); the paper's 1x1 / 4x5.
     m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
     # Mixture-of-Depths on layers i % every == every - 1: top int(capacity * T) tokens per sequence;
     # router_weight sigmoid | logit; causal aux_loss | predictor (MLP of predictor_hidden units);
     # route_by topk (training) | causal (predictor / router sign, as at decode); dispatch gather | onehot.
-    m.mod = ml_collections.ConfigDict(dict(
-        capacity=0.125, every=2, router_weight="sigmoid", causal="predictor", route_by="topk",
-        dispatch="gather", predictor_hidden=64))
+    m.mod = ml_collections.ConfigDict(
+        dict(
+            capacity=0.125,
+            every=2,
+            router_weight="sigmoid",
+            causal="predictor",
+            route_by="topk",
+            dispatch="gather",
+            predictor_hidden=64,
+        )
+    )
     # MoE FFN / MoA (models/moe.py, moa.py): impl capacity (gather dispatch, overflow dropped; the GPU path)
     # | dropless (sort + ragged_dot; the TPU path) | dense (all experts on all tokens; reference).
     # capacity_factor >= n_experts / top_k never drops. The router is fp32, N(0, router_init_std^2).
-    m.moe = ml_collections.ConfigDict(dict(
-        n_experts=8, top_k=2, impl="capacity", capacity_factor=1.25, router_init_std=0.02))
-    m.moa = ml_collections.ConfigDict(dict(
-        n_experts=8, top_k=2, impl="capacity", capacity_factor=2.0, router_init_std=0.02))
+    m.moe = ml_collections.ConfigDict(
+        dict(n_experts=8, top_k=2, impl="capacity", capacity_factor=1.25, router_init_std=0.02)
+    )
+    m.moa = ml_collections.ConfigDict(
+        dict(n_experts=8, top_k=2, impl="capacity", capacity_factor=2.0, router_init_std=0.02)
+    )
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
@@ -126,21 +153,33 @@ def get_default() -> ml_collections.ConfigDict:
     d.ordering = "random"
     d.val_fraction = 0.02
     d.shuffle_seed = 0
-    d.mixtures = ml_collections.ConfigDict(dict(
-        pretrain="corpus:1.0",  # "name:rate,...": corpus (= data.corpus), stdlib, pydoc, tfds:<name>, or
-        decay="corpus:0.7,pydoc:0.3",  # any data.register_document_task name (ICP order, clusters)
-    ))
+    d.mixtures = ml_collections.ConfigDict(
+        dict(
+            pretrain="corpus:1.0",  # "name:rate,...": corpus (= data.corpus), stdlib, pydoc, tfds:<name>, or
+            decay="corpus:0.7,pydoc:0.3",  # any data.register_document_task name (ICP order, clusters)
+        )
+    )
     d.n_clusters = 8  # c-BTM clusters: one task per cluster; ICP orders each cluster on its own
     # Prepare (data/prepare.py): embedder shared by ICP and c-BTM. kind tfidf | hashing (streaming);
     # fit_sample docs (chosen by a hash of their id) fit the tf-idf, the SVD and the k-means.
-    d.embed = ml_collections.ConfigDict(dict(
-        kind="tfidf", dim=128, fit_sample=20000, min_df=2, max_features=2**17, seed=0))
+    d.embed = ml_collections.ConfigDict(
+        dict(kind="tfidf", dim=128, fit_sample=20000, min_df=2, max_features=2**17, seed=0)
+    )
     # ICP (data/icp.py): kNN degree, FAISS index auto | flat | ivf | hnsw (auto: exact up to flat_max docs
     # per cluster), semantic dedup above a cosine (0.99: checked by eye on stdlib, see data/icp.py), adjacent
     # 3-gram Jaccard filter on the first jaccard_chars characters (released ICP code: 0.85, 100).
-    d.icp = ml_collections.ConfigDict(dict(
-        knn=20, index="auto", dedup_threshold=0.99, jaccard_threshold=0.85, jaccard_chars=100, nprobe=16,
-        hnsw_m=32, flat_max=200_000))
+    d.icp = ml_collections.ConfigDict(
+        dict(
+            knn=20,
+            index="auto",
+            dedup_threshold=0.99,
+            jaccard_threshold=0.85,
+            jaccard_chars=100,
+            nprobe=16,
+            hnsw_m=32,
+            flat_max=200_000,
+        )
+    )
     # c-BTM balanced k-means (data/cbtm.py): iterations, auction eps as a fraction of the cost range.
     d.cbtm = ml_collections.ConfigDict(dict(iters=20, eps_frac=0.02, seed=0))
 
@@ -170,8 +209,11 @@ def get_default() -> ml_collections.ConfigDict:
     s.total = 0  # cosine length; 0: total steps of the recipe
 
     # ---------------------------------------------------------------- aux losses (summed by train.py)
-    c.aux_weights = ml_collections.ConfigDict(dict(
-        z_loss=1e-4, mod_router=0.01, mod_predictor=1.0, moe_lb=0.01, moe_z=1e-3, moa_lb=0.01, moa_z=1e-3))
+    c.aux_weights = ml_collections.ConfigDict(
+        dict(
+            z_loss=1e-4, mod_router=0.01, mod_predictor=1.0, moe_lb=0.01, moe_z=1e-3, moa_lb=0.01, moa_z=1e-3
+        )
+    )
 
     # ---------------------------------------------------------------- mesh
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
@@ -195,8 +237,9 @@ def get_default() -> ml_collections.ConfigDict:
     # that becomes expert i, run through the randomly-routed merge). seed_expert: the branches' parent
     # phase (the seed) is one more, last expert, also averaged into the shared params; needs
     # model.moe.n_experts = model.moa.n_experts = branches + 1 (its router column stays random).
-    c.surgery = ml_collections.ConfigDict(dict(
-        router_init="random", centroid_batches=4, router_scale=1.0, seed_expert=False))
+    c.surgery = ml_collections.ConfigDict(
+        dict(router_init="random", centroid_batches=4, router_scale=1.0, seed_expert=False)
+    )
 
     # ---------------------------------------------------------------- recipe
     c.recipe = ml_collections.ConfigDict()
@@ -231,8 +274,10 @@ def resolve_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, i
             _fail(f"mesh {sizes}: {n_devices} devices are not divisible by the fixed axes ({known}).")
         sizes[fill[0]] = n_devices // known
     if math.prod(sizes.values()) != n_devices:
-        _fail(f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
-              f"set the axis sizes so their product is {n_devices}, or one axis to -1.")
+        _fail(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
+            f"set the axis sizes so their product is {n_devices}, or one axis to -1."
+        )
     return sizes
 
 
@@ -302,12 +347,16 @@ def seed_phase(recipe: ml_collections.ConfigDict, name: str) -> str:
     branches) start from."""
     seeds = sorted({g for p in parents(recipe[name]) for g in parents(recipe[p])})
     if len(seeds) != 1:
-        _fail(f"recipe.{name}: surgery.seed_expert needs its parents {parents(recipe[name])} to start "
-              f"from one seed phase, but they start from {seeds or 'scratch'}; set "
-              "surgery.seed_expert=False.")
+        _fail(
+            f"recipe.{name}: surgery.seed_expert needs its parents {parents(recipe[name])} to start "
+            f"from one seed phase, but they start from {seeds or 'scratch'}; set "
+            "surgery.seed_expert=False."
+        )
     if recipe[seeds[0]].fan_out:
-        _fail(f"recipe.{name}: the seed phase {seeds[0]!r} is a fan-out phase; the seed expert must be one "
-              "dense checkpoint.")
+        _fail(
+            f"recipe.{name}: the seed phase {seeds[0]!r} is a fan-out phase; the seed expert must be one "
+            "dense checkpoint."
+        )
     return seeds[0]
 
 
@@ -336,8 +385,10 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     if d.n_clusters < 1 or d.icp.knn < 1 or d.embed.dim < 1 or d.embed.fit_sample < 3:
         _fail("data.n_clusters, data.icp.knn and data.embed.dim must be >= 1 and data.embed.fit_sample >= 3.")
     if not 0.0 < d.icp.dedup_threshold <= 1.0 or not 0.0 < d.icp.jaccard_threshold <= 1.0:
-        _fail("data.icp.dedup_threshold and data.icp.jaccard_threshold must be in (0, 1]; 1.0 turns the "
-              "filter off.")
+        _fail(
+            "data.icp.dedup_threshold and data.icp.jaccard_threshold must be in (0, 1]; 1.0 turns the "
+            "filter off."
+        )
     _choice("data.granularity", d.granularity, ("file", "paragraph"))
     if not (d.corpus == "stdlib" or d.corpus.startswith("tfds:")):
         _fail(f"data.corpus={d.corpus!r}: use 'stdlib' (embedded) or 'tfds:<name>' such as 'tfds:c4/en'.")
@@ -363,8 +414,10 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         sizes = resolve_mesh(c.mesh, n_devices)
         batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
         if d.batch_size % batch_shards:
-            _fail(f"data.batch_size={d.batch_size} is not divisible by the {batch_shards} batch shards "
-                  f"(mesh data x fsdp x expert = {sizes}); change the batch size or the mesh.")
+            _fail(
+                f"data.batch_size={d.batch_size} is not divisible by the {batch_shards} batch shards "
+                f"(mesh data x fsdp x expert = {sizes}); change the batch size or the mesh."
+            )
         heads_shards = sizes["tensor"]
         if m.n_kv_heads % heads_shards or m.n_heads % heads_shards or m.d_ff % heads_shards:
             _fail(f"mesh.tensor={heads_shards} must divide model.n_heads, model.n_kv_heads and model.d_ff.")
@@ -388,11 +441,15 @@ def _validate_recipe(c):
         if ph.steps < 0:
             _fail(f"recipe.{name}.steps must be >= 0.")
         if ph.mixture != "cluster" and ph.mixture not in c.data.mixtures:
-            _fail(f"recipe.{name}.mixture={ph.mixture!r} is not defined; data.mixtures has "
-                  f"{sorted(c.data.mixtures.keys())} (or use 'cluster' with fan_out).")
+            _fail(
+                f"recipe.{name}.mixture={ph.mixture!r} is not defined; data.mixtures has "
+                f"{sorted(c.data.mixtures.keys())} (or use 'cluster' with fan_out)."
+            )
         if ph.init.keep_optimizer and ph.init.surgery and parents(ph):
-            _fail(f"recipe.{name}: keep_optimizer needs the parent's tree unchanged; set "
-                  f"init.keep_optimizer=False when init.surgery={ph.init.surgery!r}.")
+            _fail(
+                f"recipe.{name}: keep_optimizer needs the parent's tree unchanged; set "
+                f"init.keep_optimizer=False when init.surgery={ph.init.surgery!r}."
+            )
         if len(parents(ph)) > 1 and not ph.init.surgery:
             _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
         if ph.stage == "decay":
@@ -403,14 +460,18 @@ def _validate_recipe(c):
     if sched.name == "wsd":
         first = order[0]
         if sched.warmup > phase_steps(recipe[first], c.max_steps) and c.max_steps <= 0:
-            _fail(f"schedule.warmup={sched.warmup} is longer than the first phase "
-                  f"{first!r} ({recipe[first].steps} steps); shorten the warmup or lengthen the phase.")
+            _fail(
+                f"schedule.warmup={sched.warmup} is longer than the first phase "
+                f"{first!r} ({recipe[first].steps} steps); shorten the warmup or lengthen the phase."
+            )
         for name in decay_phases:
             if recipe[name].steps == 0:
                 _fail(f"recipe.{name} is a decay phase with 0 steps; give it steps or stage='stable'.")
     elif decay_phases:
-        _fail(f"recipe phases {decay_phases} have stage='decay', which needs schedule.name='wsd' "
-              f"(got {sched.name!r}).")
+        _fail(
+            f"recipe phases {decay_phases} have stage='decay', which needs schedule.name='wsd' "
+            f"(got {sched.name!r})."
+        )
 
 
 def _validate_surgery(c, name: str, pc):
@@ -419,16 +480,20 @@ def _validate_surgery(c, name: str, pc):
     _choice(f"recipe.{name}: surgery.router_init", s.router_init, ROUTER_INITS)
     if ph.init.surgery != "btx_merge":
         if s.router_init != "random" or s.seed_expert:
-            _fail(f"recipe.{name}: surgery.router_init={s.router_init!r} / "
-                  f"surgery.seed_expert={s.seed_expert} apply to init.surgery='btx_merge' only, "
-                  f"not {ph.init.surgery!r}; set them back to 'random' / False for this phase "
-                  f"(recipe.{name}.overrides).")
+            _fail(
+                f"recipe.{name}: surgery.router_init={s.router_init!r} / "
+                f"surgery.seed_expert={s.seed_expert} apply to init.surgery='btx_merge' only, "
+                f"not {ph.init.surgery!r}; set them back to 'random' / False for this phase "
+                f"(recipe.{name}.overrides)."
+            )
         return
     if s.router_init == "centroid":
         for p in parents(ph):
             if not recipe[p].fan_out:
-                _fail(f"recipe.{name}: surgery.router_init='centroid' needs every parent to be a fan-out "
-                      f"phase (member i trains on data cluster i and becomes expert i); {p!r} is not.")
+                _fail(
+                    f"recipe.{name}: surgery.router_init='centroid' needs every parent to be a fan-out "
+                    f"phase (member i trains on data cluster i and becomes expert i); {p!r} is not."
+                )
     if s.seed_expert:
         seed_phase(recipe, name)
     branches = sum(recipe[p].fan_out or 1 for p in parents(ph))
@@ -436,6 +501,8 @@ def _validate_surgery(c, name: str, pc):
     for slot, sub in (("ffn", "moe"), ("attention", "moa")):
         if pc.model[slot] == sub and pc.model[sub].n_experts != want:
             seed = " + 1 seed expert (surgery.seed_expert)" if s.seed_expert else ""
-            _fail(f"recipe.{name}: {branches} branches{seed} make {want} experts, but "
-                  f"model.{sub}.n_experts={pc.model[sub].n_experts}; set model.moe.n_experts and "
-                  f"model.moa.n_experts to {want}.")
+            _fail(
+                f"recipe.{name}: {branches} branches{seed} make {want} experts, but "
+                f"model.{sub}.n_experts={pc.model[sub].n_experts}; set model.moe.n_experts and "
+                f"model.moa.n_experts to {want}."
+            )

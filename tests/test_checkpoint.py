@@ -16,14 +16,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 from voltron_jax import checkpoint, sharding
 
 DATA = {"epoch": 1, "offset": 12345}
-META = {"config": {"model": {"d_model": 64}}, "git_commit": "abc", "versions": {"jax": "0.10.2"},
-        "corpus_manifest": [["a.py", "00ff"]]}
+META = {
+    "config": {"model": {"d_model": 64}},
+    "git_commit": "abc",
+    "versions": {"jax": "0.10.2"},
+    "corpus_manifest": [["a.py", "00ff"]],
+}
 
 
 def make_state(step=7, mesh=None, spec=PartitionSpec()):
     w = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8)
-    state = {"params": {"w": w, "b": jnp.ones((8,), jnp.float32)}, "opt_state": {"mu": w * 0.5},
-             "step": jnp.asarray(step, jnp.int32)}
+    state = {
+        "params": {"w": w, "b": jnp.ones((8,), jnp.float32)},
+        "opt_state": {"mu": w * 0.5},
+        "step": jnp.asarray(step, jnp.int32),
+    }
     if mesh is not None:
         state["params"]["w"] = jax.device_put(w, NamedSharding(mesh, spec))
     return state
@@ -31,7 +38,8 @@ def make_state(step=7, mesh=None, spec=PartitionSpec()):
 
 def abstract(state, mesh, spec_of=lambda path: PartitionSpec()):
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec_of(p))), state)
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec_of(p))), state
+    )
 
 
 def mesh_of(**axes):

@@ -18,15 +18,23 @@ SPEC = {
     "embed": {"embedding": ((V, D), ("vocab", "embed"))},
     "final_norm": {"scale": ((D,), ("norm",))},
     "lm_head": {"kernel": ((D, V), ("embed", "vocab"))},
-    "stack": {"blocks": {"layer_0": {
-        "attn": {"q": {"kernel": ((L, D, D), ("layers", "embed", "heads"))},
-                 "memory": {"beta": ((L, H), ("layers", "heads"))}},
-        "attn_norm": {"scale": ((L, D), ("layers", "norm"))},
-        "ffn": {"gate": {"kernel": ((L, D, F), ("layers", "embed", "mlp"))},
-                "router": {"kernel": ((L, D, E), ("layers", "embed", "expert"))},
-                "wi": ((L, E, D, F), ("layers", "expert", "embed", "mlp")),
-                "bias": ((L, F), ("layers", "mlp"))},
-    }}},
+    "stack": {
+        "blocks": {
+            "layer_0": {
+                "attn": {
+                    "q": {"kernel": ((L, D, D), ("layers", "embed", "heads"))},
+                    "memory": {"beta": ((L, H), ("layers", "heads"))},
+                },
+                "attn_norm": {"scale": ((L, D), ("layers", "norm"))},
+                "ffn": {
+                    "gate": {"kernel": ((L, D, F), ("layers", "embed", "mlp"))},
+                    "router": {"kernel": ((L, D, E), ("layers", "embed", "expert"))},
+                    "wi": ((L, E, D, F), ("layers", "expert", "embed", "mlp")),
+                    "bias": ((L, F), ("layers", "mlp")),
+                },
+            }
+        }
+    },
     "dwa": {"alpha_0": ((L + 1,), ("dwa",))},
     "mod": {"predictor": {"kernel": ((D, 1), ("embed", None)), "bias": ((1,), (None,))}},
 }
@@ -34,12 +42,20 @@ SNAPSHOT = {
     "embed": {"embedding": "embedding"},
     "final_norm": {"scale": "norm"},
     "lm_head": {"kernel": "matrix"},
-    "stack": {"blocks": {"layer_0": {
-        "attn": {"q": {"kernel": "matrix"}, "memory": {"beta": "gate"}},
-        "attn_norm": {"scale": "norm"},
-        "ffn": {"gate": {"kernel": "matrix"}, "router": {"kernel": "router"}, "wi": "matrix",
-                "bias": "vector"},
-    }}},
+    "stack": {
+        "blocks": {
+            "layer_0": {
+                "attn": {"q": {"kernel": "matrix"}, "memory": {"beta": "gate"}},
+                "attn_norm": {"scale": "norm"},
+                "ffn": {
+                    "gate": {"kernel": "matrix"},
+                    "router": {"kernel": "router"},
+                    "wi": "matrix",
+                    "bias": "vector",
+                },
+            }
+        }
+    },
     "dwa": {"alpha_0": "alpha"},
     "mod": {"predictor": {"kernel": "router", "bias": "vector"}},
 }
@@ -76,8 +92,10 @@ def test_param_labels_snapshot_plain_and_boxed():
 
 def test_scanned_axis_is_not_a_matrix_dimension():
     # [L, D] under 'blocks' is a stacked vector, [D, D] elsewhere a matrix; boxed: the 'layers' name decides
-    assert optim.param_labels({"blocks": {"w": jnp.zeros((L, D))}, "x": {"w": jnp.zeros((D, D))}}) == \
-        {"blocks": {"w": "vector"}, "x": {"w": "matrix"}}
+    assert optim.param_labels({"blocks": {"w": jnp.zeros((L, D))}, "x": {"w": jnp.zeros((D, D))}}) == {
+        "blocks": {"w": "vector"},
+        "x": {"w": "matrix"},
+    }
     boxed = {"scan": {"w": nn.Partitioned(jnp.zeros((L, D)), ("layers", "embed"))}}
     assert optim.param_labels(boxed) == {"scan": {"w": "vector"}}
 
@@ -94,12 +112,15 @@ def test_model_param_labels(scan):
     assert optim.param_labels(params) == optim.param_labels(nn.unbox(params))
 
 
-@pytest.mark.parametrize("slots,group,leaf", [
-    ({"memory": "infini"}, "gate", "beta"),  # Infini-attention gate: own lr, no decay
-    ({"ffn": "moe", "attention": "moa"}, "router", "router"),  # expert routers: no decay
-    ({"routing": "mod"}, "router", "w_in"),  # MoD aux predictor
-    ({"residual": "denseformer"}, "alpha", "alpha"),  # DWA weights: decay only with optim.decay_alpha
-])
+@pytest.mark.parametrize(
+    "slots,group,leaf",
+    [
+        ({"memory": "infini"}, "gate", "beta"),  # Infini-attention gate: own lr, no decay
+        ({"ffn": "moe", "attention": "moa"}, "router", "router"),  # expert routers: no decay
+        ({"routing": "mod"}, "router", "w_in"),  # MoD aux predictor
+        ({"residual": "denseformer"}, "alpha", "alpha"),  # DWA weights: decay only with optim.decay_alpha
+    ],
+)
 def test_technique_params_land_in_their_groups(slots, group, leaf):
     """The technique modules follow the naming rule of optim.py, so their special params are grouped."""
     c = tiny.get_config("test")
@@ -125,8 +146,15 @@ def test_width_scaled_lr_exactly_on_intended_set(mup_embed_lr):
     params, grads = make_params(), make_params(seed=1)
     updates = first_update(c, params, grads)
     lr = c.optim.lr
-    mult = {"matrix": lr / 4, "router": lr / 4, "embedding": lr / 4 if mup_embed_lr else lr,
-            "gate": 5e-2, "norm": lr, "alpha": lr, "vector": lr}
+    mult = {
+        "matrix": lr / 4,
+        "router": lr / 4,
+        "embedding": lr / 4 if mup_embed_lr else lr,
+        "gate": 5e-2,
+        "norm": lr,
+        "alpha": lr,
+        "vector": lr,
+    }
     # Adam's first step is g / (|g| + eps) ~ sign(g): the update is -lr * multiplier * that, per group
     eps = c.optim.eps
     expected = jax.tree.map(lambda lab, g: -mult[lab] * np.asarray(g) / (np.abs(g) + eps), SNAPSHOT, grads)
@@ -141,8 +169,9 @@ def test_boxed_and_plain_trees_give_the_same_updates():
     tx = optim.make_optimizer(c, jax.eval_shape(lambda: boxed), "stable")  # built from an abstract boxed tree
     update = jax.jit(tx.update)
     u_plain, _ = update(grads, tx.init(plain), plain)
-    boxed_grads = jax.tree.map(lambda b, g: b.replace_boxed(g), boxed, grads,
-                               is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    boxed_grads = jax.tree.map(
+        lambda b, g: b.replace_boxed(g), boxed, grads, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
     u_boxed, _ = update(boxed_grads, tx.init(boxed), boxed)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u_plain, nn.unbox(u_boxed))
 

@@ -19,13 +19,13 @@ def values(fn, steps):
 def test_wsd_exp_paper_properties():
     fn = schedules.wsd(PEAK, W, T, D, "exp", half_life=HALF)
     lr = values(fn, np.arange(T + D + 20))
-    np.testing.assert_allclose(lr[:W + 1], PEAK * np.arange(W + 1) / W, rtol=1e-6)  # warmup, lr(W) = peak
+    np.testing.assert_allclose(lr[: W + 1], PEAK * np.arange(W + 1) / W, rtol=1e-6)  # warmup, lr(W) = peak
     assert np.all(lr[W:T] == np.float32(PEAK))  # constant on [W, T)
     assert np.all(np.diff(lr[T:]) <= 0)  # monotone after T
-    assert np.all(np.diff(lr[T:T + D + 1]) < 0)  # strictly decaying inside the window
+    assert np.all(np.diff(lr[T : T + D + 1]) < 0)  # strictly decaying inside the window
     for n in range(D // HALF + 1):
         np.testing.assert_allclose(lr[T + n * HALF], PEAK * 0.5**n, rtol=1e-6)  # half-life form
-    assert np.all(lr[T + D:] == lr[T + D])  # holds the end value after the window
+    assert np.all(lr[T + D :] == lr[T + D])  # holds the end value after the window
 
 
 @pytest.mark.parametrize("shape", ["exp", "linear", "cosine"])

@@ -46,12 +46,15 @@ class Checkpointer:
         # Orbax's tensorstore writer needs absolute local paths (bucket URLs are absolute already).
         self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         if self.directory.exists() and not self.directory.is_dir():
-            raise CheckpointError(f"{self.directory} is a file, not a checkpoint folder; point the workdir "
-                                  "at a folder (it is created on the first save).")
+            raise CheckpointError(
+                f"{self.directory} is a file, not a checkpoint folder; point the workdir "
+                "at a folder (it is created on the first save)."
+            )
         if keep < 1:
             raise CheckpointError(f"keep={keep}: keep at least 1 checkpoint (train.keep).")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=False)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=False
+        )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._cleaned = False
 
@@ -98,17 +101,21 @@ class Checkpointer:
             try:
                 json.dumps(obj)
             except (TypeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {self._step_dir(step)}: {name} is not JSON-serialisable "
-                                      f"({e}); pass plain dicts/lists/str/numbers. Nothing was written."
-                                      ) from e
+                raise CheckpointError(
+                    f"checkpoint {self._step_dir(step)}: {name} is not JSON-serialisable "
+                    f"({e}); pass plain dicts/lists/str/numbers. Nothing was written."
+                ) from e
         if not self._cleaned:
             self._drop_uncommitted()
         if step in self._mgr.all_steps():
             self._mgr.wait_until_finished()
             if self._committed(step):
                 return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
         return self._mgr.save(step, args=args, force=force)
 
     # ------------------------------------------------------------------ restore
@@ -120,14 +127,20 @@ class Checkpointer:
             if not steps:
                 hint = ""
                 if self.directory.name.isdigit() and (self.directory / COMMIT_MARKER).exists():
-                    hint = (f" It looks like a step folder itself: use Checkpointer({self.directory.parent}) "
-                            f"and step={self.directory.name}.")
-                raise CheckpointError(f"no committed checkpoint in {self.directory}.{hint} Check the path "
-                                      "(the phase's ckpt/ folder), or run the phase that writes it first.")
+                    hint = (
+                        f" It looks like a step folder itself: use Checkpointer({self.directory.parent}) "
+                        f"and step={self.directory.name}."
+                    )
+                raise CheckpointError(
+                    f"no committed checkpoint in {self.directory}.{hint} Check the path "
+                    "(the phase's ckpt/ folder), or run the phase that writes it first."
+                )
             return steps[-1]
         if step not in steps:
-            raise CheckpointError(f"step {step} has no committed checkpoint in {self.directory}; available "
-                                  f"steps: {steps}. Pass one of them, or step=None for the latest.")
+            raise CheckpointError(
+                f"step {step} has no committed checkpoint in {self.directory}; available "
+                f"steps: {steps}. Pass one of them, or step=None for the latest."
+            )
         return step
 
     def _restore(self, step: int, args: ocp.args.Composite, what: str):
@@ -135,12 +148,16 @@ class Checkpointer:
             return self._mgr.restore(step, args=args)
         except Exception as e:  # orbax/tensorstore raise many types; one message names path and fix
             older = [s for s in self.all_steps() if s < step]
-            fix = (f"delete {self._step_dir(step)} to fall back to step {older[-1]}" if older
-                   else f"delete {self._step_dir(step)} to start the phase again")
+            fix = (
+                f"delete {self._step_dir(step)} to fall back to step {older[-1]}"
+                if older
+                else f"delete {self._step_dir(step)} to start the phase again"
+            )
             raise CheckpointError(
                 f"cannot restore {what} from checkpoint {self._step_dir(step)}: {type(e).__name__}: {e}. "
                 f"If the target tree or shapes changed (a different model config), restore with the config "
-                f"stored in the checkpoint (restore_meta); if the folder is damaged, {fix}.") from e
+                f"stored in the checkpoint (restore_meta); if the folder is damaged, {fix}."
+            ) from e
 
     def restore(self, step: int | None = None, target=None) -> tuple:
         """(state, data_state, meta) of `step` (default: the latest committed one).
@@ -151,8 +168,11 @@ class Checkpointer:
         """
         step = self._resolve(step)
         state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-        out = self._restore(step, ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(),
-                                                     meta=ocp.args.JsonRestore()), "state")
+        out = self._restore(
+            step,
+            ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()),
+            "state",
+        )
         return out["state"], out["data"], out["meta"]
 
     def restore_meta(self, step: int | None = None) -> dict:
@@ -204,8 +224,9 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         if jax.process_count() == 1:
             if threading.current_thread() is not threading.main_thread():
-                raise RuntimeError("PreemptionGuard must be entered on the main thread (Python delivers "
-                                   "signals there only).")
+                raise RuntimeError(
+                    "PreemptionGuard must be entered on the main thread (Python delivers signals there only)."
+                )
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self

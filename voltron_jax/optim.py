@@ -135,8 +135,9 @@ class GroupScheduleState(NamedTuple):
 Rules = dict[tuple[str, ...], tuple[float, bool]]  # param path -> (lr multiplier, weight decay on)
 
 
-def scale_by_groups(lr_fn: schedules.Schedule, wd_fn: schedules.Schedule, rules: Rules,
-                    start: int) -> optax.GradientTransformation:
+def scale_by_groups(
+    lr_fn: schedules.Schedule, wd_fn: schedules.Schedule, rules: Rules, start: int
+) -> optax.GradientTransformation:
     """-lr(step) * mult * (u + wd(step) * decay * param) per leaf, (mult, decay) = rules[path].
 
     The global step starts at `start` (the phase's first step) and advances by one per update."""
@@ -152,8 +153,10 @@ def scale_by_groups(lr_fn: schedules.Schedule, wd_fn: schedules.Schedule, rules:
         def one(path, u, p):
             names = path_names(path)
             if names not in rules:
-                raise KeyError(f"param {'/'.join(names)} is not in the tree make_optimizer was built for; "
-                               "build the optimizer from this param tree.")
+                raise KeyError(
+                    f"param {'/'.join(names)} is not in the tree make_optimizer was built for; "
+                    "build the optimizer from this param tree."
+                )
             mult, decay = rules[names]
             if decay:
                 if p is None:
@@ -174,8 +177,10 @@ def make_optimizer(config, params, phase_name: str) -> optax.GradientTransformat
     """AdamW for `params` (boxed or plain, concrete or abstract) in phase `phase_name` of the recipe."""
     o = config.optim
     if not (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0 and o.eps > 0 and o.grad_clip >= 0):
-        raise common.ConfigError(f"optim: need 0 <= b1, b2 < 1, eps > 0 and grad_clip >= 0 (0 = off); got "
-                                 f"b1={o.b1}, b2={o.b2}, eps={o.eps}, grad_clip={o.grad_clip}.")
+        raise common.ConfigError(
+            f"optim: need 0 <= b1, b2 < 1, eps > 0 and grad_clip >= 0 (0 = off); got "
+            f"b1={o.b1}, b2={o.b2}, eps={o.eps}, grad_clip={o.grad_clip}."
+        )
     settings = group_settings(config)
     rules = {path: settings[g] for path, g in _labels_by_path(params).items()}
     start = common.phase_start(config.recipe, phase_name, config.max_steps)

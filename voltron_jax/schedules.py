@@ -65,8 +65,11 @@ def constant(peak: float, warmup: int = 0) -> Schedule:
 
 def cosine(peak: float, warmup: int, total: int, final_frac: float = 0.1) -> Schedule:
     """Linear warmup, then a cosine from peak at `warmup` to final_frac * peak at `total`, held after."""
-    _check(0 <= warmup < total, f"cosine schedule: need 0 <= warmup ({warmup}) < total ({total}); set "
-                                "schedule.total (0 = the recipe's total steps) or shorten schedule.warmup.")
+    _check(
+        0 <= warmup < total,
+        f"cosine schedule: need 0 <= warmup ({warmup}) < total ({total}); set "
+        "schedule.total (0 = the recipe's total steps) or shorten schedule.warmup.",
+    )
     _check(0.0 <= final_frac <= 1.0, f"schedule.final_frac={final_frac} must be in [0, 1].")
 
     def fn(step):
@@ -78,8 +81,15 @@ def cosine(peak: float, warmup: int, total: int, final_frac: float = 0.1) -> Sch
     return fn
 
 
-def wsd(peak: float, warmup: int, decay_start: int, decay_steps: int, shape: str = "exp",
-        half_life: float = 0.0, final_frac: float = 0.1) -> Schedule:
+def wsd(
+    peak: float,
+    warmup: int,
+    decay_start: int,
+    decay_steps: int,
+    shape: str = "exp",
+    half_life: float = 0.0,
+    final_frac: float = 0.1,
+) -> Schedule:
     """Warmup-Stable-Decay. `decay_steps <= 0` means no decay (warmup + stable only).
 
     Args:
@@ -91,14 +101,18 @@ def wsd(peak: float, warmup: int, decay_start: int, decay_steps: int, shape: str
       half_life: exp only; steps per halving; 0 picks the one ending at final_frac * peak.
       final_frac: end-of-decay lr as a fraction of peak (linear, cosine, and exp when half_life=0).
     """
-    _check(shape in DECAY_SHAPES, f"schedule.decay_shape={shape!r} is not valid; choose one of "
-                                  f"{DECAY_SHAPES}.")
+    _check(
+        shape in DECAY_SHAPES, f"schedule.decay_shape={shape!r} is not valid; choose one of {DECAY_SHAPES}."
+    )
     _check(warmup >= 0 and half_life >= 0, "schedule.warmup and schedule.half_life must be >= 0.")
     _check(0.0 <= final_frac <= 1.0, f"schedule.final_frac={final_frac} must be in [0, 1].")
     if shape == "exp" and half_life == 0 and decay_steps > 0:
-        _check(0.0 < final_frac < 1.0, f"exp decay with schedule.half_life=0 derives the half-life from "
-                                       f"schedule.final_frac={final_frac}, which must be in (0, 1); "
-                                       "set schedule.half_life instead.")
+        _check(
+            0.0 < final_frac < 1.0,
+            f"exp decay with schedule.half_life=0 derives the half-life from "
+            f"schedule.final_frac={final_frac}, which must be in (0, 1); "
+            "set schedule.half_life instead.",
+        )
         half_life = decay_steps * math.log(2.0) / math.log(1.0 / final_frac)
 
     def fn(step):
@@ -130,8 +144,9 @@ def two_stage(fn: Schedule, stage2_step: int, factor: float) -> Schedule:
 def recipe_total_steps(config) -> int:
     """The longest global step count over the recipe's phases (end of the last phase of any chain)."""
     r = config.recipe
-    return max(common.phase_start(r, n, config.max_steps) + common.phase_steps(r[n], config.max_steps)
-               for n in r)
+    return max(
+        common.phase_start(r, n, config.max_steps) + common.phase_steps(r[n], config.max_steps) for n in r
+    )
 
 
 def decay_window(config, phase_name: str) -> tuple[int, int]:
@@ -145,8 +160,10 @@ def decay_window(config, phase_name: str) -> tuple[int, int]:
         raise common.ConfigError(f"phase {name!r} is not in config.recipe; phases are {list(r.keys())}.")
     while True:
         if r[name].stage == "decay":
-            return (common.phase_start(r, name, config.max_steps),
-                    common.phase_steps(r[name], config.max_steps))
+            return (
+                common.phase_start(r, name, config.max_steps),
+                common.phase_steps(r[name], config.max_steps),
+            )
         ps = common.parents(r[name])
         if not ps:
             return 0, 0

@@ -88,8 +88,9 @@ def test_one_segment_equals_causal_attention_and_eps_convention():
     want = _apply(CausalCore(), {}, q, k, v, pos)
     np.testing.assert_allclose(_apply(core, p, q, k, v, pos), want, atol=1e-5, rtol=1e-5)
     core_b, p_b = _core(first_segment="eps", gate_init=0.7)  # (b): (1 - sigmoid(beta)) A_dot
-    np.testing.assert_allclose(_apply(core_b, p_b, q, k, v, pos), (1 - jax.nn.sigmoid(0.7)) * want,
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        _apply(core_b, p_b, q, k, v, pos), (1 - jax.nn.sigmoid(0.7)) * want, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_gate_limits_local_and_memory_read():
@@ -135,7 +136,7 @@ def test_prefix_sum_equals_scan_values_and_grads():
 
     def loss(fn, sq, sk, v):
         a, _, (mem, z) = fn(sq, sk, v, state, fold, "skip")
-        return jnp.sum(jnp.sin(a)) + jnp.sum(mem ** 2) * 1e-3 + jnp.sum(z)
+        return jnp.sum(jnp.sin(a)) + jnp.sum(mem**2) * 1e-3 + jnp.sum(z)
 
     prefix = functools.partial(loss, ia.memory_prefix)
     scan = functools.partial(loss, functools.partial(ia.memory_scan, rule="linear"))
@@ -240,7 +241,7 @@ def test_streaming_generation_equals_full_forward_whole_model():
     outs, start = [], 0
     for n in (7, 1, 4, 4):  # a prompt that is not a multiple of N, one token closing a segment, segments
         pos = jnp.broadcast_to(jnp.arange(start, start + n), (B, n))
-        o, mut = step({"params": params, "cache": cache}, ids[:, start:start + n], pos)
+        o, mut = step({"params": params, "cache": cache}, ids[:, start : start + n], pos)
         outs.append(o)
         cache, start = mut["cache"], start + n
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)

@@ -48,8 +48,10 @@ def min_length() -> int:
 def make_example(seq_len: int, depth: float, key: int) -> np.ndarray:
     """[seq_len + 1] token ids: filler with the key sentence at `depth`, the question and the key."""
     if seq_len < min_length():
-        raise ValueError(f"passkey: seq_len={seq_len} is shorter than the template ({min_length()} tokens); "
-                         "use longer rows.")
+        raise ValueError(
+            f"passkey: seq_len={seq_len} is shorter than the template ({min_length()} tokens); "
+            "use longer rows."
+        )
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey: depth={depth} must be in [0, 1].")
     k = f"{int(key):0{DIGITS}d}"
@@ -67,9 +69,13 @@ def make_batch(seq_len: int, depths, keys) -> dict[str, np.ndarray]:
     b = windows.shape[0]
     weights = np.zeros((b, seq_len), np.float32)
     weights[:, -DIGITS:] = 1.0
-    return dict(inputs=windows[:, :-1].copy(), targets=windows[:, 1:].copy(),
-                positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy(),
-                segment_ids=np.ones((b, seq_len), np.int32), weights=weights)
+    return dict(
+        inputs=windows[:, :-1].copy(),
+        targets=windows[:, 1:].copy(),
+        positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy(),
+        segment_ids=np.ones((b, seq_len), np.int32),
+        weights=weights,
+    )
 
 
 class PasskeyIterator:
@@ -77,8 +83,9 @@ class PasskeyIterator:
     global batch. Row g of the stream draws its key and a uniform depth from rng(seed, g), so
     `get_state`/`set_state` resume exactly and every host agrees on the global batch."""
 
-    def __init__(self, batch_size: int, seq_len: int, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1):
+    def __init__(
+        self, batch_size: int, seq_len: int, seed: int = 0, process_index: int = 0, process_count: int = 1
+    ):
         if batch_size % process_count:
             raise ValueError(f"passkey: batch_size={batch_size} is not divisible by {process_count} hosts.")
         make_example(seq_len, 0.0, 0)  # fails early on rows too short for the template
@@ -106,22 +113,26 @@ class PasskeyIterator:
         return make_batch(self.seq_len, depths, keys)
 
     def get_state(self) -> dict:
-        return dict(task="passkey", step=self.step, seed=self.seed, seq_len=self.seq_len,
-                    batch_size=self.batch_size)
+        return dict(
+            task="passkey", step=self.step, seed=self.seed, seq_len=self.seq_len, batch_size=self.batch_size
+        )
 
     def set_state(self, state: dict) -> None:
         mine = dict(task="passkey", seed=self.seed, seq_len=self.seq_len, batch_size=self.batch_size)
         if {k: state.get(k) for k in mine} != mine:
-            raise ValueError(f"passkey iterator state {state} does not match {mine}; resume with the same "
-                             "seed, data.seq_len and data.batch_size.")
+            raise ValueError(
+                f"passkey iterator state {state} does not match {mine}; resume with the same "
+                "seed, data.seq_len and data.batch_size."
+            )
         self.step = int(state["step"])
 
 
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(logits_fn, lengths, depths=tuple(DEPTHS), n_examples: int = 32, batch_size: int = 16,
-             seed: int = 1234) -> dict[tuple[int, str], dict[str, float]]:
+def evaluate(
+    logits_fn, lengths, depths=tuple(DEPTHS), n_examples: int = 32, batch_size: int = 16, seed: int = 1234
+) -> dict[tuple[int, str], dict[str, float]]:
     """Teacher-forced accuracy per (length, depth). `logits_fn(inputs [B,L] int32) -> [B,L,V]`.
 
     Returns {(length, depth): {'key': exact-key accuracy, 'digit': per-digit accuracy}}; the same keys
@@ -132,7 +143,7 @@ def evaluate(logits_fn, lengths, depths=tuple(DEPTHS), n_examples: int = 32, bat
         for name in depths:
             right = []
             for i in range(0, n_examples, batch_size):
-                ks = keys[i:i + batch_size]
+                ks = keys[i : i + batch_size]
                 batch = make_batch(length, [DEPTHS[name]] * len(ks), ks)
                 pred = np.asarray(logits_fn(batch["inputs"]))[:, -DIGITS:].argmax(-1)  # [B,5]
                 right.append(pred == batch["targets"][:, -DIGITS:])
@@ -147,7 +158,8 @@ def format_table(results: dict, segment_len: int, title: str = "") -> str:
     depths = [d for d in DEPTHS if any((n, d) in results for n in lengths)]
     lines = ([f"**{title}**", ""] if title else []) + [
         "| length (tokens / segments) | " + " | ".join(depths) + " |",
-        "| --- |" + " --- |" * len(depths)]
+        "| --- |" + " --- |" * len(depths),
+    ]
     for n in lengths:
         cells = [f"{100 * results[n, d]['key']:.0f}% ({100 * results[n, d]['digit']:.0f}%)" for d in depths]
         lines.append(f"| {n} / {n // segment_len} | " + " | ".join(cells) + " |")
@@ -157,8 +169,9 @@ def format_table(results: dict, segment_len: int, title: str = "") -> str:
 # --------------------------------------------------------------------------------------------- experiment
 
 
-def train_and_evaluate(config, eval_segments=(4, 8, 16), n_examples: int = 32, seed: int = 0,
-                       log_every: int = 50) -> tuple[dict, dict]:
+def train_and_evaluate(
+    config, eval_segments=(4, 8, 16), n_examples: int = 32, seed: int = 0, log_every: int = 50
+) -> tuple[dict, dict]:
     """Fine-tune `config`'s model on passkey batches (the first recipe phase's steps, the project's
     optimizer and train step) and evaluate it. Returns (results, {'final_loss', 'seconds', 'beta'})."""
     import flax.linen as nn
@@ -189,8 +202,11 @@ def train_and_evaluate(config, eval_segments=(4, 8, 16), n_examples: int = 32, s
     lengths = [s * config.model.infini.segment_len for s in eval_segments]
     results = evaluate(lambda x: forward(state.params, x), lengths, n_examples=n_examples)
     betas = [np.asarray(x).ravel() for x in _find(state.params, "beta")]
-    info = dict(final_loss=float(np.mean(losses[-log_every:] or [np.nan])), seconds=seconds,
-                gate=[float(x) for x in 1 / (1 + np.exp(-np.concatenate(betas)))] if betas else [])
+    info = dict(
+        final_loss=float(np.mean(losses[-log_every:] or [np.nan])),
+        seconds=seconds,
+        gate=[float(x) for x in 1 / (1 + np.exp(-np.concatenate(betas)))] if betas else [],
+    )
     return results, info
 
 
@@ -212,9 +228,12 @@ def main(argv) -> None:
     segs = [int(s) for s in f.eval_segments.split(",")]
     n = config.model.infini.segment_len
     steps = config.recipe[common.phase_order(config.recipe)[0]].steps
-    report = [f"passkey: {config.model.n_layers} layers, d={config.model.d_model}, segment {n}, fine-tuned "
-              f"{steps} steps on {config.data.seq_len}-token inputs, {f.eval_examples} keys per cell; "
-              "cells: key accuracy (per-digit accuracy)", ""]
+    report = [
+        f"passkey: {config.model.n_layers} layers, d={config.model.d_model}, segment {n}, fine-tuned "
+        f"{steps} steps on {config.data.seq_len}-token inputs, {f.eval_examples} keys per cell; "
+        "cells: key accuracy (per-digit accuracy)",
+        "",
+    ]
     runs = [("infini", config.model.infini.rule)] + ([("local twin", "none")] if f.twin else [])
     saved = {}
     for label, rule in runs:

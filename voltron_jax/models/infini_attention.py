@@ -152,14 +152,18 @@ class InfiniCore(nn.Module):
     @nn.compact
     def __call__(self, q, k, v, positions, segment_ids=None, valid=None):
         if self.rule not in RULES or self.first_segment not in FIRST_SEGMENT:
-            raise ValueError(f"InfiniCore: rule={self.rule!r} must be one of {RULES} and "
-                             f"first_segment={self.first_segment!r} one of {FIRST_SEGMENT}.")
+            raise ValueError(
+                f"InfiniCore: rule={self.rule!r} must be one of {RULES} and "
+                f"first_segment={self.first_segment!r} one of {FIRST_SEGMENT}."
+            )
         if self.decode:
             return self._stream(q, k, v, positions, valid)
         b, t = q.shape[:2]
         if t % self.segment_len:
-            raise ValueError(f"InfiniCore: sequence length {t} is not a multiple of model.infini.segment_len="
-                             f"{self.segment_len}; pad the input or change data.seq_len / segment_len.")
+            raise ValueError(
+                f"InfiniCore: sequence length {t} is not a multiple of model.infini.segment_len="
+                f"{self.segment_len}; pad the input or change data.seq_len / segment_len."
+            )
         state = self._zero_state(b, k.shape[2], q.shape[3], v.shape[3])
         fold = jnp.ones((b, t // self.segment_len), bool)
         out, _ = self._segments(q, k, v, positions, valid, segment_ids, state, fold)
@@ -239,8 +243,9 @@ class InfiniCore(nn.Module):
         """Module fields taken from config.model.infini."""
         del ctx
         i = m.infini
-        return dict(segment_len=i.segment_len, rule=i.rule, gate_init=i.gate_init,
-                    first_segment=i.first_segment)
+        return dict(
+            segment_len=i.segment_len, rule=i.rule, gate_init=i.gate_init, first_segment=i.first_segment
+        )
 
     @staticmethod
     def validate(config) -> None:
@@ -251,11 +256,14 @@ class InfiniCore(nn.Module):
         if i.rule not in RULES:
             raise ConfigError(f"model.infini.rule={i.rule!r} is not valid; choose one of {RULES}.")
         if i.first_segment not in FIRST_SEGMENT:
-            raise ConfigError(f"model.infini.first_segment={i.first_segment!r} is not valid; "
-                              f"choose one of {FIRST_SEGMENT}.")
+            raise ConfigError(
+                f"model.infini.first_segment={i.first_segment!r} is not valid; choose one of {FIRST_SEGMENT}."
+            )
         if n <= 0 or config.data.seq_len % n:
-            raise ConfigError(f"data.seq_len={config.data.seq_len} must be a positive multiple of "
-                              f"model.infini.segment_len={n}; change one of them.")
+            raise ConfigError(
+                f"data.seq_len={config.data.seq_len} must be a positive multiple of "
+                f"model.infini.segment_len={n}; change one of them."
+            )
 
     @staticmethod
     def flops_per_token(m, seq_len: int) -> float:
