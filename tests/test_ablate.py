@@ -78,3 +78,12 @@ def test_real_runs_collect_table_csv_plot_and_resume(tmp_path, capsys):
     capsys.readouterr()
     ablate.main(args)  # resumable: finished variants are skipped
     assert capsys.readouterr().out.count("done, skipped") == 2
+
+
+def test_model_stats_of_an_infini_variant():
+    """Stats trace the model at the config's own length: Infini-attention takes only whole segments."""
+    n, fpt, tokens = ablate.model_stats(
+        "configs/tiny.py:test", {"model.memory": "infini", "model.infini.segment_len": 32}
+    )
+    plain, plain_fpt, _ = ablate.model_stats("configs/tiny.py:test", {})
+    assert n > plain and fpt > 0 and tokens == 8 * 64

@@ -168,7 +168,7 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int]:
 
     c = common.apply_overrides(load_config(base), ",".join(f"{k}={v}" for k, v in overrides.items()))
     shapes = jax.eval_shape(
-        decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+        decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32)
     )
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
     return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len
