@@ -80,10 +80,14 @@ def test_real_runs_collect_table_csv_plot_and_resume(tmp_path, capsys):
     assert capsys.readouterr().out.count("done, skipped") == 2
 
 
-def test_model_stats_of_an_infini_variant():
-    """Stats trace the model at the config's own length: Infini-attention takes only whole segments."""
-    n, fpt, tokens = ablate.model_stats(
+def test_model_stats_of_an_infini_variant_and_of_a_recipe():
+    """Stats trace the model at the config's own length (Infini-attention takes only whole segments); a
+    recipe is described by its last phase's model and has no FLOPs-from-steps comparison."""
+    n, fpt, tokens, comparable = ablate.model_stats(
         "configs/tiny.py:test", {"model.memory": "infini", "model.infini.segment_len": 32}
     )
-    plain, plain_fpt, _ = ablate.model_stats("configs/tiny.py:test", {})
-    assert n > plain and fpt > 0 and tokens == 8 * 64
+    plain, _, _, plain_comparable = ablate.model_stats("configs/tiny.py:test", {})
+    assert n > plain and fpt > 0 and tokens == 8 * 64 and comparable and plain_comparable
+    seed, *_ = ablate.model_stats("configs/recipe_tiny.py:continue", {})
+    moe, _, _, recipe_comparable = ablate.model_stats("configs/recipe_tiny.py", {})
+    assert moe > 2 * seed and not recipe_comparable

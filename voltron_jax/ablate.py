@@ -159,19 +159,26 @@ def read_run(d: Path) -> dict:
     return {"eval": sorted(evals, key=lambda r: r["step"]), "train": sorted(trains, key=lambda r: r["step"])}
 
 
-def model_stats(base: str, overrides: dict) -> tuple[int, float, int]:
-    """(parameter count, forward FLOPs per token, tokens per step) of a variant's config."""
+def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
+    """(parameter count, forward FLOPs per token, tokens per step, comparable) of a variant's config, for
+    the model of its last recipe phase. `comparable` is False when FLOPs do not follow from steps alone:
+    a fan-out phase (its members' tokens share the global steps) or a phase that changes the model."""
     import jax
     import jax.numpy as jnp
 
     from voltron_jax.models import decoder
 
     c = common.apply_overrides(load_config(base), ",".join(f"{k}={v}" for k, v in overrides.items()))
+    names = common.phase_order(c.recipe)
+    comparable = not any(
+        c.recipe[n].fan_out or "model." in c.recipe[n].overrides or c.recipe[n].init.surgery for n in names
+    )
+    c = common.apply_overrides(c, c.recipe[names[-1]].overrides)
     shapes = jax.eval_shape(
         decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32)
     )
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
-    return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len
+    return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len, comparable
 
 
 def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> float:
@@ -182,13 +189,15 @@ def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> fl
 
 
 def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list[dict]:
-    """One row per variant: mean and spread over seeds of final/best validation loss, and the rest."""
+    """One row per variant: mean and spread over seeds of final/best validation loss, and the rest.
+    Loss at equal FLOPs: at the smallest training-FLOPs total among the variants that share a base config
+    (nan for recipes whose FLOPs do not follow from their steps, see model_stats)."""
     runs, rows = {}, []
     for v in variants:
-        params, fpt, tps = model_stats(v.base or base, {**fixed, **v.overrides})
+        params, fpt, tps, comparable = model_stats(v.base or base, {**fixed, **v.overrides})
         recs = [read_run(run_dir(root, v, s)) for s in v.seeds]
         recs = [r for r in recs if r["eval"]]
-        runs[v.name] = (recs, 3 * fpt * tps)
+        runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable)
         rows.append(
             {
                 "variant": v.name,
@@ -203,16 +212,25 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
             }
         )
-    budget = min((r[0]["eval"][-1]["step"] * fps for r, fps in runs.values() if r), default=0.0)
+    budgets: dict[str, float] = {}
+    for recs, fps, b, comparable in runs.values():
+        if recs and comparable:
+            budgets[b] = min(budgets.get(b, math.inf), recs[0]["eval"][-1]["step"] * fps)
     for row in rows:
-        recs, fps = runs[row["variant"]]
+        recs, fps, b, comparable = runs[row["variant"]]
         final, best = np.array(row.pop("_final")), np.array(row.pop("_best"))
-        at = np.array([loss_at_flops(r["eval"], fps, budget) for r in recs])
+        at = np.array([loss_at_flops(r["eval"], fps, budgets[b]) if comparable else math.nan for r in recs])
         for key, vals in (("final_loss", final), ("best_loss", best), ("loss_at_equal_flops", at)):
             row[key] = float(np.mean(vals)) if len(vals) else float("nan")
             row[key + "_std"] = float(np.std(vals)) if len(vals) else float("nan")
         row["final_ppl"] = math.exp(row["final_loss"]) if math.isfinite(row["final_loss"]) else float("nan")
     return rows
+
+
+def spread(row: dict, key: str) -> str:
+    """'mean ± std' over seeds; the mean alone for one seed."""
+    m = row[key]
+    return f"{m:.4f}" if row["seeds"] < 2 or not math.isfinite(m) else f"{m:.4f} ± {row[key + '_std']:.4f}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -224,10 +242,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
-            f"{r['steps']} | "
-            f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f} | {r['best_loss']:.4f} ± "
-            f"{r['best_loss_std']:.4f} | {r['final_ppl']:.3f} | {r['loss_at_equal_flops']:.4f} ± "
-            f"{r['loss_at_equal_flops_std']:.4f} | {r['tokens_per_s']:,.0f} |"
+            f"{r['steps']} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | {r['final_ppl']:.3f} | "
+            f"{spread(r, 'loss_at_equal_flops')} | {r['tokens_per_s']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -249,7 +265,7 @@ def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, v in enumerate(variants):
-        _, fpt, tps = model_stats(v.base or base, {**fixed, **v.overrides})
+        _, fpt, tps, comparable = model_stats(v.base or base, {**fixed, **v.overrides})
         for j, s in enumerate(v.seeds):
             ev = read_run(run_dir(root, v, s))["eval"]
             if not ev:
@@ -258,7 +274,8 @@ def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
             y = [r["loss"] for r in ev]
             kw = dict(color=f"C{i % 10}", alpha=0.85, label=v.name if j == 0 else None)
             a1.plot(x, y, **kw)
-            a2.plot(x * 3 * fpt * tps, y, **kw)
+            if comparable:  # a recipe with branches or surgery has no single FLOPs-per-step
+                a2.plot(x * 3 * fpt * tps, y, **kw)
     a1.set_xlabel("step")
     a2.set_xlabel("training FLOPs")
     a2.set_xscale("log")
@@ -288,8 +305,8 @@ def claims_section(rows: list[dict], claims: dict, cmd: str) -> str:
         rel = (v - b) / b
         held = cl["holds"](rel, base, var)
         out.append(
-            f"| {tech} | {cl['claim']} | {metric}: {cl['baseline']} {b:.4f} ± {base[metric + '_std']:.4f} "
-            f"vs {cl['variant']} {v:.4f} ± {var[metric + '_std']:.4f} ({rel:+.1%}) | "
+            f"| {tech} | {cl['claim']} | {metric}: {cl['baseline']} {spread(base, metric)} "
+            f"vs {cl['variant']} {spread(var, metric)} ({rel:+.1%}) | "
             f"{'yes' if held else 'no: ' + cl.get('why_not', 'see notes')} |"
         )
     return f"Command: `{cmd}`\n\n" + "\n".join(out)

@@ -7,9 +7,12 @@ More seeds: add --seeds 3. The table it prints is what docs/results.md quotes un
 
 Each claim names the paper's number, the metric we compare (final validation loss at equal steps, or
 validation loss at equal training FLOPs for Mixture-of-Depths) and the rule that decides whether it
-held at this scale. The tiny models are 4 blocks, d=256, 240 steps: far below every paper's scale, so
+held at this scale; a gain must exceed 1% perplexity to count (one seed: smaller differences are noise).
+The tiny models are 4 blocks, d=256, 144 steps here: far below every paper's scale, so
 "did not hold" rows say why that is the likely reason rather than a refutation.
 """
+
+import math
 
 # Peak learning rates from the tiny-config sweep in docs/results.md ("BitNet b1.58"): dense is best at
 # 3.75e-4..7.5e-4 (the shared default 3e-3 ends 0.31 nats worse), BitNet at 1.5e-3 (higher, as the b1.58
@@ -51,8 +54,10 @@ def get_sweep():
                 baseline="dense",
                 variant="bitnet",
                 claim="ternary weights cost a few % PPL below 1B (700M: 12.33 -> 12.87, +4.4%)",
-                holds=lambda rel, b, v: rel < 0.10,
-                why_not="gap larger than 10% of the loss at this size",
+                holds=lambda rel, b, v: math.exp(v["final_loss"] - b["final_loss"]) < 1.10,
+                why_not="perplexity gap above 10%: the gap shrinks with scale (parity at 3B in the paper); "
+                "4 blocks of d=256 for 0.6M tokens are far below it (full-length 3-seed study: "
+                "docs/results.md, BitNet b1.58)",
             ),
             "Infini-attention": dict(
                 baseline="dense",
@@ -67,8 +72,9 @@ def get_sweep():
                 baseline="dense",
                 variant="denseformer",
                 claim="depth-weighted averages lower PPL 2.6-4.5% at 24-48 blocks",
-                holds=lambda rel, b, v: rel < 0.0,
-                why_not="4 blocks: the paper reports only 24+ blocks, and gains grow with depth",
+                holds=lambda rel, b, v: math.exp(v["final_loss"] - b["final_loss"]) < 0.99,
+                why_not="no gain beyond 1% perplexity at 4 blocks: the paper reports 24+ blocks and gains "
+                "grow with depth (24 blocks here: docs/results.md, DenseFormer)",
             ),
             "Mixture-of-Depths": dict(
                 baseline="dense",
@@ -83,7 +89,7 @@ def get_sweep():
                 baseline="random_order",
                 variant="icp",
                 claim="ordering related documents together lowers PPL (1.5B ablation: 8.2 random -> 7.3)",
-                holds=lambda rel, b, v: rel < 0.0,
+                holds=lambda rel, b, v: math.exp(v["final_loss"] - b["final_loss"]) < 0.99,
                 why_not="file-level documents are already long contexts",
             ),
             "MiniCPM WSD": dict(
