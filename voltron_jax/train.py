@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -279,8 +280,15 @@ def restore_host(phase: Phase) -> tuple[Any, dict]:
 
 
 def data_seed(config, name: str, member: int | None) -> int:
-    """Shuffle seed of the training data of phase `name` (fan-out member or data cluster `member`)."""
-    return config.seed * 1000 + (member or 0) + 17 * list(config.recipe.keys()).index(name)
+    """Shuffle seed of the training data of phase `name` (fan-out member or data cluster `member`).
+
+    A function of (config.seed, name, member) only: a phase's data order must not depend on the other
+    phases of the recipe. (It once used the phase's index in config.recipe.keys(), which ConfigDict
+    sorts by name, so the recipe's later phases moved the 'stable' data of the c-BTX recipe and its
+    dense ':continue' baseline apart.)
+    """
+    key = f"{int(config.seed)}/{name}/{-1 if member is None else int(member)}"
+    return zlib.crc32(key.encode())  # 32 bits, the same in every process (unlike hash())
 
 
 def make_probe(rt: Runtime, phase: Phase, sources: list[Phase]):
