@@ -105,9 +105,9 @@ def get_sweep():
                 variant="cbtx",
                 claim="branch-train-mix beats the data-matched dense model (BTX avg 47.9 vs 44.5)",
                 holds=lambda rel, b, v: rel < 0.0,
-                why_not="the branches specialise (own-cluster ppl 9.1-9.2 vs the seed's 13-14 on clusters "
-                "4, 5) but the merged MoE restarts near the seed (ppl 13.9 vs 13.8) and gets 40 fine-tune "
-                "steps, while the dense model trains 160 more steps on everything",
+                why_not="the branches specialise (each beats the seed on its own cluster, e.g. ppl 9.1 vs "
+                "15.5 on cluster 4) but the merged MoE restarts at the seed (15.0 vs 14.9) and gets 40 "
+                "fine-tune steps, while the dense model trains 160 more steps on everything",
             ),
         },
     }
