@@ -14,7 +14,7 @@ Recipe (DESIGN.md), all on the embedded standard-library corpus:
            input of 4 training batches of cluster i) merged worse here (docs/results.md, c-BTX).
   moe_ft   MoE+MoA fine-tune = the WSD decay stage on the high-quality mix     03_moe_ft/
 Each phase reports overall and per-cluster validation perplexity; the workdir ends with report.md and
-losses.png. About 15 minutes on 2 CPU cores.
+losses.png. About 2-5 minutes on 2 CPU cores (docs/results.md).
 
 Variants (comma-separated, e.g. `:test,seed_expert`): `:continue` is the dense baseline for the c-BTX
 comparison: the seed continued for the same tokens as the branches plus the fine-tune, with the same

@@ -77,7 +77,11 @@ def test_two_processes_train_checkpoint_and_restore_into_one(tmp_path):
         (jax.tree_util.keystr(k), v)
         for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(reference.params))
     )
+    # Gradients are summed in another order across two processes (gloo) than in one, and Adam's
+    # m / sqrt(v) turns a last-bit difference of a near-zero gradient into up to ~1e-6 of a weight (one
+    # embedding entry of 16576 once differed by 1.07e-6). A data, sharding or restore bug moves many
+    # weights by about the learning rate (3e-3), far above this tolerance.
     for path, leaf in leaves:
         np.testing.assert_allclose(
-            leaf, ref[jax.tree_util.keystr(path)], rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+            leaf, ref[jax.tree_util.keystr(path)], rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path)
         )
