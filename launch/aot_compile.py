@@ -139,7 +139,6 @@ def select_phase(config, name: str):
 
 def compile_step(config, topology: str, phase_name: str = "", step_time: float = 0.0) -> dict:
     """AOT-compile the phase's train step for `topology`; returns the report as a dict."""
-    import flax.linen as nn
     import jax
 
     from configs import common
@@ -154,7 +153,7 @@ def compile_step(config, topology: str, phase_name: str = "", step_time: float =
     rt = train.Runtime(phase, devices=devices)
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(rt.abstract.params))
     warnings.filterwarnings("ignore", message=".*context manager has been deprecated.*")
-    with rt.mesh, nn.logical_axis_rules(sharding.RULES):  # the context a TPU run traces under
+    with sharding.context(rt.mesh):  # the context a TPU run traces under
         lowered = rt.train_step.lower(rt.abstract, abstract_batch(c, rt.mesh))
     t_lower = time.time() - t0
     out = dict(

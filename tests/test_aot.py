@@ -59,11 +59,10 @@ def test_splash_kernel_compiles_forward_and_backward_for_tpu():
     from voltron_jax import train
 
     rt = train.Runtime(phase, devices=devices)
-    import flax.linen as nn
 
     from voltron_jax import sharding
 
-    with rt.mesh, nn.logical_axis_rules(sharding.RULES):
+    with sharding.context(rt.mesh):
         lowered = rt.train_step.lower(rt.abstract, aot.abstract_batch(c, rt.mesh))
     hlo = lowered.as_text()
     kernels = set(re.findall(r'kernel_name = "([^"]+)"', hlo))

@@ -7,6 +7,9 @@ axis names (`nn.with_logical_partitioning`); activations are constrained at bloc
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -38,7 +41,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("act_expert", "expert"),
     ("act_capacity", None),
-    ("act_group", ("data", "fsdp")),  # rows of the grouped MoE layout [E, B*C] (models/moe_groups.py)
+    ("act_group", ("data", "fsdp", "tensor")),  # rows of the grouped MoE layout [E, B*C] (moe_groups.py)
 )
 
 
@@ -52,6 +55,17 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     except Exception:  # CPU and odd topologies: plain reshape in device order
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
+
+
+@contextlib.contextmanager
+def context(mesh: Mesh):
+    """The context every model trace runs under: `mesh` as JAX's current (abstract) mesh plus the RULES
+    table. `nn.with_logical_constraint` is a silent no-op unless JAX reports a current mesh, and the
+    legacy `with mesh:` no longer sets one, so activation constraints need this (tests/test_sharding.py
+    checks they reach the lowered program). The abstract mesh only: eager arrays made inside stay where
+    they were (a concrete `jax.set_mesh` would place them on the mesh, impossible for an AOT topology)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+        yield
 
 
 def logical_to_spec(axes) -> PartitionSpec:
@@ -75,11 +89,34 @@ def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partiti
     return PartitionSpec(*out)
 
 
+def traced_in(mesh: Mesh, fn):
+    """`fn` entering `context(mesh)` itself, so a jit of it traces with the constraints (and the splash
+    kernel's mesh) wherever it is called or lowered from: the train loop calls its steps outside any
+    context."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with context(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def unboxed(boxed_tree):
+    """The values of a boxed tree without flax's sharding constraint on unboxing (which needs a traced
+    value: abstract trees are unboxed outside jit, under `context`)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
 def tree_shardings(mesh: Mesh, boxed_tree):
     """NamedShardings for a tree of boxed (logically annotated) abstract leaves; unannotated leaves
     replicate, and mesh axes that do not divide a dim are dropped for that dim (see fit_spec)."""
     specs = nn.logical_to_mesh(param_specs(boxed_tree), RULES)
-    shapes = nn.unbox(boxed_tree)
+    shapes = unboxed(boxed_tree)
     return jax.tree.map(
         lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)),
         specs,

@@ -216,39 +216,43 @@ class Runtime:
             params = self.model.init(key, dummy)["params"]
             return TrainState(jnp.asarray(phase.start, jnp.int32), params, self.tx.init(params))
 
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.context(self.mesh):
             boxed = jax.eval_shape(init_state, jax.random.key(0))
             self.shardings = sharding.tree_shardings(self.mesh, boxed)
             self.abstract = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                nn.unbox(boxed),
+                sharding.unboxed(boxed),
                 self.shardings,
             )
-            self._init = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=self.shardings)
+            self._init = jax.jit(
+                sharding.traced_in(self.mesh, lambda k: nn.unbox(init_state(k))), out_shardings=self.shardings
+            )
             batch_sh = sharding.batch_sharding(self.mesh)
             self.train_step = jax.jit(
-                make_train_step(self.model, self.tx, c, self.lr_fn, state_tree),
+                sharding.traced_in(
+                    self.mesh, make_train_step(self.model, self.tx, c, self.lr_fn, state_tree)
+                ),
                 in_shardings=(self.shardings, batch_sh),
                 out_shardings=(self.shardings, None),
                 donate_argnums=0,
             )
             self.eval_step = jax.jit(
-                make_eval_step(self.model, c, state_tree),
+                sharding.traced_in(self.mesh, make_eval_step(self.model, c, state_tree)),
                 in_shardings=(self.shardings.params, self.shardings.step, batch_sh),
             )
             self.probe_step = jax.jit(  # compiled only if a surgery asks (centroid router init)
-                make_probe_step(self.model, c, state_tree),
+                sharding.traced_in(self.mesh, make_probe_step(self.model, c, state_tree)),
                 in_shardings=(self.shardings.params, self.shardings.step, batch_sh),
                 out_shardings=sharding.replicated(self.mesh),  # readable on every host
             )
 
     def scratch(self) -> TrainState:
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.context(self.mesh):
             return self._init(jax.random.key(self.config.seed))
 
     def place(self, params, opt_state=None) -> TrainState:
         """Put host/other-mesh params (and optionally optimizer state) onto this phase's shardings."""
-        with self.mesh, nn.logical_axis_rules(sharding.RULES):
+        with sharding.context(self.mesh):
             params = jax.device_put(params, self.shardings.params)
             if opt_state is None:
                 opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)

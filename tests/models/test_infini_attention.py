@@ -256,7 +256,7 @@ def test_sharded_equals_unsharded():
     params = nn.unbox(boxed)
     want = _apply(model, {"params": params}, ids)
     mesh = sharding.make_mesh(c.mesh)
-    with mesh, nn.logical_axis_rules(sharding.RULES):
+    with sharding.context(mesh):
         shard = sharding.tree_shardings(mesh, jax.eval_shape(lambda: boxed))
         ps = jax.device_put(params, shard)
         xs = jax.device_put(ids, sharding.batch_sharding(mesh))

@@ -191,7 +191,7 @@ def test_expert_sharded_equals_unsharded():
     params = _moe_params(MLPS, jax.random.normal(jax.random.key(9), (D, E)))
     loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
     want = jax.jit(jax.value_and_grad(loss))(params, x)
-    with mesh, nn.logical_axis_rules(sharding.RULES):
+    with sharding.context(mesh):
         shard = sharding.tree_shardings(mesh, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
         assert shard["gate"]["kernel"].spec[0] == "expert"
         got = jax.jit(jax.value_and_grad(loss), in_shardings=(shard, sharding.batch_sharding(mesh)))(
