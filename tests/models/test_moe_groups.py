@@ -5,9 +5,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import common
-from voltron_jax import sharding
+from voltron_jax import registry, sharding
 from voltron_jax.models import moa, moe
 
 D, F, E = 16, 24, 4
@@ -37,20 +38,47 @@ def test_grouped_is_capacity_dispatch_row_by_row_with_drops():
     assert plan.capacity == 8 and int(jnp.sum(plan.to_assign < E * 8)) == 4 * 8  # expert 0 full per row
 
 
-def test_grouped_sharded_equals_unsharded():
-    x, layer, params = _setup(b=8)
-    loss = lambda p, x: jnp.mean(layer("grouped").apply({"params": p}, x) ** 2)
+@pytest.mark.parametrize("linear", ["dense", "bitlinear"])
+@pytest.mark.parametrize("axes", [(2, 2, 2, 1), (1, 2, 1, 4), (1, 4, 2, 1)])
+def test_grouped_sharded_equals_unsharded(linear, axes):
+    """The expert-parallel shard_map (each device gathers its experts' weights, multiplies its rows) gives
+    the unsharded loss and gradients, for BitLinear experts too (their scale is per whole expert matrix,
+    so the gather must come before quantisation) and with tensor > 1 (gathered as well)."""
+    x = jax.random.normal(jax.random.key(1), (8, 16, D))
+    lin = registry.get("linear", linear)
+    layer = lambda: moe.MoE(F, linear=lin, n_experts=E, top_k=2, impl="grouped", capacity_factor=0.5)
+    params = nn.unbox(jax.jit(layer().init)(jax.random.key(0), x)["params"])
+    loss = lambda p, x: jnp.mean(layer().apply({"params": p}, x) ** 2)
     want = jax.jit(jax.value_and_grad(loss))(params, x)
     cfg = common.get_default().mesh
-    cfg.data, cfg.fsdp, cfg.expert = 2, 2, 2
+    cfg.data, cfg.fsdp, cfg.tensor, cfg.expert = axes
     mesh = sharding.make_mesh(cfg)
-    with mesh, nn.logical_axis_rules(sharding.RULES):
-        boxed = jax.eval_shape(layer("grouped").init, jax.random.key(0), x)["params"]
+    with sharding.context(mesh):
+        boxed = jax.eval_shape(layer().init, jax.random.key(0), x)["params"]
         shard = sharding.tree_shardings(mesh, boxed)
         step = jax.jit(jax.value_and_grad(loss), in_shardings=(shard, sharding.batch_sharding(mesh)))
+        assert "shard_map" in str(jax.make_jaxpr(step)(params, x))  # the expert-parallel path ran
         got = step(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_expert_parallel_keeps_weights_local():
+    """Each device holds only its own experts' weights in the compiled step: no buffer in the program has
+    all E experts of a gate kernel [E,D,F] (GSPMD alone gathered every expert onto every device)."""
+    x = jax.random.normal(jax.random.key(1), (8, 16, D))
+    layer = moe.MoE(F, n_experts=E, top_k=2, impl="grouped", capacity_factor=1.0)
+    params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
+    loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
+    cfg = common.get_default().mesh
+    cfg.data, cfg.fsdp, cfg.expert = 1, 2, 4
+    mesh = sharding.make_mesh(cfg)
+    with sharding.context(mesh):
+        shard = sharding.tree_shardings(mesh, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
+        step = jax.jit(jax.grad(loss), in_shardings=(shard, sharding.batch_sharding(mesh)))
+        hlo = step.lower(params, x).compile().as_text()
+    assert f"f32[1,{D},{F}]" in hlo  # one expert, whole (gathered over fsdp)
+    assert f"[{E},{D},{F}]" not in hlo and f"[{E},{F},{D}]" not in hlo
 
 
 def test_moa_grouped_equals_moa_capacity_per_row():

@@ -223,6 +223,12 @@ def expert_projection(
     """E stacked `linear(features, kernel_axes)` experts applied to x in `plan`'s layout; call it from
     `module`'s compact method (it creates the submodule `name` there)."""
     proj = stacked(linear, n_experts)(features, kernel_axes, name=name)
+    if plan.impl == "grouped":
+        from voltron_jax.models import moe_groups
+
+        y = moe_groups.expert_parallel(module, linear, n_experts, features, kernel_axes, x, name)
+        if y is not None:
+            return y  # [E,R,out]
     if plan.impl != "dropless":
         return proj(x)  # [E,R,out]
     proj(jnp.zeros((n_experts, 0, x.shape[-1]), x.dtype))  # creates the params; an empty matmul

@@ -12,15 +12,25 @@ docs/results.md, "Pod configs (AOT)"). Here every row (sequence) is its own grou
     devices holding row b), then one transpose to the expert layout [E, B*C, D], constrained to
     ('act_expert', 'act_group', None): experts over the 'expert' mesh axis, rows over data x fsdp. That
     transpose is GShard's all-to-all; combine is its inverse and a batched gather back.
+Expert parallelism is explicit (`expert_parallel`): under a mesh each projection runs in a shard_map over
+the expert layout, every device all-gathers the weights of its own experts over the other mesh axes (FSDP)
+and multiplies its rows locally; the transpose of that all-gather is the reduce-scatter of the weight
+gradient. Left to GSPMD, the same program gathered every expert's weights onto every device, or computed
+the weight gradients from activations replicated over the whole batch (26.9 and 112 GiB of temporaries per
+v4 core for the 13B MoE; docs/results.md, "Pod configs (AOT)").
 The plan is moe.py's capacity plan with B = 1, vmapped over rows, so every property of that impl (gather-
 only backward, drops, gates) holds per row; with one row 'grouped' equals 'capacity' exactly.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+from jax.sharding import PartitionSpec
 
+from voltron_jax import sharding
 from voltron_jax.models import moe
 
 
@@ -59,3 +69,65 @@ def combine(plan: moe.Plan, y: jax.Array) -> jax.Array:
     y = nn.with_logical_constraint(y, ("act_batch", None, None))
     out = jax.vmap(lambda x, fwd, bwd: moe.gather_rows(x, fwd, bwd, 1))(y, plan.to_assign, plan.to_expert)
     return out.reshape(-1, out.shape[-1])  # [A*P,Dout]
+
+
+def expert_parallel(
+    module: nn.Module, linear: Any, n_experts: int, features: int, kernel_axes: tuple, x: jax.Array, name: str
+) -> jax.Array | None:
+    """E stacked `linear` experts on x [E,R,Din] (the dispatch layout) as one shard_map over the current
+    mesh: E over 'expert', rows over data x fsdp, each expert's weights all-gathered whole on the devices
+    that hold it. None when there is no mesh context or while initialising (then the caller runs the
+    vmapped experts directly; their parameters are the same)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or module.is_initializing():
+        return None
+    params = module.variables["params"][name]
+    boxed = jax.eval_shape(  # logical axes of each leaf (the params in apply are unboxed)
+        lambda k: moe.stacked(linear, n_experts)(features, kernel_axes).init(k, x)["params"],
+        jax.random.key(0),
+    )
+    specs = jax.tree.map(
+        lambda s, a: sharding.fit_spec(s, a.shape, mesh),
+        nn.logical_to_mesh(nn.get_partition_spec(boxed), sharding.RULES),
+        sharding.unboxed(boxed),
+        is_leaf=lambda v: isinstance(v, PartitionSpec),
+    )
+    x_spec = sharding.fit_spec(sharding.logical_to_spec(("act_expert", "act_group", None)), x.shape, mesh)
+    experts_axes = _names(jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, PartitionSpec))[0], 0)
+    if _names(x_spec, 0) != experts_axes:  # expert dim of rows and weights must be split alike
+        x_spec = PartitionSpec(experts_axes or None, *tuple(x_spec)[1:])
+    n_local = n_experts // _size(mesh, experts_axes)
+    state = module.variables.get("state", {}).get(name)
+    extra = {} if state is None else {"state": state}
+
+    def local(p, extra, x):
+        full = jax.tree.map(_gather, p, specs, is_leaf=lambda v: isinstance(v, PartitionSpec))
+        return moe.stacked(linear, n_local)(features, kernel_axes).apply({"params": full, **extra}, x)
+
+    out_spec = PartitionSpec(*tuple(x_spec)[:2], None)
+    extra_specs = jax.tree.map(lambda _: PartitionSpec(), extra)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(specs, extra_specs, x_spec), out_specs=out_spec, check_vma=False
+    )
+    return fn(params, extra, x)
+
+
+def _names(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
+    axes = tuple(spec)[dim] if dim < len(spec) else None
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _size(mesh, names: tuple[str, ...]) -> int:
+    out = 1
+    for n in names:
+        out *= mesh.shape[n]
+    return out
+
+
+def _gather(v: jax.Array, spec: PartitionSpec) -> jax.Array:
+    """All-gather every dim of a local weight shard except the leading expert dim."""
+    for dim in range(1, v.ndim):
+        names = _names(spec, dim)
+        if names:
+            v = jax.lax.all_gather(v, names, axis=dim, tiled=True)
+    return v
