@@ -111,7 +111,8 @@ def get_default() -> ml_collections.ConfigDict:
         dict(segment_len=64, rule="linear", gate_init=0.0, first_segment="skip")
     )
     # DenseFormer DWA after every `period`-th block over outputs j = i (mod dilation); the paper's 1x1 / 4x5.
-    m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1))
+    # acc_dtype: the scanned DWA's pending sums [L/period, B, T, D] (float32 | bfloat16; denseformer.py)
+    m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1, acc_dtype="float32"))
     # Mixture-of-Depths on layers i % every == every - 1: top int(capacity * T) tokens per sequence;
     # router_weight sigmoid | logit; causal aux_loss | predictor (MLP of predictor_hidden units);
     # route_by topk (training) | causal (predictor / router sign, as at decode); dispatch gather | onehot.
@@ -194,6 +195,7 @@ def get_default() -> ml_collections.ConfigDict:
     o.lr_stage2_step = -1  # >= 0: lr multiplied by lr_stage2_factor from this step (BitNet two-stage)
     o.lr_stage2_factor = 1.0
     o.grad_clip = 1.0
+    o.moments_dtype = "float32"  # Adam moments' storage: float32 | bfloat16 (half the memory; optim.py)
     o.mup_embed_lr = False  # MiniCPM scales the lr of every 2-D tensor; True also scales the embedding
     o.decay_embed = False  # weight decay on the token embedding (off: BitNet FAQ, OLMo 2; see optim.py)
     o.gate_lr = 1e-2  # Infini-attention gates: their own lr, no weight decay

@@ -244,3 +244,32 @@ def test_global_norm_clipping_and_unknown_param():
     other = {**params, "extra": {"kernel": jnp.ones((D, D))}}  # not the tree the optimizer was built for
     with pytest.raises(KeyError, match="extra/kernel"):
         jax.jit(tx.update)(other, tx.init(other), other)
+
+
+def test_bf16_moments_store_half_and_track_fp32_adam():
+    """optim.moments_dtype='bfloat16': mu and nu are stored in bf16 (same ScaleByAdamState layout as
+    optax), and the updates of a few steps stay within bf16 rounding of optax's fp32 Adam."""
+    import optax
+
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params) for i in range(4)]
+    ref, low = optax.scale_by_adam(0.9, 0.95, 1e-8), optim.scale_by_adam_stored(0.9, 0.95, 1e-8, jnp.bfloat16)
+    s_ref, s_low = ref.init(params), low.init(params)
+    assert s_low.mu["w"].dtype == jnp.bfloat16 and s_low.nu["w"].dtype == jnp.bfloat16
+    assert type(s_low) is type(s_ref)
+    for g in grads:
+        u_ref, s_ref = ref.update(g, s_ref)
+        u_low, s_low = low.update(g, s_low)
+        assert u_low["w"].dtype == jnp.float32
+        np.testing.assert_allclose(u_low["w"], u_ref["w"], rtol=2e-2, atol=2e-3)
+    assert int(s_low.count) == 4
+    c = tiny.get_config("test")
+    c.optim.moments_dtype = "bfloat16"
+    model = build_model(c.model)
+    ids = jnp.zeros((1, c.data.seq_len), jnp.int32)
+    p = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
+    state = jax.eval_shape(optim.make_optimizer(c, p, "stable").init, p)
+    assert {a.dtype for a in jax.tree.leaves(state) if a.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
+    c.optim.moments_dtype = "float8"
+    with pytest.raises(Exception, match="moments_dtype"):
+        optim.make_optimizer(c, p, "stable")

@@ -171,6 +171,25 @@ def test_scan_equals_unrolled_values_and_grads(routing, k, p, remat):
     )
 
 
+def test_bf16_accumulators_track_fp32():
+    """acc_dtype='bfloat16' stores the pending DWA sums in bf16 (half their memory on pods): the output
+    stays within bf16 rounding of the fp32 accumulators."""
+    cs = _cfg(4, 2, 2, scan_layers=True)
+    cb = _cfg(4, 2, 2, scan_layers=True)
+    cb.model.denseformer.acc_dtype = "bfloat16"
+    common.validate(cb)
+    x, pos = _inputs()
+    stack, stack_b = decoder.build_model(cs.model).stack(), decoder.build_model(cb.model).stack()
+    params = _random_alpha(nn.unbox(stack.init(jax.random.key(0), x, pos)["params"]))
+    y = stack.apply({"params": params}, x, pos)
+    yb = stack_b.apply({"params": params}, x, pos)
+    assert not np.array_equal(y, yb)  # the setting is live
+    np.testing.assert_allclose(yb, y, rtol=2e-2, atol=2e-2)
+    cb.model.denseformer.acc_dtype = "float16"
+    with pytest.raises(common.ConfigError, match="acc_dtype"):
+        common.validate(cb)
+
+
 def test_flops_add_the_dwa_sums():
     c, cp = _cfg(12, 4, 5), _cfg(12, residual="plain")
     extra = decoder.flops_per_token(c.model, T) - decoder.flops_per_token(cp.model, T)
