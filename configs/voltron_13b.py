@@ -35,12 +35,12 @@ MOE = "model.ffn=moe,model.attention=moa,mesh.expert=8"
 # The model variants (tests/test_configs.py builds each); any of them takes a preset too: "moe,v4".
 VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
 # preset -> (global batch of the dense seed, of the MoE, mesh). fsdp=-1 fills the devices the run has; data
-# and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint. The MoE holds ~3x the
-# dense activations per sequence (top-2 of 8 experts at capacity 1.25 in FFN and attention): on v5p-128 it
-# takes one sequence per chip (docs/results.md, "Pod configs (AOT)").
+# and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint. On v5p-128 the MoE trains
+# at the dense batch (68.4 of 95.7 GiB per chip); on v4-128 it does not fit (docs/results.md, "Pod
+# configs (AOT)").
 PRESETS = {
     "v4": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
-    "v5p": (128, 64, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
     "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1)),
 }
 

@@ -168,8 +168,9 @@ class PushSuperBlock(nn.Module):
         for j, make in enumerate(self.layers):
             x = remat_layer(make, self.remat, False)(name=f"layer_{j}")(h, positions, segment_ids, valid)
             w = jnp.where(push[j] >= 0, alpha[jnp.maximum(push[j], 0)], 0.0)  # [Q]
-            upd = w[:, None, None, None] * x.astype(jnp.float32)[None]
-            acc = constrain_acc((acc.astype(jnp.float32) + upd).astype(self.acc_dtype))  # [Q,B,T,D]
+            # the [Q,B,T,D] product in the accumulators' dtype: an fp32 one costs as much as fp32 sums
+            upd = w.astype(self.acc_dtype)[:, None, None, None] * x.astype(self.acc_dtype)[None]
+            acc = constrain_acc(acc + upd)  # [Q,B,T,D]
             if (j + 1) % self.dwa_period == 0:
                 slot = step * per_super + (j + 1) // self.dwa_period - 1
                 h = jax.lax.dynamic_index_in_dim(acc, slot, 0, keepdims=False).astype(x.dtype)
