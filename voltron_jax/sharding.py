@@ -82,10 +82,9 @@ def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partiti
     """Drop mesh axes from dims they do not divide (e.g. a 259-entry byte vocabulary on tensor=2):
     that dim is replicated instead of failing. Big matrices of real configs divide evenly."""
     out = []
-    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        out.append(axes if shape[i] % size == 0 else None)
+    for i in range(len(shape)):
+        size = int(np.prod([mesh.shape[a] for a in axis_names(spec, i)]))
+        out.append((tuple(spec)[i] if i < len(spec) else None) if shape[i] % size == 0 else None)
     return PartitionSpec(*out)
 
 
@@ -112,17 +111,30 @@ def unboxed(boxed_tree):
     )
 
 
-def tree_shardings(mesh: Mesh, boxed_tree):
-    """NamedShardings for a tree of boxed (logically annotated) abstract leaves; unannotated leaves
-    replicate, and mesh axes that do not divide a dim are dropped for that dim (see fit_spec)."""
-    specs = nn.logical_to_mesh(param_specs(boxed_tree), RULES)
-    shapes = unboxed(boxed_tree)
+def tree_specs(mesh, boxed_tree):
+    """Mesh PartitionSpecs for a tree of boxed (logically annotated) leaves; unannotated leaves replicate,
+    and mesh axes that do not divide a dim are dropped for that dim (see fit_spec)."""
     return jax.tree.map(
-        lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)),
-        specs,
-        shapes,
+        lambda s, a: fit_spec(s, a.shape, mesh),
+        nn.logical_to_mesh(param_specs(boxed_tree), RULES),
+        unboxed(boxed_tree),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def tree_shardings(mesh: Mesh, boxed_tree):
+    """NamedShardings of `tree_specs`."""
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s),
+        tree_specs(mesh, boxed_tree),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def axis_names(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
+    """The mesh axes sharding dim `dim` of `spec` (empty: replicated)."""
+    axes = tuple(spec)[dim] if dim < len(spec) else None
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -24,6 +24,7 @@ only backward, drops, gates) holds per row; with one row 'grouped' equals 'capac
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -86,17 +87,14 @@ def expert_parallel(
         lambda k: moe.stacked(linear, n_experts)(features, kernel_axes).init(k, x)["params"],
         jax.random.key(0),
     )
-    specs = jax.tree.map(
-        lambda s, a: sharding.fit_spec(s, a.shape, mesh),
-        nn.logical_to_mesh(nn.get_partition_spec(boxed), sharding.RULES),
-        sharding.unboxed(boxed),
-        is_leaf=lambda v: isinstance(v, PartitionSpec),
-    )
+    specs = sharding.tree_specs(mesh, boxed)
     x_spec = sharding.fit_spec(sharding.logical_to_spec(("act_expert", "act_group", None)), x.shape, mesh)
-    experts_axes = _names(jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, PartitionSpec))[0], 0)
-    if _names(x_spec, 0) != experts_axes:  # expert dim of rows and weights must be split alike
+    experts_axes = sharding.axis_names(
+        jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, PartitionSpec))[0], 0
+    )
+    if sharding.axis_names(x_spec, 0) != experts_axes:  # expert dim of rows and weights must be split alike
         x_spec = PartitionSpec(experts_axes or None, *tuple(x_spec)[1:])
-    n_local = n_experts // _size(mesh, experts_axes)
+    n_local = n_experts // math.prod(mesh.shape[a] for a in experts_axes)
     state = module.variables.get("state", {}).get(name)
     extra = {} if state is None else {"state": state}
 
@@ -112,22 +110,10 @@ def expert_parallel(
     return fn(params, extra, x)
 
 
-def _names(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
-    axes = tuple(spec)[dim] if dim < len(spec) else None
-    return (axes,) if isinstance(axes, str) else tuple(axes or ())
-
-
-def _size(mesh, names: tuple[str, ...]) -> int:
-    out = 1
-    for n in names:
-        out *= mesh.shape[n]
-    return out
-
-
 def _gather(v: jax.Array, spec: PartitionSpec) -> jax.Array:
     """All-gather every dim of a local weight shard except the leading expert dim."""
     for dim in range(1, v.ndim):
-        names = _names(spec, dim)
+        names = sharding.axis_names(spec, dim)
         if names:
             v = jax.lax.all_gather(v, names, axis=dim, tiled=True)
     return v
