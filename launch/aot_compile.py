@@ -28,7 +28,6 @@ import re
 import resource
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Compile on the CPU host; quiet libtpu's TPU-VM discovery (there is no TPU VM metadata here).
@@ -142,7 +141,7 @@ def compile_step(config, topology: str, phase_name: str = "", step_time: float =
     import jax
 
     from configs import common
-    from voltron_jax import sharding, train
+    from voltron_jax import train
     from voltron_jax.models import decoder
 
     devices = topology_devices(topology)
@@ -152,9 +151,7 @@ def compile_step(config, topology: str, phase_name: str = "", step_time: float =
     t0 = time.time()
     rt = train.Runtime(phase, devices=devices)
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(rt.abstract.params))
-    warnings.filterwarnings("ignore", message=".*context manager has been deprecated.*")
-    with sharding.context(rt.mesh):  # the context a TPU run traces under
-        lowered = rt.train_step.lower(rt.abstract, abstract_batch(c, rt.mesh))
+    lowered = rt.train_step.lower(rt.abstract, abstract_batch(c, rt.mesh))  # traces in sharding.context
     t_lower = time.time() - t0
     out = dict(
         topology=topology,

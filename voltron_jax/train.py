@@ -247,17 +247,15 @@ class Runtime:
             )
 
     def scratch(self) -> TrainState:
-        with sharding.context(self.mesh):
-            return self._init(jax.random.key(self.config.seed))
+        return self._init(jax.random.key(self.config.seed))
 
     def place(self, params, opt_state=None) -> TrainState:
         """Put host/other-mesh params (and optionally optimizer state) onto this phase's shardings."""
-        with sharding.context(self.mesh):
-            params = jax.device_put(params, self.shardings.params)
-            if opt_state is None:
-                opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
-            else:
-                opt_state = jax.device_put(opt_state, self.shardings.opt_state)
+        params = jax.device_put(params, self.shardings.params)
+        if opt_state is None:
+            opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        else:
+            opt_state = jax.device_put(opt_state, self.shardings.opt_state)
         return TrainState(
             jax.device_put(jnp.asarray(self.phase.start, jnp.int32), self.shardings.step), params, opt_state
         )

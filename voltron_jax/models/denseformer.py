@@ -152,7 +152,7 @@ def constrain_acc(acc: jax.Array) -> jax.Array:
 
 
 class PushSuperBlock(nn.Module):
-    """Scan body: P layers; each output is pushed into the pending DWA sums acc [Q,B,T,D] (fp32)."""
+    """Scan body: P layers; each output is pushed into the pending DWA sums acc [Q,B,T,D] (in acc_dtype)."""
 
     layers: tuple
     dwa_period: int

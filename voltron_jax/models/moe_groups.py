@@ -10,8 +10,8 @@ docs/results.md, "Pod configs (AOT)"). Here every row (sequence) is its own grou
     (techniques-b.md 7: batch-wide dropping leaks across sequences);
   - dispatch is a batched gather, row b's tokens into row b's [E, C] slots ([B, E*C, D], local to the
     devices holding row b), then one transpose to the expert layout [E, B*C, D], constrained to
-    ('act_expert', 'act_group', None): experts over the 'expert' mesh axis, rows over data x fsdp. That
-    transpose is GShard's all-to-all; combine is its inverse and a batched gather back.
+    ('act_expert', 'act_group', None): experts over the 'expert' mesh axis, rows over data x fsdp x
+    tensor. That transpose is GShard's all-to-all; combine is its inverse and a batched gather back.
 Expert parallelism is explicit (`expert_parallel`): under a mesh each projection runs in a shard_map over
 the expert layout, every device all-gathers the weights of its own experts over the other mesh axes (FSDP)
 and multiplies its rows locally; the transpose of that all-gather is the reduce-scatter of the weight
@@ -76,9 +76,9 @@ def expert_parallel(
     module: nn.Module, linear: Any, n_experts: int, features: int, kernel_axes: tuple, x: jax.Array, name: str
 ) -> jax.Array | None:
     """E stacked `linear` experts on x [E,R,Din] (the dispatch layout) as one shard_map over the current
-    mesh: E over 'expert', rows over data x fsdp, each expert's weights all-gathered whole on the devices
-    that hold it. None when there is no mesh context or while initialising (then the caller runs the
-    vmapped experts directly; their parameters are the same)."""
+    mesh: E over 'expert', rows over data x fsdp x tensor, each expert's weights all-gathered whole on
+    the devices that hold it. None when there is no mesh context or while initialising (then the caller
+    runs the vmapped experts directly; their parameters are the same)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or module.is_initializing():
         return None
