@@ -59,6 +59,9 @@ def dispatch(plan: moe.Plan, rows: jax.Array, shared: bool) -> jax.Array:
     p = plan.to_assign.shape[1] // per_row.shape[1] if shared else 1
     gather = jax.vmap(lambda x, fwd, bwd: moe.gather_rows(x, fwd, bwd, p))
     out = gather(per_row, plan.to_expert, plan.to_assign)  # [B,E*C,Din]
+    # rows stay whole on their devices here (as in combine), so the backward's gather stays local: left
+    # free, GSPMD split E*C over 'expert' in the backward and all-reduced [B/fsdp, T*P, Din] rows
+    out = nn.with_logical_constraint(out, ("act_batch", None, None))
     out = out.reshape(b, e, c, -1).transpose(1, 0, 2, 3).reshape(e, b * c, -1)  # [E,B*C,Din]
     return nn.with_logical_constraint(out, ("act_expert", "act_group", None))
 
