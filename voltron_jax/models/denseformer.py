@@ -24,7 +24,10 @@ Two code paths compute the same thing:
     elementwise multiply-adds per layer instead of the unrolled path's |S_i| per DWA (on a CPU at d=64,
     24 blocks, 1x1: +61% step time scanned vs +5% unrolled; docs/results.md).
 Deviations: with remat, each layer (not each super-block) is rematerialised, so a super-block's saved
-inputs never include the accumulators; the DWA sums are computed in fp32 and cast to the compute dtype.
+inputs never include the accumulators. In the scan the remat covers the layer AND its push product, so
+the backward pass recomputes X_j for alpha's gradient (<d acc_q, X_j>) instead of saving it beside the
+layer's input: one [B,T,D] per layer instead of two (1.6 GiB per v4 chip for the 13B MoE). The DWA sums
+are computed in fp32 (or `acc_dtype`) and cast to the compute dtype.
 """
 
 from __future__ import annotations
@@ -165,11 +168,19 @@ class PushSuperBlock(nn.Module):
         acc = constrain_acc(acc)
         step, push = tables  # step: super-block index; push [P,Q]: flat alpha index or -1
         per_super = len(self.layers) // self.dwa_period
-        for j, make in enumerate(self.layers):
-            x = remat_layer(make, self.remat, False)(name=f"layer_{j}")(h, positions, segment_ids, valid)
-            w = jnp.where(push[j] >= 0, alpha[jnp.maximum(push[j], 0)], 0.0)  # [Q]
+        acc_dtype = self.acc_dtype
+
+        def layer_and_push(layer, h, w, *rest):
+            x = layer(h, *rest)
             # the [Q,B,T,D] product in the accumulators' dtype: an fp32 one costs as much as fp32 sums
-            upd = w.astype(self.acc_dtype)[:, None, None, None] * x.astype(self.acc_dtype)[None]
+            return x, w.astype(acc_dtype)[:, None, None, None] * x.astype(acc_dtype)[None]
+
+        if self.remat != "none":  # one remat for the layer and its push: see the module docstring
+            kw = dict(policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            layer_and_push = nn.checkpoint(layer_and_push, **kw)
+        for j, make in enumerate(self.layers):
+            w = jnp.where(push[j] >= 0, alpha[jnp.maximum(push[j], 0)], 0.0)  # [Q]
+            x, upd = layer_and_push(make(name=f"layer_{j}"), h, w, positions, segment_ids, valid)
             acc = constrain_acc(acc + upd)  # [Q,B,T,D]
             if (j + 1) % self.dwa_period == 0:
                 slot = step * per_super + (j + 1) // self.dwa_period - 1
