@@ -13,9 +13,10 @@ Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
           into 8-expert MoE + MoA) -> moe_ft (MoE fine-tune = the WSD decay stage, high-quality mix)
   dense   the dense-only two-stage recipe: stable -> decay
   moe     the MoE + MoA model itself (one stable phase): what the moe_ft phase trains, for AOT and sweeps
-  v4 | v5p | v5e   sharding preset and global batch for v4-128 (128 cores of 15.25 GiB), v5p-128
-          (64 chips of 95 GiB) or v5e-256 (256 chips of 16 GiB). All presets shard parameters and optimizer
-          state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x fsdp).
+  v4 | v5p | v5e   sharding preset and global batch for v4-128 (64 megacore chips of 30.75 GiB),
+          v5p-128 (64 chips of 95 GiB) or v5e-256 (256 chips of 16 GiB). All presets shard parameters and
+          optimizer state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x
+          fsdp); on v4 they train at batch 64 with bf16 Adam moments and DWA sums (PRESETS).
 Parameter counts (launch/aot_compile.py prints them, analytic and from eval_shape): seed 13.0B, MoE 87B
 (23.6B active per token: top-2 of 8 experts in FFN and attention).
 
@@ -34,14 +35,16 @@ from configs import common
 MOE = "model.ffn=moe,model.attention=moa,mesh.expert=8"
 # The model variants (tests/test_configs.py builds each); any of them takes a preset too: "moe,v4".
 VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
-# preset -> (global batch of the dense seed, of the MoE, mesh). fsdp=-1 fills the devices the run has; data
-# and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint. On v5p-128 the MoE trains
-# at the dense batch (68.4 of 95.7 GiB per chip); on v4-128 it does not fit (docs/results.md, "Pod
-# configs (AOT)").
+# preset -> (global batch of the dense seed, of the MoE, mesh, MoE memory overrides). fsdp=-1 fills the
+# devices the run has; data and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint.
+# On v5p-128 the MoE trains at the dense batch. v4-128 (64 megacore chips of 30.75 GiB) holds the 87B MoE
+# at one sequence per chip, with Adam moments and the DWA sums in bf16 (docs/results.md, "Pod configs
+# (AOT)"): half the dense seed's tokens per step.
+V4_MOE = "optim.moments_dtype=bfloat16,model.denseformer.acc_dtype=bfloat16"
 PRESETS = {
-    "v4": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
-    "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1)),
-    "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1)),
+    "v4": (128, 64, dict(data=1, fsdp=-1, tensor=1, expert=1), V4_MOE),
+    "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), ""),
+    "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1), ""),
 }
 
 
@@ -109,13 +112,15 @@ def get_config(arg: str = ""):
     data(c)
     recipe(c, "dense" if kind == "dense" else ("" if kind == "" else "moe"))
     c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 50, 2000, 1000, 8
+    moe = MOE
     if presets:
-        dense_batch, moe_batch, mesh = PRESETS[presets[0]]
-        c.data.batch_size = moe_batch if kind == "moe" else dense_batch
+        dense_batch, moe_batch, mesh, moe_memory = PRESETS[presets[0]]
+        c.data.batch_size = dense_batch
         c.mesh.update(mesh)
+        moe = ",".join(o for o in (MOE, f"data.batch_size={moe_batch}", moe_memory) if o)
         for name in ("mix", "moe_ft"):  # the MoE phases of the full recipe
             if name in c.recipe:
-                c.recipe[name].overrides += f",data.batch_size={moe_batch}"
+                c.recipe[name].overrides = moe
     if kind == "moe":
-        c = common.apply_overrides(c, MOE)
+        c = common.apply_overrides(c, moe)
     return c
