@@ -251,3 +251,22 @@ def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
     assert (data, meta, ck.latest_step()) == ({"epoch": 0}, {"phase": "stable"}, 3)
     ck.close()
     assert train.check_workdir("runs/demo") == tmp_path / "runs" / "demo"
+
+
+def test_device_memory_reports_the_largest_peak_and_nothing_on_cpu():
+    """The loop logs hbm_peak_gib (the figure to hold against aot_compile's heap) on backends that keep
+    memory statistics, the largest over the host's devices; CPU keeps none, so nothing is logged."""
+    from voltron_jax import metrics
+
+    class Dev:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gib = 2**30
+    devs = [Dev({"peak_bytes_in_use": 3 * gib, "bytes_in_use": gib}), Dev({"peak_bytes_in_use": 5 * gib})]
+    assert metrics.device_memory(devs) == {"hbm_peak_gib": 5.0, "hbm_in_use_gib": 1.0}
+    assert metrics.device_memory([Dev(None)]) == {}
+    assert metrics.device_memory() == {}  # this CPU host

@@ -32,6 +32,20 @@ def peak_flops_per_device(configured: float) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
 
 
+def device_memory(devices=None) -> dict[str, float]:
+    """Peak and current device memory in GiB, the largest over this host's devices (the number to hold
+    against launch/aot_compile.py's heap figure); {} where the backend keeps no statistics (CPU)."""
+    stats = [d.memory_stats() for d in (jax.local_devices() if devices is None else devices)]
+    stats = [s for s in stats if s and "peak_bytes_in_use" in s]
+    if not stats:
+        return {}
+    gib = 2**30
+    return {
+        "hbm_peak_gib": max(s["peak_bytes_in_use"] for s in stats) / gib,
+        "hbm_in_use_gib": max(s.get("bytes_in_use", 0) for s in stats) / gib,
+    }
+
+
 def fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

@@ -478,6 +478,7 @@ def run_phase(
                     tokens_per_s=tokens_per_step / dt,
                     step_time_s=dt,
                     mfu=flops_per_step / dt / peak if peak else 0.0,
+                    **metrics.device_memory(),
                 )
                 writer.write(step, avg)
                 writer.progress(step, avg)
