@@ -236,10 +236,11 @@ def judge(out: dict) -> dict:
     """Per-device bytes of a compiled step and the verdict. Two figures:
     - heap: libtpu's buffer assignment (parameters + the one preallocated temporaries block a TPU program
       runs in), the figure libtpu's own out-of-memory check uses; a step fits when it is <= the HBM;
-    - total: the memory analysis sum arguments + outputs - aliased + temporaries + code. On TPU its
-      temp_size exceeds the preallocated block by 1.6-11 GB for the 13B configs (growing with the
-      activations; docs/results.md, "Pod configs (AOT)"), so it is an upper bound (MaxText's log calls
-      it an estimate that can over-state HBM use); the verdict uses it only when no heap was dumped."""
+    - total: the memory analysis sum arguments + outputs - aliased + temporaries + code, an upper bound:
+      on small donated steps libtpu's temp_size already includes the parameters, so the sum counts them
+      twice (benchmarks/aot_memory_accounting.py), and for the 13B configs it exceeds the preallocated
+      block by 1.6-11 GB (docs/results.md, "Pod configs (AOT)"). The verdict uses it only when no heap
+      was dumped."""
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
     need = out["heap"] if out.get("heap") else out["total"]
     if need > out["hbm_bytes"]:

@@ -143,7 +143,9 @@ def test_fused_equals_naive_loop_values_and_grads(k, p):
     np.testing.assert_array_equal(y2[:, :9], yf[:, :9])
 
 
-@pytest.mark.parametrize("routing,k,p,remat", [("none", 2, 2, "full"), ("mod", 1, 1, "none")])
+@pytest.mark.parametrize(
+    "routing,k,p,remat", [("none", 2, 2, "full"), ("mod", 1, 1, "none"), ("mod", 2, 2, "full")]
+)
 def test_scan_equals_unrolled_values_and_grads(routing, k, p, remat):
     """Scan over super-blocks (push accumulators) == unrolled (pull sums); with MoD the super-block is
     lcm(p, 2) layers and the routed layers, predictor and aux losses ride along."""
