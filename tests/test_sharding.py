@@ -38,3 +38,23 @@ def test_train_step_carries_the_activation_constraints(tmp_path):
     text = rt.train_step.lower(rt.abstract, batch).as_text()  # outside any context, as the loop calls it
     n = text.count("sharding_constraint") + text.count("@Sharding")
     assert n >= c.model.n_layers, n  # at least one per block boundary
+
+
+def test_weights_without_an_expert_dim_shard_over_the_expert_axis_too():
+    """On an fsdp x expert mesh, a weight with no expert dim (embeddings, the K/V every MoA expert shares)
+    splits 'embed' over fsdp x expert, every device; an expert weight keeps 'expert' on its expert dim and
+    'embed' over fsdp. A dim fsdp x expert does not divide keeps fsdp; with expert=1 the spec is as before."""
+    from jax.sharding import PartitionSpec as P
+
+    from configs import common
+
+    cfg = common.get_default().mesh
+    cfg.data, cfg.fsdp, cfg.tensor, cfg.expert = 1, 2, 1, 4
+    mesh = sharding.make_mesh(cfg)
+    kv = sharding.fit_spec(sharding.logical_to_spec(("embed", "kv_heads")), (64, 32), mesh)
+    assert kv == P(("fsdp", "expert"), "tensor")
+    gate = sharding.fit_spec(sharding.logical_to_spec(("expert", "embed", "mlp")), (4, 64, 96), mesh)
+    assert gate == P("expert", "fsdp", "tensor")
+    assert sharding.fit_spec(kv, (6, 32), mesh) == P("fsdp", "tensor")  # 6 % 8 != 0, 6 % 2 == 0
+    cfg.fsdp, cfg.expert = 8, 1
+    assert sharding.fit_spec(kv, (64, 32), sharding.make_mesh(cfg)) == P("fsdp", "tensor")

@@ -20,14 +20,20 @@ from configs.common import MESH_AXES, resolve_mesh
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or axes, or None = replicated). Params first, then activations.
+# flax applies the rules in order, each to the first dim of that name whose mesh axes are still free: an
+# expert weight's 'expert' dim takes the expert axis first, so its 'embed' dim falls through to fsdp alone,
+# while weights without an expert dim (embeddings, the K/V every MoA expert shares, norms, the MoD
+# predictor) shard 'embed' over fsdp x expert: over every device, not 1/expert of them (MaxText does the
+# same). With expert=1 the spec is plain 'fsdp' (fit_spec drops size-1 axes from multi-axis entries).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
+    ("expert", "expert"),
     ("vocab", "tensor"),
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("expert", "expert"),
     ("norm", None),
     ("router", None),
     ("dwa", None),
@@ -79,12 +85,18 @@ def param_specs(boxed_tree):
 
 
 def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes from dims they do not divide (e.g. a 259-entry byte vocabulary on tensor=2):
-    that dim is replicated instead of failing. Big matrices of real configs divide evenly."""
+    """Fit a spec to a shape: a dim keeps the longest prefix of its mesh axes whose product divides it (a
+    259-entry byte vocabulary on tensor=2 is replicated instead of failing; 'embed' over fsdp x expert
+    keeps fsdp where only fsdp divides), and multi-axis entries drop axes of size 1. Big matrices of real
+    configs divide evenly."""
     out = []
     for i in range(len(shape)):
-        size = int(np.prod([mesh.shape[a] for a in axis_names(spec, i)]))
-        out.append((tuple(spec)[i] if i < len(spec) else None) if shape[i] % size == 0 else None)
+        names = axis_names(spec, i)
+        if len(names) > 1:  # ('fsdp', 'expert') with expert=1 is 'fsdp'
+            names = tuple(a for a in names if mesh.shape[a] > 1) or names[:1]
+        while names and shape[i] % int(np.prod([mesh.shape[a] for a in names])):
+            names = names[:-1]
+        out.append(None if not names else names[0] if len(names) == 1 else names)
     return PartitionSpec(*out)
 
 
