@@ -63,10 +63,10 @@ def test_grouped_sharded_equals_unsharded(linear, axes):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_expert_parallel_keeps_weights_local():
-    """Each device holds only its own experts' weights in the compiled step: no buffer in the program has
-    all E experts of a gate kernel [E,D,F] (GSPMD alone gathered every expert onto every device)."""
-    x = jax.random.normal(jax.random.key(1), (8, 16, D))
+def _compiled_grad_hlo(b: int, t: int, argnums) -> str:
+    """Compiled HLO of the grouped MoE's gradient (w.r.t. `argnums` of (params, x)) for x [b,t,D] on an
+    fsdp=2 x expert=4 mesh."""
+    x = jax.random.normal(jax.random.key(1), (b, t, D))
     layer = moe.MoE(F, n_experts=E, top_k=2, impl="grouped", capacity_factor=1.0)
     params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
     loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
@@ -75,8 +75,14 @@ def test_expert_parallel_keeps_weights_local():
     mesh = sharding.make_mesh(cfg)
     with sharding.context(mesh):
         shard = sharding.tree_shardings(mesh, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
-        step = jax.jit(jax.grad(loss), in_shardings=(shard, sharding.batch_sharding(mesh)))
-        hlo = step.lower(params, x).compile().as_text()
+        step = jax.jit(jax.grad(loss, argnums=argnums), in_shardings=(shard, sharding.batch_sharding(mesh)))
+        return step.lower(params, x).compile().as_text()
+
+
+def test_expert_parallel_keeps_weights_local():
+    """Each device holds only its own experts' weights in the compiled step: no buffer in the program has
+    all E experts of a gate kernel [E,D,F] (GSPMD alone gathered every expert onto every device)."""
+    hlo = _compiled_grad_hlo(8, 16, 0)
     assert f"f32[1,{D},{F}]" in hlo  # one expert, whole (gathered over fsdp)
     assert f"[{E},{D},{F}]" not in hlo and f"[{E},{F},{D}]" not in hlo
 
@@ -87,17 +93,7 @@ def test_dispatch_backward_keeps_rows_on_their_devices():
     to GSPMD, the backward split E*C over 'expert' and all-reduced those: 640 MiB per v4 chip for the 13B
     MoE, docs/results.md)."""
     b, t = 8, 16
-    x = jax.random.normal(jax.random.key(1), (b, t, D))
-    layer = moe.MoE(F, n_experts=E, top_k=2, impl="grouped", capacity_factor=1.0)
-    params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
-    loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
-    cfg = common.get_default().mesh
-    cfg.data, cfg.fsdp, cfg.expert = 1, 2, 4
-    mesh = sharding.make_mesh(cfg)
-    with sharding.context(mesh):
-        shard = sharding.tree_shardings(mesh, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
-        step = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(shard, sharding.batch_sharding(mesh)))
-        hlo = step.lower(params, x).compile().as_text()
+    hlo = _compiled_grad_hlo(b, t, (0, 1))
     assert f"f32[1,{t * 2},{D}]" in hlo  # one row's assignments
     assert f"[{b // 2},{t * 2},{D}]" not in hlo
 
