@@ -12,11 +12,7 @@ reported with their ratio (the issue's goal on the bench_1b shapes: BitNet at mo
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -28,31 +24,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Dense config file.", 
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (after 2 warm-up steps each).")
 
 
-def synthetic_batch(c, mesh) -> dict:
-    from voltron_jax import sharding
-
-    rng = np.random.default_rng(0)
-    b, t = c.data.batch_size, c.data.seq_len
-    ids = rng.integers(3, c.model.vocab_size, size=(b, t + 1), dtype=np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-        "segment_ids": np.ones((b, t), np.int32),
-        "weights": np.ones((b, t), np.float32),
-    }
-    return sharding.host_batch_to_global(mesh, batch)
-
-
 def compare(dense_cfg, steps: int) -> dict:
-    from voltron_jax import train
+    from voltron_jax import testing
 
     bit_cfg = ml_collections.ConfigDict(dense_cfg.to_dict())
     bit_cfg.model.linear = "bitlinear"
     runs = {}
     for name, c in (("dense", dense_cfg), ("bitnet", bit_cfg)):
-        rt = train.Runtime(train.Phase("stable", None, c, None, 0, steps + 2))
-        state, batch = rt.scratch(), synthetic_batch(c, rt.mesh)
+        rt, state, batch = testing.runtime(c, steps + 2)
         for _ in range(2):  # compile + warm-up
             state, m = rt.train_step(state, batch)
         jax.block_until_ready(m["loss"])

@@ -18,12 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 VARIANTS = {
     "plain": ("none", ""),
@@ -57,12 +51,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import jax
-    from moe_throughput import load_config
-    from step_throughput import measure
+    from step_throughput import measure  # a sibling script: benchmarks/ is sys.path[0]
 
+    from voltron_jax import config
     from voltron_jax.models import decoder
 
-    base = load_config(args.config)
+    base = config.load(args.config)
     names = args.variants.split(",")
     table = []
     for t in (int(s) for s in args.seq_lens.split(",")):

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
 
 
 def restore_params(config, workdir: epath.Path, phase_name: str):

@@ -16,44 +16,11 @@ imports. On one GPU:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def load_config(spec: str):
-    """configs/x.py[:variant] -> ConfigDict (the same syntax as --config of voltron_jax.main)."""
-    path, _, arg = spec.partition(":")
-    spec_ = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def runtime_and_batch(config):
-    """(Runtime, initial state, sharded synthetic batch) for one config."""
-    from voltron_jax import sharding, train
-
-    phase = train.Phase("stable", None, config, None, 0, 10**6)
-    rt = train.Runtime(phase)
-    b, t = config.data.batch_size, config.data.seq_len
-    ids = np.random.default_rng(0).integers(3, config.model.vocab_size, size=(b, t + 1), dtype=np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-        "segment_ids": np.ones((b, t), np.int32),
-        "weights": np.ones((b, t), np.float32),
-    }
-    return rt, rt.scratch(), sharding.host_batch_to_global(rt.mesh, batch)
+import jax
+import numpy as np
 
 
 def timed_round(rt, state, batch, steps: int):
@@ -75,17 +42,20 @@ def main():
     p.add_argument("--set", nargs="*", default=[], help="extra overrides a.b=value for both arms")
     p.add_argument("--json", default="")
     a = p.parse_args()
-    from configs import common
+    from voltron_jax import config, testing
     from voltron_jax.models import decoder
 
-    base = common.apply_overrides(load_config(a.config), ",".join(a.set))
-    mod = common.apply_overrides(
-        base, f"model.routing=mod,model.mod.capacity={a.capacity},model.mod.every={a.every}"
+    base = config.load(a.config)
+    base = config.apply_overrides(
+        base, {k: config.parse_value(base, k, v) for k, _, v in (s.partition("=") for s in a.set)}
+    )
+    mod = config.apply_overrides(
+        base, {"model.routing": "mod", "model.mod.capacity": a.capacity, "model.mod.every": a.every}
     )
     arms = {}
     for name, c in (("dense", base), ("mod", mod)):
-        common.validate(c)
-        rt, state, batch = runtime_and_batch(c)
+        config.validate(c)
+        rt, state, batch = testing.runtime(c)
         state, _ = timed_round(rt, state, batch, 2)  # compile + warm-up
         arms[name] = [rt, state, batch, []]
     for _ in range(a.rounds):

@@ -16,26 +16,14 @@ other processes hits them alike. No seqio/TensorFlow imports.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def load_config(spec: str):
-    """configs/x.py[:variant] -> ConfigDict (the same syntax as --config of voltron_jax.main)."""
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+from voltron_jax import testing
+from voltron_jax.config import load as load_config
 
 
 def variants(base, experts: int, top_k: int, capacity_factor: float, impls: list[str]) -> dict:
@@ -53,19 +41,6 @@ def variants(base, experts: int, top_k: int, capacity_factor: float, impls: list
     return out
 
 
-def synthetic_batch(c) -> dict:
-    rng = np.random.default_rng(0)
-    b, t = c.data.batch_size, c.data.seq_len
-    ids = rng.integers(3, c.model.vocab_size, size=(b, t + 1), dtype=np.int32)
-    return {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-        "segment_ids": np.ones((b, t), np.int32),
-        "weights": np.ones((b, t), np.float32),
-    }
-
-
 def measure_interleaved(configs: dict, steps: int) -> dict:
     """Median step time of each variant, timed in rounds (one step of every variant per round), so a
     shared or throttling machine slows all variants alike; also the median per-round ratio to dense."""
@@ -74,7 +49,7 @@ def measure_interleaved(configs: dict, steps: int) -> dict:
     runs = {}
     for name, c in configs.items():
         rt = train.Runtime(train.Phase("stable", None, c, None, 0, steps + 2))
-        batch = sharding.host_batch_to_global(rt.mesh, synthetic_batch(c))
+        batch = sharding.host_batch_to_global(rt.mesh, testing.synthetic_batch(c))
         state = rt.scratch()
         for _ in range(2):  # compile + warm-up
             state, m = rt.train_step(state, batch)

@@ -21,7 +21,6 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def records(n: int) -> list[dict]:
@@ -50,11 +49,15 @@ def records(n: int) -> list[dict]:
 
 
 def child(n: int, overrides: str) -> None:
-    from configs import common, tiny
+    from voltron_jax import config as config_lib
     from voltron_jax.data import prepare
 
     recs = records(n)
-    config = common.apply_overrides(tiny.get_config(), overrides)
+    config = config_lib.load(os.path.join(ROOT, "configs", "tiny.py"))
+    pairs = [item.partition("=") for item in overrides.split(",") if item]
+    config = config_lib.apply_overrides(
+        config, {k: config_lib.parse_value(config, k, v) for k, _, v in pairs}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         stats = prepare.prepare(config, tmp, records=recs, progress=False, register=False)
     stats["n_docs"] = len(recs)

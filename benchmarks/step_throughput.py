@@ -10,11 +10,6 @@ selected slots (3x forward), never XLA's cost analysis (it undercounts scanned l
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,33 +22,13 @@ _JSON = flags.DEFINE_string("json", "", "Also append the result as one JSON line
 
 
 def measure(config, steps: int) -> dict:
-    from voltron_jax import metrics, sharding, train
+    from voltron_jax import metrics, testing
     from voltron_jax.models import decoder
 
     c = config
-    phase = train.Phase("stable", None, c, None, 0, steps + 2)
-    rt = train.Runtime(phase)
-    state = rt.scratch()
-    rng = np.random.default_rng(0)
     b, t = c.data.batch_size, c.data.seq_len
-    ids = rng.integers(3, c.model.vocab_size, size=(b, t + 1), dtype=np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-        "segment_ids": np.ones((b, t), np.int32),
-        "weights": np.ones((b, t), np.float32),
-    }
-    batch = sharding.host_batch_to_global(rt.mesh, batch)
-    for _ in range(2):
-        state, m = rt.train_step(state, batch)
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = rt.train_step(state, batch)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
+    rt, state, batch = testing.runtime(c, steps + 2)
+    state, times, m = testing.timed_steps(rt, state, batch, steps)
     dt = float(np.median(times))
     flops = 3 * decoder.flops_per_token(c.model, t) * b * t
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()

@@ -6,7 +6,7 @@ Variants select a technique for same-call comparisons: configs/bench_1b.py:bitli
 Imports without seqio/TensorFlow (the GPU machine has neither).
 """
 
-from configs import common
+from voltron_jax import config
 
 VARIANTS = {
     "": {},
@@ -20,7 +20,7 @@ VARIANTS = {
 
 
 def get_config(arg: str = ""):
-    c = common.get_default()
+    c = config.get_default()
     m = c.model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 32000, 2048, 24, 16, 16, 5632
     m.dtype, m.remat, m.scan_layers, m.attention_impl = "bfloat16", "dots", True, "auto"

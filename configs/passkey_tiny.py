@@ -14,11 +14,11 @@ The data mixture 'passkey' is voltron_jax.eval.passkey.PasskeyIterator (train-lo
 
 import ml_collections
 
-from configs import common
+from voltron_jax import config
 
 
 def get_config(arg: str = ""):
-    c = common.get_default()
+    c = config.get_default()
     m = c.model
     m.update(d_model=64, n_layers=4, n_heads=2, n_kv_heads=2, d_ff=192, memory="infini")
     m.infini.segment_len = 64
@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
     c.schedule.name = "cosine"
     c.schedule.warmup = 50
     c.recipe = ml_collections.ConfigDict()
-    c.recipe.passkey = common.phase(1500, mixture="passkey")
+    c.recipe.passkey = config.phase(1500, mixture="passkey")
     if arg == "test":
         m.update(d_model=32, n_layers=2, d_ff=64)
         m.infini.segment_len = 32

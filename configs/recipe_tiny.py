@@ -24,9 +24,9 @@ experts, the seed also averaged into the shared params). `:test` is a seconds-lo
 
 import ml_collections
 
-from configs import common
+from voltron_jax import config
 
-MOE_MODEL = "model.ffn=moe,model.attention=moa"
+MOE_MODEL = {"model.ffn": "moe", "model.attention": "moa"}
 VARIANTS = ("", "continue", "test", "seed_expert", "test,seed_expert")
 
 
@@ -37,7 +37,7 @@ def get_config(arg: str = ""):
             f"configs/recipe_tiny.py: unknown variant {arg!r}; use '', 'continue', 'test', 'seed_expert' "
             "or 'test' with one of the others (e.g. 'test,seed_expert')."
         )
-    c = common.get_default()
+    c = config.get_default()
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 128, 4, 4, 4, 384
     m.linear, m.memory, m.residual, m.routing = "bitlinear", "infini", "denseformer", "mod"
@@ -63,13 +63,13 @@ def get_config(arg: str = ""):
         c.data.embed.fit_sample = 400
         c.surgery.centroid_batches = 1
     c.recipe = ml_collections.ConfigDict()
-    c.recipe.stable = common.phase(stable, mixture="pretrain")
+    c.recipe.stable = config.phase(stable, mixture="pretrain")
     if "continue" in opts:  # same tokens as 8 branches + fine-tune, same decay, dense all along
-        c.recipe.cont = common.phase(branch * c.data.n_clusters, mixture="pretrain", init_from=["stable"])
-        c.recipe.decay = common.phase(ft, mixture="decay", stage="decay", init_from=["cont"])
+        c.recipe.cont = config.phase(branch * c.data.n_clusters, mixture="pretrain", init_from=["stable"])
+        c.recipe.decay = config.phase(ft, mixture="decay", stage="decay", init_from=["cont"])
         return c
-    c.recipe.branch = common.phase(branch, mixture="cluster", init_from=["stable"], fan_out=c.data.n_clusters)
-    c.recipe.mix = common.phase(
+    c.recipe.branch = config.phase(branch, mixture="cluster", init_from=["stable"], fan_out=c.data.n_clusters)
+    c.recipe.mix = config.phase(
         0,
         mixture="decay",
         init_from=["branch"],
@@ -77,5 +77,5 @@ def get_config(arg: str = ""):
         keep_optimizer=False,
         overrides=MOE_MODEL,
     )
-    c.recipe.moe_ft = common.phase(ft, mixture="decay", stage="decay", init_from=["mix"], overrides=MOE_MODEL)
+    c.recipe.moe_ft = config.phase(ft, mixture="decay", stage="decay", init_from=["mix"], overrides=MOE_MODEL)
     return c

@@ -8,11 +8,11 @@ fall from ~5.6 (uniform over 259 bytes) to roughly 2 nats/byte.
 Variants: `configs/tiny.py:test` is smaller still (unit and integration tests).
 """
 
-from configs import common
+from voltron_jax import config
 
 
 def get_config(arg: str = ""):
-    c = common.get_default()
+    c = config.get_default()
     if arg == "test":
         c.model.d_model = 64
         c.model.n_layers = 2

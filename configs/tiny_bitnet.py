@@ -13,13 +13,13 @@ larger gap than the paper's few percent at 700M, as BitNet's gap shrinks with sc
 Variants: `configs/tiny_bitnet.py:test` (the small test shape of configs/tiny.py).
 """
 
-from configs import tiny
+from voltron_jax import config
 
 PEAK_LR = 1.5e-3  # best of 7.5e-4 .. 1.2e-2 at this size (docs/results.md, "BitNet b1.58")
 
 
 def get_config(arg: str = ""):
-    c = tiny.get_config(arg)
+    c = config.load(f"tiny.py:{arg}" if arg else "tiny.py", relative_to=__file__)
     c.model.linear = "bitlinear"
     c.optim.lr = PEAK_LR
     half = (c.recipe.stable.steps + c.recipe.decay.steps) // 2

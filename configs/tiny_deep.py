@@ -11,7 +11,7 @@ for the 1x1 DenseFormer (3 seeds): a large early-training gain on this deep, nar
 paper's converged 2.5-4.5%.
 """
 
-from configs import common
+from voltron_jax import config
 
 VARIANTS = {
     "": {},
@@ -25,7 +25,7 @@ VARIANTS = {
 def get_config(arg: str = ""):
     if arg not in VARIANTS:
         raise ValueError(f"configs/tiny_deep.py: unknown variant {arg!r}; choose one of {sorted(VARIANTS)}.")
-    c = common.get_default()
+    c = config.get_default()
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 64, 24, 4, 4, 192
     # Unrolled: on CPU the scanned DenseFormer (push accumulators) costs +60% step time, unrolled +5%.

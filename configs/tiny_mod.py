@@ -14,7 +14,7 @@ instead of the predictor. Measured (docs/results.md, "Mixture-of-Depths"): at th
 faster early) and reaches ~2.20 at equal FLOPs; causal (predictor) routing costs < 0.01 nats vs top-k.
 """
 
-from configs import tiny
+from voltron_jax import config
 
 VARIANTS = ("dense", "mod", "mod_flops", "mod_aux", "test")
 
@@ -22,7 +22,7 @@ VARIANTS = ("dense", "mod", "mod_flops", "mod_aux", "test")
 def get_config(arg: str = "mod"):
     if arg not in VARIANTS:
         raise ValueError(f"configs/tiny_mod.py: unknown variant {arg!r}; choose one of {VARIANTS}.")
-    c = tiny.get_config("test" if arg == "test" else "")
+    c = config.load("tiny.py:test" if arg == "test" else "tiny.py", relative_to=__file__)
     c.data.batch_size = 8 if arg != "test" else c.data.batch_size
     if arg != "test":
         c.schedule.warmup = 20

@@ -30,9 +30,9 @@ Prove it fits before paying for a pod (docs/results.md, "Pod configs (AOT)"):
 
 import ml_collections
 
-from configs import common
+from voltron_jax import config
 
-MOE = "model.ffn=moe,model.attention=moa,mesh.expert=8"
+MOE = {"model.ffn": "moe", "model.attention": "moa", "mesh.expert": 8}
 # The model variants (tests/test_configs.py builds each); any of them takes a preset too: "moe,v4".
 VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
 # preset -> (global batch of the dense seed, of the MoE, mesh, MoE memory overrides). fsdp=-1 fills the
@@ -40,16 +40,16 @@ VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "
 # On v5p-128 the MoE trains at the dense batch. v4-128 (64 megacore chips of 30.75 GiB) holds the 87B MoE
 # at one sequence per chip, with Adam moments and the DWA sums in bf16 (docs/results.md, "Pod configs
 # (AOT)"): half the dense seed's tokens per step.
-V4_MOE = "optim.moments_dtype=bfloat16,model.denseformer.acc_dtype=bfloat16"
+V4_MOE = {"optim.moments_dtype": "bfloat16", "model.denseformer.acc_dtype": "bfloat16"}
 PRESETS = {
     "v4": (128, 64, dict(data=1, fsdp=-1, tensor=1, expert=1), V4_MOE),
-    "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), ""),
-    "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1), ""),
+    "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), {}),
+    "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1), {}),
 }
 
 
 def model(c) -> None:
-    """The 13.0B dense seed (configs/common.py model fields)."""
+    """The 13.0B dense seed (configs/config.py model fields)."""
     m = c.model
     m.vocab_size, m.d_model, m.n_layers, m.d_ff = 32000, 5120, 40, 13824
     m.n_heads, m.n_kv_heads, m.head_dim = 40, 40, 128
@@ -81,17 +81,17 @@ def recipe(c, kind: str) -> None:
     c.schedule.warmup = 2000
     c.optim.lr = 1e-2  # MiniCPM's peak; matrices get lr / (d_model / dim_model_base) = 5e-4
     c.recipe = ml_collections.ConfigDict()
-    c.recipe.stable = common.phase(200_000, mixture="pretrain", stage="stable")  # ~105B tokens
+    c.recipe.stable = config.phase(200_000, mixture="pretrain", stage="stable")  # ~105B tokens
     if kind == "dense":
-        c.recipe.decay = common.phase(20_000, mixture="decay", stage="decay", init_from=["stable"])
+        c.recipe.decay = config.phase(20_000, mixture="decay", stage="decay", init_from=["stable"])
     elif kind == "":
-        c.recipe.branch = common.phase(
+        c.recipe.branch = config.phase(
             20_000, mixture="cluster", stage="stable", init_from=["stable"], fan_out=8
         )
-        c.recipe.mix = common.phase(
+        c.recipe.mix = config.phase(
             0, stage="stable", init_from=["branch"], surgery="btx_merge", keep_optimizer=False, overrides=MOE
         )
-        c.recipe.moe_ft = common.phase(
+        c.recipe.moe_ft = config.phase(
             20_000, mixture="decay", stage="decay", init_from=["mix"], overrides=MOE
         )
 
@@ -107,7 +107,7 @@ def get_config(arg: str = ""):
             f"of dense|moe and one of {'|'.join(PRESETS)} (e.g. 'moe,v4')."
         )
     kind = kinds[0] if kinds else ""
-    c = common.get_default()
+    c = config.get_default()
     model(c)
     data(c)
     recipe(c, "dense" if kind == "dense" else ("" if kind == "" else "moe"))
@@ -117,10 +117,10 @@ def get_config(arg: str = ""):
         dense_batch, moe_batch, mesh, moe_memory = PRESETS[presets[0]]
         c.data.batch_size = dense_batch
         c.mesh.update(mesh)
-        moe = ",".join(o for o in (MOE, f"data.batch_size={moe_batch}", moe_memory) if o)
+        moe = {**MOE, "data.batch_size": moe_batch, **moe_memory}
         for name in ("mix", "moe_ft"):  # the MoE phases of the full recipe
             if name in c.recipe:
-                c.recipe[name].overrides = moe
+                c.recipe[name].overrides = config.nest(moe)
     if kind == "moe":
-        c = common.apply_overrides(c, moe)
+        c = config.apply_overrides(c, moe)
     return c

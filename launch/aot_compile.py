@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Compile on the CPU host; quiet libtpu's TPU-VM discovery (there is no TPU VM metadata here).
 for _k, _v in (
     ("JAX_PLATFORMS", "cpu"),
@@ -162,14 +161,14 @@ def compile_step(
     """AOT-compile the phase's train step for `topology`; returns the report as a dict."""
     import jax
 
-    from configs import common
     from voltron_jax import train
+    from voltron_jax.config import validate
     from voltron_jax.models import decoder
 
     devices = topology_devices(topology, chip_config)
     phase = select_phase(config, phase_name)
     c = phase.config
-    common.validate(c, n_devices=len(devices))
+    validate(c, n_devices=len(devices))
     t0 = time.time()
     rt = train.Runtime(phase, devices=devices)
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(rt.abstract.params))
@@ -323,7 +322,7 @@ def main(argv) -> int:
             file=sys.stderr,
         )
         return 2
-    from configs.common import ConfigError
+    from voltron_jax.errors import ConfigError
 
     try:
         r = compile_step(cfg.value, topo.value, phase.value, step_time.value, chip_config.value)

@@ -4,8 +4,9 @@ import csv
 
 import pytest
 
-from configs import common, tiny
+from configs import tiny
 from voltron_jax import ablate
+from voltron_jax import config as cfglib
 
 
 def test_sweep_grid_and_bad_field_names_list_valid_ones():
@@ -22,11 +23,11 @@ def test_sweep_grid_and_bad_field_names_list_valid_ones():
         1,
         2,
     ]
-    with pytest.raises(common.ConfigError, match=r"does not exist; valid fields of model: .*'linear'"):
+    with pytest.raises(cfglib.ConfigError, match=r"does not exist; valid fields of model: .*'linear'"):
         ablate.parse_sweeps(c, ["model.lineer=dense"], seeds=1)
-    with pytest.raises(common.ConfigError, match="not a config section"):
+    with pytest.raises(cfglib.ConfigError, match="not a config section"):
         ablate.parse_sweeps(c, ["modl.linear=dense"], seeds=1)
-    with pytest.raises(common.ConfigError, match="must look like"):
+    with pytest.raises(cfglib.ConfigError, match="must look like"):
         ablate.parse_sweeps(c, ["model.linear"], seeds=1)
 
 

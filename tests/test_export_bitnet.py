@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import bench_1b, common, tiny
+from configs import bench_1b, tiny
 from voltron_jax import checkpoint, export_bitnet
+from voltron_jax import config as cfglib
 from voltron_jax.models import decoder
 
 
@@ -16,7 +17,7 @@ def _bitnet(arg="test", **model):
     c.model.linear = "bitlinear"
     for k, v in model.items():
         c.model[k] = v
-    return common.validate(c)
+    return cfglib.validate(c)
 
 
 def _trained_like(c, seed=0):

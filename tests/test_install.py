@@ -62,8 +62,8 @@ def test_everything_imports_together():
 def test_models_and_bench_import_without_tensorflow_or_seqio():
     code = (
         "import sys; import voltron_jax.models.decoder, voltron_jax.registry; "
-        "sys.path.insert(0, '.'); import configs.bench_1b; "
-        "from voltron_jax.models import decoder; decoder.build_model(configs.bench_1b.get_config().model); "
+        "from voltron_jax import config; c = config.load('configs/bench_1b.py'); "
+        "from voltron_jax.models import decoder; decoder.build_model(c.model); "
         "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; print(bad)"
     )
     out = subprocess.run(

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common, tiny
+from configs import tiny
+from voltron_jax import config as cfglib
 from voltron_jax import schedules
 
 PEAK, W, T, D, HALF = 1e-2, 10, 50, 40, 10
@@ -63,11 +64,11 @@ def test_cosine_and_constant():
 
 
 def test_bad_schedules_fail_clearly():
-    with pytest.raises(common.ConfigError, match="final_frac"):
+    with pytest.raises(cfglib.ConfigError, match="final_frac"):
         schedules.wsd(PEAK, W, T, D, "exp", half_life=0, final_frac=0.0)
-    with pytest.raises(common.ConfigError, match="decay_shape"):
+    with pytest.raises(cfglib.ConfigError, match="decay_shape"):
         schedules.wsd(PEAK, W, T, D, "step")
-    with pytest.raises(common.ConfigError, match="schedule.total"):
+    with pytest.raises(cfglib.ConfigError, match="schedule.total"):
         schedules.cosine(PEAK, 10, 10)
 
 
@@ -100,7 +101,7 @@ def test_decay_start_with_max_steps_capping():
 
 def test_phase_after_decay_keeps_end_of_decay_lr():
     c = tiny_config()
-    c.recipe.sft = common.phase(5, mixture="decay", stage="stable", init_from=["decay"])
+    c.recipe.sft = cfglib.phase(5, mixture="decay", stage="stable", init_from=["decay"])
     assert schedules.decay_window(c, "sft") == (8, 4)
     lr = values(schedules.lr_schedule(c, "sft"), np.arange(12, 17))
     np.testing.assert_allclose(lr, c.optim.lr * 0.5**4, rtol=1e-6)
@@ -119,3 +120,13 @@ def test_bitnet_two_stage_lr_and_wd_switch():
     np.testing.assert_allclose(wd, np.where(np.arange(10) >= 5, 0.0, 0.1), rtol=1e-6)
     c.optim.wd_zero_step = -1
     assert np.all(values(schedules.wd_schedule(c), np.arange(10)) == np.float32(0.1))
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_jitted_decay_to_zero_never_goes_negative(shape):
+    """XLA rewrites `/ decay_steps` as `* (1 / decay_steps)`: unclamped, a linear decay to 0 ended at
+    -5.2e-08 and stayed there for every later phase."""
+    fn = jax.jit(schedules.wsd(1.0, 0, 0, 30, shape, 0.0, 0.0))
+    lr = np.array([float(fn(s)) for s in range(0, 60)])
+    assert lr.min() >= 0.0 and lr[30] == 0.0 and np.all(lr[30:] == 0.0)
+    assert np.all(np.diff(lr[:31]) < 0)  # still strictly decaying inside the window

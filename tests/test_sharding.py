@@ -46,9 +46,9 @@ def test_weights_without_an_expert_dim_shard_over_the_expert_axis_too():
     'embed' over fsdp. A dim fsdp x expert does not divide keeps fsdp; with expert=1 the spec is as before."""
     from jax.sharding import PartitionSpec as P
 
-    from configs import common
+    from voltron_jax import config as cfglib
 
-    cfg = common.get_default().mesh
+    cfg = cfglib.get_default().mesh
     cfg.data, cfg.fsdp, cfg.tensor, cfg.expert = 1, 2, 1, 4
     mesh = sharding.make_mesh(cfg)
     kv = sharding.fit_spec(sharding.logical_to_spec(("embed", "kv_heads")), (64, 32), mesh)

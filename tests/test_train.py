@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, tiny
+from configs import tiny
 from voltron_jax import checkpoint, sharding, train
+from voltron_jax import config as cfglib
 
 
 def _config(**kw):
@@ -137,7 +138,7 @@ def test_two_phase_recipe_resumes_in_second_phase(reference, tmp_path, monkeypat
 
 def _with_later_phases(c):
     """c with its phases after 'stable' replaced by two whose names sort before it ('cont', 'decay')."""
-    c.recipe.cont = common.phase(2, mixture="pretrain", init_from=["stable"])
+    c.recipe.cont = cfglib.phase(2, mixture="pretrain", init_from=["stable"])
     c.recipe.decay.init.from_ = "cont"
     return c
 
@@ -214,7 +215,7 @@ def test_sharded_step_equals_single_device_step():
 def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(common.ConfigError, match="not writable"):
+    with pytest.raises(cfglib.ConfigError, match="not writable"):
         train.run(_config(), str(blocker / "run"))
 
 

@@ -21,7 +21,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import common
+from voltron_jax import config as config_lib
+from voltron_jax import recipe as recipe_lib
+from voltron_jax.errors import ConfigError
 
 
 @dataclass
@@ -44,15 +45,7 @@ class Variant:
 # ============================================================================ sweep definition
 
 
-def load_config(spec: str):
-    """`configs/x.py[:arg]` -> ConfigDict (as ml_collections' config flag would load it)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise common.ConfigError(f"config file {path!r} does not exist.")
-    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
+load_config = config_lib.load  # `configs/x.py[:arg]` -> ConfigDict, as --config= loads it
 
 
 def check_field(config, key: str) -> None:
@@ -61,13 +54,13 @@ def check_field(config, key: str) -> None:
     node = config
     for i, p in enumerate(path):
         if p not in node or not hasattr(node[p], "keys"):
-            raise common.ConfigError(
+            raise ConfigError(
                 f"sweep field {key!r}: {'.'.join(path[: i + 1])!r} is not a config section; "
                 f"valid: {sorted(node.keys())}."
             )
         node = node[p]
     if leaf not in node:
-        raise common.ConfigError(
+        raise ConfigError(
             f"sweep field {key!r} does not exist; valid fields of "
             f"{'.'.join(path) or 'the config'}: {sorted(node.keys())}."
         )
@@ -79,7 +72,7 @@ def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
     for s in sweeps:
         key, eq, values = s.partition("=")
         if not eq or not values:
-            raise common.ConfigError(f"--sweep {s!r} must look like 'model.linear=dense,bitlinear'.")
+            raise ConfigError(f"--sweep {s!r} must look like 'model.linear=dense,bitlinear'.")
         check_field(config, key.strip())
         axes.append([(key.strip(), v.strip()) for v in values.split(",")])
     out = []
@@ -142,7 +135,7 @@ def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: b
                 print(f"[ablate] {v.name} seed {s}: done, skipped", flush=True)
                 continue
             print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            subprocess.run(cmd, check=True)
             (d / "done.json").write_text(json.dumps({"command": cmd}))
 
 
@@ -168,12 +161,13 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
 
     from voltron_jax.models import decoder
 
-    c = common.apply_overrides(load_config(base), ",".join(f"{k}={v}" for k, v in overrides.items()))
-    names = common.phase_order(c.recipe)
+    c = load_config(base)
+    c = config_lib.apply_overrides(c, {k: config_lib.parse_value(c, k, v) for k, v in overrides.items()})
+    names = recipe_lib.phase_order(c.recipe)
     comparable = not any(
-        c.recipe[n].fan_out or "model." in c.recipe[n].overrides or c.recipe[n].init.surgery for n in names
+        c.recipe[n].fan_out or "model" in c.recipe[n].overrides or c.recipe[n].init.surgery for n in names
     )
-    c = common.apply_overrides(c, c.recipe[names[-1]].overrides)
+    c = config_lib.phase_config(c, names[-1])
     shapes = jax.eval_shape(
         decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32)
     )
@@ -341,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             k, _, v = item.partition("=")
             check_field(cfg, k)
             fixed[k] = v
-    except common.ConfigError as e:
+    except ConfigError as e:
         sys.exit(f"ablate: {e}")
     root = Path(a.workdir)
     if not a.collect_only:

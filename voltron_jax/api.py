@@ -28,8 +28,6 @@ import numpy as np
 from etils import epath
 
 PHASE_DIR = re.compile(r"^\d\d_")
-# Sections whose keys are user-chosen names: stored as they are, never completed from the defaults.
-FREE_FORM = ("recipe", "mixtures")
 
 
 class LoadError(ValueError):
@@ -95,23 +93,11 @@ def find_checkpoint(path: str | epath.Path, step: int | None = None) -> tuple[ep
 # --------------------------------------------------------------------------------------------- config
 
 
-def _complete(stored: dict, defaults: ml_collections.ConfigDict) -> None:
-    """Add fields a newer codebase introduced (absent from an older checkpoint) from the defaults."""
-    for key, value in defaults.items():
-        if key not in stored:
-            stored[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-        elif isinstance(value, ml_collections.ConfigDict) and isinstance(stored[key], dict):
-            if key not in FREE_FORM:
-                _complete(stored[key], value)
-
-
 def config_from_meta(stored: dict) -> ml_collections.ConfigDict:
     """The run's resolved config from checkpoint metadata (missing newer fields take their defaults)."""
-    from configs import common
+    from voltron_jax import config
 
-    stored = dict(stored)
-    _complete(stored, common.get_default())
-    return ml_collections.ConfigDict(stored)
+    return config.complete(stored)
 
 
 def _checkpoint_params_meta(ckpt: epath.Path, step: int) -> dict:

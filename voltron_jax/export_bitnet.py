@@ -190,7 +190,6 @@ def cli() -> None:
                 "   or: python -m voltron_jax.export_bitnet --config=configs/bench_1b.py:bitlinear"
             )
 
-    sys.path.insert(0, os.getcwd())
     app.run(main)
 
 

@@ -1,6 +1,10 @@
 """Command-line entry: flags -> train.run(config, workdir).
 
-    python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo [--config.model.d_model=512 ...]
+    voltron --config=configs/tiny.py --workdir=runs/demo [--config.model.d_model=512 ...]
+    python -m voltron_jax.main ...            (the same)
+
+--config takes any Python file with get_config(arg), by relative or absolute path, optionally with a
+variant (`file.py:arg`); every field can be overridden as --config.<section>.<field>=value.
 
 Multi-host (TPU pods): the same command on every worker; `--multihost` calls jax.distributed.initialize()
 (auto-detected on TPU VMs; pass --coordinator/--num_processes/--process_id elsewhere).
@@ -15,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:variant]).", lock_config=True
+    "config", None, "Config file: path/to/file.py[:variant] (a get_config(arg)).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or bucket URL).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
@@ -47,8 +51,8 @@ def main(argv) -> None:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
     if _MULTIHOST.value or _COORD.value:
         init_distributed()
-    from configs.common import ConfigError
     from voltron_jax import train
+    from voltron_jax.errors import ConfigError
 
     try:
         train.run(_CONFIG.value, _WORKDIR.value, only_phase=_ONLY.value, member=_MEMBER.value)
@@ -57,8 +61,13 @@ def main(argv) -> None:
 
 
 def entrypoint() -> None:
+    """`python -m voltron_jax.main` and the `voltron` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, os.getcwd())
+    if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):
+        # absl lists only the flags of the script named in argv[0]; for the console script that is a
+        # wrapper, so print this module's flags here.
+        print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(__name__))
+        sys.exit(0)
     app.run(main)
 
 

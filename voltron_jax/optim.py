@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from configs import common
-from voltron_jax import schedules
+from voltron_jax import recipe, schedules
+from voltron_jax.errors import ConfigError
 from voltron_jax.models.decoder import width_factor
 
 GROUPS = ("gate", "router", "alpha", "embedding", "norm", "matrix", "vector")
@@ -112,7 +112,7 @@ def group_settings(config) -> dict[str, tuple[float, bool]]:
     """{group: (lr multiplier, weight decay on)} from config.optim and the model's width factor."""
     o = config.optim
     if o.gate_lr <= 0:
-        raise common.ConfigError(f"optim.gate_lr={o.gate_lr} must be positive.")
+        raise ConfigError(f"optim.gate_lr={o.gate_lr} must be positive.")
     mup = 1.0 / width_factor(config.model)
     return {
         "gate": (o.gate_lr / o.lr, False),
@@ -178,13 +178,13 @@ def make_optimizer(config, params, phase_name: str) -> optax.GradientTransformat
     """AdamW for `params` (boxed or plain, concrete or abstract) in phase `phase_name` of the recipe."""
     o = config.optim
     if not (0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0 and o.eps > 0 and o.grad_clip >= 0):
-        raise common.ConfigError(
+        raise ConfigError(
             f"optim: need 0 <= b1, b2 < 1, eps > 0 and grad_clip >= 0 (0 = off); got "
             f"b1={o.b1}, b2={o.b2}, eps={o.eps}, grad_clip={o.grad_clip}."
         )
     settings = group_settings(config)
     rules = {path: settings[g] for path, g in _labels_by_path(params).items()}
-    start = common.phase_start(config.recipe, phase_name, config.max_steps)
+    start = recipe.phase_start(config.recipe, phase_name, config.max_steps)
     lr_fn, wd_fn = schedules.lr_schedule(config, phase_name), schedules.wd_schedule(config)
     tail = scale_by_groups(lr_fn, wd_fn, rules, start)
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
@@ -193,7 +193,7 @@ def make_optimizer(config, params, phase_name: str) -> optax.GradientTransformat
     elif o.moments_dtype == "bfloat16":
         adam = scale_by_adam_stored(o.b1, o.b2, o.eps, jnp.bfloat16)
     else:
-        raise common.ConfigError(
+        raise ConfigError(
             f"optim.moments_dtype={o.moments_dtype!r} is not valid; choose float32 or bfloat16."
         )
     return optax.chain(*parts, adam, tail)
@@ -237,8 +237,3 @@ def _schedule_state(opt_state) -> GroupScheduleState:
 def current_lr(opt_state) -> jax.Array:
     """Base lr (before group multipliers) of the latest update; at init, of the first update."""
     return _schedule_state(opt_state).lr
-
-
-def current_wd(opt_state) -> jax.Array:
-    """Weight decay of the latest update; at init, of the first update."""
-    return _schedule_state(opt_state).wd

@@ -5,7 +5,7 @@ imports. Each entry is "module:attribute". A slot class may define
 
   - `from_config(model_cfg, **ctx) -> dict`   the module fields it takes from the config (<= ~8),
   - `flops_per_token(model_cfg, seq_len) -> float`   forward FLOPs per token of one layer's slot,
-  - `validate(config)`   extra checks, raising configs.common.ConfigError.
+  - `validate(config)`   extra checks, raising voltron_jax.errors.ConfigError.
 """
 
 from __future__ import annotations

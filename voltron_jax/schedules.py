@@ -19,7 +19,7 @@ notation slip for this), or a linear / cosine tail to `final_frac * peak`. Devia
     paper's literal `0.9 cos(pi s / T) + 0.1` (which goes negative; see techniques-b.md 2.1).
 
 The decay start T is not a number in the config: it is the global start step of the phase with
-stage='decay' (configs/common.py phase_start), and the decay length is that phase's steps, both
+stage='decay' (voltron_jax/recipe.py phase_start), and the decay length is that phase's steps, both
 after `config.max_steps` capping. BitNet b1.58's two-stage lr (techniques-a.md 1.5) multiplies any
 schedule by `optim.lr_stage2_factor` from `optim.lr_stage2_step`; its weight-decay switch to 0 is
 `wd_schedule`.
@@ -33,7 +33,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from configs import common
+from voltron_jax import recipe
+from voltron_jax.errors import ConfigError
+
+NAMES = ("constant", "cosine", "wsd")  # schedule.name
 
 Schedule = Callable[[int | jax.Array], jax.Array]
 DECAY_SHAPES = ("exp", "linear", "cosine")
@@ -54,7 +57,7 @@ def _warmup(peak: float, warmup: int, s: jax.Array) -> jax.Array:
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise common.ConfigError(msg)
+        raise ConfigError(msg)
 
 
 def constant(peak: float, warmup: int = 0) -> Schedule:
@@ -123,10 +126,11 @@ def wsd(
         n = jnp.clip(s - decay_start, 0, decay_steps).astype(jnp.float32)  # steps into the decay
         if shape == "exp":
             f = jnp.power(jnp.float32(0.5), n / jnp.float32(half_life))
-        elif shape == "linear":
-            f = 1.0 - (1.0 - final_frac) * n / decay_steps
         else:
-            f = 1.0 - (1.0 - final_frac) * 0.5 * (1.0 - jnp.cos(jnp.pi * n / decay_steps))
+            ramp = n / decay_steps if shape == "linear" else 0.5 * (1.0 - jnp.cos(jnp.pi * n / decay_steps))
+            # Never below the end value: under jit XLA turns `/ decay_steps` into `* (1 / decay_steps)`,
+            # so a linear decay to 0 ended at -5e-8 and stayed there for every later phase.
+            f = jnp.maximum(1.0 - (1.0 - final_frac) * ramp, final_frac)
         return base * f.astype(jnp.float32)
 
     return fn
@@ -145,7 +149,7 @@ def recipe_total_steps(config) -> int:
     """The longest global step count over the recipe's phases (end of the last phase of any chain)."""
     r = config.recipe
     return max(
-        common.phase_start(r, n, config.max_steps) + common.phase_steps(r[n], config.max_steps) for n in r
+        recipe.phase_start(r, n, config.max_steps) + recipe.phase_steps(r[n], config.max_steps) for n in r
     )
 
 
@@ -157,14 +161,14 @@ def decay_window(config, phase_name: str) -> tuple[int, int]:
     """
     r, name = config.recipe, phase_name
     if name not in r:
-        raise common.ConfigError(f"phase {name!r} is not in config.recipe; phases are {list(r.keys())}.")
+        raise ConfigError(f"phase {name!r} is not in config.recipe; phases are {list(r.keys())}.")
     while True:
         if r[name].stage == "decay":
             return (
-                common.phase_start(r, name, config.max_steps),
-                common.phase_steps(r[name], config.max_steps),
+                recipe.phase_start(r, name, config.max_steps),
+                recipe.phase_steps(r[name], config.max_steps),
             )
-        ps = common.parents(r[name])
+        ps = recipe.parents(r[name])
         if not ps:
             return 0, 0
         name = ps[0]
@@ -182,7 +186,7 @@ def lr_schedule(config, phase_name: str) -> Schedule:
         start, steps = decay_window(config, phase_name)
         fn = wsd(peak, s.warmup, start, steps, s.decay_shape, s.half_life, s.final_frac)
     else:
-        raise common.ConfigError(f"schedule.name={s.name!r} is not valid; choose one of {common.SCHEDULES}.")
+        raise ConfigError(f"schedule.name={s.name!r} is not valid; choose one of {NAMES}.")
     if config.optim.lr_stage2_step >= 0:
         fn = two_stage(fn, config.optim.lr_stage2_step, config.optim.lr_stage2_factor)
     return fn

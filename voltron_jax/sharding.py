@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs.common import MESH_AXES, resolve_mesh
+from voltron_jax.errors import ConfigError
 
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or axes, or None = replicated). Params first, then activations.
@@ -49,6 +51,30 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_capacity", None),
     ("act_group", ("data", "fsdp", "tensor")),  # rows of the grouped MoE layout [E, B*C] (moe_groups.py)
 )
+
+
+def resolve_mesh(mesh, n_devices: int) -> dict[str, int]:
+    """Mesh axis sizes from `config.mesh` with its one -1 filled in; raises ConfigError naming the fix if
+    their product is not `n_devices`."""
+    sizes = {a: int(mesh[a]) for a in MESH_AXES}
+    fill = [a for a, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1 (fill), got {fill}.")
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}.")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if n_devices % known:
+            raise ConfigError(
+                f"mesh {sizes}: {n_devices} devices are not divisible by the fixed axes ({known})."
+            )
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
+            f"set the axis sizes so their product is {n_devices}, or one axis to -1."
+        )
+    return sizes
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -27,8 +27,10 @@ import optax
 from etils import epath
 from flax import struct
 
-from configs import common
 from voltron_jax import checkpoint, metrics, optim, schedules, sharding
+from voltron_jax import recipe as recipe_lib
+from voltron_jax.config import phase_config, validate
+from voltron_jax.errors import ConfigError
 from voltron_jax.models import decoder
 
 
@@ -62,15 +64,10 @@ class Phase:
 # ============================================================================ phases and folders
 
 
-def phase_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """The config a phase runs with: `recipe.<name>.overrides` applied."""
-    return common.apply_overrides(config, config.recipe[name].overrides)
-
-
 def phases(config, workdir: epath.Path) -> list[Phase]:
     """Every runnable phase in dependency order, with its folder (DESIGN.md layout)."""
     out = []
-    for i, name in enumerate(common.phase_order(config.recipe)):
+    for i, name in enumerate(recipe_lib.phase_order(config.recipe)):
         ph = config.recipe[name]
         base = workdir / f"{i:02d}_{name}"
         members = range(ph.fan_out) if ph.fan_out else [None]
@@ -81,8 +78,8 @@ def phases(config, workdir: epath.Path) -> list[Phase]:
                     mem,
                     phase_config(config, name),
                     base if mem is None else base / f"cluster_{mem}",
-                    common.phase_start(config.recipe, name, config.max_steps),
-                    common.phase_steps(ph, config.max_steps),
+                    recipe_lib.phase_start(config.recipe, name, config.max_steps),
+                    recipe_lib.phase_steps(ph, config.max_steps),
                 )
             )
     return out
@@ -118,7 +115,7 @@ def sum_aux_losses(aux: dict, weights: ml_collections.ConfigDict) -> tuple[jax.A
         by_name[name] = by_name.get(name, 0.0) + jnp.sum(leaf)
     unknown = sorted(set(by_name) - set(weights.keys()))
     if unknown:
-        raise common.ConfigError(
+        raise ConfigError(
             f"aux losses {unknown} have no weight; add them to aux_weights (known: {sorted(weights.keys())})."
         )
     total = sum((weights[k] * v for k, v in by_name.items()), jnp.zeros((), jnp.float32))
@@ -331,9 +328,9 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
     """A phase's first state from its parents' final checkpoints: resharded onto this phase's mesh, or
     (with `init.surgery`) mapped on the host by the named surgery function first. Sources keep the
     recipe's order (fan-out members 0..N-1: branch i -> expert i); with surgery.seed_expert the phase
-    the branches started from (common.seed_phase) comes last."""
+    the branches started from (recipe_lib.seed_phase) comes last."""
     ph = config.recipe[phase.name]
-    sources = [p for p in all_phases if p.name in common.parents(ph)]
+    sources = [p for p in all_phases if p.name in recipe_lib.parents(ph)]
     if not ph.init.surgery:
         ((src_state, _),) = [restore_final(p, rt.abstract) for p in sources]
         return rt.place(src_state.params, src_state.opt_state if ph.init.keep_optimizer else None)
@@ -342,7 +339,7 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
     params, metas = zip(*[restore_host(p) for p in sources], strict=True)
     seed = None
     if rt.config.surgery.seed_expert:
-        (seed_src,) = [p for p in all_phases if p.name == common.seed_phase(config.recipe, phase.name)]
+        (seed_src,) = [p for p in all_phases if p.name == recipe_lib.seed_phase(config.recipe, phase.name)]
         seed, _ = restore_host(seed_src)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
     merged = surgery.apply(
@@ -432,7 +429,7 @@ def run_phase(
         state, data_state, _ = ck.restore(target=rt.abstract)
         data.set_state(data_state)
         print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
-    elif common.parents(config.recipe[phase.name]):
+    elif recipe_lib.parents(config.recipe[phase.name]):
         state = init_from_parents(rt, config, all_phases, phase)
     else:
         state = rt.scratch()
@@ -516,7 +513,7 @@ def check_workdir(workdir: str) -> epath.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise common.ConfigError(
+        raise ConfigError(
             f"workdir {workdir!r} is not writable ({e}); pass a --workdir you can write "
             "to (local path or bucket URL)."
         ) from e
@@ -534,7 +531,7 @@ def run(
 ) -> dict[str, dict]:
     """Validate, prepare data if the recipe needs it, then run every phase in dependency order (or just
     `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}."""
-    common.validate(config, n_devices=jax.device_count())
+    validate(config, n_devices=jax.device_count())
     root = check_workdir(workdir)
     info = write_run_info(config, root)
     if needs_prepare(config):
@@ -543,13 +540,13 @@ def run(
         prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
     todo = phases(config, root)
     if only_phase and only_phase not in config.recipe:
-        raise common.ConfigError(f"--only_phase={only_phase!r} is not in the recipe {list(config.recipe)}.")
+        raise ConfigError(f"--only_phase={only_phase!r} is not in the recipe {list(config.recipe)}.")
     selected = [p for p in todo if not only_phase or (p.name == only_phase and member in (-1, p.member))]
     if only_phase and not selected:
-        raise common.ConfigError(f"phase {only_phase!r} has no member {member}.")
+        raise ConfigError(f"phase {only_phase!r} has no member {member}.")
     results, rt = {}, None
     for ph in selected:
-        common.validate(ph.config, n_devices=jax.device_count())
+        validate(ph.config, n_devices=jax.device_count())
         if rt is None or rt.phase.name != ph.name:  # fan-out members reuse one compiled runtime
             rt = Runtime(ph)
         results[ph.label] = run_phase(config, root, ph, todo, info, rt)

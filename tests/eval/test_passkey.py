@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from configs import common, passkey_tiny
+from configs import passkey_tiny
+from voltron_jax import config as cfglib
 from voltron_jax.eval import passkey as pk
 
 
@@ -73,7 +74,7 @@ def test_evaluate_and_table():
 def test_configs_validate():
     for arg in ("", "test"):
         c = passkey_tiny.get_config(arg)
-        common.validate(c)
+        cfglib.validate(c)
         assert c.data.seq_len % c.model.infini.segment_len == 0 and c.model.memory == "infini"
 
 

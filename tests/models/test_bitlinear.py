@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import common, tiny
+from configs import tiny
+from voltron_jax import config as cfglib
 from voltron_jax.models import bitlinear as bl
 from voltron_jax.models import decoder
 from voltron_jax.models.attention import Attention
@@ -225,7 +226,7 @@ def _tiny_bitnet(**model):
     c.model.linear = "bitlinear"
     for k, val in model.items():
         c.model[k] = val
-    return common.validate(c)
+    return cfglib.validate(c)
 
 
 def test_tiny_bitnet_model_builds_with_finite_logits_and_gradients():
@@ -282,5 +283,5 @@ def test_validate_rejects_bad_bitlinear_settings():
     ]:
         c = _tiny_bitnet()
         c.model.bitlinear[field] = value
-        with pytest.raises(common.ConfigError, match=word):
-            common.validate(c)
+        with pytest.raises(cfglib.ConfigError, match=word):
+            cfglib.validate(c)

@@ -178,3 +178,19 @@ def test_causal_core_valid_mask_hides_invalid_keys():
     out = core.apply({}, q, k, vv, pos, None, valid)
     out2 = core.apply({}, q, k.at[:, 1].set(9.0), vv.at[:, 4].set(-3.0), pos, None, valid)
     np.testing.assert_allclose(out[:, jnp.array([0, 2, 3, 5])], out2[:, jnp.array([0, 2, 3, 5])], atol=1e-6)
+
+
+def test_final_norm_uses_model_norm_eps():
+    """The final RMSNorm divides by sqrt(mean(x^2) + model.norm_eps), like the block norms (a Llama-2
+    checkpoint's 1e-5 must not drift the logits through a hard-coded 1e-6)."""
+    for eps in (1e-5, 0.5):
+        c = _cfg(norm_eps=eps)
+        m, v, ids = _init(c)
+        _, state = m.apply(
+            v, ids, capture_intermediates=lambda mdl, _: mdl.name in ("stack", "final_norm"), mutable=True
+        )
+        inter = state["intermediates"]
+        x = np.asarray(inter["stack"]["__call__"][0], np.float64)  # [B,T,D] the final norm's input
+        y = np.asarray(inter["final_norm"]["__call__"][0], np.float64)
+        want = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps)  # gain is 1 at init
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from configs import common, tiny
+from configs import tiny
+from voltron_jax import config as cfglib
 from voltron_jax.models import decoder, denseformer
 
 B, T, D = 2, 16, 32
@@ -151,7 +152,7 @@ def test_scan_equals_unrolled_values_and_grads(routing, k, p, remat):
     lcm(p, 2) layers and the routed layers, predictor and aux losses ride along."""
     c = _cfg(4, k, p, routing=routing, remat=remat)
     cs = _cfg(4, k, p, routing=routing, remat=remat, scan_layers=True)
-    common.validate(cs)
+    cfglib.validate(cs)
     stack, params = _stack_init(c)
     params = _random_alpha(params)
     size = stack.period
@@ -194,7 +195,7 @@ def test_bf16_accumulators_track_fp32():
     cs = _cfg(4, 2, 2, scan_layers=True)
     cb = _cfg(4, 2, 2, scan_layers=True)
     cb.model.denseformer.acc_dtype = "bfloat16"
-    common.validate(cb)
+    cfglib.validate(cb)
     x, pos = _inputs()
     stack, stack_b = decoder.build_model(cs.model).stack(), decoder.build_model(cb.model).stack()
     params = _random_alpha(nn.unbox(stack.init(jax.random.key(0), x, pos)["params"]))
@@ -203,8 +204,8 @@ def test_bf16_accumulators_track_fp32():
     assert not np.array_equal(y, yb)  # the setting is live
     np.testing.assert_allclose(yb, y, rtol=2e-2, atol=2e-2)
     cb.model.denseformer.acc_dtype = "float16"
-    with pytest.raises(common.ConfigError, match="acc_dtype"):
-        common.validate(cb)
+    with pytest.raises(cfglib.ConfigError, match="acc_dtype"):
+        cfglib.validate(cb)
 
 
 def test_flops_add_the_dwa_sums():
@@ -225,5 +226,5 @@ def test_flops_add_the_dwa_sums():
 def test_validate_rejects_unservable_layouts(change, msg):
     df = {k: change.pop(k) for k in ("period", "dilation") if k in change}
     c = _cfg(6, **df, **change)
-    with pytest.raises(common.ConfigError, match=msg):
-        common.validate(c)
+    with pytest.raises(cfglib.ConfigError, match=msg):
+        cfglib.validate(c)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common, tiny
+from configs import tiny
+from voltron_jax import config as cfglib
 from voltron_jax import sharding
 from voltron_jax.models import decoder
 from voltron_jax.models import infini_attention as ia
@@ -293,10 +294,10 @@ def test_flops_and_validate():
     want = 2 * N * m.n_heads * k + m.n_heads * (2 * k * k + 2 * k) + m.n_kv_heads * (2 * k * k + k)
     assert ia.InfiniCore.flops_per_token(m, 4096) == want  # independent of the row length
     assert decoder.flops_per_token(m, 4096) > 0
-    common.validate(c)
+    cfglib.validate(c)
     c.data.seq_len = 18
-    with pytest.raises(common.ConfigError, match="multiple of model.infini.segment_len"):
-        common.validate(c)
+    with pytest.raises(cfglib.ConfigError, match="multiple of model.infini.segment_len"):
+        cfglib.validate(c)
     q, k_, v, pos = _qkv(t=6)
     with pytest.raises(ValueError, match="not a multiple"):
         ia.InfiniCore(segment_len=N).init(jax.random.key(0), q, k_, v, pos)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from configs import common, tiny
+from configs import tiny
+from voltron_jax import config as cfglib
 from voltron_jax.models import decoder, mod
 
 B, T, D = 3, 16, 32
@@ -162,7 +163,7 @@ def test_per_segment_topk_with_infini_writes_only_routed_tokens():
     """Top-k per Infini segment; the gathered block (segments of k) equals the full-length block that
     masks unrouted tokens (valid=False: not keys, no memory writes); earlier segments ignore later ones."""
     c = _cfg(memory="infini", infini=dict(segment_len=8), mod=dict(capacity=0.25))
-    common.validate(c)
+    cfglib.validate(c)
     make = decoder.build_model(c.model).stack.keywords["layers"][1]
     layer = make()
     x, pos = _inputs()
@@ -203,8 +204,8 @@ def test_flops_reflect_capacity():
     ],
 )
 def test_validate_rejects_bad_configs(change, msg):
-    with pytest.raises(common.ConfigError, match=msg):
-        common.validate(_cfg(**change))
+    with pytest.raises(cfglib.ConfigError, match=msg):
+        cfglib.validate(_cfg(**change))
 
 
 def test_decoding_with_infini_is_refused():

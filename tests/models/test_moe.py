@@ -180,10 +180,10 @@ def test_dropless_with_a_linear_without_ragged_hook_fails_clearly():
 
 
 def test_expert_sharded_equals_unsharded():
-    from configs import common
+    from voltron_jax import config as cfglib
     from voltron_jax import sharding
 
-    cfg = common.get_default().mesh
+    cfg = cfglib.get_default().mesh
     cfg.data, cfg.expert = 2, 4  # experts over 4 devices, the batch over all 8
     mesh = sharding.make_mesh(cfg)
     layer = moe.MoE(F, n_experts=E, top_k=2, impl="capacity", capacity_factor=1.0)

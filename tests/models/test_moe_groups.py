@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from voltron_jax import config as cfglib
 from voltron_jax import registry, sharding
 from voltron_jax.models import moa, moe
 
@@ -50,7 +50,7 @@ def test_grouped_sharded_equals_unsharded(linear, axes):
     params = nn.unbox(jax.jit(layer().init)(jax.random.key(0), x)["params"])
     loss = lambda p, x: jnp.mean(layer().apply({"params": p}, x) ** 2)
     want = jax.jit(jax.value_and_grad(loss))(params, x)
-    cfg = common.get_default().mesh
+    cfg = cfglib.get_default().mesh
     cfg.data, cfg.fsdp, cfg.tensor, cfg.expert = axes
     mesh = sharding.make_mesh(cfg)
     with sharding.context(mesh):
@@ -70,7 +70,7 @@ def _compiled_grad_hlo(b: int, t: int, argnums) -> str:
     layer = moe.MoE(F, n_experts=E, top_k=2, impl="grouped", capacity_factor=1.0)
     params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
     loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
-    cfg = common.get_default().mesh
+    cfg = cfglib.get_default().mesh
     cfg.data, cfg.fsdp, cfg.expert = 1, 2, 4
     mesh = sharding.make_mesh(cfg)
     with sharding.context(mesh):

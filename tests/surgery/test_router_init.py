@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from test_btx import E, _configs, _init, _merge_setup
 
-from configs import common, recipe_tiny, tiny
+from configs import recipe_tiny, tiny
 from voltron_jax import checkpoint, surgery, train
+from voltron_jax import config as cfglib
 from voltron_jax.data import corpus, pipeline, tasks
 from voltron_jax.models import decoder
 from voltron_jax.surgery import tree as T
@@ -131,29 +132,31 @@ def test_apply_checks_the_seed_expert_and_expert_counts():
 def test_config_validation_names_the_fix():
     c = recipe_tiny.get_config("seed_expert")
     assert c.model.moe.n_experts == c.model.moa.n_experts == 9
-    common.validate(c)
+    cfglib.validate(c)
     c.model.moe.n_experts = 8
     with pytest.raises(
-        common.ConfigError, match="8 branches \\+ 1 seed expert .* make 9 experts.*n_experts=8"
+        cfglib.ConfigError, match="8 branches \\+ 1 seed expert .* make 9 experts.*n_experts=8"
     ):
-        common.validate(c)
+        cfglib.validate(c)
     c = recipe_tiny.get_config("")
     c.surgery.router_init = "kmeans"
-    with pytest.raises(common.ConfigError, match="surgery.router_init='kmeans'.*'random', 'centroid'"):
-        common.validate(c)
+    with pytest.raises(cfglib.ConfigError, match="surgery.router_init='kmeans'.*'random', 'centroid'"):
+        cfglib.validate(c)
     c = tiny.get_config("test")  # a merge of two plain (not fan-out) phases: no cluster for centroids
-    c.recipe.other = common.phase(4)
-    c.recipe.decay = common.phase(
+    c.recipe.other = cfglib.phase(4)
+    c.recipe.decay = cfglib.phase(
         4, stage="decay", init_from=["stable", "other"], surgery="btx_merge", keep_optimizer=False,
-        overrides="model.ffn=moe,model.moe.n_experts=2,surgery.router_init=centroid",
+        overrides={"model.ffn": "moe", "model.moe.n_experts": 2, "surgery.router_init": "centroid"},
     )  # fmt: skip
-    with pytest.raises(common.ConfigError, match="needs every parent to be a fan-out phase"):
-        common.validate(c)
-    c.recipe.decay.overrides = "model.ffn=moe,model.moe.n_experts=3,surgery.seed_expert=true"
-    with pytest.raises(common.ConfigError, match="one seed phase, but they start from scratch"):
-        common.validate(c)
-    c.recipe.decay.overrides = "model.ffn=moe,model.moe.n_experts=2"
-    common.validate(c)
+    with pytest.raises(cfglib.ConfigError, match="needs every parent to be a fan-out phase"):
+        cfglib.validate(c)
+    c.recipe.decay.overrides = cfglib.nest(
+        {"model.ffn": "moe", "model.moe.n_experts": 3, "surgery.seed_expert": True}
+    )
+    with pytest.raises(cfglib.ConfigError, match="one seed phase, but they start from scratch"):
+        cfglib.validate(c)
+    c.recipe.decay.overrides = cfglib.nest({"model.ffn": "moe", "model.moe.n_experts": 2})
+    cfglib.validate(c)
     with pytest.raises(ValueError, match="unknown variant"):
         recipe_tiny.get_config("continue,seed_expert")
 
@@ -176,13 +179,13 @@ def test_loop_merge_phase_centroid_routers_and_seed_expert_on_an_expert_mesh(tmp
     c.model.moe.n_experts = c.model.moa.n_experts = n + 1
     c.surgery.router_init, c.surgery.centroid_batches, c.surgery.seed_expert = "centroid", 2, True
     c.recipe = ml_collections.ConfigDict()
-    c.recipe.stable = common.phase(2)
-    c.recipe.branch = common.phase(1, mixture="cluster", init_from=["stable"], fan_out=n)
-    c.recipe.mix = common.phase(
+    c.recipe.stable = cfglib.phase(2)
+    c.recipe.branch = cfglib.phase(1, mixture="cluster", init_from=["stable"], fan_out=n)
+    c.recipe.mix = cfglib.phase(
         0, init_from=["branch"], surgery="btx_merge", keep_optimizer=False,
-        overrides="model.ffn=moe,model.attention=moa",
+        overrides={"model.ffn": "moe", "model.attention": "moa"},
     )  # fmt: skip
-    common.validate(c, n_devices=jax.device_count())
+    cfglib.validate(c, n_devices=jax.device_count())
     phases = train.phases(c, tmp_path)
     dense = {}  # finished parents: distinct random params per phase / member, saved as the loop would
     for k, p in enumerate(phases[:-1]):
@@ -207,7 +210,7 @@ def test_loop_merge_phase_centroid_routers_and_seed_expert_on_an_expert_mesh(tmp
     for i in range(n):
         b = next(pipeline.make_train_iterator(mix.config, "cluster", seed=123, cluster=i))
         batches.append((b["inputs"], b["positions"]))
-    cfg = common.apply_overrides(mix.config, "surgery.router_init=random")
+    cfg = cfglib.apply_overrides(mix.config, {"surgery.router_init": "random"})
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
     sources = [dense[f"branch/{i}"] for i in range(n)]
     rand = surgery.apply(

@@ -191,7 +191,7 @@ def run(
 
 
 def main(argv) -> None:
-    from configs.common import validate
+    from voltron_jax.config import validate
 
     config = _CONFIG.value
     validate(config)
@@ -200,9 +200,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    import os
-    import sys
-
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -212,5 +209,4 @@ if __name__ == "__main__":
         "input", "", "JSONL records {index,id,text,split} (glob); empty: data.corpus."
     )
     flags.mark_flags_as_required(["config", "workdir"])
-    sys.path.insert(0, os.getcwd())
     app.run(main)

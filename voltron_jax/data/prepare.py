@@ -421,7 +421,7 @@ def format_report(stats: dict) -> str:
 
 def main(argv) -> None:
     del argv
-    from configs.common import validate
+    from voltron_jax.config import validate
 
     config = _CONFIG.value
     validate(config)
@@ -429,13 +429,10 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    import os
-
     from absl import app, flags
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
     flags.mark_flags_as_required(["config", "workdir"])
-    sys.path.insert(0, os.getcwd())
     app.run(main)

@@ -178,12 +178,12 @@ def train_and_evaluate(
     import jax
     import jax.numpy as jnp
 
-    from configs import common
-    from voltron_jax import optim, schedules, train
+    from voltron_jax import optim, recipe, schedules, train
+    from voltron_jax.config import validate
     from voltron_jax.models import decoder
 
-    common.validate(config)
-    phase = common.phase_order(config.recipe)[0]
+    validate(config)
+    phase = recipe.phase_order(config.recipe)[0]
     model = decoder.build_model(config.model)
     init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, config.data.seq_len), jnp.int32))))
     params = init(jax.random.key(config.seed))["params"]
@@ -192,7 +192,7 @@ def train_and_evaluate(
     state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     data = PasskeyIterator.from_config(config, seed)
     t0, losses = time.time(), []
-    for i in range(common.phase_steps(config.recipe[phase], config.max_steps)):
+    for i in range(recipe.phase_steps(config.recipe[phase], config.max_steps)):
         state, m = step_fn(state, next(data))
         losses.append(float(m["ce"]))
         if log_every and (i + 1) % log_every == 0:
@@ -220,14 +220,14 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    from configs import common
+    from voltron_jax import recipe
 
     f = flags.FLAGS
     config = _CONFIG.value
     os.makedirs(f.out, exist_ok=True)
     segs = [int(s) for s in f.eval_segments.split(",")]
     n = config.model.infini.segment_len
-    steps = config.recipe[common.phase_order(config.recipe)[0]].steps
+    steps = config.recipe[recipe.phase_order(config.recipe)[0]].steps
     report = [
         f"passkey: {config.model.n_layers} layers, d={config.model.d_model}, segment {n}, fine-tuned "
         f"{steps} steps on {config.data.seq_len}-token inputs, {f.eval_examples} keys per cell; "

@@ -249,7 +249,7 @@ class BitLinear(nn.Module):
     @staticmethod
     def validate(config) -> None:
         """Reject unknown quantiser / norm names and impossible warm-in or eps values."""
-        from configs.common import ConfigError
+        from voltron_jax.errors import ConfigError
 
         b = config.model.bitlinear
         if b.weights not in WEIGHTS:

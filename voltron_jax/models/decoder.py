@@ -158,6 +158,7 @@ class Decoder(nn.Module):
     tie_embeddings: bool = False
     init_std: float = 0.02  # embedding
     head_init_std: float = 0.02  # untied LM head
+    norm_eps: float = 1e-6  # the final RMSNorm's, = the blocks' (model.norm_eps)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -169,7 +170,7 @@ class Decoder(nn.Module):
         x = embed(ids) * self.scale_emb  # [B,T,D]
         x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
         x = self.stack(name="stack")(x, positions, segment_ids, valid)
-        x = RMSNorm(dtype=self.dtype, name="final_norm")(x) / self.logit_div
+        x = RMSNorm(self.norm_eps, self.dtype, name="final_norm")(x) / self.logit_div
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -199,7 +200,7 @@ def slot_kwargs(cls, m, **ctx) -> dict:
 
 
 def build_model(m, decode: bool = False) -> Decoder:
-    """The Decoder for model config `m` (configs/common.py), slots resolved through the registry."""
+    """The Decoder for model config `m` (voltron_jax/config.py), slots resolved through the registry."""
     slots = registry.selected(m)
     dtype = jnp.dtype(m.dtype)
     std = m.init_std / math.sqrt(width_factor(m))
@@ -244,6 +245,7 @@ def build_model(m, decode: bool = False) -> Decoder:
         tie_embeddings=m.tie_embeddings,
         init_std=m.init_std,
         head_init_std=std,
+        norm_eps=m.norm_eps,
         dtype=dtype,
     )
 

@@ -273,7 +273,7 @@ class DenseFormerResidual(nn.Module):
     @staticmethod
     def validate(config) -> None:
         """Reject DWA layouts this implementation cannot serve."""
-        from configs.common import ConfigError
+        from voltron_jax.errors import ConfigError
 
         m, df = config.model, config.model.denseformer
         if df.acc_dtype not in ("float32", "bfloat16"):

@@ -250,7 +250,7 @@ class InfiniCore(nn.Module):
     @staticmethod
     def validate(config) -> None:
         """Reject infini configs that cannot run (raised before any compile)."""
-        from configs.common import ConfigError
+        from voltron_jax.errors import ConfigError
 
         i, n = config.model.infini, config.model.infini.segment_len
         if i.rule not in RULES:

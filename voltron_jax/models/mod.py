@@ -253,7 +253,7 @@ class MoDRouting(nn.Module):
 
     @staticmethod
     def validate(config) -> None:
-        from configs.common import ConfigError
+        from voltron_jax.errors import ConfigError
 
         m, mod = config.model, config.model.mod
         for name, value, choices in (

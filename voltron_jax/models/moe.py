@@ -301,7 +301,7 @@ class MoE(nn.Module):
 
 def check_routing(config, name: str) -> None:
     """Shared checks of config.model.moe / config.model.moa (raises ConfigError)."""
-    from configs.common import ConfigError
+    from voltron_jax.errors import ConfigError
 
     c = config.model[name]
     where = f"model.{name}"

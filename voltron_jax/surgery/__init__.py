@@ -3,7 +3,7 @@
 A recipe phase with `init.surgery=<name>` gets its parents' params mapped by `apply(name, ...)` on the
 host before resharding (voltron_jax/train.py). Names: 'btx_merge' (c-BTX: N branches -> one MoE+MoA
 tree), 'upcycle' (sparse upcycling of one dense checkpoint). Options (`config.surgery`, documented in
-configs/common.py): `router_init` 'random' | 'centroid', `centroid_batches`, `router_scale`,
+voltron_jax/config.py): `router_init` 'random' | 'centroid', `centroid_batches`, `router_scale`,
 `seed_expert`. The centroid init needs data, so the loop hands `apply` a `Probe` that runs the merged
 model on training batches of each branch's cluster. The CLI is `python -m voltron_jax.surgery`.
 """

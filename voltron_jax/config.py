@@ -1,36 +1,37 @@
-"""Every default of voltron_jax, and the one `validate(config)`.
+"""The config schema of voltron_jax: every default, recipe phases, overrides, loading and `validate`.
 
-Other config files start from `get_default()` and change what they need; library code never calls
-`config.get(key, default)`. Unknown keys fail at override time (ml_collections locks the dict), and
-`validate` rejects unknown technique names, impossible meshes and inconsistent schedules before any
-compile, with a message that names the valid choices.
+Config files (`configs/*.py`, or any file with `get_config(arg)`) start from `get_default()` and change
+what they need; library code never calls `config.get(key, default)`. Unknown keys fail at override time
+(ml_collections locks the dict), and `validate` rejects unknown technique names, impossible meshes and
+inconsistent schedules before any compile, with a message that names the valid choices. The library
+owns this schema: a checkpoint's saved config plus `complete()` is enough to rebuild a run anywhere.
 """
 
 from __future__ import annotations
 
-import math
+import ast
+import importlib.util
+import os
+from collections.abc import Mapping
 
 import ml_collections
 
-# Slot choices; the tables that map them to modules live in voltron_jax/registry.py.
-SLOTS = {
-    "linear": ("dense", "bitlinear"),
-    "attention": ("mha", "moa"),
-    "memory": ("none", "infini"),
-    "ffn": ("mlp", "moe"),
-    "residual": ("plain", "denseformer"),
-    "routing": ("none", "mod"),
-}
-SCHEDULES = ("constant", "cosine", "wsd")
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+from voltron_jax import registry, schedules
+from voltron_jax.errors import ConfigError
+from voltron_jax.recipe import parents, phase_order, phase_steps, seed_phase
+from voltron_jax.sharding import MESH_AXES, resolve_mesh
+
+__all__ = ["ConfigError", "MESH_AXES", "apply_overrides", "complete", "get_default", "load", "phase"]
+
+# Slot choices: the names registered in voltron_jax/registry.py (its tables map them to modules).
+SLOTS = {slot: tuple(table) for slot, table in registry.TABLES.items()}
+SCHEDULES = schedules.NAMES
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 STAGES = ("stable", "decay")
 ROUTER_INITS = ("random", "centroid")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the problem and the fix."""
+# Sections whose keys are user-chosen names: kept as stored, never completed from the defaults.
+FREE_FORM = ("recipe", "mixtures", "overrides")
 
 
 def phase(
@@ -41,7 +42,7 @@ def phase(
     surgery: str = "",
     keep_optimizer: bool = True,
     fan_out: int = 0,
-    overrides: str = "",
+    overrides: Mapping | None = None,
 ) -> ml_collections.ConfigDict:
     """One entry of `config.recipe`.
 
@@ -51,11 +52,13 @@ def phase(
       stage: 'stable' (WSD warmup + constant) or 'decay' (WSD decay starts at this phase's first step).
       init_from: phases whose final checkpoints initialise this one (empty: scratch).
       surgery: name of a surgery function applied to the `init_from` params ('' = identity); its
-        options are `config.surgery` (per phase via `overrides`, e.g. "surgery.router_init=random").
+        options are `config.surgery` (per phase via `overrides`, e.g. {"surgery.router_init": "random"}).
       keep_optimizer: carry the parent's optimizer state (only with exactly one parent and no surgery).
       fan_out: > 0 runs this phase as that many independent members (one per data cluster).
-      overrides: "a.b=value,c.d=value" applied to the config for this phase only (e.g. the MoE model of a
-        fine-tune phase: "model.ffn=moe,model.attention=moa").
+      overrides: config fields for this phase only, as data: dotted keys or nested mappings with values of
+        the fields' own types, e.g. the MoE model of a fine-tune phase {"model.ffn": "moe",
+        "model.attention": "moa"} or {"model": {"ffn": "moe"}}. Stored nested, so the command line reaches
+        them too (`--config.recipe.moe_ft.overrides.model.moe.top_k=1`).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -63,7 +66,7 @@ def phase(
             mixture=mixture,
             stage=stage,
             fan_out=fan_out,
-            overrides=overrides,
+            overrides=nest(overrides or {}),
             init=dict(from_=",".join(init_from), surgery=surgery, keep_optimizer=keep_optimizer),
         )
     )
@@ -262,104 +265,166 @@ def _choice(name: str, value, choices):
         _fail(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
 
 
-def resolve_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with one -1 filled in; raises ConfigError if the product != n_devices."""
-    sizes = {a: int(mesh[a]) for a in MESH_AXES}
-    fill = [a for a, v in sizes.items() if v == -1]
-    if len(fill) > 1:
-        _fail(f"mesh: only one axis may be -1 (fill), got {fill}.")
-    if any(v == 0 or v < -1 for v in sizes.values()):
-        _fail(f"mesh: axis sizes must be positive or -1, got {sizes}.")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    if fill:
-        if n_devices % known:
-            _fail(f"mesh {sizes}: {n_devices} devices are not divisible by the fixed axes ({known}).")
-        sizes[fill[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
-        _fail(
-            f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
-            f"set the axis sizes so their product is {n_devices}, or one axis to -1."
-        )
-    return sizes
+# --------------------------------------------------------------------------------------------- overrides
 
 
-def apply_overrides(c: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
-    """A copy of `c` with "a.b=value,c.d=value" applied (values parsed to the existing field's type)."""
-    out = ml_collections.ConfigDict(c.to_dict())
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            _fail(f"override {item!r} must look like 'a.b=value'.")
-        *path, leaf = key.strip().split(".")
-        node = out
-        for p in path:
-            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-                _fail(f"override {key!r}: {p!r} is not a config section; valid: {sorted(node.keys())}.")
-            node = node[p]
-        if leaf not in node:
-            _fail(f"override {key!r}: unknown field {leaf!r}; valid: {sorted(node.keys())}.")
-        old = node[leaf]
-        is_true = value.strip().lower() in ("1", "true", "yes")
-        node[leaf] = is_true if isinstance(old, bool) else type(old)(value)
+def flatten(overrides: Mapping, prefix: str = "") -> dict:
+    """{dotted key: value} of a possibly nested mapping (dicts and ConfigDicts are sections)."""
+    out = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
     return out
 
 
-def phase_order(recipe: ml_collections.ConfigDict) -> list[str]:
-    """Phase names in dependency order (parents first, then recipe order)."""
-    names = list(recipe.keys())
-    order, seen = [], set()
-
-    def visit(n, stack):
-        if n in seen:
-            return
-        if n in stack:
-            _fail(f"recipe: phases {' -> '.join(stack + [n])} form a cycle.")
-        for p in parents(recipe[n]):
-            if p not in recipe:
-                _fail(f"recipe.{n}.init.from_ names unknown phase {p!r}; phases are {names}.")
-            visit(p, stack + [n])
-        seen.add(n)
-        order.append(n)
-
-    for n in names:
-        visit(n, [])
-    return order
+def nest(overrides: Mapping) -> dict:
+    """Nested dict of `overrides` (dotted keys split into sections)."""
+    out: dict = {}
+    for key, value in flatten(overrides).items():
+        *path, leaf = key.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                _fail(f"override {key!r}: {p!r} is given both as a value and as a section.")
+        node[leaf] = value
+    return out
 
 
-def parents(ph: ml_collections.ConfigDict) -> list[str]:
-    return [p for p in ph.init.from_.split(",") if p]
+def _field_type_error(key: str, old, value):
+    _fail(
+        f"override {key}={value!r}: the field holds a {type(old).__name__} ({old!r}); give a "
+        f"{type(old).__name__} value."
+    )
 
 
-def phase_start(recipe: ml_collections.ConfigDict, name: str, max_steps: int = 0) -> int:
-    """Global step at which `name` starts: its ancestors' steps along the first-parent chain."""
-    start, ph = 0, recipe[name]
-    while parents(ph):
-        p = parents(ph)[0]
-        start += phase_steps(recipe[p], max_steps)
-        ph = recipe[p]
-    return start
+def _typed(key: str, old, value):
+    """`value` for field `key` whose current value is `old`: the same type (int -> float widens)."""
+    if old is None or isinstance(old, ml_collections.FieldReference):
+        return value
+    if isinstance(old, bool) or isinstance(value, bool):
+        if not (isinstance(old, bool) and isinstance(value, bool)):
+            _field_type_error(key, old, value)
+        return value
+    if isinstance(old, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(old, tuple | list) and isinstance(value, tuple | list):
+        return type(old)(value)
+    if type(old) is not type(value):
+        _field_type_error(key, old, value)
+    return value
 
 
-def phase_steps(ph: ml_collections.ConfigDict, max_steps: int = 0) -> int:
-    return min(ph.steps, max_steps) if max_steps > 0 else ph.steps
+def apply_overrides(c: ml_collections.ConfigDict, overrides: Mapping) -> ml_collections.ConfigDict:
+    """A copy of `c` with `overrides` (dotted keys or nested mappings, typed values) applied.
+
+    Raises ConfigError naming the valid fields for an unknown key and the expected type for a value of
+    another type (an int is accepted for a float field)."""
+    out = ml_collections.ConfigDict(c.to_dict())
+    for key, value in flatten(overrides).items():
+        *path, leaf = key.split(".")
+        if path[:1] == ["recipe"] or key == "recipe":
+            _fail(f"override {key!r}: a phase's overrides cannot change the recipe itself.")
+        node = out
+        for i, p in enumerate(path):
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                where = ".".join(path[:i]) or "the config"
+                _fail(f"override {key!r}: {p!r} is not a section of {where}; valid: {sorted(node.keys())}.")
+            node = node[p]
+        if leaf not in node:
+            _fail(f"override {key!r}: unknown field {leaf!r}; valid: {sorted(node.keys())}.")
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            _fail(f"override {key!r} is a section; set its fields ({sorted(node[leaf].keys())}).")
+        node[leaf] = _typed(key, node[leaf], value)
+    return out
 
 
-def seed_phase(recipe: ml_collections.ConfigDict, name: str) -> str:
-    """The seed of merge phase `name` (surgery.seed_expert): the one phase that all its parents (the
-    branches) start from."""
-    seeds = sorted({g for p in parents(recipe[name]) for g in parents(recipe[p])})
-    if len(seeds) != 1:
-        _fail(
-            f"recipe.{name}: surgery.seed_expert needs its parents {parents(recipe[name])} to start "
-            f"from one seed phase, but they start from {seeds or 'scratch'}; set "
-            "surgery.seed_expert=False."
-        )
-    if recipe[seeds[0]].fan_out:
-        _fail(
-            f"recipe.{name}: the seed phase {seeds[0]!r} is a fan-out phase; the seed expert must be one "
-            "dense checkpoint."
-        )
-    return seeds[0]
+def parse_value(c: ml_collections.ConfigDict, key: str, text):
+    """The value that command-line text `text` means for field `key` of `c` (its own type): for
+    string-valued sweeps and flags. Booleans: true/false/1/0/yes/no; tuples as Python literals."""
+    node = c
+    for p in key.split(".")[:-1]:
+        node = node[p] if p in node else _fail(f"{key!r}: {p!r} is not a config section.")
+    leaf = key.split(".")[-1]
+    if leaf not in node:
+        _fail(f"{key!r}: unknown field {leaf!r}; valid: {sorted(node.keys())}.")
+    old = node[leaf]
+    if not isinstance(text, str):  # already a value (sweep files write typed values)
+        return _typed(key, old, text)
+    t = text.strip()
+    try:
+        if isinstance(old, bool):
+            if t.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(t)
+            return t.lower() in ("1", "true", "yes")
+        if isinstance(old, int | float):
+            return type(old)(ast.literal_eval(t)) if isinstance(old, float) else int(t)
+        if isinstance(old, tuple | list):
+            return type(old)(ast.literal_eval(t))
+    except (ValueError, SyntaxError):
+        _fail(f"{key}={text!r}: not a {type(old).__name__} (the field holds {old!r}).")
+    return t
+
+
+def phase_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The config phase `name` runs with: `recipe.<name>.overrides` applied."""
+    return apply_overrides(c, c.recipe[name].overrides)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load(spec: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> ml_collections.ConfigDict:
+    """The ConfigDict of config file `spec` = "path/to/file.py[:arg]", as `--config=` would load it.
+
+    `relative_to`: resolve a relative path against this file's folder (a config building on a sibling:
+    `config.load("tiny.py:test", relative_to=__file__)`) instead of the working directory."""
+    path, _, arg = str(spec).partition(":")
+    if relative_to is not None and not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    if not os.path.isfile(path):
+        _fail(f"config file {path!r} does not exist; pass a path to a .py file with get_config(arg).")
+    name = "voltron_config_" + os.path.splitext(os.path.basename(path))[0]
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        _fail(f"config file {path!r} has no get_config(arg) function.")
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def _complete(stored: dict, defaults: ml_collections.ConfigDict) -> None:
+    for key, value in defaults.items():
+        if key not in stored:
+            stored[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(stored[key], dict):
+            if key not in FREE_FORM:
+                _complete(stored[key], value)
+
+
+def _legacy_overrides(text: str, c: ml_collections.ConfigDict) -> dict:
+    """Overrides stored as "a.b=v,c.d=v" by checkpoints written before overrides became data."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    return nest({k.strip(): parse_value(c, k.strip(), v) for k, _, v in pairs})
+
+
+def complete(stored: Mapping) -> ml_collections.ConfigDict:
+    """A run's resolved config from its stored dict (config.json, checkpoint metadata): fields that a newer
+    voltron_jax added take their defaults; phase overrides stored as strings by older versions become
+    data."""
+    stored = ml_collections.ConfigDict(dict(stored)).to_dict()
+    _complete(stored, get_default())
+    c = ml_collections.ConfigDict(stored)
+    for name in c.recipe:
+        ph = c.recipe[name]
+        if isinstance(ph.get("overrides"), str):
+            with ph.unlocked():
+                del ph["overrides"]
+                ph.overrides = _legacy_overrides(stored["recipe"][name]["overrides"], c)
+    return c
 
 
 def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_collections.ConfigDict:
@@ -425,8 +490,6 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
             _fail(f"mesh.tensor={heads_shards} must divide model.n_heads, model.n_kv_heads and model.d_ff.")
 
     # Technique modules add their own checks (registered by slot in voltron_jax/registry.py).
-    from voltron_jax import registry  # local: configs stay importable without the package
-
     registry.validate_slots(c)
     return c
 
@@ -434,7 +497,7 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
 def _validate_recipe(c):
     recipe, sched = c.recipe, c.schedule
     if not len(recipe):
-        _fail("recipe is empty; add at least one phase (see configs/common.py:phase).")
+        _fail("recipe is empty; add at least one phase (see voltron_jax.config.phase).")
     order = phase_order(recipe)
     decay_phases = []
     for name in order:
@@ -456,7 +519,7 @@ def _validate_recipe(c):
             _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
         if ph.stage == "decay":
             decay_phases.append(name)
-        pc = apply_overrides(c, ph.overrides) if ph.overrides else c
+        pc = apply_overrides(c, ph.overrides)
         if ph.init.surgery and parents(ph):
             _validate_surgery(c, name, pc)
     if sched.name == "wsd":

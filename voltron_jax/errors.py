@@ -1,0 +1,8 @@
+"""The project's user-facing error types: each message names the problem and the fix.
+
+A bottom module (no project imports), so every layer can raise them without an import circle.
+"""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the problem and the fix."""
