@@ -72,6 +72,14 @@ def test_load_picks_the_last_phase_and_restores_exact_params(run):
     assert jax.tree.leaves(lm.params)[0].devices() == {jax.local_devices()[0]}  # one device, any host
 
 
+def test_load_takes_a_relative_path(run, monkeypatch):
+    root, c, first, last = run
+    monkeypatch.chdir(root.parent)
+    lm = voltron_jax.load(root.name)  # as a notebook beside its runs would: load("demo")
+    assert lm.step == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(lm.params), last)
+
+
 def test_generate_and_score_through_the_handle(run):
     root, c, _, _ = run
     lm = voltron_jax.load(str(root))

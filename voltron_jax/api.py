@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +60,8 @@ def _phase_candidates(workdir: epath.Path) -> list[epath.Path]:
 
 def find_checkpoint(path: str | epath.Path, step: int | None = None) -> tuple[epath.Path, int]:
     """(ckpt folder, step) for a run folder, phase folder, ckpt folder or step folder."""
-    p = epath.Path(path)
+    # Orbax reads no metadata through a relative path (load('runs/demo') found the step, then no tree)
+    p = epath.Path(path if "://" in str(path) else os.path.abspath(path))
     if not p.exists():
         raise LoadError(
             f"{path} does not exist; pass a run folder (--workdir of voltron_jax.main), a phase "
