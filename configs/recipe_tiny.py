@@ -4,7 +4,7 @@ Run:  python -m voltron_jax.main --config=configs/recipe_tiny.py --workdir=runs/
       (`make demo` runs exactly this.)
 
 Model: BitNet b1.58 linears + Infini-attention + DenseFormer + Mixture-of-Depths, byte-level, d=128.
-Recipe (DESIGN.md), all on the embedded standard-library corpus:
+Recipe (docs/design.md), all on the embedded standard-library corpus:
   prepare  embed -> c-BTM balanced k-means (8 clusters) -> ICP order (voltron_jax/data/prepare.py)
   stable   WSD warmup + stable lr on the ICP-ordered corpus                      00_stable/
   branch   8 copies of the stable checkpoint, each trained on its cluster       01_branch/cluster_{0..7}/

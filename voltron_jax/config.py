@@ -98,7 +98,7 @@ def get_default() -> ml_collections.ConfigDict:
     m.scale_depth = 0.0  # > 0: residual branches scaled by scale_depth / sqrt(n_layers)
     m.dim_model_base = 0  # > 0: logits divided by d_model / dim_model_base; init and lr width-scaled
     m.init_std = 0.02  # 2-D weights ~ N(0, (init_std / sqrt(width factor))^2)
-    # Technique slots (DESIGN.md). Each slot's hyperparameters live in the sub-dict named after its choice.
+    # Technique slots (docs/design.md); each slot's hyperparameters live in the sub-dict named after it.
     for slot, choices in SLOTS.items():
         m[slot] = choices[0]
     # BitNet (models/bitlinear.py): weights ternary | binary; norm inside each BitLinear rms | layer | none;

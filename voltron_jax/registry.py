@@ -1,4 +1,4 @@
-"""Slot tables: config choice name -> module class, one plain dict per slot (DESIGN.md).
+"""Slot tables: config choice name -> module class, one plain dict per slot (docs/design.md).
 
 Technique modules are imported lazily so `import voltron_jax.registry` has no side effects and no heavy
 imports. Each entry is "module:attribute". A slot class may define

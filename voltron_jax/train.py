@@ -65,7 +65,7 @@ class Phase:
 
 
 def phases(config, workdir: epath.Path) -> list[Phase]:
-    """Every runnable phase in dependency order, with its folder (DESIGN.md layout)."""
+    """Every runnable phase in dependency order, with its folder (docs/design.md layout)."""
     out = []
     for i, name in enumerate(recipe_lib.phase_order(config.recipe)):
         ph = config.recipe[name]

@@ -12,7 +12,7 @@ Stages (each shared with the Apache Beam version in voltron_jax/data/beam_pipeli
      filter (`order_cluster`, voltron_jax/data/icp.py);
   5. write <workdir>/data/ (below) and register the seqio tasks (`register_tasks`).
 
-Layout of <workdir>/data/ (DESIGN.md):
+Layout of <workdir>/data/ (docs/design.md):
     prepare.json                         fingerprint, settings and stats; written last (completion mark)
     embedder.joblib, centroids.npz       the fitted clusterer (cbtm.ClusterModel.load(<workdir>/data))
     train/cluster-0000j-of-0000k.jsonl   kept train docs of cluster j in ICP order: {"index","id","text"}

@@ -2,7 +2,7 @@
 
 Papers: "BitNet: Scaling 1-bit Transformers for Large Language Models" (arXiv 2310.11453); "The Era of
 1-bit LLMs: All Large Language Models are in 1.58 Bits" (arXiv 2402.17764) and Microsoft's "Training
-Tips, Code and FAQ" for it. Spec: ../shared/research/techniques-a.md section 1.
+Tips, Code and FAQ" for it. Spec: docs/specs/techniques-a.md section 1.
 
 Implemented (linear slot 'bitlinear'; same call and param name 'kernel' [in, out] as layers.Dense):
   y = Q_w(W) . Q_x(norm(x)) with

@@ -1,4 +1,4 @@
-"""The decoder backbone: embed -> L blocks -> final norm -> LM head, composed from the five slots.
+"""The decoder backbone: embed -> L blocks -> final norm -> LM head, composed from the slots.
 
 `build_model(model_cfg)` is the only place that reads the model config: it looks the slot choices up in
 voltron_jax/registry.py and hands each module just the hyperparameters it uses.

@@ -1,7 +1,7 @@
 """Infini-attention: segment-local causal attention plus a compressive memory per layer.
 
 Paper: "Leave No Context Behind: Efficient Infinite Context Transformers with Infini-attention",
-Munkhdalai, Faruqui, Gopal, arXiv 2404.07143 (spec: shared/research/techniques-a.md section 2).
+Munkhdalai, Faruqui, Gopal, arXiv 2404.07143 (spec: docs/specs/techniques-a.md section 2).
 
 What is implemented (memory slot 'infini', the same core signature as attention.CausalCore):
   - the row is split into S segments of N tokens; inside a segment, causal dot-product attention with

@@ -1,7 +1,7 @@
 """Mixture-of-Depths: "Mixture-of-Depths: Dynamically allocating compute in transformer-based language
 models" (Raposo et al., arXiv 2404.02258). Routing slot 'mod'.
 
-What is implemented (spec: shared/research/techniques-a.md section 4):
+What is implemented (spec: docs/specs/techniques-a.md section 4):
   - Expert-choice routing on every `mod.every`-th block (layers i with i % every == every - 1, so the
     first block always sees every token): a linear fp32 router r = w^T x scores each token; per sequence
     the top k = int(c * T) tokens are selected (exact capacity, static shapes), their indices sorted to
