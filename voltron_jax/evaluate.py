@@ -17,12 +17,14 @@ import sys
 from absl import app, flags, logging
 from etils import epath
 
+from voltron_jax.errors import VoltronError
+
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
 _BATCHES = flags.DEFINE_integer("batches", 32, "Validation batches (of data.batch_size x seq_len).")
 _JSON = flags.DEFINE_string("json", "", "Append one JSON line per run to this file.")
 
 
-class EvalError(ValueError):
+class EvalError(VoltronError, ValueError):
     pass
 
 
