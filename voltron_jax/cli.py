@@ -57,6 +57,8 @@ def quiet_logging(verbose: bool = False) -> None:
         absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    # Beam logs a failing step's traceback at ERROR, then re-raises it: the one line below says it.
+    logging.getLogger("apache_beam.runners").setLevel(level if verbose else logging.CRITICAL)
 
 
 @contextlib.contextmanager
@@ -78,14 +80,19 @@ def silenced_stderr():
 def preload(modules: Sequence[str]) -> None:
     """Import `modules` (e.g. tensorflow, which seqio imports later) with their start-up noise dropped.
     An import that fails here is retried where the code needs it, so its error is shown there."""
+    root = logging.getLogger()
     for name in modules:
         if name in sys.modules:
             continue
+        level = root.level
+        root.setLevel(logging.ERROR)  # apache_beam warns on the root logger at import (apitools)
         with silenced_stderr():
             try:
                 __import__(name)
             except Exception:  # noqa: BLE001 - shown again, loud, at the real import
                 pass
+            finally:
+                root.setLevel(level)
 
 
 # ============================================================================ config from argv
@@ -211,6 +218,9 @@ def run(
         status = main(argv)
     except SystemExit:
         raise
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -231,7 +241,7 @@ def _parse_absl(argv: list[str], doc: str) -> list[str]:
         # has none), so print the caller's doc and the flags of the module that defined them.
         own = [m for m in flags.FLAGS.flags_by_module_dict() if not m.startswith("absl")]
         text = "\n".join(flags.FLAGS.module_help(m) for m in own)
-        print((doc.strip() + "\n\n" if doc else "") + "flags:\n" + text + _COMMON_HELP)
+        print((doc.strip() + "\n\n" if doc else "") + "flags:\n" + text + COMMON_HELP)
         sys.exit(0)
     argv, overrides = split_overrides(argv)
     STATE["overrides"] = overrides
@@ -241,7 +251,7 @@ def _parse_absl(argv: list[str], doc: str) -> list[str]:
         raise UsageError(f"{one_line(e)} (see --help)") from e
 
 
-_COMMON_HELP = """
+COMMON_HELP = """
   --config.<section>.<field>=value: override one config field (e.g. --config.optim.lr=1e-3)
   --debug: full tracebacks and every log line; --verbose: INFO logs of the libraries too"""
 

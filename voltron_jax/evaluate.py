@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from etils import epath
 
 from voltron_jax.errors import VoltronError
@@ -54,15 +54,11 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
 
 
 def main(argv) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    del argv  # logging is at WARNING (Orbax logs every restore at INFO) unless --verbose: voltron_jax.cli
     if not _WORKDIRS.value:
         sys.exit("usage: python -m voltron_jax.evaluate --workdir=runs/a [--workdir=...] [--batches=32]")
     for w in _WORKDIRS.value:
-        try:
-            r = evaluate_run(w, _BATCHES.value)
-        except (EvalError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
+        r = evaluate_run(w, _BATCHES.value)  # EvalError etc.: one line from voltron_jax.cli
         print(
             f"{w}: {r['phase']} step {r['step']}  val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  "
             f"({r['tokens']:,} tokens)",
@@ -74,4 +70,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from voltron_jax import cli
+
+    cli.run(main, doc=__doc__, preload_modules=("tensorflow",))
