@@ -79,7 +79,10 @@ def silenced_stderr():
 
 def preload(modules: Sequence[str]) -> None:
     """Import `modules` (e.g. tensorflow, which seqio imports later) with their start-up noise dropped.
-    An import that fails here is retried where the code needs it, so its error is shown there."""
+    An import that fails here is retried where the code needs it, so its error is shown there. With
+    --verbose/--debug nothing is dropped."""
+    if STATE["verbose"]:
+        return
     root = logging.getLogger()
     for name in modules:
         if name in sys.modules:
@@ -212,8 +215,7 @@ def run(
     try:
         if absl_flags:
             argv = _parse_absl(argv, doc)
-        if not (verbose or debug):
-            preload(preload_modules)
+        preload(preload_modules)
         quiet_logging(verbose or debug)
         status = main(argv)
     except SystemExit:

@@ -49,9 +49,12 @@ def main(argv) -> int:
         raise UsageError(f"--config and --workdir are required. {USAGE}")
     # The config (file, overrides, validation) fails before jax starts or anything is written.
     config = cli.config_from_argv(_CONFIG.value, cli.overrides())
+    from voltron_jax import resume
     from voltron_jax.config import validate
 
     validate(config)
+    resume.check(config, resume.workdir_path(_WORKDIR.value))  # train.run checks again (library callers)
+    cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
     import jax
 
     if _CACHE.value:
@@ -66,7 +69,7 @@ def main(argv) -> int:
 
 def entrypoint() -> None:
     """`python -m voltron_jax.main` and the `voltron` console script."""
-    cli.run(main, doc=__doc__, preload_modules=("tensorflow",))
+    cli.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":

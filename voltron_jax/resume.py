@@ -23,6 +23,7 @@ eval, checkpoint cadence), `mesh.*` (checkpoints restore onto another mesh), `ma
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from etils import epath
@@ -46,6 +47,11 @@ DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir"})
 RECIPE_FIELDS = ("mixture", "fan_out", "init.from_", "init.surgery")
 STEP_DIR = re.compile(r"^\d+$")
 MAX_LISTED = 6
+
+
+def workdir_path(workdir: str) -> epath.Path:
+    """The workdir as train.check_workdir names it: absolute local path or bucket URL (not created)."""
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 def guarded(key: str) -> bool:
