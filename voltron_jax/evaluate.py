@@ -57,6 +57,12 @@ def main(argv) -> None:
     del argv  # logging is at WARNING (Orbax logs every restore at INFO) unless --verbose: voltron_jax.cli
     if not _WORKDIRS.value:
         sys.exit("usage: python -m voltron_jax.evaluate --workdir=runs/a [--workdir=...] [--batches=32]")
+    from voltron_jax import cli
+
+    for w in _WORKDIRS.value:  # a wrong folder fails before TensorFlow and jax start
+        if not (epath.Path(w) / "config.json").exists():
+            raise EvalError(f"{w}: no config.json; pass the workdir of a run started by voltron_jax.main.")
+    cli.preload(("tensorflow",))
     for w in _WORKDIRS.value:
         r = evaluate_run(w, _BATCHES.value)  # EvalError etc.: one line from voltron_jax.cli
         print(
@@ -72,4 +78,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from voltron_jax import cli
 
-    cli.run(main, doc=__doc__, preload_modules=("tensorflow",))
+    cli.run(main, doc=__doc__)

@@ -24,7 +24,12 @@ def test_config_mistakes_are_one_line_and_write_nothing(tmp_path):
     one_line_error(
         run("-m", "voltron_jax.main", "--config=nope/missing.py", w), "nope/missing.py", "does not exist"
     )
-    one_line_error(run(*MAIN, w, "--config.max_steps=-5"), "max_steps=-5", ">= 0")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_values_and_flags_are_one_line(tmp_path):
+    w = f"--workdir={tmp_path / 'w'}"
+    one_line_error(run(*MAIN, w, "--config.max_steps=-5"), "max_steps=-5", ">= 0")  # not "no cap"
     one_line_error(run(*MAIN, w, "--config.optim.lr=fast"), "optim.lr='fast'", "float")
     one_line_error(run(*MAIN, w, "--no_such_flag=1"), "no_such_flag", "--help")
     one_line_error(
@@ -47,7 +52,7 @@ def test_surgery_help_and_errors(tmp_path):
     missing = tmp_path / "nothing"
     args = ("-m", "voltron_jax.surgery", "merge", f"--branches={missing}", "--config=configs/tiny.py:test")
     one_line_error(run(*args, f"--out={tmp_path / 'o'}"), str(missing))
-    one_line_error(run(*args, f"--out={tmp_path / 'o'}", "--config.model.n_expert=2"), "n_experts")
+    one_line_error(run(*args, f"--out={tmp_path / 'o'}", "--config.model.moe.n_expert=2"), "'n_experts'")
 
 
 def test_ablate_emit_validates_what_it_prints_and_claims_flag(tmp_path):
@@ -79,8 +84,12 @@ def test_data_tools_on_an_empty_input_name_it(tmp_path):
         f"--workdir={tmp_path / 'w'}",
     )
     one_line_error(run(*args, f"--input={empty}"), str(empty), "empty")
-    one_line_error(run(*args, f"--input={tmp_path / 'none*.jsonl'}"), "matches no file")
     assert not (tmp_path / "w").exists()
+    from voltron_jax.data import beam_pipeline
+    from voltron_jax.data.corpus import DataError
+
+    with pytest.raises(DataError, match="matches no file"):
+        beam_pipeline.check_input(str(tmp_path / "none*.jsonl"))
 
 
 def test_prepare_on_no_documents_is_a_data_error(tmp_path):
