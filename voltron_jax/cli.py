@@ -246,6 +246,8 @@ def _parse_absl(argv: list[str], doc: str) -> list[str]:
         print((doc.strip() + "\n\n" if doc else "") + "flags:\n" + text + COMMON_HELP)
         sys.exit(0)
     argv, overrides = split_overrides(argv)
+    if overrides and "config" not in flags.FLAGS:
+        raise UsageError(f"--config.{overrides[0][0]}: this command takes no --config (see --help).")
     STATE["overrides"] = overrides
     try:
         return flags.FLAGS(argv)
