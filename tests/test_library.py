@@ -82,11 +82,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train -> data.pipeline -> eval.passkey -> train and models.moe <-> models.moe_groups remain on "
-    "main; their removal (branch lib_b, issue 15 items 3-4) has not been merged yet",
-)
 def test_no_import_circle_among_voltron_jax_modules():
     mods = _modules()
     graph = {name: _imports(name, path, set(mods)) for name, path in mods.items()}
