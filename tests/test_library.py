@@ -41,7 +41,10 @@ def _imports(name: str, path: str, known: set[str]) -> set[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            subs = [f"{base}.{a.name}" for a in node.names]
+            # `from pkg import submodule` imports the submodule; pkg/__init__ runs first for any submodule
+            # (not an edge of its own, or every package that imports its submodules would be a circle)
+            targets = subs if all(t in known for t in subs) else [base] + subs
         else:
             continue
         for t in targets:

@@ -89,7 +89,7 @@ class MixtureOfAttention(nn.Module):
         return moe.weighted_sum(r.gates, impl.combine(plan, y, shared=False)).reshape(b, t, d)
 
     @staticmethod
-    def from_config(m, **ctx) -> dict:
+    def from_config(m) -> dict:
         c = m.moa
         return dict(
             n_experts=c.n_experts,
@@ -100,7 +100,7 @@ class MixtureOfAttention(nn.Module):
         )
 
     @staticmethod
-    def flops_per_token(m) -> float:
+    def flops_per_token(m, seq_len: int) -> float:
         """ACTIVE projection FLOPs per token: router, shared K/V, top_k experts' Q and O."""
         k = head_dim(m)
         kv = 2 * 2.0 * m.d_model * m.n_kv_heads * k

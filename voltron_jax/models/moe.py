@@ -162,7 +162,7 @@ class MoE(nn.Module):
         return weighted_sum(r.gates, y).reshape(b, t, d)
 
     @staticmethod
-    def from_config(m, **ctx) -> dict:
+    def from_config(m) -> dict:
         c = m.moe
         return dict(
             n_experts=c.n_experts,
@@ -173,7 +173,7 @@ class MoE(nn.Module):
         )
 
     @staticmethod
-    def flops_per_token(m) -> float:
+    def flops_per_token(m, seq_len: int) -> float:
         """ACTIVE forward FLOPs per token: the router plus top_k experts (3 D x F matmuls each)."""
         return 2.0 * m.d_model * m.moe.n_experts + m.moe.top_k * 3 * 2.0 * m.d_model * m.d_ff
 
