@@ -93,6 +93,7 @@ def test_mixture_passkey_is_the_train_loops_passkey_stream():
 def test_short_fine_tune_through_the_train_loop(tmp_path):
     c = passkey_tiny.get_config("test")
     c.train.log_every = 1
+    c.data.batch_size = 8  # the train loop splits the batch over conftest's 8 CPU devices
     res, info = pk.train_and_evaluate(c, str(tmp_path / "run"), eval_segments=(2,), n_examples=4)
     assert np.isfinite(info["final_loss"]) and len(info["gate"]) == c.model.n_layers * c.model.n_heads
     assert set(res) == {(64, d) for d in pk.DEPTHS}
