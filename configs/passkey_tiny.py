@@ -1,7 +1,8 @@
 """Passkey retrieval at small scale with Infini-attention (issue 4; techniques-a.md 2.3, 2.5, 2.7).
 
 Run:  python -m voltron_jax.eval.passkey --config=configs/passkey_tiny.py --out=runs/passkey
-Fine-tunes (from scratch) a small byte-level model with memory='infini', segment length 64, on passkey
+Fine-tunes (from scratch, through the one train loop: train.run, checkpoints in runs/passkey/infini/ and
+runs/passkey/local_twin/) a small byte-level model with memory='infini', segment length 64, on passkey
 inputs of 4 segments (256 tokens; loss only on the 5 key digits), then its segment-local twin
 (model.infini.rule='none') on the same batches for the same steps, and prints for each the accuracy
 table at 4, 8 and 16 segments x depths start / middle / end. The local twin can only answer when the key
@@ -9,7 +10,8 @@ is in the last segment ('end'); the memory model must carry it across segments. 
 guaranteed at this scale (the published negative result, techniques-a.md 2.5): report what comes out.
 
 Variants: `:test` is a seconds-long smoke run (tests/eval/test_passkey.py).
-The data mixture 'passkey' is voltron_jax.eval.passkey.PasskeyIterator (train-loop iterator protocol).
+The recipe phase's mixture 'passkey' is voltron_jax.data.passkey.PasskeyIterator (the train loop's
+iterator protocol); `python -m voltron_jax.main --config=configs/passkey_tiny.py` trains it alone.
 """
 
 import ml_collections

@@ -1,16 +1,147 @@
-"""Slot tables: config choice name -> module class, one plain dict per slot (docs/design.md).
+"""Slot tables (config choice name -> module class, one plain dict per slot) and the interface of each
+slot, one `typing.Protocol` per slot (docs/design.md, "The model: one backbone, six slots").
 
 Technique modules are imported lazily so `import voltron_jax.registry` has no side effects and no heavy
-imports. Each entry is "module:attribute". A slot class may define
+imports. Each entry is "module:attribute". Every registered class implements its slot's protocol in
+full (tests/test_registry.py inspects the signatures); the hooks every slot class has are `SlotHooks`:
 
-  - `from_config(model_cfg, **ctx) -> dict`   the module fields it takes from the config (<= ~8),
-  - `flops_per_token(model_cfg, seq_len) -> float`   forward FLOPs per token of one layer's slot,
-  - `validate(config)`   extra checks, raising voltron_jax.errors.ConfigError.
+  - `from_config(m) -> dict`   the module fields it takes from the model config `m` (<= ~8; {} if none),
+  - `flops_per_token(m, seq_len) -> float`   analytic forward FLOPs per token (what each slot counts is
+    in its protocol; decoder.flops_per_token sums them),
+  - `validate(config) -> None`   extra checks of the whole config, raising voltron_jax.errors.ConfigError.
+
+Module slots (linear, attention, memory, ffn, residual) are Flax modules: the protocol's annotated
+fields are the ones decoder.build_model passes (the rest come from `from_config`), and `__call__` is
+the signature their caller uses. Routing is a plain class: it wraps the block factory per layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any, Protocol
+
+# --------------------------------------------------------------------------------------------- protocols
+
+
+class SlotHooks(Protocol):
+    """Static hooks of every slot class."""
+
+    @staticmethod
+    def from_config(m) -> dict:
+        """Module fields (or wrapper arguments) taken from the model config `m`."""
+        ...
+
+    @staticmethod
+    def flops_per_token(m, seq_len: int) -> float:
+        """Analytic forward FLOPs per token (see the slot's protocol for what is counted)."""
+        ...
+
+    @staticmethod
+    def validate(config) -> None:
+        """Raise ConfigError for a config this class cannot run; return None otherwise."""
+        ...
+
+
+class LinearSlot(SlotHooks, Protocol):
+    """Every projection: `linear(features, kernel_axes, name=...)` maps x [..., in] -> [..., features],
+    2-D kernel [in, features] with logical axes `kernel_axes`. flops_per_token: FLOPs one layer's linear
+    maps add beyond the 2 * in * out of each matmul, which the attention and ffn slots count (0 when the
+    extra work is elementwise). May add `ragged_dot(params, x, group_sizes)` for dropless MoE."""
+
+    features: int
+    kernel_axes: tuple
+    init_std: float
+    dtype: Any
+
+    def __call__(self, x): ...
+
+
+class AttentionSlot(SlotHooks, Protocol):
+    """Token mixing: projections from `linear`, the attention itself from `core` (the memory slot).
+    flops_per_token: one layer's projections (and routers), not the core's. core_head_factor(m): query
+    heads the core sees per model head (decoder multiplies the memory slot's FLOPs by it)."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    core: Any
+    linear: Any
+
+    def __call__(self, x, positions, segment_ids=None, valid=None): ...
+
+    @staticmethod
+    def core_head_factor(m) -> int: ...
+
+
+class MemorySlot(SlotHooks, Protocol):
+    """The attention core: RoPE and attention of q [B,T,H,K] over k, v [B,T,G,K] -> [B,T,H,K].
+    flops_per_token: one layer's QK^T and AV (and memory) FLOPs per query head set at length seq_len.
+    segment_len_of(m): tokens per memory segment, 0 when the core attends over the whole row; a core
+    with segments has a `segment_len` field that routing may override (MoD's per-segment top-k)."""
+
+    rope_theta: float
+    impl: str
+    decode: bool
+    dtype: Any
+
+    def __call__(self, q, k, v, positions, segment_ids=None, valid=None): ...
+
+    @staticmethod
+    def segment_len_of(m) -> int: ...
+
+
+class FFNSlot(SlotHooks, Protocol):
+    """Channel mixing x [B,T,D] -> [B,T,D], projections from `linear`. flops_per_token: one layer's
+    active FLOPs per token (routers included)."""
+
+    d_ff: int
+    linear: Any
+
+    def __call__(self, x): ...
+
+
+class ResidualSlot(SlotHooks, Protocol):
+    """Runs all `layers` (callables name=... -> layer module) over x [B,T,D] as super-blocks of `period`
+    layers, scanned or unrolled, rematerialised per `remat`. period_of(m): the layer count its own
+    pattern repeats over (the super-block size is the lcm with the routing period). flops_per_token:
+    the whole model's extra FLOPs per token of the residual scheme."""
+
+    layers: tuple
+    period: int
+    scan: bool
+    remat: str
+
+    def __call__(self, x, positions, segment_ids=None, valid=None): ...
+
+    @staticmethod
+    def period_of(m) -> int: ...
+
+
+BlockFactory = Callable[..., Callable[..., Any]]
+"""decoder.build_model's `make_block(**core_overrides)`: the block constructor (callable(name=...) ->
+Block) with the memory core's fields overridden, e.g. make_block(segment_len=k)."""
+
+
+class RoutingSlot(SlotHooks, Protocol):
+    """Which tokens each layer computes. wrap(make_block, index, m, decode): layer `index` as
+    callable(name=...) -> module with the Block's call signature, built from the block factory
+    (`BlockFactory`) only. period_of(m): layers per routing pattern. layer_fraction(m, index): share of
+    tokens layer `index` computes. flops_per_token: the whole model's router FLOPs per token."""
+
+    @staticmethod
+    def wrap(make_block: BlockFactory, index: int, m, decode: bool = False) -> Callable[..., Any]: ...
+
+    @staticmethod
+    def period_of(m) -> int: ...
+
+    @staticmethod
+    def layer_fraction(m, index: int) -> float: ...
+
+
+# --------------------------------------------------------------------------------------------- tables
 
 LINEAR = {
     "dense": "voltron_jax.models.layers:Dense",
@@ -35,6 +166,14 @@ RESIDUAL = {
 ROUTING = {
     "none": "voltron_jax.models.decoder:NoRouting",
     "mod": "voltron_jax.models.mod:MoDRouting",
+}
+PROTOCOLS = {
+    "linear": LinearSlot,
+    "attention": AttentionSlot,
+    "memory": MemorySlot,
+    "ffn": FFNSlot,
+    "residual": ResidualSlot,
+    "routing": RoutingSlot,
 }
 TABLES = {
     "linear": LINEAR,
@@ -66,8 +205,59 @@ def selected(model_cfg) -> dict:
 
 
 def validate_slots(config) -> None:
-    """Run each selected slot's own `validate(config)`, if it has one."""
+    """Run each selected slot's own `validate(config)`."""
     for cls in selected(config.model).values():
-        check = getattr(cls, "validate", None)
-        if check is not None:
-            check(config)
+        cls.validate(config)
+
+
+def _members(protocol) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(fields, methods) a protocol declares, its bases' included."""
+    fields, methods = {}, {}
+    for base in reversed(protocol.__mro__):
+        if base in (object, Protocol) or not getattr(base, "_is_protocol", False):
+            continue
+        fields.update({k: v for k, v in vars(base).get("__annotations__", {}).items()})
+        methods.update(
+            {
+                k: v
+                for k, v in vars(base).items()
+                if isinstance(v, staticmethod) or (inspect.isfunction(v) and k == "__call__")
+            }
+        )
+    return fields, methods
+
+
+def _func(member):
+    return member.__func__ if isinstance(member, staticmethod | classmethod) else member
+
+
+def _params(member) -> list[tuple[str, Any, bool]]:
+    sig = inspect.signature(_func(member))
+    return [(p.name, p.kind, p.default is not p.empty) for p in sig.parameters.values()]
+
+
+def conformance_errors(slot: str, cls) -> list[str]:
+    """What `cls` lacks to implement slot `slot`'s protocol: each declared field (a dataclass field or
+    class attribute) and each method with the same parameters (names, kinds, which have defaults; more
+    parameters are allowed only with defaults), static where the protocol's is. Empty when it conforms."""
+    fields, methods = _members(PROTOCOLS[slot])
+    errors = []
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for name in fields:
+        if name not in names and not hasattr(cls, name):
+            errors.append(f"{cls.__name__} has no field {name!r}")
+    for name, want in methods.items():
+        got = inspect.getattr_static(cls, name, None)
+        if got is None:
+            errors.append(f"{cls.__name__}.{name} is missing")
+            continue
+        if isinstance(want, staticmethod) and not isinstance(got, staticmethod):
+            errors.append(f"{cls.__name__}.{name} must be a staticmethod")
+            continue
+        w, g = _params(want), _params(got)
+        if g[: len(w)] != w or any(not has_default for _, _, has_default in g[len(w) :]):
+            errors.append(
+                f"{cls.__name__}.{name}{inspect.signature(_func(got))} does not match the protocol's "
+                f"{name}{inspect.signature(_func(want))}"
+            )
+    return errors

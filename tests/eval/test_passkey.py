@@ -78,9 +78,23 @@ def test_configs_validate():
         assert c.data.seq_len % c.model.infini.segment_len == 0 and c.model.memory == "infini"
 
 
-@pytest.mark.slow
-def test_short_fine_tune_through_the_library():
+def test_mixture_passkey_is_the_train_loops_passkey_stream():
+    """A recipe phase with mixture='passkey' trains on the data-side iterator (no private loop)."""
+    from voltron_jax.data import passkey as data_pk
+    from voltron_jax.data import pipeline
+
     c = passkey_tiny.get_config("test")
-    res, info = pk.train_and_evaluate(c, eval_segments=(2,), n_examples=4, log_every=1)
+    it = pipeline.make_train_iterator(c, c.recipe.passkey.mixture, seed=3)
+    assert isinstance(it, data_pk.PasskeyIterator) and pk.PasskeyIterator is data_pk.PasskeyIterator
+    np.testing.assert_array_equal(next(it)["inputs"], next(data_pk.PasskeyIterator(4, 64, seed=3))["inputs"])
+
+
+@pytest.mark.slow
+def test_short_fine_tune_through_the_train_loop(tmp_path):
+    c = passkey_tiny.get_config("test")
+    c.train.log_every = 1
+    c.data.batch_size = 8  # the train loop splits the batch over conftest's 8 CPU devices
+    res, info = pk.train_and_evaluate(c, str(tmp_path / "run"), eval_segments=(2,), n_examples=4)
     assert np.isfinite(info["final_loss"]) and len(info["gate"]) == c.model.n_layers * c.model.n_heads
     assert set(res) == {(64, d) for d in pk.DEPTHS}
+    assert (tmp_path / "run" / "00_passkey" / "ckpt" / "3").is_dir()  # the one loop's checkpoint

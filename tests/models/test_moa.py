@@ -137,9 +137,9 @@ def test_flops_per_token_counts_active_experts():
         + 4 * m.d_model * m.n_kv_heads * k
         + m.moa.top_k * 4 * m.d_model * m.n_heads * k
     )
-    assert moa.MixtureOfAttention.flops_per_token(m) == want
+    assert moa.MixtureOfAttention.flops_per_token(m, 64) == want
     # the core attends with top_k * n_heads query heads: the model count includes it
     dense = tiny.get_config("test").model
     core = CausalCore.flops_per_token(m, 64)
-    extra = want - Attention.flops_per_token(dense) + (m.moa.top_k - 1) * core
+    extra = want - Attention.flops_per_token(dense, 64) + (m.moa.top_k - 1) * core
     assert decoder.flops_per_token(m, 64) - decoder.flops_per_token(dense, 64) == m.n_layers * extra

@@ -28,10 +28,15 @@ def _cfg(**model):
     return c
 
 
-def _block(c=None):
-    """The plain Block factory that build_model makes for config c."""
+def _factory(c=None):
+    """The block factory (make_block(**core_overrides)) that build_model hands the routing slot."""
     routed = decoder.build_model((c or _cfg()).model).stack.keywords["layers"][1]
-    return routed.keywords["block"]
+    return routed.keywords["make_block"]
+
+
+def _block(c=None):
+    """The plain Block constructor (callable(name=...)) that build_model makes for config c."""
+    return _factory(c)()
 
 
 def _inputs(seed=3):
@@ -45,7 +50,7 @@ class UnitWeight(mod.MoDRouting):
 
 
 def _layer(cls=mod.MoDRouting, **kw):
-    layer = cls(block=_block(), **kw)
+    layer = cls(make_block=_factory(), **kw)
     x, pos = _inputs()
     return layer, nn.unbox(layer.init(jax.random.key(0), x, pos))
 
@@ -77,7 +82,7 @@ def test_capacity_one_with_unit_weight_equals_dense_block(dispatch):
 
 def test_skips_are_bit_identical_and_exactly_k_change_and_dispatches_agree():
     layer, v = _layer(capacity=0.25)
-    onehot = mod.MoDRouting(block=_block(), capacity=0.25, dispatch="onehot")
+    onehot = mod.MoDRouting(make_block=_factory(), capacity=0.25, dispatch="onehot")
     x, pos = _inputs()
     out = layer.apply(v, x, pos)
     changed = np.any(np.asarray(out) != np.asarray(x), axis=-1)  # [B,T]
@@ -173,7 +178,7 @@ def test_per_segment_topk_with_infini_writes_only_routed_tokens():
     np.testing.assert_array_equal(changed.sum(-1), 2)  # k = int(0.25 * 8) in every segment
     logits = x @ v["params"]["router"]
     _, sel = mod.select_topk(logits, 2, 8)
-    full = make.keywords["block"]().apply({"params": v["params"]["block"]}, x, pos, None, sel > 0)
+    full = make.keywords["make_block"]()().apply({"params": v["params"]["block"]}, x, pos, None, sel > 0)
     ref = jnp.where(sel[..., None] > 0, x + jax.nn.sigmoid(logits)[..., None] * (full - x), x)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     x2 = x.at[:, 8:].add(1.0)
@@ -183,12 +188,12 @@ def test_per_segment_topk_with_infini_writes_only_routed_tokens():
 def test_flops_reflect_capacity():
     c, cd = _cfg(), _cfg(routing="none")
     m, seq = c.model, 64
-    attn = decoder.registry.get("attention", "mha").flops_per_token(m)
+    attn = decoder.registry.get("attention", "mha").flops_per_token(m, seq)
     core = decoder.registry.get("memory", "none").flops_per_token(m, seq)
-    ffn = decoder.registry.get("ffn", "mlp").flops_per_token(m)
+    ffn = decoder.registry.get("ffn", "mlp").flops_per_token(m, seq)
     cap = m.mod.capacity
     routed = cap * (attn + cap * core + ffn)  # linear layers on c of the tokens, attention on c^2
-    extra = mod.MoDRouting.extra_flops_per_token(m)
+    extra = mod.MoDRouting.flops_per_token(m, seq)
     assert extra == 2.0 * D + 2.0 * D * 64 + 2.0 * 64
     expect = decoder.flops_per_token(cd.model, seq) - (attn + core + ffn) + routed + extra
     assert decoder.flops_per_token(m, seq) == pytest.approx(expect)

@@ -207,4 +207,4 @@ def test_flops_per_token_counts_active_experts():
     m = tiny.get_config("test").model
     m.ffn = "moe"
     want = 2 * m.d_model * m.moe.n_experts + m.moe.top_k * 6 * m.d_model * m.d_ff
-    assert moe.MoE.flops_per_token(m) == want
+    assert moe.MoE.flops_per_token(m, 64) == want

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import seqio
 
-from voltron_jax.data import corpus, packing, streaming, tasks
+from voltron_jax.data import corpus, packing, passkey, streaming, tasks
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.data.corpus import DataError
 
@@ -305,11 +305,9 @@ def make_train_iterator(
     Yields dict(inputs, targets, positions, segment_ids: int32[B_local, T], weights: float32[B_local, T]),
     B_local = data.batch_size / process_count. Rows are shuffled per epoch by (data.shuffle_seed, seed).
     `cluster=i` trains on the c-BTM cluster task 'cluster_<i>' instead of the mixture. Mixture 'passkey'
-    is the synthetic passkey-retrieval fine-tuning data (voltron_jax/eval/passkey.py).
+    is the synthetic passkey-retrieval fine-tuning data (voltron_jax/data/passkey.py).
     """
     if mixture == "passkey":
-        from voltron_jax.eval import passkey
-
         return passkey.PasskeyIterator.from_config(config, seed, process_index, process_count)
     return _iterator(config, mixture, "train", seed, True, process_index, process_count, cluster)
 

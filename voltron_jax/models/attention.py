@@ -94,6 +94,21 @@ class CausalCore(nn.Module):
         idx.value = idx.value + jnp.sum(valid, axis=1).astype(jnp.int32)
         return attend(q, ck.value, cv.value, mask=visible[:, None], impl=self.impl)
 
+    # ------------------------------------------------------------------ memory slot (registry.MemorySlot)
+
+    @staticmethod
+    def from_config(m) -> dict:
+        return {}
+
+    @staticmethod
+    def validate(config) -> None:
+        del config
+
+    @staticmethod
+    def segment_len_of(m) -> int:
+        """Attention over the whole row: no segments."""
+        return 0
+
     @staticmethod
     def flops_per_token(m, seq_len: int) -> float:
         """QK^T and AV over a causal window: 2 * 2 * T * H * K per token, halved for causality."""
@@ -124,8 +139,23 @@ class Attention(nn.Module):
         o = self.core(name="core")(q, kk, v, positions, segment_ids, valid)  # [B,T,H,K]
         return self.linear(d, ("heads", "embed"), name="o")(o.reshape(b, t, h * k))  # [B,T,D]
 
+    # ----------------------------------------------------------- attention slot (registry.AttentionSlot)
+
     @staticmethod
-    def flops_per_token(m) -> float:
+    def from_config(m) -> dict:
+        return {}
+
+    @staticmethod
+    def validate(config) -> None:
+        del config
+
+    @staticmethod
+    def core_head_factor(m) -> int:
+        """The core sees the n_heads query heads."""
+        return 1
+
+    @staticmethod
+    def flops_per_token(m, seq_len: int) -> float:
         """Projection FLOPs per token (the core's own FLOPs come from the memory slot)."""
         k = head_dim(m)
         return 2.0 * m.d_model * k * (2 * m.n_heads + 2 * m.n_kv_heads)

@@ -229,7 +229,7 @@ class BitLinear(nn.Module):
         return jnp.clip((step - start) / steps, 0.0, 1.0)
 
     @staticmethod
-    def from_config(m, **ctx) -> dict:
+    def from_config(m) -> dict:
         """Module fields from config.model (and its `bitlinear` sub-dict)."""
         b = m.bitlinear
         return dict(
@@ -242,9 +242,9 @@ class BitLinear(nn.Module):
         )
 
     @staticmethod
-    def flops_per_token(n_in: int, n_out: int) -> float:
-        """Same as Dense: quantisation and the norm are elementwise."""
-        return 2.0 * n_in * n_out
+    def flops_per_token(m, seq_len: int) -> float:
+        """As Dense, nothing beyond the matmuls: quantisation and the norm are elementwise."""
+        return 0.0
 
     @staticmethod
     def validate(config) -> None:

@@ -54,19 +54,34 @@ class Block(nn.Module):
 
 
 class NoRouting:
-    """Routing slot 'none': every layer is the plain block."""
-
-    period = 1
+    """Routing slot 'none' (registry.RoutingSlot): every layer is the plain block."""
 
     @staticmethod
-    def wrap(block, index: int, m, decode: bool = False):
+    def wrap(make_block, index: int, m, decode: bool = False):
         del index, m, decode
-        return block
+        return make_block()
+
+    @staticmethod
+    def period_of(m) -> int:
+        return 1
 
     @staticmethod
     def layer_fraction(m, index: int) -> float:
         """Fraction of tokens layer `index` computes (for FLOPs)."""
         return 1.0
+
+    @staticmethod
+    def from_config(m) -> dict:
+        return {}
+
+    @staticmethod
+    def flops_per_token(m, seq_len: int) -> float:
+        """No router."""
+        return 0.0
+
+    @staticmethod
+    def validate(config) -> None:
+        del config
 
 
 class SuperBlock(nn.Module):
@@ -140,11 +155,23 @@ class PlainResidual(nn.Module):
             remat=self.remat,
         )
 
-    period_of = staticmethod(lambda m: 1)
+    # ------------------------------------------------------------- residual slot (registry.ResidualSlot)
+
+    @staticmethod
+    def period_of(m) -> int:
+        return 1
+
+    @staticmethod
+    def from_config(m) -> dict:
+        return {}
 
     @staticmethod
     def flops_per_token(m, seq_len: int) -> float:
         return 0.0
+
+    @staticmethod
+    def validate(config) -> None:
+        del config
 
 
 class Decoder(nn.Module):
@@ -193,14 +220,24 @@ def width_factor(m) -> float:
     return m.d_model / m.dim_model_base if m.dim_model_base > 0 else 1.0
 
 
-def slot_kwargs(cls, m, **ctx) -> dict:
-    """Hyperparameters a slot class takes from the config (its `from_config`), or none."""
-    fn = getattr(cls, "from_config", None)
-    return fn(m, **ctx) if fn is not None else {}
+def slot_kwargs(cls, m) -> dict:
+    """Hyperparameters a slot class takes from the config (its `from_config`)."""
+    return cls.from_config(m)
 
 
-def build_model(m, decode: bool = False) -> Decoder:
-    """The Decoder for model config `m` (voltron_jax/config.py), slots resolved through the registry."""
+def make_block(*, attention, core, ffn, block_fields: dict, **core_overrides):
+    """The Block constructor (callable(name=...) -> Block) with the memory core's fields overridden by
+    `core_overrides` (e.g. segment_len=k). build_model hands routing this as a factory with everything
+    but the overrides bound (registry.BlockFactory), so routing never looks inside the partials."""
+    c = functools.partial(core, **core_overrides) if core_overrides else core
+    return functools.partial(Block, attention=functools.partial(attention, core=c), ffn=ffn, **block_fields)
+
+
+def build_parts(m, decode: bool = False) -> dict[str, Any]:
+    """The slot constructors for model config `m`, each with its fields bound: 'linear' (features,
+    kernel_axes -> module), 'memory', 'attention', 'ffn' (callable(name=...) -> module), 'make_block'
+    (the block factory routing gets), 'layers' (one callable per layer, routing applied) and 'stack' (the
+    residual slot over all layers)."""
     slots = registry.selected(m)
     dtype = jnp.dtype(m.dtype)
     std = m.init_std / math.sqrt(width_factor(m))
@@ -218,51 +255,68 @@ def build_model(m, decode: bool = False) -> Decoder:
         n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads,
         head_dim=head_dim(m),
-        core=core,
         linear=linear,
         **slot_kwargs(slots["attention"], m),
     )
     ffn = functools.partial(slots["ffn"], d_ff=m.d_ff, linear=linear, **slot_kwargs(slots["ffn"], m))
     rs = m.scale_depth / math.sqrt(m.n_layers) if m.scale_depth > 0 else 1.0
-    block = functools.partial(
-        Block, attention=attention, ffn=ffn, residual_scale=rs, norm_eps=m.norm_eps, dtype=dtype
+    blocks = functools.partial(
+        make_block,
+        attention=attention,
+        core=core,
+        ffn=ffn,
+        block_fields=dict(residual_scale=rs, norm_eps=m.norm_eps, dtype=dtype),
     )
     routing = slots["routing"]
-    layers = tuple(routing.wrap(block, i, m, decode=decode) for i in range(m.n_layers))
+    layers = tuple(routing.wrap(blocks, i, m, decode=decode) for i in range(m.n_layers))
     residual = slots["residual"]
-    period = math.lcm(
-        routing.period if isinstance(routing.period, int) else routing.period(m), residual.period_of(m)
-    )
+    period = math.lcm(routing.period_of(m), residual.period_of(m))
     stack = functools.partial(
         residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat, **slot_kwargs(residual, m)
     )
+    return dict(
+        linear=linear,
+        memory=core,
+        attention=functools.partial(attention, core=core),
+        ffn=ffn,
+        make_block=blocks,
+        layers=layers,
+        stack=stack,
+    )
+
+
+def build_model(m, decode: bool = False) -> Decoder:
+    """The Decoder for model config `m` (voltron_jax/config.py), slots resolved through the registry."""
+    std = m.init_std / math.sqrt(width_factor(m))
     return Decoder(
         vocab_size=m.vocab_size,
         d_model=m.d_model,
-        stack=stack,
+        stack=build_parts(m, decode)["stack"],
         scale_emb=m.scale_emb,
         logit_div=width_factor(m),
         tie_embeddings=m.tie_embeddings,
         init_std=m.init_std,
         head_init_std=std,
         norm_eps=m.norm_eps,
-        dtype=dtype,
+        dtype=jnp.dtype(m.dtype),
     )
 
 
 def flops_per_token(m, seq_len: int) -> float:
     """Analytic forward FLOPs per token (matmuls + attention; causal attention counted at half).
 
-    Each slot contributes its own count, so MFU and equal-FLOPs comparisons follow the techniques.
-    Training FLOPs are 3x this (forward + backward)."""
-    slots = registry.selected(m)
+    Each slot contributes its own count (registry.py says what each slot's `flops_per_token(m, seq_len)`
+    covers), so MFU and equal-FLOPs comparisons follow the techniques. Training FLOPs are 3x this
+    (forward + backward)."""
+    s = registry.selected(m)
     per_layer = []
-    heads = getattr(slots["attention"], "core_head_factor", lambda m: 1)(m)
+    heads = s["attention"].core_head_factor(m)
+    linear = s["linear"].flops_per_token(m, seq_len)  # beyond the matmuls; 0 for dense and bitlinear
     for i in range(m.n_layers):
-        frac = slots["routing"].layer_fraction(m, i)
-        core = slots["memory"].flops_per_token(m, seq_len) * heads  # MoA: top_k * n_heads query heads
-        attn = slots["attention"].flops_per_token(m) + core * frac
-        per_layer.append(frac * (attn + slots["ffn"].flops_per_token(m)))
+        frac = s["routing"].layer_fraction(m, i)
+        core = s["memory"].flops_per_token(m, seq_len) * heads  # MoA: top_k * n_heads query heads
+        attn = s["attention"].flops_per_token(m, seq_len) + core * frac
+        per_layer.append(frac * (attn + s["ffn"].flops_per_token(m, seq_len) + linear))
     head = 2.0 * m.d_model * m.vocab_size
-    routing_extra = getattr(slots["routing"], "extra_flops_per_token", lambda m: 0.0)(m)
-    return sum(per_layer) + head + slots["residual"].flops_per_token(m, seq_len) + routing_extra
+    residual, routing = s["residual"].flops_per_token(m, seq_len), s["routing"].flops_per_token(m, seq_len)
+    return sum(per_layer) + head + residual + routing

@@ -218,6 +218,7 @@ class DenseFormerResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, valid=None):
+        x = jnp.asarray(x)  # NumPy inputs outside jit (the scan carry and accumulators need jax arrays)
         n, k, p = len(self.layers), self.dilation, self.dwa_period
         alpha = DWAWeights(n, k, p, name="dwa_weights")()
         if not self.scan:
@@ -291,7 +292,7 @@ class DenseFormerResidual(nn.Module):
                 "would exist; lower the period or use model.residual='plain'."
             )
         routing = registry.get("routing", m.routing)
-        rp = routing.period if isinstance(routing.period, int) else routing.period(m)
+        rp = routing.period_of(m)
         size = math.lcm(df.period, rp)
         if m.scan_layers and m.n_layers % size:
             raise ConfigError(

@@ -239,9 +239,8 @@ class InfiniCore(nn.Module):
     # ------------------------------------------------------------------ slot hooks
 
     @staticmethod
-    def from_config(m, **ctx) -> dict:
+    def from_config(m) -> dict:
         """Module fields taken from config.model.infini."""
-        del ctx
         i = m.infini
         return dict(
             segment_len=i.segment_len, rule=i.rule, gate_init=i.gate_init, first_segment=i.first_segment
@@ -264,6 +263,11 @@ class InfiniCore(nn.Module):
                 f"data.seq_len={config.data.seq_len} must be a positive multiple of "
                 f"model.infini.segment_len={n}; change one of them."
             )
+
+    @staticmethod
+    def segment_len_of(m) -> int:
+        """Tokens per segment: local attention and one memory update each."""
+        return m.infini.segment_len
 
     @staticmethod
     def flops_per_token(m, seq_len: int) -> float:

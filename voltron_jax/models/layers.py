@@ -41,9 +41,20 @@ class Dense(nn.Module):
         )
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
+    # ------------------------------------------------------------------ linear slot (registry.LinearSlot)
+
     @staticmethod
-    def flops_per_token(n_in: int, n_out: int) -> float:
-        return 2.0 * n_in * n_out
+    def from_config(m) -> dict:
+        return {}
+
+    @staticmethod
+    def validate(config) -> None:
+        del config
+
+    @staticmethod
+    def flops_per_token(m, seq_len: int) -> float:
+        """Nothing beyond the matmuls (2 * in * out each), which the attention and ffn slots count."""
+        return 0.0
 
 
 class RMSNorm(nn.Module):
@@ -110,7 +121,17 @@ class MLP(nn.Module):
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
         return self.linear(d, ("mlp", "embed"), name="down")(h)  # [B,T,D]
 
+    # ------------------------------------------------------------------ ffn slot (registry.FFNSlot)
+
     @staticmethod
-    def flops_per_token(m) -> float:
+    def from_config(m) -> dict:
+        return {}
+
+    @staticmethod
+    def validate(config) -> None:
+        del config
+
+    @staticmethod
+    def flops_per_token(m, seq_len: int) -> float:
         """Forward FLOPs per token: three D x F matmuls."""
         return 3 * 2.0 * m.d_model * m.d_ff

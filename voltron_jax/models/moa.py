@@ -11,7 +11,7 @@ case); an fp32 router [D,E] picks the top-k experts per token, gates are renorma
 losses `aux_loss/moa_lb` and `aux_loss/moa_z` as in moe.py. The k chosen experts' queries form one call
 of the attention core (the memory slot) with P*H query heads, so RoPE, the KV cache (G shared heads) and
 Infini-attention (one compressive memory per KV head) compose unchanged. Q and O experts are the linear
-slot vmapped over the expert axis and use moe.py's dispatch implementations (capacity, dropless, dense).
+slot vmapped over the expert axis and use the dispatch implementations of dispatch.py (moe.IMPLS).
 
 Head layout (spec 6.2 pitfall): cores group query head j with KV head j // (P*H/G) (interleaved GQA).
 Expert-slot s head h = g*(H/G) + r must meet KV head g, so core heads are ordered [G, P, H/G]:
@@ -30,6 +30,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from voltron_jax.models import moe
 from voltron_jax.models.attention import CausalCore, head_dim
@@ -66,27 +67,29 @@ class MixtureOfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, valid=None):
+        x = jnp.asarray(x)  # NumPy inputs outside jit
         b, t, d = x.shape
         h, g, k, p, e = self.n_heads, self.n_kv_heads, self.head_dim, self.top_k, self.n_experts
+        impl = moe.get_impl(self.impl)
         rows = x.reshape(b * t, d)  # [A,D]
         r = moe.route(self, rows, e, p, self.router_init_std, "moa")
-        plan = moe.make_plan(r.experts.reshape(b, t, p), e, self.impl, self.capacity_factor)
-        q = moe.expert_projection(
-            self, self.linear, e, h * k, ("embed", "heads"), moe.dispatch(plan, rows, True), plan, "q"
+        plan = impl.plan(r.experts.reshape(b, t, p), e, self.capacity_factor)
+        q = impl.project(
+            self, self.linear, e, h * k, ("embed", "heads"), impl.dispatch(plan, rows, True), plan, "q"
         )
-        q = moe.combine(plan, q, shared=True).reshape(b, t, p, h, k)  # [B,T,P,H,K]
+        q = impl.combine(plan, q, shared=True).reshape(b, t, p, h, k)  # [B,T,P,H,K]
         kk = self.linear(g * k, ("embed", "kv_heads"), name="k")(x).reshape(b, t, g, k)  # [B,T,G,K]
         v = self.linear(g * k, ("embed", "kv_heads"), name="v")(x).reshape(b, t, g, k)  # [B,T,G,K]
         q = nn.with_logical_constraint(to_core_heads(q, g), ("act_batch", "act_seq", "act_heads", None))
         o = self.core(name="core")(q, kk, v, positions, segment_ids, valid)  # [B,T,P*H,K]
         o = from_core_heads(o, p, g).reshape(b * t * p, h * k)  # [A*P,H*K]
-        y = moe.expert_projection(
-            self, self.linear, e, d, ("heads", "embed"), moe.dispatch(plan, o, False), plan, "o"
+        y = impl.project(
+            self, self.linear, e, d, ("heads", "embed"), impl.dispatch(plan, o, False), plan, "o"
         )
-        return moe.weighted_sum(r.gates, moe.combine(plan, y, shared=False)).reshape(b, t, d)
+        return moe.weighted_sum(r.gates, impl.combine(plan, y, shared=False)).reshape(b, t, d)
 
     @staticmethod
-    def from_config(m, **ctx) -> dict:
+    def from_config(m) -> dict:
         c = m.moa
         return dict(
             n_experts=c.n_experts,
@@ -97,7 +100,7 @@ class MixtureOfAttention(nn.Module):
         )
 
     @staticmethod
-    def flops_per_token(m) -> float:
+    def flops_per_token(m, seq_len: int) -> float:
         """ACTIVE projection FLOPs per token: router, shared K/V, top_k experts' Q and O."""
         k = head_dim(m)
         kv = 2 * 2.0 * m.d_model * m.n_kv_heads * k

@@ -102,23 +102,6 @@ def bce(logits: jax.Array, targets: jax.Array, valid: jax.Array | None) -> jax.A
     return jnp.sum(loss * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def with_core_segment_len(block, n: int):
-    """The block partial with its attention core's `segment_len` set to n (Infini cores only)."""
-    try:
-        att = block.keywords["attention"]
-        core = att.keywords["core"]
-    except (AttributeError, KeyError) as e:
-        raise ValueError(
-            "MoD per-segment routing needs the block built by decoder.build_model "
-            "(partial(Block, attention=partial(..., core=...)))."
-        ) from e
-    if not isinstance(core, functools.partial) or "segment_len" not in core.keywords:
-        return block
-    core = functools.partial(core.func, *core.args, **{**core.keywords, "segment_len": n})
-    att = functools.partial(att.func, *att.args, **{**att.keywords, "core": core})
-    return functools.partial(block.func, *block.args, **{**block.keywords, "attention": att})
-
-
 class Predictor(nn.Module):
     """Small fp32 MLP: RMS-normalised x [B,T,D] -> routing logit [B,T]."""
 
@@ -141,7 +124,7 @@ class Predictor(nn.Module):
 class MoDRouting(nn.Module):
     """A routed layer: (x [B,T,D], positions, segment_ids, valid) -> x_new [B,T,D]. Also the slot API."""
 
-    block: Any  # callable(name=...) -> the plain Block
+    make_block: Any  # registry.BlockFactory: make_block(**core_overrides) -> callable(name=...) -> Block
     capacity: float = 0.125
     router_weight: str = "sigmoid"
     causal: str = "predictor"
@@ -153,6 +136,7 @@ class MoDRouting(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, valid=None, selection=None):
         """`selection` [B,C] (sorted indices) overrides the top-k (tests fix the routing with it)."""
+        x = jnp.asarray(x)  # NumPy inputs outside jit (the scatter uses jax.Array.at)
         x32 = x.astype(jnp.float32)
         w = param_with_axes(
             self, "router", nn.initializers.normal(x.shape[-1] ** -0.5), (x.shape[-1],), ("router",)
@@ -165,7 +149,7 @@ class MoDRouting(nn.Module):
         if self.route_by == "causal":
             route = decide > 0 if valid is None else (decide > 0) & valid  # [B,T]
             self.sow("intermediates", "mod_routed_frac", jnp.mean(route.astype(jnp.float32)))
-            out = self.block(name="block")(x, positions, segment_ids, route)
+            out = self.make_block()(name="block")(x, positions, segment_ids, route)
             new = x + self.weight(logits)[..., None].astype(x.dtype) * (out - x)
             return jnp.where(route[..., None], new, x)
         n = self.segment_len or x.shape[1]
@@ -179,7 +163,7 @@ class MoDRouting(nn.Module):
         else:
             idx, targets = selection, membership(selection, x.shape[1])
         self.sow_losses(logits, decide, targets, valid)
-        block = with_core_segment_len(self.block, k) if self.segment_len else self.block
+        block = self.make_block(segment_len=k) if self.segment_len else self.make_block()
         return self.routed_update(block(name="block"), x, idx, logits, positions, segment_ids, valid)
 
     def routed_update(self, block, x, idx, logits, positions, segment_ids, valid):
@@ -205,10 +189,11 @@ class MoDRouting(nn.Module):
         recall = jnp.sum(hit * targets * w) / jnp.maximum(jnp.sum(targets * w), 1.0)  # top-k tokens kept
         self.sow("intermediates", "mod_route_recall", recall)
 
-    # ------------------------------------------------------------------------------- slot API
+    # ------------------------------------------------------------------------------- routing slot API
+    # (registry.RoutingSlot)
 
     @staticmethod
-    def period(m) -> int:
+    def period_of(m) -> int:
         return m.mod.every
 
     @staticmethod
@@ -216,26 +201,34 @@ class MoDRouting(nn.Module):
         return index % m.mod.every == m.mod.every - 1
 
     @staticmethod
-    def wrap(block, index: int, m, decode: bool = False):
-        """Layer `index`: the plain block, or the block routed through MoDRouting."""
+    def wrap(make_block, index: int, m, decode: bool = False):
+        """Layer `index`: the plain block, or the block routed through MoDRouting. With a segmented memory
+        core (Infini-attention) the top-k is per segment and the routed block's core gets segment_len=k
+        through the block factory."""
         if not MoDRouting.is_routed(m, index):
-            return block
-        seg = m.infini.segment_len if m.memory == "infini" else 0
+            return make_block()
+        seg = registry.get("memory", m.memory).segment_len_of(m)
         if decode and seg:
             raise NotImplementedError(
-                "decoding a MoD model with model.memory='infini' is not supported: the streaming InfiniCore "
-                "folds a segment every N valid tokens while MoD training segments by position."
+                f"decoding a MoD model with model.memory={m.memory!r} (segments of {seg}) is not supported: "
+                "the streaming core folds a segment every N valid tokens while MoD training segments by "
+                "position."
             )
+        fields = MoDRouting.from_config(m)
+        if decode:
+            fields["route_by"] = "causal"
+        return functools.partial(MoDRouting, make_block=make_block, segment_len=seg, **fields)
+
+    @staticmethod
+    def from_config(m) -> dict:
+        """MoDRouting fields from config.model.mod (the block factory and segment length come from wrap)."""
         mod = m.mod
-        return functools.partial(
-            MoDRouting,
-            block=block,
+        return dict(
             capacity=mod.capacity,
             router_weight=mod.router_weight,
             causal=mod.causal,
-            route_by="causal" if decode else mod.route_by,
+            route_by=mod.route_by,
             dispatch=mod.dispatch,
-            segment_len=seg,
             predictor_hidden=mod.predictor_hidden,
         )
 
@@ -245,7 +238,7 @@ class MoDRouting(nn.Module):
         return m.mod.capacity if MoDRouting.is_routed(m, index) else 1.0
 
     @staticmethod
-    def extra_flops_per_token(m) -> float:
+    def flops_per_token(m, seq_len: int) -> float:
         """Router (and predictor) FLOPs per token over all routed layers."""
         d, h = m.d_model, m.mod.predictor_hidden
         per = 2.0 * d + (2.0 * d * h + 2.0 * h if m.mod.causal == "predictor" else 0.0)
@@ -269,7 +262,7 @@ class MoDRouting(nn.Module):
                 f"model.mod needs 0 < capacity <= 1 (got {mod.capacity}), every >= 1 (got "
                 f"{mod.every}) and predictor_hidden >= 1 (got {mod.predictor_hidden})."
             )
-        n = m.infini.segment_len if m.memory == "infini" else config.data.seq_len
+        n = registry.get("memory", m.memory).segment_len_of(m) or config.data.seq_len
         if int(mod.capacity * n) < 1:
             raise ConfigError(
                 f"model.mod.capacity={mod.capacity} selects no token of {n} (per sequence, or "

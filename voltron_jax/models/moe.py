@@ -13,8 +13,9 @@ mean over a sharded batch is global) and the z-loss mean(logsumexp(logits)^2), s
 `aux_loss/moe_lb`, `aux_loss/moe_z`. Each expert is one copy of the linear slot: the projections
 gate/up/down are `nn.vmap`s of the linear slot over a leading expert axis, so expert params are the dense
 MLP's leaves stacked [E,...] with logical axes ('expert', ...) (Dense: gate/up [E,D,F], down [E,F,D]),
-and a BitLinear expert keeps its own per-expert scales and norms. Three dispatch implementations
-(`impl`), identical up to dropping:
+and a BitLinear expert keeps its own per-expert scales and norms. Four dispatch implementations
+(`impl`), identical up to dropping, one object each (plan, dispatch, combine, project) in dispatch.py
+(grouped: moe_groups.py), looked up once by name in `IMPLS`:
   - 'capacity': GShard dispatch by a row gather into a [E,C,D] buffer (not the [A,E,C] one-hot einsum,
     which costs A*E*C*D), batched matmuls, a gather back; the backward is two gathers as well (custom
     VJP: no scatter-add). C = min(A, ceil(capacity_factor * A * P / E)) rounded up to a multiple of 8.
@@ -36,18 +37,16 @@ Shape letters beyond the house set: A = B*T tokens, P = top-k picks, R = rows of
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from voltron_jax.models import dispatch as dispatch_lib
+from voltron_jax.models import moe_groups
+from voltron_jax.models.dispatch import Plan
 from voltron_jax.models.layers import Dense, param_with_axes
-
-IMPLS = ("capacity", "dropless", "dense", "grouped")
-
 
 # --------------------------------------------------------------------------------------------- routing
 
@@ -93,156 +92,38 @@ def route(
 
 # --------------------------------------------------------------------------------------------- dispatch
 
-
-class Plan(NamedTuple):
-    """Where each assignment a = token * P + pick goes. Rows of the expert layout: capacity slots e*C+c
-    ([E*C]) or assignments sorted by expert (dropless, [A*P]); `to_expert` and `to_assign` are inverse
-    maps between the two (out-of-range entries: an empty slot, a dropped assignment)."""
-
-    impl: str
-    n_experts: int
-    experts: jax.Array  # [A*P] expert of each assignment
-    to_expert: jax.Array | None = None  # [R] assignment held by each expert-layout row, >= A*P if empty
-    to_assign: jax.Array | None = None  # [A*P] expert-layout row of each assignment, >= R if dropped
-    capacity: int = 0
-    group_sizes: jax.Array | None = None  # dropless: [E] rows per expert
+# The dispatch implementations by name (moe.impl / moa.impl); a layer picks its object once.
+IMPLS: dict[str, dispatch_lib.Dispatch] = {
+    "capacity": dispatch_lib.CAPACITY,
+    "dropless": dispatch_lib.DROPLESS,
+    "dense": dispatch_lib.DENSE,
+    "grouped": moe_groups.GROUPED,
+}
 
 
-def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-    """Slots per expert: ceil(cf * A * P / E) rounded up to a multiple of 8, at most A (never needed)."""
-    c = math.ceil(capacity_factor * n_tokens * top_k / n_experts)
-    return max(1, min(n_tokens, -(-c // 8) * 8))
+def get_impl(impl: str) -> dispatch_lib.Dispatch:
+    """The dispatch implementation named `impl`; a clear error naming the choices."""
+    if impl not in IMPLS:
+        raise ValueError(f"moe impl={impl!r} is unknown; choose one of {tuple(IMPLS)}.")
+    return IMPLS[impl]
 
 
 def make_plan(experts: jax.Array, n_experts: int, impl: str, capacity_factor: float) -> Plan:
-    """Dispatch plan for experts [B,T,P] (chosen expert ids)."""
-    b, t, p = experts.shape
-    flat = experts.reshape(-1)  # [A*P]
-    a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
-    if impl == "dense":
-        return Plan(impl, n_experts, flat)
-    if impl == "grouped":
-        from voltron_jax.models import moe_groups
-
-        return moe_groups.make_plan(experts, n_experts, capacity_factor)
-    if impl == "dropless":
-        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # [A*P] assignment of each sorted row
-        inverse = jnp.zeros_like(order).at[order].set(a)  # [A*P]
-        sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-        return Plan(impl, n_experts, flat, to_expert=order, to_assign=inverse, group_sizes=sizes)
-    if impl != "capacity":
-        raise ValueError(f"moe impl={impl!r} is unknown; choose one of {IMPLS}.")
-    c = capacity(b * t, p, n_experts, capacity_factor)
-    onehot = jax.nn.one_hot(experts, n_experts, dtype=jnp.int32)  # [B,T,P,E]
-    ordered = onehot.transpose(1, 2, 0, 3).reshape(-1, n_experts)  # [T*P*B,E] priority: position, pick, row
-    pos = jnp.sum((jnp.cumsum(ordered, axis=0) - 1) * ordered, axis=-1)  # [T*P*B]
-    pos = pos.reshape(t, p, b).transpose(2, 0, 1).reshape(-1)  # [A*P]
-    slot = jnp.where(pos < c, flat * c + pos, n_experts * c)  # [A*P] dropped: out of range
-    table = jnp.full((n_experts * c,), flat.size, jnp.int32).at[slot].set(a, mode="drop")  # [E*C]
-    return Plan(impl, n_experts, flat, to_expert=table, to_assign=slot, capacity=c)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_rows(x: jax.Array, fwd: jax.Array, bwd: jax.Array, p: int) -> jax.Array:
-    """out[i] = x[fwd[i] // p] (0 where out of range), with a gather as its transpose too:
-    grad_x[j] = sum_{s<p} g[bwd[j*p + s]], for bwd the inverse map of fwd. Dispatch and combine never
-    scatter (atomics on GPU, slow on TPU) in either direction."""
-    return x.at[fwd // p].get(mode="fill", fill_value=0)
-
-
-def _gather_rows_fwd(x, fwd, bwd, p):
-    return gather_rows(x, fwd, bwd, p), (fwd, bwd, x.shape[0])
-
-
-def _gather_rows_bwd(p, res, g):
-    fwd, bwd, n = res
-    gx = g.at[bwd].get(mode="fill", fill_value=0).reshape(n, p, g.shape[-1])  # [N,P,Din]
-    return (jnp.sum(gx, axis=1) if p > 1 else gx[:, 0]), None, None
-
-
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+    """Dispatch plan of implementation `impl` for experts [B,T,P] (chosen expert ids)."""
+    return get_impl(impl).plan(experts, n_experts, capacity_factor)
 
 
 def dispatch(plan: Plan, rows: jax.Array, shared: bool) -> jax.Array:
-    """Expert layout of rows: [A,Din] shared by the P picks of a token (shared=True) or [A*P,Din] one
-    per assignment. Returns capacity [E,C,Din] | dropless [A*P,Din] sorted by expert | dense [E,R,Din]."""
-    if plan.impl == "dense":
-        return jnp.broadcast_to(rows, (plan.n_experts,) + rows.shape)  # [E,R,Din]
-    if plan.impl == "grouped":
-        from voltron_jax.models import moe_groups
-
-        return moe_groups.dispatch(plan, rows, shared)
-    p = plan.experts.size // rows.shape[0] if shared else 1
-    out = gather_rows(rows, plan.to_expert, plan.to_assign, p)  # [R,Din]; empty capacity slots: 0
-    if plan.impl == "dropless":
-        return out
-    out = out.reshape(plan.n_experts, plan.capacity, rows.shape[-1])  # [E,C,Din]
-    return nn.with_logical_constraint(out, ("act_expert", "act_capacity", None))
+    """Expert layout of rows ([A,Din] shared by a token's picks, or [A*P,Din]) for `plan`'s impl."""
+    return IMPLS[plan.impl].dispatch(plan, rows, shared)
 
 
 def combine(plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
-    """Inverse of `dispatch` for expert outputs y: [A*P,Dout] per assignment (dropped: zeros)."""
-    if plan.impl == "dense":
-        r = jnp.arange(plan.experts.size)  # [A*P]
-        if shared:
-            r = r // (plan.experts.size // y.shape[1])
-        return y[plan.experts, r]  # [A*P,Dout]
-    if plan.impl == "grouped":
-        from voltron_jax.models import moe_groups
-
-        return moe_groups.combine(plan, y)
-    return gather_rows(y.reshape(-1, y.shape[-1]), plan.to_assign, plan.to_expert, 1)  # [A*P,Dout]
+    """Inverse of `dispatch`: expert outputs -> [A*P,Dout] per assignment (dropped: zeros)."""
+    return IMPLS[plan.impl].combine(plan, y, shared)
 
 
 # --------------------------------------------------------------------------------------------- experts
-
-
-def stacked(linear: Any, n_experts: int):
-    """The linear slot vmapped over a leading expert axis: params [E,...], logical axis 'expert'."""
-    return nn.vmap(
-        linear,
-        variable_axes={"params": 0, "state": None},
-        split_rngs={"params": True},
-        in_axes=0,
-        out_axes=0,
-        axis_size=n_experts,
-        metadata_params={nn.PARTITION_NAME: "expert"},
-    )
-
-
-def expert_projection(
-    module: nn.Module,
-    linear: Any,
-    n_experts: int,
-    features: int,
-    kernel_axes: tuple,
-    x: jax.Array,
-    plan: Plan,
-    name: str,
-) -> jax.Array:
-    """E stacked `linear(features, kernel_axes)` experts applied to x in `plan`'s layout; call it from
-    `module`'s compact method (it creates the submodule `name` there)."""
-    proj = stacked(linear, n_experts)(features, kernel_axes, name=name)
-    if plan.impl == "grouped":
-        from voltron_jax.models import moe_groups
-
-        y = moe_groups.expert_parallel(module, linear, n_experts, features, kernel_axes, x, name)
-        if y is not None:
-            return y  # [E,R,out]
-    if plan.impl != "dropless":
-        return proj(x)  # [E,R,out]
-    proj(jnp.zeros((n_experts, 0, x.shape[-1]), x.dtype))  # creates the params; an empty matmul
-    params = nn.unbox(module.variables["params"][name])
-    inst = linear(features, kernel_axes, parent=None)  # unbound: carries the slot's fields
-    hook = getattr(inst, "ragged_dot", None)
-    if hook is not None:
-        return hook(params, x, plan.group_sizes)
-    if not isinstance(inst, Dense):
-        raise NotImplementedError(
-            f"impl='dropless' needs {type(inst).__name__}.ragged_dot(params, x, group_sizes) (stacked params "
-            f"{sorted(params)}); add it to that linear class or use impl='capacity'."
-        )
-    return jax.lax.ragged_dot(x.astype(inst.dtype), params["kernel"].astype(inst.dtype), plan.group_sizes)
 
 
 def weighted_sum(gates: jax.Array, y: jax.Array) -> jax.Array:
@@ -264,22 +145,24 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)  # NumPy inputs outside jit (gathers use jax.Array.at)
         b, t, d = x.shape
+        impl = get_impl(self.impl)
         rows = x.reshape(b * t, d)  # [A,D]
         r = route(self, rows, self.n_experts, self.top_k, self.router_init_std, "moe")
-        plan = make_plan(r.experts.reshape(b, t, self.top_k), self.n_experts, self.impl, self.capacity_factor)
-        h = dispatch(plan, rows, shared=True)  # [E,C,D] | [A*P,D] | [E,A,D]
-        proj = lambda name, f, axes, v: expert_projection(
+        plan = impl.plan(r.experts.reshape(b, t, self.top_k), self.n_experts, self.capacity_factor)
+        h = impl.dispatch(plan, rows, shared=True)  # [E,C,D] | [A*P,D] | [E,A,D] | [E,B*C,D]
+        proj = lambda name, f, axes, v: impl.project(
             self, self.linear, self.n_experts, f, axes, v, plan, name
         )
         h = jax.nn.silu(proj("gate", self.d_ff, ("embed", "mlp"), h)) * proj(
             "up", self.d_ff, ("embed", "mlp"), h
         )
-        y = combine(plan, proj("down", d, ("mlp", "embed"), h), shared=True)  # [A*P,D]
+        y = impl.combine(plan, proj("down", d, ("mlp", "embed"), h), shared=True)  # [A*P,D]
         return weighted_sum(r.gates, y).reshape(b, t, d)
 
     @staticmethod
-    def from_config(m, **ctx) -> dict:
+    def from_config(m) -> dict:
         c = m.moe
         return dict(
             n_experts=c.n_experts,
@@ -290,7 +173,7 @@ class MoE(nn.Module):
         )
 
     @staticmethod
-    def flops_per_token(m) -> float:
+    def flops_per_token(m, seq_len: int) -> float:
         """ACTIVE forward FLOPs per token: the router plus top_k experts (3 D x F matmuls each)."""
         return 2.0 * m.d_model * m.moe.n_experts + m.moe.top_k * 3 * 2.0 * m.d_model * m.d_ff
 

@@ -18,7 +18,7 @@ and multiplies its rows locally; the transpose of that all-gather is the reduce-
 gradient. Left to GSPMD, the same program gathered every expert's weights onto every device, or computed
 the weight gradients from activations replicated over the whole batch (26.9 and 112 GiB of temporaries per
 v4 core for the 13B MoE; docs/results.md, "Pod configs (AOT)").
-The plan is moe.py's capacity plan with B = 1, vmapped over rows, so every property of that impl (gather-
+The plan is dispatch.py's capacity plan with B = 1, vmapped over rows, so every property of that impl (gather-
 only backward, drops, gates) holds per row; with one row 'grouped' equals 'capacity' exactly.
 """
 
@@ -32,47 +32,60 @@ import jax
 from jax.sharding import PartitionSpec
 
 from voltron_jax import sharding
-from voltron_jax.models import moe
+from voltron_jax.models.dispatch import CAPACITY, Capacity, Plan, capacity, gather_rows, stacked
 
 
-def make_plan(experts: jax.Array, n_experts: int, capacity_factor: float) -> moe.Plan:
-    """Per-row plan for experts [B,T,P]: to_expert [B,E*C] (row-local assignment of each slot, T*P if
-    empty), to_assign [B,T*P] (slot of each assignment, E*C if dropped)."""
-    b, t, p = experts.shape
-    c = moe.capacity(t, p, n_experts, capacity_factor)
+class Grouped(Capacity):
+    """'capacity' with one group per sequence (per-row capacity, batched gathers, an all-to-all to the
+    expert layout) and explicit expert parallelism in `project`."""
 
-    def row(ex):  # [T,P] -> ([E*C], [T*P])
-        plan = moe.make_plan(ex[None], n_experts, "capacity", capacity_factor)
-        return plan.to_expert, plan.to_assign
+    name = "grouped"
 
-    to_expert, to_assign = jax.vmap(row)(experts)
-    return moe.Plan(
-        "grouped", n_experts, experts.reshape(-1), to_expert=to_expert, to_assign=to_assign, capacity=c
-    )
+    def plan(self, experts: jax.Array, n_experts: int, capacity_factor: float) -> Plan:
+        """Per-row plan for experts [B,T,P]: to_expert [B,E*C] (row-local assignment of each slot, T*P if
+        empty), to_assign [B,T*P] (slot of each assignment, E*C if dropped)."""
+        b, t, p = experts.shape
+        c = capacity(t, p, n_experts, capacity_factor)
+
+        def row(ex):  # [T,P] -> ([E*C], [T*P])
+            plan = CAPACITY.plan(ex[None], n_experts, capacity_factor)
+            return plan.to_expert, plan.to_assign
+
+        to_expert, to_assign = jax.vmap(row)(experts)
+        return Plan(
+            self.name, n_experts, experts.reshape(-1), to_expert=to_expert, to_assign=to_assign, capacity=c
+        )
+
+    def dispatch(self, plan: Plan, rows: jax.Array, shared: bool) -> jax.Array:
+        """rows [A,Din] (one per token, shared by its P picks) or [A*P,Din] (one per assignment) -> the
+        expert layout [E,B*C,Din]."""
+        b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
+        per_row = rows.reshape(b, -1, rows.shape[-1])  # [B,T(*P),Din]
+        p = plan.to_assign.shape[1] // per_row.shape[1] if shared else 1
+        gather = jax.vmap(lambda x, fwd, bwd: gather_rows(x, fwd, bwd, p))
+        out = gather(per_row, plan.to_expert, plan.to_assign)  # [B,E*C,Din]
+        # rows stay whole on their devices here (as in combine), so the backward's gather stays local: left
+        # free, GSPMD split E*C over 'expert' in the backward and all-reduced [B/fsdp, T*P, Din] rows
+        out = nn.with_logical_constraint(out, ("act_batch", None, None))
+        out = out.reshape(b, e, c, -1).transpose(1, 0, 2, 3).reshape(e, b * c, -1)  # [E,B*C,Din]
+        return nn.with_logical_constraint(out, ("act_expert", "act_group", None))
+
+    def combine(self, plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
+        """Expert outputs y [E,B*C,Dout] -> [A*P,Dout] per assignment (dropped: zeros)."""
+        b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
+        y = y.reshape(e, b, c, -1).transpose(1, 0, 2, 3).reshape(b, e * c, -1)  # [B,E*C,Dout]
+        y = nn.with_logical_constraint(y, ("act_batch", None, None))
+        out = jax.vmap(lambda x, fwd, bwd: gather_rows(x, fwd, bwd, 1))(y, plan.to_assign, plan.to_expert)
+        return out.reshape(-1, out.shape[-1])  # [A*P,Dout]
+
+    def project(self, module, linear, n_experts, features, kernel_axes, x, plan, name):
+        """The expert-parallel shard_map under a mesh (`expert_parallel`), else the vmapped experts."""
+        proj = stacked(linear, n_experts)(features, kernel_axes, name=name)
+        y = expert_parallel(module, linear, n_experts, features, kernel_axes, x, name)
+        return proj(x) if y is None else y  # [E,R,out]
 
 
-def dispatch(plan: moe.Plan, rows: jax.Array, shared: bool) -> jax.Array:
-    """rows [A,Din] (one per token, shared by its P picks) or [A*P,Din] (one per assignment) -> the
-    expert layout [E,B*C,Din]."""
-    b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
-    per_row = rows.reshape(b, -1, rows.shape[-1])  # [B,T(*P),Din]
-    p = plan.to_assign.shape[1] // per_row.shape[1] if shared else 1
-    gather = jax.vmap(lambda x, fwd, bwd: moe.gather_rows(x, fwd, bwd, p))
-    out = gather(per_row, plan.to_expert, plan.to_assign)  # [B,E*C,Din]
-    # rows stay whole on their devices here (as in combine), so the backward's gather stays local: left
-    # free, GSPMD split E*C over 'expert' in the backward and all-reduced [B/fsdp, T*P, Din] rows
-    out = nn.with_logical_constraint(out, ("act_batch", None, None))
-    out = out.reshape(b, e, c, -1).transpose(1, 0, 2, 3).reshape(e, b * c, -1)  # [E,B*C,Din]
-    return nn.with_logical_constraint(out, ("act_expert", "act_group", None))
-
-
-def combine(plan: moe.Plan, y: jax.Array) -> jax.Array:
-    """Expert outputs y [E,B*C,Dout] -> [A*P,Dout] per assignment (dropped: zeros)."""
-    b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
-    y = y.reshape(e, b, c, -1).transpose(1, 0, 2, 3).reshape(b, e * c, -1)  # [B,E*C,Dout]
-    y = nn.with_logical_constraint(y, ("act_batch", None, None))
-    out = jax.vmap(lambda x, fwd, bwd: moe.gather_rows(x, fwd, bwd, 1))(y, plan.to_assign, plan.to_expert)
-    return out.reshape(-1, out.shape[-1])  # [A*P,Dout]
+GROUPED = Grouped()
 
 
 def expert_parallel(
@@ -87,7 +100,7 @@ def expert_parallel(
         return None
     params = module.variables["params"][name]
     boxed = jax.eval_shape(  # logical axes of each leaf (the params in apply are unboxed)
-        lambda k: moe.stacked(linear, n_experts)(features, kernel_axes).init(k, x)["params"],
+        lambda k: stacked(linear, n_experts)(features, kernel_axes).init(k, x)["params"],
         jax.random.key(0),
     )
     specs = sharding.tree_specs(mesh, boxed)
@@ -103,7 +116,7 @@ def expert_parallel(
 
     def local(p, extra, x):
         full = jax.tree.map(_gather, p, specs, is_leaf=lambda v: isinstance(v, PartitionSpec))
-        return moe.stacked(linear, n_local)(features, kernel_axes).apply({"params": full, **extra}, x)
+        return stacked(linear, n_local)(features, kernel_axes).apply({"params": full, **extra}, x)
 
     out_spec = PartitionSpec(*tuple(x_spec)[:2], None)
     extra_specs = jax.tree.map(lambda _: PartitionSpec(), extra)
