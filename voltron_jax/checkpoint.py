@@ -142,7 +142,7 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        self.check()  # a failed previous save stops here, before another write is queued behind it
+        self.wait()  # Orbax waits for the previous save here anyway; its failure is raised naming its step
         self._pending = step
         try:
             return self._mgr.save(step, args=args, force=force)
