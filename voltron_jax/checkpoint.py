@@ -16,11 +16,12 @@ tmp folder, or a step folder without the marker) is ignored, and removed before 
 
 Faults (issue 16): a failed async save (disk full, lost bucket permission) is raised as `SaveFailed` by
 `check()`, which the train loop calls at every step boundary, naming the path and the last committed
-step. A damaged newest checkpoint (a truncated array or JSON file) is skipped on restore: the newest step
-that restores cleanly with the same target is used, and each newer one that failed is moved aside to
-`<step>.damaged-<UTC time>` (never deleted; Orbax ignores such names). A failure is blamed on the folder
-only when an older step restores with the same target, so a changed model (a target mismatch that fails
-on every step) moves nothing and raises as before.
+step. A damaged newest checkpoint (a truncated array or JSON file) is skipped when the loop resumes
+(`restore(fallback=True)`): the newest step that restores cleanly with the same target is used, and each
+newer one that failed is moved aside to `<step>.damaged-<UTC time>` (never deleted; Orbax ignores such
+names). A failure is blamed on the folder only when an older step restores with the same target, so a
+changed model (a target mismatch that fails on every step) moves nothing and raises as before. Tools
+reading a checkpoint (restore without fallback) get the error and move nothing.
 """
 
 from __future__ import annotations
@@ -221,9 +222,9 @@ class Checkpointer:
             return ok
         return bool(multihost_utils.process_allgather(jax.numpy.int32(ok)).min())
 
-    def _restore_newest(self, args: ocp.args.Composite, what: str):
-        """(step, restored) of the newest committed step that restores cleanly; newer ones that failed are
-        moved aside. Raises the newest step's error (moving nothing) if no step restores."""
+    def _restore_newest(self, args: ocp.args.Composite, what: str, move_aside: bool):
+        """(step, restored) of the newest committed step that restores cleanly; with `move_aside`, newer
+        ones that failed are moved aside. Raises the newest step's error (moving nothing) if none restores."""
         self._resolve(None)  # waits for pending saves; raises 'no committed checkpoint' if there is none
         failed: list[tuple[int, BaseException]] = []
         for step in reversed(self.all_steps()):
@@ -232,7 +233,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any reader error marks the step as unusable
                 out, err = None, e
             if self._agree(err is None):
-                for bad, bad_err in failed:
+                for bad, bad_err in failed if move_aside else []:
                     self._move_aside(bad, bad_err, step)
                 return step, out
             failed.append((step, err or CheckpointError(f"another process could not restore step {step}")))
@@ -254,29 +255,29 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"voltron_jax.checkpoint.move_aside.{step}")
         self._mgr.reload()
 
-    def restore(self, step: int | None = None, target=None, fallback: bool = True) -> tuple:
+    def restore(self, step: int | None = None, target=None, fallback: bool = False) -> tuple:
         """(state, data_state, meta) of `step` (default: the newest committed step that restores).
 
         `target`: a tree like the saved state whose leaves are `jax.ShapeDtypeStruct`s with shardings (or
         arrays); each array is restored onto its target sharding. None restores the saved tree as saved
-        (same devices required; containers come back as dicts/lists). With step=None and `fallback`, a
-        damaged newest step is moved aside and the next older one is used (module docstring); with
-        fallback=False (a finished phase's final state is wanted, not an older one) it raises.
+        (same devices required; containers come back as dicts/lists). With step=None and `fallback` (the
+        train loop's resume), a damaged newest step is moved aside and the newest clean one is used
+        (module docstring); without (tools, a finished phase's final state) a damaged step raises.
         """
         state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
         args = ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         if step is None and fallback:
-            _, out = self._restore_newest(args, "state")
+            _, out = self._restore_newest(args, "state", move_aside=True)
         else:
             out = self._restore(self._resolve(step), args, "state")
         return out["state"], out["data"], out["meta"]
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Only the run metadata (config, commit, versions, manifest) of `step` (default: the newest
-        committed step whose metadata reads; a damaged newer one is moved aside)."""
+        committed step whose metadata reads; a damaged newer one is skipped, not moved)."""
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         if step is None:
-            return self._restore_newest(args, "meta")[1]["meta"]
+            return self._restore_newest(args, "meta", move_aside=False)[1]["meta"]
         return self._restore(self._resolve(step), args, "meta")["meta"]
 
     def wait(self) -> None:

@@ -266,7 +266,7 @@ def restore_final(phase: Phase, target) -> tuple[TrainState, dict]:
             raise checkpoint.CheckpointError(
                 f"phase {phase.label} has no checkpoint in {phase.directory}; run that phase first."
             )
-        state, _, meta = ck.restore(target=target, fallback=False)  # the final state, not an older one
+        state, _, meta = ck.restore(target=target)  # the final state: a damaged one raises, no fallback
     finally:
         ck.close()
     return state, meta
@@ -426,7 +426,8 @@ def run_phase(
 
     # ---- init ladder: resume this folder | parents (+ surgery) | scratch
     if ck.latest_step() is not None:
-        state, data_state, _ = ck.restore(target=rt.abstract)
+        # a damaged newest step is moved aside and the newest clean one resumes (checkpoint.py)
+        state, data_state, _ = ck.restore(target=rt.abstract, fallback=True)
         data.set_state(data_state)
         print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
     elif recipe_lib.parents(config.recipe[phase.name]):

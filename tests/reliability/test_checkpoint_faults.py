@@ -45,7 +45,7 @@ def test_damaged_newest_step_is_moved_aside_and_the_older_one_restores(tmp_path,
     )
     before = {p.relative_to(step2): p.read_bytes() for p in step2.rglob("*") if p.is_file()}
     with checkpoint.Checkpointer(d) as ck:
-        state, data, _ = ck.restore(target=jax.tree.map(jnp.zeros_like, _state(1)))
+        state, data, _ = ck.restore(target=jax.tree.map(jnp.zeros_like, _state(1)), fallback=True)
         assert data == {"offset": 1} and int(state["step"]) == 1
         np.testing.assert_array_equal(state["w"], _state(1)["w"])
         assert ck.all_steps() == [1]
@@ -66,7 +66,7 @@ def test_a_changed_model_moves_nothing(tmp_path):
     wrong = {"step": jnp.asarray(0), "w": jnp.zeros((7,))}
     with checkpoint.Checkpointer(d) as ck:
         with pytest.raises(checkpoint.CheckpointError, match=f"{d / '2'}.*restore_meta"):
-            ck.restore(target=wrong)
+            ck.restore(target=wrong, fallback=True)
         assert ck.all_steps() == [1, 2]
     assert sorted(p.name for p in d.iterdir()) == ["1", "2"]
 
@@ -76,18 +76,22 @@ def test_only_step_damaged_raises_one_line_and_keeps_it(tmp_path):
     (d / "1" / "data" / "metadata").write_text('{"offs')
     with checkpoint.Checkpointer(d) as ck:
         with pytest.raises(checkpoint.CheckpointError) as e:
-            ck.restore(target=jax.tree.map(jnp.zeros_like, _state(1)))
+            ck.restore(target=jax.tree.map(jnp.zeros_like, _state(1)), fallback=True)
     assert "\n" not in str(e.value) and "1.damaged" in str(e.value)
     assert (d / "1").exists()
 
 
-def test_final_state_of_a_finished_phase_is_not_replaced_by_an_older_one(tmp_path):
+def test_readers_without_fallback_move_nothing(tmp_path):
+    """Tools and a finished phase's final state (restore without fallback) raise on damage; restore_meta
+    reads the newest metadata that parses; neither moves a folder."""
     d = _saved(tmp_path)
     (d / "2" / "data" / "metadata").write_text("")
+    (d / "2" / "meta" / "metadata").write_text("{")
     with checkpoint.Checkpointer(d) as ck:
         with pytest.raises(checkpoint.CheckpointError, match="damaged"):
-            ck.restore(target=jax.tree.map(jnp.zeros_like, _state(1)), fallback=False)
-    assert (d / "2").exists()
+            ck.restore(target=jax.tree.map(jnp.zeros_like, _state(1)))
+        assert ck.restore_meta() == META
+    assert sorted(p.name for p in d.iterdir()) == ["1", "2"]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from voltron_jax import runlock
 
 pytestmark = pytest.mark.slow
 LONG = [  # long enough to be caught mid-run; nothing garbage-collected, so every committed step is checked
-    "--config.recipe.stable.steps=400",
+    "--config.recipe.stable.steps=60",
     "--config.train.ckpt_every=10",
     "--config.train.keep=100",
     "--config.train.eval_every=1000",
@@ -72,7 +72,7 @@ def test_kill_9_mid_run_resumes_with_one_curve_and_takes_over_the_stale_lock(tmp
     assert f"pid {run.pid}" in line_with(out, "taking over the stale lock")
     assert _resumed_at(out) == last
     _assert_nothing_lost(before, tmp_path, last)
-    assert _train_steps(phase) == list(range(1, 401))
+    assert _train_steps(phase) == list(range(1, 61))
     assert not (tmp_path / runlock.LOCK_NAME).exists()
 
 
