@@ -1,7 +1,12 @@
 """One run per workdir: a lock file `<workdir>/run.lock`, taken before the run writes anything.
 
 A second run on a workdir that a live run holds stops at once with one line naming the holder (host, pid,
-start time) and how to take over (docs/design.md, "Workdir layout"). The file is JSON:
+start time) and how to take over (docs/design.md, "Workdir layout"). Jobs of one recipe phase
+(`--only_phase=branch --member=3`, launched side by side by `launch/tpu.py branches`) lock only their
+part: `run.branch.3.lock`; it conflicts with the whole run (`run.lock`), with `run.branch.lock` and with
+another job of member 3, not with member 4. A run first takes its own file, then looks for live
+conflicting ones and, if it finds one, drops its own and refuses (two racing runs may both refuse; never
+both go on). The file is JSON:
 
     {"host", "pid", "started" (UTC), "heartbeat" (unix seconds), "token", "argv"}
 
@@ -40,7 +45,7 @@ from etils import epath
 
 from voltron_jax.errors import RunLocked
 
-LOCK_NAME = "run.lock"
+LOCK_NAME = "run.lock"  # the whole run; `run.<scope>.lock` for a phase / member job
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 SETTLE_S = 1.0  # bucket paths: wait before reading back the token (no exclusive create there)
@@ -61,14 +66,33 @@ def _is_local(path: epath.Path) -> bool:
     return "://" not in str(path)
 
 
-class RunLock:
-    """The lock of one workdir. `with RunLock(workdir): ...` or acquire()/release().
+def lock_name(scope: str = "") -> str:
+    """'run.lock' for a whole run, 'run.<phase>.lock' / 'run.<phase>.<member>.lock' for a phase job."""
+    return f"run.{scope}.lock" if scope else LOCK_NAME
 
-    `stale_s` / `heartbeat_s` default to STALE_S / HEARTBEAT_S (tests pass small values).
+
+def _scope_of(name: str) -> str | None:
+    if name == LOCK_NAME:
+        return ""
+    if name.startswith("run.") and name.endswith(".lock"):
+        return name[len("run.") : -len(".lock")]
+    return None
+
+
+def conflicts(a: str, b: str) -> bool:
+    """Whether runs of scopes `a` and `b` ('' = the whole run, 'phase', 'phase.member') may not overlap."""
+    return not a or not b or a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+class RunLock:
+    """The lock of one workdir (or of one phase / member job in it: `scope`). `with RunLock(workdir): ...`
+    or acquire()/release(). `stale_s` / `heartbeat_s` default to STALE_S / HEARTBEAT_S (tests pass small
+    values).
     """
 
-    def __init__(self, workdir, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S):
-        self.path = epath.Path(workdir) / LOCK_NAME
+    def __init__(self, workdir, scope: str = "", stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S):
+        self.workdir, self.scope = epath.Path(workdir), scope
+        self.path = self.workdir / lock_name(scope)
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.token = uuid.uuid4().hex
         self._info = {
@@ -89,10 +113,10 @@ class RunLock:
     def _text(self) -> str:
         return json.dumps({**self._info, "heartbeat": time.time()})
 
-    def read(self) -> dict | None:
-        """The lock's contents; None if there is no lock; {} if it exists but cannot be parsed."""
+    def read(self, path: epath.Path | None = None) -> dict | None:
+        """A lock's contents (default: this run's); None if there is none; {} if it cannot be parsed."""
         try:
-            text = self.path.read_text()
+            text = (path or self.path).read_text()
         except FileNotFoundError:
             return None
         try:
@@ -101,9 +125,9 @@ class RunLock:
         except ValueError:
             return {}
 
-    def _age_s(self) -> float:
+    def _age_s(self, path: epath.Path) -> float:
         try:
-            return time.time() - self.path.stat().mtime
+            return time.time() - path.stat().mtime
         except (FileNotFoundError, OSError):
             return 0.0
 
@@ -135,10 +159,10 @@ class RunLock:
         else:
             self.path.write_text(self._text())
 
-    def stale_reason(self, info: dict) -> str:
-        """Why a lock held by `info` is stale ('' if the holder may be alive)."""
+    def stale_reason(self, info: dict, path: epath.Path | None = None) -> str:
+        """Why the lock `path` (default: this run's) held by `info` is stale ('' if its holder may live)."""
         if not info:
-            age = self._age_s()
+            age = self._age_s(path or self.path)
             return f"unreadable lock file, {age:.0f} s old" if age > _EMPTY_GRACE_S else ""
         if info.get("token") == self.token:
             return ""
@@ -149,8 +173,9 @@ class RunLock:
             return f"no heartbeat for {age:.0f} s (> {self.stale_s:.0f} s)"
         return ""
 
-    def describe(self, info: dict) -> str:
-        """One line: who holds the lock and how to take over."""
+    def describe(self, info: dict, path: epath.Path | None = None) -> str:
+        """One line: who holds the lock `path` (default: this run's) and how to take over."""
+        path = path or self.path
         if not info:
             holder = "an unreadable lock (a run may be creating it)"
         else:
@@ -160,15 +185,15 @@ class RunLock:
                 f"heartbeat {age:.0f} s ago)"
             )
         return (
-            f"workdir {self.path.parent} is in use by another run: {holder}. Wait for it or stop it; if it "
+            f"workdir {self.workdir} is in use by another run: {holder}. Wait for it or stop it; if it "
             f"crashed, rerun (a dead pid on the same host, or no heartbeat for {self.stale_s:.0f} s, is "
-            f"taken over automatically), or delete {self.path} to take over now."
+            f"taken over automatically), or delete {path} to take over now."
         )
 
     # ------------------------------------------------------------------ acquire / release
 
-    def _try_acquire(self) -> str:
-        """'' if this run now holds the lock, else the one-line refusal."""
+    def _take(self) -> str:
+        """Take this run's own lock file: '' if taken, else the one-line refusal."""
         for _ in range(3):  # a lock can vanish or go stale between reads
             if self._create():
                 return ""
@@ -185,8 +210,29 @@ class RunLock:
             time.sleep(0 if _is_local(self.path) else SETTLE_S)
             if (self.read() or {}).get("token") == self.token:
                 return ""
-        info = self.read()
-        return self.describe(info or {})
+        return self.describe(self.read() or {})
+
+    def _conflict(self) -> str:
+        """The refusal for a live lock of an overlapping scope ('' if there is none)."""
+        for path in sorted(self.workdir.glob("run*.lock")):
+            scope = _scope_of(path.name)
+            if path.name == self.path.name or scope is None or not conflicts(self.scope, scope):
+                continue
+            info = self.read(path)
+            if info is not None and info.get("token") != self.token and not self.stale_reason(info, path):
+                return self.describe(info, path)
+        return ""
+
+    def _try_acquire(self) -> str:
+        """'' if this run now holds its lock and no live run overlaps it, else the one-line refusal."""
+        refusal = self._take()
+        if refusal:
+            return refusal
+        refusal = self._conflict()
+        if refusal:  # drop ours: of two runs racing here both may refuse, never both go on
+            self._held = True
+            self._drop()
+        return refusal
 
     def acquire(self) -> RunLock:
         """Take the lock (process 0) or learn that process 0 took it; raise RunLocked otherwise."""
@@ -196,7 +242,7 @@ class RunLock:
 
             ok = multihost_utils.broadcast_one_to_all(np.int32(refusal == ""))
             if not ok and not refusal:
-                refusal = f"workdir {self.path.parent} is in use by another run (see process 0's message)."
+                refusal = f"workdir {self.workdir} is in use by another run (see process 0's message)."
         if refusal:
             raise RunLocked(refusal)
         self._held = jax.process_index() == 0
@@ -238,6 +284,9 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self._drop()
+
+    def _drop(self) -> None:
         if self._held:
             self._held = False
             try:

@@ -535,11 +535,12 @@ def run(
     """Validate, prepare data if the recipe needs it, then run every phase in dependency order (or just
     `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}.
 
-    The workdir's run lock (runlock.py) is held from before the first write to the end; a second run on
-    the same workdir raises errors.RunLocked naming the holder."""
+    The workdir's run lock (runlock.py; a phase job locks its phase or member) is held from before the
+    first write to the end; an overlapping second run raises errors.RunLocked naming the holder."""
     validate(config, n_devices=jax.device_count())
     root = check_workdir(workdir)
-    with runlock.RunLock(root):
+    scope = "" if not only_phase else only_phase if member == -1 else f"{only_phase}.{member}"
+    with runlock.RunLock(root, scope):  # fan-out members run side by side: each locks its part
         return _run_locked(config, root, only_phase, member)
 
 

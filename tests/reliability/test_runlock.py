@@ -133,3 +133,42 @@ def test_second_main_refuses_at_once_and_writes_nothing(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_phase_jobs_lock_their_part_only():
+    """`launch/tpu.py branches` runs each fan-out member as its own job on one workdir: members run side
+    by side; a whole run, the whole phase or the same member conflicts with them."""
+    assert not runlock.conflicts("branch.3", "branch.4") and not runlock.conflicts("branch.3", "mix")
+    for a, b in (("", "branch.3"), ("branch", "branch.3"), ("branch.3", "branch.3"), ("", "")):
+        assert runlock.conflicts(a, b) and runlock.conflicts(b, a)
+
+
+def test_member_jobs_run_side_by_side_but_not_beside_a_whole_run(tmp_path):
+    with runlock.RunLock(tmp_path, "branch.3"), runlock.RunLock(tmp_path, "branch.4"):
+        assert (tmp_path / "run.branch.3.lock").exists() and (tmp_path / "run.branch.4.lock").exists()
+        with pytest.raises(RunLocked, match="run.branch.3.lock"):
+            runlock.RunLock(tmp_path).acquire()
+        with pytest.raises(RunLocked, match="run.branch.3.lock"):
+            runlock.RunLock(tmp_path, "branch").acquire()
+        assert not (tmp_path / runlock.LOCK_NAME).exists()  # the refused run dropped its own file
+    with runlock.RunLock(tmp_path):
+        with pytest.raises(RunLocked, match=f"delete {tmp_path / runlock.LOCK_NAME}"):
+            runlock.RunLock(tmp_path, "branch.3").acquire()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bucket_paths_write_then_read_back(tmp_path, monkeypatch):
+    """Bucket paths (no exclusive create) go through epath and a read-back of the token; here on a local
+    folder with the bucket branch forced."""
+    monkeypatch.setattr(runlock, "_is_local", lambda path: False)
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.01)
+    with runlock.RunLock(tmp_path, heartbeat_s=0.05) as lock:
+        with pytest.raises(RunLocked, match="is in use by another run"):
+            runlock.RunLock(tmp_path).acquire()
+        t0 = lock.read()["heartbeat"]
+        wait_for(lambda: lock.read()["heartbeat"] > t0, timeout=10, what="a heartbeat")
+    assert not (tmp_path / runlock.LOCK_NAME).exists()
+    stale = {"host": "gone-vm", "pid": 1, "started": "x", "heartbeat": time.time() - runlock.STALE_S - 1}
+    (tmp_path / runlock.LOCK_NAME).write_text(json.dumps({**stale, "token": "t"}))
+    with runlock.RunLock(tmp_path) as lock:
+        assert lock.read()["token"] == lock.token
