@@ -256,7 +256,7 @@ class Checkpointer:
         self._mgr.reload()
 
     def restore(self, step: int | None = None, target=None, fallback: bool = False) -> tuple:
-        """(state, data_state, meta) of `step` (default: the newest committed step that restores).
+        """(state, data_state, meta) of `step` (default: the latest committed one).
 
         `target`: a tree like the saved state whose leaves are `jax.ShapeDtypeStruct`s with shardings (or
         arrays); each array is restored onto its target sharding. None restores the saved tree as saved

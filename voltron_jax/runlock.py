@@ -52,7 +52,13 @@ SETTLE_S = 1.0  # bucket paths: wait before reading back the token (no exclusive
 _EMPTY_GRACE_S = 10.0  # an unreadable lock younger than this may be mid-write by its creator
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid) -> bool:
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:  # kill(0 or -1, 0) would ask about a whole process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -166,7 +172,7 @@ class RunLock:
             return f"unreadable lock file, {age:.0f} s old" if age > _EMPTY_GRACE_S else ""
         if info.get("token") == self.token:
             return ""
-        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+        if info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid")):
             return f"pid {info.get('pid')} on this host is gone"
         age = time.time() - float(info.get("heartbeat", 0))
         if age > self.stale_s:

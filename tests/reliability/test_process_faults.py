@@ -20,6 +20,10 @@ LONG = [  # long enough to be caught mid-run; nothing garbage-collected, so ever
 ]
 
 
+def _locks(workdir):
+    return sorted(p.name for p in workdir.glob("run*.lock"))
+
+
 def _train_steps(phase):
     return [r["step"] for r in records(phase) if r["kind"] == "train"]
 
@@ -65,7 +69,7 @@ def test_kill_9_mid_run_resumes_with_one_curve_and_takes_over_the_stale_lock(tmp
     before = _snapshot(tmp_path)
     last = max(before["ckpt"])
     assert max(r["step"] for r in before["records"]) > last  # the lines a naive resume would duplicate
-    assert (tmp_path / runlock.LOCK_NAME).exists()  # kill -9 leaves the lock behind
+    assert _locks(tmp_path) == [runlock.lock_name("stable")]  # kill -9 leaves the lock (of --only_phase)
 
     code, out = finish(start(tmp_path, *LONG))  # the same command
     assert code == 0, out[-3000:]
@@ -73,7 +77,7 @@ def test_kill_9_mid_run_resumes_with_one_curve_and_takes_over_the_stale_lock(tmp
     assert _resumed_at(out) == last
     _assert_nothing_lost(before, tmp_path, last)
     assert _train_steps(phase) == list(range(1, 61))
-    assert not (tmp_path / runlock.LOCK_NAME).exists()
+    assert _locks(tmp_path) == []
 
 
 def test_second_run_refuses_while_the_first_trains_and_sigterm_releases(tmp_path):
@@ -89,7 +93,7 @@ def test_second_run_refuses_while_the_first_trains_and_sigterm_releases(tmp_path
     first.send_signal(signal.SIGTERM)  # the first run saves and stops; its lock goes with it
     code, out = finish(first)
     assert code != 0 and "preempted: saved step" in out
-    assert not (tmp_path / runlock.LOCK_NAME).exists()
+    assert _locks(tmp_path) == []
     steps = _train_steps(phase)
     assert steps == list(range(1, len(steps) + 1))  # one run's lines only, none interleaved
     assert max(committed(phase / "ckpt")) == steps[-1]
