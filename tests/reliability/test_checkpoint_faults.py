@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reliability import mount_tmpfs, umount
 
+from tests.reliability._reliability import mount_tmpfs, umount
 from voltron_jax import checkpoint
 
 META = {"config": {"d": 1}}

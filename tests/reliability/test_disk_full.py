@@ -7,9 +7,9 @@ import json
 import threading
 
 import pytest
-from _reliability import committed, mount_tmpfs, umount, wait_for
 
 from configs import tiny
+from tests.reliability._reliability import committed, mount_tmpfs, umount, wait_for
 from voltron_jax import checkpoint, train
 from voltron_jax.data import pipeline
 

@@ -4,8 +4,7 @@ produces them is in test_process_faults.py)."""
 
 import json
 
-from _reliability import event_steps
-
+from tests.reliability._reliability import event_steps
 from voltron_jax import metrics
 
 

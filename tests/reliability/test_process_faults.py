@@ -7,8 +7,8 @@ import signal
 import time
 
 import pytest
-from _reliability import committed, event_steps, finish, line_with, records, start, wait_for
 
+from tests.reliability._reliability import committed, event_steps, finish, line_with, records, start, wait_for
 from voltron_jax import runlock
 
 pytestmark = pytest.mark.slow

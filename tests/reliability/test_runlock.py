@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from _reliability import ROOT, env, finish, line_with, start, wait_for
 
+from tests.reliability._reliability import ROOT, env, finish, line_with, start, wait_for
 from voltron_jax import runlock
 from voltron_jax.errors import RunLocked
 
