@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from configs import tiny
 from tests.reliability._reliability import ROOT, env, finish, line_with, start, wait_for
 from voltron_jax import runlock
 from voltron_jax.errors import RunLocked
@@ -122,13 +123,15 @@ def test_second_main_refuses_at_once_and_writes_nothing(tmp_path):
     a non-zero exit, no config.json/run_info.json written; after the holder dies (kill -9) a run goes."""
     holder = _holder(tmp_path)
     try:
-        (tmp_path / "config.json").write_text("the holder's")
+        # the holder's run config, compact (write_run_info indents: an overwrite would change the bytes)
+        holders = json.dumps(tiny.get_config("test").to_dict())
+        (tmp_path / "config.json").write_text(holders)
         t0 = time.time()
         code, out = finish(start(tmp_path, "--config.max_steps=2"))
         line = line_with(out, "is in use by another run")
         assert code != 0 and f"pid {holder.pid}" in line and socket.gethostname() in line
         assert time.time() - t0 < 60  # startup only: no compile, no training
-        assert (tmp_path / "config.json").read_text() == "the holder's"
+        assert (tmp_path / "config.json").read_text() == holders
         assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", runlock.LOCK_NAME]
     finally:
         holder.kill()
