@@ -82,10 +82,11 @@ def test_kill_9_mid_run_resumes_with_one_curve_and_takes_over_the_stale_lock(tmp
 
 def test_second_run_refuses_while_the_first_trains_and_sigterm_releases(tmp_path):
     phase = tmp_path / "00_stable"
-    first = start(tmp_path, *LONG)
+    endless = ["--config.recipe.stable.steps=100000", "--config.train.ckpt_every=1000"]  # SIGTERM ends it
+    first = start(tmp_path, *endless)
     wait_for(lambda: (phase / "metrics.jsonl").exists(), what="the first run to train")
     t0 = time.time()
-    code, out = finish(start(tmp_path, *LONG))
+    code, out = finish(start(tmp_path, *endless))
     line = line_with(out, "is in use by another run")
     assert code != 0 and f"pid {first.pid}" in line and "started" in line
     assert first.poll() is None, "the second run disturbed the first"
