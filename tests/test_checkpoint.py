@@ -150,11 +150,11 @@ def test_corrupt_checkpoint_or_wrong_target_error_names_path_and_fix(tmp_path):
         if p.name != checkpoint.COMMIT_MARKER:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     with checkpoint.Checkpointer(tmp_path) as ck:
-        fix = f"delete {tmp_path / '2'} to fall back to step 1"
-        with pytest.raises(checkpoint.CheckpointError, match=fix):
-            ck.restore(target=abstract(state, mesh))
-        restored, _, _ = ck.restore(1, target=abstract(state, mesh))
+        with pytest.raises(checkpoint.CheckpointError, match=f"{tmp_path / '2'}.*move it aside"):
+            ck.restore(2, target=abstract(state, mesh))  # an explicit step never falls back
+        restored, _, _ = ck.restore(target=abstract(state, mesh), fallback=True)  # damaged 2 moved aside
         assert_tree_equal(restored, state)
+        assert ck.all_steps() == [1] and [p.name[:10] for p in tmp_path.glob("2.*")] == ["2.damaged-"]
 
 
 def test_sigterm_sets_the_stop_flag():

@@ -13,6 +13,15 @@ Incomplete checkpoints are never chosen. Orbax writes a step into a temporary fo
 (POSIX) or writes in place and then a `commit_success.txt` marker (object stores); it writes the marker
 in both modes. A step counts here only if its folder holds that marker, so a killed write (a leftover
 tmp folder, or a step folder without the marker) is ignored, and removed before the next save.
+
+Faults (issue 16): a failed async save (disk full, lost bucket permission) is raised as `SaveFailed` by
+`check()`, which the train loop calls at every step boundary, naming the path and the last committed
+step. A damaged newest checkpoint (a truncated array or JSON file) is skipped when the loop resumes
+(`restore(fallback=True)`): the newest step that restores cleanly with the same target is used, and each
+newer one that failed is moved aside to `<step>.damaged-<UTC time>` (never deleted; Orbax ignores such
+names). A failure is blamed on the folder only when an older step restores with the same target, so a
+changed model (a target mismatch that fails on every step) moves nothing and raises as before. Tools
+reading a checkpoint (restore without fallback) get the error and move nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -36,6 +47,21 @@ ITEMS = ("state", "data", "meta")
 
 class CheckpointError(VoltronError, RuntimeError):
     """A checkpoint folder that cannot be used; the message names the path and the fix."""
+
+
+class SaveFailed(CheckpointError):
+    """A checkpoint save failed (e.g. disk full); the message names the path and the last committed step."""
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """One line for an Orbax/tensorstore error: the OS error if it names one, else the first line, cut."""
+    text = str(e)
+    os_error = re.search(r"([A-Z][A-Za-z ]+) \[os_error_code", text)
+    if os_error:
+        return os_error.group(1)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = f"{type(e).__name__}: {first}"
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -59,6 +85,7 @@ class Checkpointer:
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._cleaned = False
+        self._pending: int | None = None  # the step of the last save started (for SaveFailed)
 
     # ------------------------------------------------------------------ listing
 
@@ -118,7 +145,39 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        return self._mgr.save(step, args=args, force=force)
+        self.wait()  # Orbax waits for the previous save here anyway; its failure is raised naming its step
+        self._pending = step
+        try:
+            return self._mgr.save(step, args=args, force=force)
+        except Exception as e:  # the synchronous part (folders, metadata) can fail too
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, e: BaseException) -> SaveFailed:
+        step = self._pending
+        try:
+            last = self.latest_step()
+        except Exception:  # noqa: BLE001 - the storage may be gone altogether
+            last = None
+        where = self._step_dir(step) if step is not None else self.directory
+        kept = (
+            f"the last committed step is {last}, intact in {self.directory}"
+            if last is not None
+            else f"no step is committed in {self.directory}"
+        )
+        return SaveFailed(
+            f"checkpoint save failed at {where}: {short_error(e)}; {kept}. Free space (or fix the storage) "
+            "and rerun the same command to resume."
+        )
+
+    def check(self) -> None:
+        """Raise SaveFailed if an asynchronous save has failed. Cheap: returns at once while a save is
+        still running (it is checked again at the next call) and when none failed."""
+        if self._mgr.is_saving_in_progress():
+            return
+        try:
+            self._mgr.wait_until_finished()  # re-raises the finished save thread's error, if any
+        except Exception as e:
+            raise self._save_failed(e) from e
 
     # ------------------------------------------------------------------ restore
 
@@ -145,50 +204,96 @@ class Checkpointer:
             )
         return step
 
+    def _restore_error(self, step: int, e: BaseException, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot restore {what} from checkpoint {self._step_dir(step)}: {short_error(e, 300)}. If the "
+            "target tree or shapes changed (a different model config), restore with the config stored in "
+            f"the checkpoint (restore_meta); if the folder is damaged, move it aside (rename {step} to "
+            f"{step}.damaged) and rerun."
+        )
+
     def _restore(self, step: int, args: ocp.args.Composite, what: str):
         try:
             return self._mgr.restore(step, args=args)
         except Exception as e:  # orbax/tensorstore raise many types; one message names path and fix
-            older = [s for s in self.all_steps() if s < step]
-            fix = (
-                f"delete {self._step_dir(step)} to fall back to step {older[-1]}"
-                if older
-                else f"delete {self._step_dir(step)} to start the phase again"
-            )
-            raise CheckpointError(
-                f"cannot restore {what} from checkpoint {self._step_dir(step)}: {type(e).__name__}: {e}. "
-                f"If the target tree or shapes changed (a different model config), restore with the config "
-                f"stored in the checkpoint (restore_meta); if the folder is damaged, {fix}."
-            ) from e
+            raise self._restore_error(step, e, what) from e
 
-    def restore(self, step: int | None = None, target=None) -> tuple:
+    def _agree(self, ok: bool) -> bool:
+        """Multi-host: a step restored cleanly only if it did on every process."""
+        if jax.process_count() == 1:
+            return ok
+        return bool(multihost_utils.process_allgather(jax.numpy.int32(ok)).min())
+
+    def _restore_newest(self, args: ocp.args.Composite, what: str, move_aside: bool):
+        """(step, restored) of the newest committed step that restores cleanly; with `move_aside`, newer
+        ones that failed are moved aside. Raises the newest step's error (moving nothing) if none restores."""
+        self._resolve(None)  # waits for pending saves; raises 'no committed checkpoint' if there is none
+        failed: list[tuple[int, BaseException]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                out, err = self._mgr.restore(step, args=args), None
+            except Exception as e:  # noqa: BLE001 - any reader error marks the step as unusable
+                out, err = None, e
+            if self._agree(err is None):
+                for bad, bad_err in failed if move_aside else []:
+                    self._move_aside(bad, bad_err, step)
+                return step, out
+            failed.append((step, err or CheckpointError(f"another process could not restore step {step}")))
+        step, err = failed[0]
+        raise self._restore_error(step, err, what) from err
+
+    def _move_aside(self, step: int, err: BaseException, fallback: int) -> None:
+        """Rename a damaged step folder to <step>.damaged-<UTC time> (kept for inspection, never deleted)."""
+        src = self._step_dir(step)
+        dst = self.directory / f"{step}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        if jax.process_index() == 0:
+            src.rename(dst)
+            print(
+                f"checkpoint {src} is damaged ({short_error(err)}): moved it to {dst.name} and restored step "
+                f"{fallback} instead",
+                flush=True,
+            )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"voltron_jax.checkpoint.move_aside.{step}")
+        self._mgr.reload()
+
+    def restore(self, step: int | None = None, target=None, fallback: bool = False) -> tuple:
         """(state, data_state, meta) of `step` (default: the latest committed one).
 
         `target`: a tree like the saved state whose leaves are `jax.ShapeDtypeStruct`s with shardings (or
         arrays); each array is restored onto its target sharding. None restores the saved tree as saved
-        (same devices required; containers come back as dicts/lists).
+        (same devices required; containers come back as dicts/lists). With step=None and `fallback` (the
+        train loop's resume), a damaged newest step is moved aside and the newest clean one is used
+        (module docstring); without (tools, a finished phase's final state) a damaged step raises.
         """
-        step = self._resolve(step)
         state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-        out = self._restore(
-            step,
-            ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()),
-            "state",
-        )
+        args = ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        if step is None and fallback:
+            _, out = self._restore_newest(args, "state", move_aside=True)
+        else:
+            out = self._restore(self._resolve(step), args, "state")
         return out["state"], out["data"], out["meta"]
 
     def restore_meta(self, step: int | None = None) -> dict:
-        """Only the run metadata (config, commit, versions, manifest) of `step` (default: latest)."""
-        step = self._resolve(step)
-        return self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()), "meta")["meta"]
+        """Only the run metadata (config, commit, versions, manifest) of `step` (default: the newest
+        committed step whose metadata reads; a damaged newer one is skipped, not moved)."""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        if step is None:
+            return self._restore_newest(args, "meta", move_aside=False)[1]["meta"]
+        return self._restore(self._resolve(step), args, "meta")["meta"]
 
     def wait(self) -> None:
-        """Block until pending async saves are committed."""
-        self._mgr.wait_until_finished()
+        """Block until pending async saves are committed; SaveFailed if one failed."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e) from e
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self.wait()
+        finally:
+            self._mgr.close()
 
     def __enter__(self) -> Checkpointer:
         return self

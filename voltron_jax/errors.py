@@ -17,3 +17,7 @@ class ConfigError(VoltronError, ValueError):
 
 class UsageError(VoltronError, ValueError):
     """Bad command-line flags or arguments; the message names the flag and the fix."""
+
+
+class RunLocked(VoltronError, RuntimeError):
+    """Another live run holds the workdir's lock (runlock.py); the message names it and how to take over."""

@@ -2,15 +2,23 @@
 
 The JSONL file (`metrics.jsonl` in each phase folder) is what report and ablation tools read; TensorBoard
 is for people. Only process 0 writes.
+
+Resume (issue 16): a run killed after its last checkpoint logged steps it will train again. The writer
+of a resumed phase first drops every record past the restored step, from metrics.jsonl and from the
+TensorBoard event files (rewritten without them), so both hold one curve; the final evaluation at the
+phase's last step is dropped too when the phase resumes there (it is written again). A torn last line
+(kill -9 mid-write) is dropped with them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import jax
+from etils import epath
 
 PEAK_FLOPS = {  # dense bf16 per device (datasheets); used for MFU when train.peak_flops is 0
     "h100": 989e12,
@@ -54,16 +62,89 @@ def fmt_time(seconds: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
-class MetricWriter:
-    """Writes scalars to the console, TensorBoard (tb/) and metrics.jsonl of one phase folder."""
+def _past(step: int, kind: str, resume: int, end: int) -> bool:
+    """Whether a record logged at `step` will be logged again by a run resuming at `resume`."""
+    return step > resume or (step == resume == end and kind == "eval")
 
-    def __init__(self, phase_dir, label: str, total_steps: int, start_step: int):
+
+def truncate_jsonl(path: epath.Path, resume: int, end: int) -> int:
+    """Drop the records of metrics.jsonl that a run resuming at step `resume` writes again (and torn
+    lines); returns how many were dropped. Atomic: the kept lines go to a new file renamed over it."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            drop = _past(int(rec["step"]), rec.get("kind", "train"), resume, end)
+        except (ValueError, KeyError, TypeError):
+            drop = True  # a torn line from a killed write
+        if drop:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return dropped
+
+
+def truncate_events(tb_dir: epath.Path, resume: int, end: int) -> int:
+    """Rewrite the TensorBoard event files of `tb_dir` without the summaries a run resuming at `resume`
+    writes again (the effect of a summary writer's purge_step, for every reader); returns how many."""
+    import tensorflow as tf  # only here and in the writer
+
+    total = 0
+    for name in tf.io.gfile.listdir(str(tb_dir)) if tf.io.gfile.isdir(str(tb_dir)) else []:
+        if not name.startswith("events.out.tfevents"):
+            continue
+        path = os.path.join(str(tb_dir), name)
+        kept, dropped = [], 0
+        try:
+            for raw in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(raw.numpy())
+                tags = [v.tag for v in event.summary.value]
+                kind = "eval" if tags and all(t.startswith("eval/") for t in tags) else "train"
+                if tags and _past(event.step, kind, resume, end):
+                    dropped += 1
+                else:
+                    kept.append(raw.numpy())
+        except tf.errors.DataLossError:  # a torn last record (kill -9 mid-write)
+            dropped += 1
+        if dropped:
+            with tf.io.TFRecordWriter(path + ".tmp") as w:
+                for rec in kept:
+                    w.write(rec)
+            tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+            total += dropped
+    return total
+
+
+class MetricWriter:
+    """Writes scalars to the console, TensorBoard (tb/) and metrics.jsonl of one phase folder.
+
+    `resume_step`: the step the phase starts (or resumes) at; records past it are dropped first.
+    """
+
+    def __init__(
+        self, phase_dir, label: str, total_steps: int, start_step: int, resume_step: int | None = None
+    ):
         self.label, self.total, self.start = label, total_steps, start_step
         self.enabled = jax.process_index() == 0
         self.t0, self.step0 = time.time(), None
         self._tb = None
         if self.enabled:
             from flax.metrics import tensorboard  # imports TensorFlow: only in the loop
+
+            if resume_step is not None:
+                phase_dir = epath.Path(phase_dir)
+                end = start_step + total_steps
+                dropped = truncate_jsonl(phase_dir / "metrics.jsonl", resume_step, end)
+                truncate_events(phase_dir / "tb", resume_step, end)
+                if dropped:
+                    past = resume_step - start_step
+                    print(f"[{label}] metrics: dropped {dropped} records past step {past}", flush=True)
 
             self._tb = tensorboard.SummaryWriter(str(phase_dir / "tb"))
             self._jsonl = (phase_dir / "metrics.jsonl").open("a")

@@ -27,7 +27,7 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import checkpoint, metrics, optim, schedules, sharding
+from voltron_jax import checkpoint, metrics, optim, runlock, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
 from voltron_jax.errors import ConfigError, VoltronError
@@ -266,7 +266,7 @@ def restore_final(phase: Phase, target) -> tuple[TrainState, dict]:
             raise checkpoint.CheckpointError(
                 f"phase {phase.label} has no checkpoint in {phase.directory}; run that phase first."
             )
-        state, _, meta = ck.restore(target=target)
+        state, _, meta = ck.restore(target=target)  # the final state: a damaged one raises, no fallback
     finally:
         ck.close()
     return state, meta
@@ -426,7 +426,8 @@ def run_phase(
 
     # ---- init ladder: resume this folder | parents (+ surgery) | scratch
     if ck.latest_step() is not None:
-        state, data_state, _ = ck.restore(target=rt.abstract)
+        # a damaged newest step is moved aside and the newest clean one resumes (checkpoint.py)
+        state, data_state, _ = ck.restore(target=rt.abstract, fallback=True)
         data.set_state(data_state)
         print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
     elif recipe_lib.parents(config.recipe[phase.name]):
@@ -436,7 +437,8 @@ def run_phase(
     meta = {**info, "phase": phase.label, "config": c.to_dict()}
 
     eval_batches = eval_sets(c, pid, pcount)
-    writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start)
+    # records past the restored step (a run killed after its last checkpoint) are dropped: one curve
+    writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start, int(state.step))
     tokens_per_step = c.data.batch_size * c.data.seq_len
     flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
@@ -459,6 +461,7 @@ def run_phase(
                 jax.block_until_ready(m["loss"])
                 jax.profiler.stop_trace()
             step += 1
+            ck.check()  # a failed async save stops the run at the next step, not at the next save
             window.append(m)
             boundary = step % c.train.log_every == 0 or step == end
             saving = step % c.train.ckpt_every == 0 or step == end
@@ -530,9 +533,18 @@ def run(
     config: ml_collections.ConfigDict, workdir: str, only_phase: str = "", member: int = -1
 ) -> dict[str, dict]:
     """Validate, prepare data if the recipe needs it, then run every phase in dependency order (or just
-    `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}."""
+    `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}.
+
+    The workdir's run lock (runlock.py; a phase job locks its phase or member) is held from before the
+    first write to the end; an overlapping second run raises errors.RunLocked naming the holder."""
     validate(config, n_devices=jax.device_count())
     root = check_workdir(workdir)
+    scope = "" if not only_phase else only_phase if member == -1 else f"{only_phase}.{member}"
+    with runlock.RunLock(root, scope):  # fan-out members run side by side: each locks its part
+        return _run_locked(config, root, only_phase, member)
+
+
+def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase: str, member: int) -> dict:
     from voltron_jax import resume
 
     resume.check(config, root)  # another model/data than the checkpoints: refuse before any write
