@@ -27,7 +27,7 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import checkpoint, metrics, optim, schedules, sharding
+from voltron_jax import checkpoint, metrics, microbatch, optim, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
 from voltron_jax.errors import ConfigError
@@ -134,11 +134,19 @@ def step_variables(params, state_tree, step) -> dict:
     return {"params": params, "state": jax.tree.map(lambda a: jnp.full(a.shape, step, a.dtype), state_tree)}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, lr_fn, state_tree=None):
-    """(state, batch) -> (state, metrics); aux losses collected generically."""
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, config, lr_fn, state_tree=None, grad_shardings=None
+):
+    """(state, batch) -> (state, metrics); aux losses collected generically. With train.grad_accum_steps
+    = N > 1 the batch is N microbatches scanned in the step (voltron_jax/microbatch.py), their gradients
+    accumulated on `grad_shardings` (the params' shardings) before the one optimizer update."""
     doc_mask = config.data.doc_mask
+    n_micro = config.train.grad_accum_steps
 
-    def loss_fn(params, step, batch):
+    def loss_fn(params, step, batch, token_share=1.0, batch_share=1.0):
+        """This (micro)batch's loss, its token means scaled by `token_share` (its share of the step's
+        weighted tokens) and its aux losses by `batch_share` (1/N): summed over the step's microbatches
+        they are the step's loss and metrics."""
         logits, cols = model.apply(
             step_variables(params, state_tree, step),
             *model_inputs(batch, doc_mask),
@@ -146,11 +154,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
         )
         ce, zl = cross_entropy(logits, batch["targets"], batch["weights"])
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
-        loss = ce + config.aux_weights.z_loss * zl + aux_total
-        return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v for k, v in aux.items()}}
+        ce, zl = ce * token_share, zl * token_share
+        loss = ce + config.aux_weights.z_loss * zl + aux_total * batch_share
+        return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v * batch_share for k, v in aux.items()}}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step_fn(state: TrainState, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.step, batch)
+        total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)  # cross_entropy's denominator for the step
+
+        def micro_grad(params, mb):
+            if n_micro == 1:
+                return grad_fn(params, state.step, mb)
+            share = jnp.maximum(jnp.sum(mb["weights"]), 1.0) / total
+            return grad_fn(params, state.step, mb, share, 1.0 / n_micro)
+
+        acc_dtype = microbatch.accumulator_dtype(config)
+        (loss, parts), grads = microbatch.accumulate(
+            micro_grad, state.params, batch, n_micro, acc_dtype, grad_shardings
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
@@ -227,7 +249,8 @@ class Runtime:
             batch_sh = sharding.batch_sharding(self.mesh)
             self.train_step = jax.jit(
                 sharding.traced_in(
-                    self.mesh, make_train_step(self.model, self.tx, c, self.lr_fn, state_tree)
+                    self.mesh,
+                    make_train_step(self.model, self.tx, c, self.lr_fn, state_tree, self.shardings.params),
                 ),
                 in_shardings=(self.shardings, batch_sh),
                 out_shardings=(self.shardings, None),
