@@ -236,7 +236,8 @@ def get_default() -> ml_collections.ConfigDict:
     t.profile_step = -1
     t.eval_clusters = False  # also report validation loss per data cluster (needs data prepare)
     # Gradient accumulation (voltron_jax/microbatch.py): each step scans grad_accum_steps microbatches of
-    # data.batch_size / grad_accum_steps rows; accumulator float32 | bfloat16 | moments (= optim.moments_dtype)
+    # data.batch_size / grad_accum_steps rows; accumulator dtype float32 | bfloat16 | moments (that of
+    # optim.moments_dtype)
     t.grad_accum_steps = 1
     t.grad_accum_dtype = "float32"
     t.prefetch = 2  # global batches built and put on device ahead of the step by a thread (0: off)

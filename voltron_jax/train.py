@@ -431,7 +431,7 @@ def run_phase(
 ) -> dict:
     """Run (or resume, or skip if finished) one phase with its compiled runtime `rt` (fan-out members
     share one); returns its final validation metrics."""
-    from voltron_jax.data import pipeline
+    from voltron_jax.data import pipeline, prefetch
 
     c = phase.config
     phase.directory.mkdir(parents=True, exist_ok=True)
@@ -464,16 +464,20 @@ def run_phase(
     flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
 
+    # the next batches are built and put on the devices while a step runs; feed.state is the data
+    # position after the batches the loop took, the one a checkpoint must hold (data/prefetch.py)
+    feed = prefetch.Prefetcher(data, lambda b: sharding.host_batch_to_global(rt.mesh, b), c.train.prefetch)
+
     def save(step, force=False):
-        ck.save(step, state, data.get_state(), meta, force=force)
+        ck.save(step, state, feed.state, meta, force=force)
 
     step = int(state.step)
     if step == phase.start and phase.steps == 0 and ck.latest_step() is None:
         save(step, force=True)  # e.g. a merge phase: its product is the checkpoint
     window, t_window = [], time.time()
-    with checkpoint.PreemptionGuard() as guard:
+    with feed, checkpoint.PreemptionGuard() as guard:
         while step < end:
-            batch = sharding.host_batch_to_global(rt.mesh, next(data))
+            batch = next(feed)
             profiling = step == c.train.profile_step
             if profiling:  # one step's trace, viewable in TensorBoard's profile tab
                 jax.profiler.start_trace(str(phase.directory / "tb"))
