@@ -160,19 +160,21 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step_fn(state: TrainState, batch):
+    def accumulated_grad(params, step, batch):
         total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)  # cross_entropy's denominator for the step
 
-        def micro_grad(params, mb):
-            if n_micro == 1:
-                return grad_fn(params, state.step, mb)
+        def micro_grad(params, mb):  # this microbatch's share of the step's loss and gradient
             share = jnp.maximum(jnp.sum(mb["weights"]), 1.0) / total
-            return grad_fn(params, state.step, mb, share, 1.0 / n_micro)
+            return grad_fn(params, step, mb, share, 1.0 / n_micro)
 
         acc_dtype = microbatch.accumulator_dtype(config)
-        (loss, parts), grads = microbatch.accumulate(
-            micro_grad, state.params, batch, n_micro, acc_dtype, grad_shardings
-        )
+        return microbatch.accumulate(micro_grad, params, batch, n_micro, acc_dtype, grad_shardings)
+
+    def step_fn(state: TrainState, batch):
+        if n_micro == 1:
+            (loss, parts), grads = grad_fn(state.params, state.step, batch)
+        else:
+            (loss, parts), grads = accumulated_grad(state.params, state.step, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
