@@ -139,3 +139,20 @@ def test_moe_token_mean_aux_losses_accumulate_exactly_and_load_balance_is_the_mi
     _, m_acc = _grad_step(_config(2, **moe), devices)
     halves = [_grad_step(_config(1, **moe, **{"data.batch_size": 4}), devices, rows=k) for k in (0, 1)]
     assert m_acc["aux/moe_lb"] == pytest.approx(np.mean([m["aux/moe_lb"] for _, m in halves]), rel=1e-6)
+
+
+def test_accumulated_step_compiles_for_a_tpu_topology():
+    """The scanned microbatches and the accumulator on the params' shardings lower and compile with libtpu
+    (the AOT path of launch/aot_compile.py, on the tiny config: 2 microbatches of 4 over 4 chips)."""
+    pytest.importorskip("libtpu")
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "aot_compile", os.path.join(root, "launch", "aot_compile.py")
+    )
+    aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot)
+    r = aot.compile_step(_config(2, dict(data=-1, fsdp=1, tensor=1, expert=1)), "v4:2x2x1")
+    assert r["fits"] and r["devices"] == 4 and r["batch"] == 8
