@@ -141,6 +141,7 @@ def test_moe_token_mean_aux_losses_accumulate_exactly_and_load_balance_is_the_mi
     assert m_acc["aux/moe_lb"] == pytest.approx(np.mean([m["aux/moe_lb"] for _, m in halves]), rel=1e-6)
 
 
+@pytest.mark.slow  # 45 s here under load (a libtpu compile)
 def test_accumulated_step_compiles_for_a_tpu_topology():
     """The scanned microbatches and the accumulator on the params' shardings lower and compile with libtpu
     (the AOT path of launch/aot_compile.py, on the tiny config: 2 microbatches of 4 over 4 chips)."""
