@@ -99,7 +99,9 @@ def test_sigterm_saves_and_resume_is_exact(reference, tmp_path, monkeypatch):
     _stop_at(monkeypatch, 5, use_signal=True)
     with pytest.raises(SystemExit, match="preempted"):
         train.run(_config(), str(tmp_path))
-    assert checkpoint.Checkpointer(tmp_path / "00_stable" / "ckpt").latest_step() == 5
+    # the signal came as batch 5 was drawn, by the prefetch thread (train.prefetch=2) up to 3 steps early;
+    # the checkpoint of that step holds the data state of the batches trained on, so resume is exact
+    assert 2 <= checkpoint.Checkpointer(tmp_path / "00_stable" / "ckpt").latest_step() <= 5
     monkeypatch.undo()
     train.run(_config(), str(tmp_path))
     assert _losses(tmp_path) == _losses(ref)  # bit-exact on CPU, including the steps after the resume

@@ -19,6 +19,7 @@ import ml_collections
 
 from voltron_jax import registry, schedules
 from voltron_jax.errors import ConfigError
+from voltron_jax.microbatch import ACC_DTYPES
 from voltron_jax.recipe import parents, phase_order, phase_steps, seed_phase
 from voltron_jax.sharding import MESH_AXES, resolve_mesh
 
@@ -235,6 +236,12 @@ def get_default() -> ml_collections.ConfigDict:
     t.peak_flops = 0.0  # per device; 0: guess from the backend (for MFU)
     t.profile_step = -1
     t.eval_clusters = False  # also report validation loss per data cluster (needs data prepare)
+    # Gradient accumulation (voltron_jax/microbatch.py): each step scans grad_accum_steps microbatches of
+    # data.batch_size / grad_accum_steps rows; accumulator dtype float32 | bfloat16 | moments (that of
+    # optim.moments_dtype)
+    t.grad_accum_steps = 1
+    t.grad_accum_dtype = "float32"
+    t.prefetch = 2  # global batches built and put on device ahead of the step by a thread (0: off)
 
     # ---------------------------------------------------------------- surgery (phases with init.surgery)
     # voltron_jax/surgery; techniques-b.md 5.1. Routers of a 'btx_merge': router_init random
@@ -497,6 +504,16 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     if c.surgery.centroid_batches < 1 or c.surgery.router_scale <= 0:
         _fail("surgery.centroid_batches must be >= 1 and surgery.router_scale > 0.")
 
+    t = c.train
+    _choice("train.grad_accum_dtype", t.grad_accum_dtype, ACC_DTYPES)
+    if t.grad_accum_steps < 1 or d.batch_size % t.grad_accum_steps:
+        _fail(
+            f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide data.batch_size="
+            f"{d.batch_size} (each step scans that many equal microbatches); change either."
+        )
+    if t.prefetch < 0:
+        _fail(f"train.prefetch={t.prefetch} must be >= 0 (batches prepared ahead; 0 turns prefetch off).")
+
     _validate_recipe(c)
 
     if n_devices is not None:
@@ -506,6 +523,13 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
             _fail(
                 f"data.batch_size={d.batch_size} is not divisible by the {batch_shards} batch shards "
                 f"(mesh data x fsdp x expert = {sizes}); change the batch size or the mesh."
+            )
+        micro = d.batch_size // t.grad_accum_steps
+        if t.grad_accum_steps > 1 and micro % batch_shards:
+            _fail(
+                f"the microbatch data.batch_size / train.grad_accum_steps = {micro} is not divisible by "
+                f"the {batch_shards} batch shards (mesh data x fsdp x expert = {sizes}); use fewer "
+                "accumulation steps, a larger batch or a smaller mesh."
             )
         heads_shards = sizes["tensor"]
         if m.n_kv_heads % heads_shards or m.n_heads % heads_shards or m.d_ff % heads_shards:

@@ -27,7 +27,7 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import checkpoint, metrics, optim, runlock, schedules, sharding
+from voltron_jax import checkpoint, metrics, microbatch, optim, runlock, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
 from voltron_jax.errors import ConfigError, VoltronError
@@ -134,11 +134,19 @@ def step_variables(params, state_tree, step) -> dict:
     return {"params": params, "state": jax.tree.map(lambda a: jnp.full(a.shape, step, a.dtype), state_tree)}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, lr_fn, state_tree=None):
-    """(state, batch) -> (state, metrics); aux losses collected generically."""
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, config, lr_fn, state_tree=None, grad_shardings=None
+):
+    """(state, batch) -> (state, metrics); aux losses collected generically. With train.grad_accum_steps
+    = N > 1 the batch is N microbatches scanned in the step (voltron_jax/microbatch.py), their gradients
+    accumulated on `grad_shardings` (the params' shardings) before the one optimizer update."""
     doc_mask = config.data.doc_mask
+    n_micro = config.train.grad_accum_steps
 
-    def loss_fn(params, step, batch):
+    def loss_fn(params, step, batch, token_share=1.0, batch_share=1.0):
+        """This (micro)batch's loss, its token means scaled by `token_share` (its share of the step's
+        weighted tokens) and its aux losses by `batch_share` (1/N): summed over the step's microbatches
+        they are the step's loss and metrics."""
         logits, cols = model.apply(
             step_variables(params, state_tree, step),
             *model_inputs(batch, doc_mask),
@@ -146,11 +154,27 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config, 
         )
         ce, zl = cross_entropy(logits, batch["targets"], batch["weights"])
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
-        loss = ce + config.aux_weights.z_loss * zl + aux_total
-        return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v for k, v in aux.items()}}
+        ce, zl = ce * token_share, zl * token_share
+        loss = ce + config.aux_weights.z_loss * zl + aux_total * batch_share
+        return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v * batch_share for k, v in aux.items()}}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated_grad(params, step, batch):
+        total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)  # cross_entropy's denominator for the step
+
+        def micro_grad(params, mb):  # this microbatch's share of the step's loss and gradient
+            share = jnp.maximum(jnp.sum(mb["weights"]), 1.0) / total
+            return grad_fn(params, step, mb, share, 1.0 / n_micro)
+
+        acc_dtype = microbatch.accumulator_dtype(config)
+        return microbatch.accumulate(micro_grad, params, batch, n_micro, acc_dtype, grad_shardings)
 
     def step_fn(state: TrainState, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.step, batch)
+        if n_micro == 1:
+            (loss, parts), grads = grad_fn(state.params, state.step, batch)
+        else:
+            (loss, parts), grads = accumulated_grad(state.params, state.step, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {
@@ -227,7 +251,8 @@ class Runtime:
             batch_sh = sharding.batch_sharding(self.mesh)
             self.train_step = jax.jit(
                 sharding.traced_in(
-                    self.mesh, make_train_step(self.model, self.tx, c, self.lr_fn, state_tree)
+                    self.mesh,
+                    make_train_step(self.model, self.tx, c, self.lr_fn, state_tree, self.shardings.params),
                 ),
                 in_shardings=(self.shardings, batch_sh),
                 out_shardings=(self.shardings, None),
@@ -408,7 +433,7 @@ def run_phase(
 ) -> dict:
     """Run (or resume, or skip if finished) one phase with its compiled runtime `rt` (fan-out members
     share one); returns its final validation metrics."""
-    from voltron_jax.data import pipeline
+    from voltron_jax.data import pipeline, prefetch
 
     c = phase.config
     phase.directory.mkdir(parents=True, exist_ok=True)
@@ -443,16 +468,20 @@ def run_phase(
     flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
 
+    # the next batches are built and put on the devices while a step runs; feed.state is the data
+    # position after the batches the loop took, the one a checkpoint must hold (data/prefetch.py)
+    feed = prefetch.Prefetcher(data, lambda b: sharding.host_batch_to_global(rt.mesh, b), c.train.prefetch)
+
     def save(step, force=False):
-        ck.save(step, state, data.get_state(), meta, force=force)
+        ck.save(step, state, feed.state, meta, force=force)
 
     step = int(state.step)
     if step == phase.start and phase.steps == 0 and ck.latest_step() is None:
         save(step, force=True)  # e.g. a merge phase: its product is the checkpoint
     window, t_window = [], time.time()
-    with checkpoint.PreemptionGuard() as guard:
+    with feed, checkpoint.PreemptionGuard() as guard:
         while step < end:
-            batch = sharding.host_batch_to_global(rt.mesh, next(data))
+            batch = next(feed)
             profiling = step == c.train.profile_step
             if profiling:  # one step's trace, viewable in TensorBoard's profile tab
                 jax.profiler.start_trace(str(phase.directory / "tb"))
