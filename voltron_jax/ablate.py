@@ -44,6 +44,7 @@ class Variant:
     lrs: list[float] = field(default_factory=list)  # learning-rate sweep first (sweep files only)
     arm: str = ""  # the sweep-file entry this run belongs to (an lr-sweep run or the arm at its best lr)
     lr: float | None = None
+    evaluate: dict = field(default_factory=dict)  # {'of': arm, 'mode': ...}: re-score that arm's runs
 
 
 # ============================================================================ sweep definition
@@ -101,14 +102,21 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
     variants = [
         Variant(
             name,
-            {k: str(v) for k, v in ov.items() if k not in ("base", "lrs", "seeds")},
+            {k: str(v) for k, v in ov.items() if k not in ("base", "lrs", "seeds", "evaluate")},
             list(range(ov.get("seeds", n))),
             ov.get("base", ""),
             [float(x) for x in ov.get("lrs", ())],
             name,
+            evaluate=dict(ov.get("evaluate", {})),
         )
         for name, ov in sw["variants"].items()
     ]
+    names = [v.name for v in variants]
+    for v in variants:
+        if v.evaluate and v.evaluate.get("of") not in names:
+            raise ConfigError(
+                f"variant {v.name!r} evaluates {v.evaluate.get('of')!r}, not a variant of {path}."
+            )
     config = load_config(sw["base"])
     for v in variants:
         for k in v.overrides:
@@ -122,6 +130,17 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
 
 
 def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) -> list[str]:
+    if variant.evaluate:  # re-score a finished run of another arm (voltron_jax/eval/ensemble.py)
+        source = workdir.parent.parent / variant.evaluate["source"] / f"seed_{seed}"
+        flags = [f"--{k}={v}" for k, v in variant.evaluate.items() if k not in ("of", "source")]
+        return [
+            sys.executable,
+            "-m",
+            "voltron_jax.eval.ensemble",
+            f"--workdir={source}",
+            f"--out={workdir}",
+            *flags,
+        ]
     args = [
         sys.executable,
         "-m",
@@ -165,12 +184,20 @@ def final_runs(variants: list[Variant], root: Path) -> tuple[list[Variant], list
     out, pending = [], []
     for v in variants:
         finals = _lr_finals(v, root)
+        if v.evaluate:
+            continue
         if not finals:
             out.append(v)
         elif any(math.isnan(x) for x in finals.values()):
             pending.append(v.name)
         else:
             out.append(at_lr(v, claims_lib.best_lr(finals)[0], v.seeds))
+    resolved = {v.arm or v.name: v for v in out}
+    for v in variants:  # re-scoring arms run after the runs they read, on the same seeds
+        if v.evaluate and v.evaluate["of"] in resolved:
+            src = resolved[v.evaluate["of"]]
+            ev = {**v.evaluate, "source": src.name}
+            out.append(Variant(v.name, {}, src.seeds, src.base, [], v.name, src.lr, ev))
     return out, pending
 
 
@@ -271,8 +298,8 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "flops_per_token": fpt,
                 "_final": [r["eval"][-1]["loss"] for r in recs],
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
-                "tokens_per_s": float(np.median([t["tokens_per_s"] for r in recs for t in r["train"]]))
-                if recs
+                "tokens_per_s": float(np.median(tps_))
+                if (tps_ := [t["tokens_per_s"] for r in recs for t in r["train"]])
                 else float("nan"),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
             }

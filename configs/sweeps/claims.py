@@ -20,6 +20,8 @@ Controls:
   - BitNet and DenseFormer at their own tuned lr; ICP against dedup-random order of the same documents.
   - MiniCPM: decay stage on the high-quality mix vs on the pretraining mix; a width sweep (d = 128, 256,
     512 under the tensor-program parameterisation) whose best lr should not move.
+  - c-BTX (configs/recipe_tiny.py, dropless capacity) against the dense model continued for the same
+    tokens and against the c-BTM sparse ensemble of its own branches, all three scored on the same tokens.
 
 Scale: 4 blocks of d=256 (tiny.py), 256-byte rows, 96 steps of batch 16 (~0.4M tokens per run). It can
 show effects that appear within a few hundred thousand tokens at this depth; it cannot show what the
@@ -34,6 +36,7 @@ DENSE_LRS = (3.75e-4, 7.5e-4, 1.5e-3)
 BITNET_LRS = (7.5e-4, 1.5e-3, 3e-3)  # b1.58 trains best at a higher lr than fp16
 MUP_LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)  # MiniCPM peak lr 1e-2, matrices at lr / width factor
 STABLE, DECAY = 80, 16
+DROPLESS = {"model.moe.capacity_factor": 4.0, "model.moa.capacity_factor": 4.0}
 
 
 def _steps(stable: int, decay: int) -> dict:
@@ -133,13 +136,18 @@ CLAIMS = {
         claim="under the tensor-program parameterisation the best lr does not move with width "
         "(what voltron_13b's lr 1e-2 rests on)",
     ),
-    "c-BTX": dict(
-        baseline="cbtx_dense_continue",
-        variant="cbtx",
-        testable=False,
-        why="not built yet: the MoE's token drop rate is not recorded and the c-BTM sparse-ensemble "
-        "baseline does not exist (issue 17 item 2)",
+    "c-BTX vs dense": dict(
+        baseline="cbtx_dense_scored",
+        variant="cbtx_scored",
         claim="branch-train-mix beats the data-matched dense model (BTX avg 47.9 vs 44.5)",
+        why_not="the merged MoE restarts near the seed and fine-tunes briefly, while the dense model "
+        "trains on everything for the same tokens",
+    ),
+    "c-BTX vs c-BTM ensemble": dict(
+        baseline="cbtm_ensemble",
+        variant="cbtx_scored",
+        claim="mixing the branches into one MoE and fine-tuning beats their c-BTM sparse ensemble",
+        why_not="the ensemble runs top-2 whole branch models per row; the tiny MoE's fine-tune is short",
     ),
 }
 
@@ -174,6 +182,14 @@ def get_sweep(arg: str = ""):
         "random_order": {"data.ordering": "dedup_random", "lrs": DENSE_LRS},
         "icp": {"data.ordering": "icp", "lrs": DENSE_LRS},
         **{f"width_{d}": {**_width(d), "lrs": MUP_LRS, "seeds": 1} for d in (128, 256, 512)},  # lr sweep only
+        # c-BTX at the recipe's own schedule. Capacity factor n_experts / top_k = 4 never drops a token
+        # (models/moe.py), so no MoE number here is affected by dropping, in training or evaluation.
+        "cbtx": {"base": "configs/recipe_tiny.py", **DROPLESS},
+        "cbtx_dense": {"base": "configs/recipe_tiny.py:continue"},
+        # All three scored on the same rows and suffix positions (voltron_jax/eval/ensemble.py).
+        "cbtx_scored": {"evaluate": {"of": "cbtx", "mode": "single"}},
+        "cbtx_dense_scored": {"evaluate": {"of": "cbtx_dense", "mode": "single"}},
+        "cbtm_ensemble": {"evaluate": {"of": "cbtx", "mode": "cbtm_ensemble", "top_k": 2}},
     }
     return {"base": base, "seeds": 3, "set": fixed, "variants": variants, "claims": CLAIMS}
 
