@@ -31,9 +31,10 @@ import math
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
+
+from voltron_jax.errors import VoltronError
 
 # Compile on the CPU host; quiet libtpu's TPU-VM discovery (there is no TPU VM metadata here).
 for _k, _v in (
@@ -55,7 +56,7 @@ CHIP_CONFIGS = ("auto", "megacore", "default")
 EXAMPLES = "v4:2x2x1, v4:4x4x4 (v4-128), v5p:2x2x1, v5p:4x4x4 (v5p-128), v5e:2x2, v5e:16x16, v6e:4x4"
 
 
-class TopologyError(ValueError):
+class TopologyError(VoltronError, ValueError):
     """A topology name libtpu does not know (or no libtpu)."""
 
 
@@ -152,7 +153,7 @@ def select_phase(config, name: str):
     for ph in phases:
         if ph.name == name:
             return ph
-    raise ValueError(f"--phase={name!r} is not in the recipe; phases: {sorted({p.name for p in phases})}.")
+    raise TopologyError(f"--phase={name!r} is not in the recipe; phases: {sorted({p.name for p in phases})}.")
 
 
 def compile_step(
@@ -301,9 +302,11 @@ def render(r: dict) -> str:
 
 def main(argv) -> int:
     from absl import flags
-    from ml_collections import config_flags
 
-    cfg = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    from voltron_jax import cli
+    from voltron_jax.errors import UsageError
+
+    cfg = flags.DEFINE_string("config", None, "Config file (configs/*.py[:variant]).")
     topo = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v4:4x4x4 or v5p:4x4x4.")
     phase = flags.DEFINE_string("phase", "", "Recipe phase to compile (default: the first).")
     step_time = flags.DEFINE_float("step_time", 0.0, "Measured seconds per step, for the MFU it implies.")
@@ -315,20 +318,20 @@ def main(argv) -> int:
         "Devices per chip: auto (as a TPU VM of the type: "
         "megacore on v4), megacore, or default (libtpu's: one device per TensorCore on v4).",
     )
-    flags.FLAGS(argv)
-    if cfg.value is None or not topo.value:
-        print(
-            "usage: python launch/aot_compile.py --config=configs/x.py[:variant] --topology=v4:4x4x4",
-            file=sys.stderr,
-        )
-        return 2
-    from voltron_jax.errors import ConfigError
-
+    usage = "usage: python launch/aot_compile.py --config=configs/x.py[:variant] --topology=v4:4x4x4"
+    argv, overrides = cli.split_overrides(argv)
+    if any(a in cli.HELP_FLAGS for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.main_module_help() + cli.COMMON_HELP)
+        return 0
     try:
-        r = compile_step(cfg.value, topo.value, phase.value, step_time.value, chip_config.value)
-    except (TopologyError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UsageError(f"{cli.one_line(e)}; {usage}") from e
+    if cfg.value is None or not topo.value:
+        raise UsageError(usage)
+    config = cli.config_from_argv(cfg.value, overrides)
+    # TopologyError, ConfigError: one line from voltron_jax.cli
+    r = compile_step(config, topo.value, phase.value, step_time.value, chip_config.value)
     r["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     print(render(r), flush=True)
     if json_out.value:
@@ -338,4 +341,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from voltron_jax import cli
+
+    cli.run(main, absl_flags=False)

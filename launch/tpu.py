@@ -2,13 +2,13 @@
 the c-BTX branch phase as parallel jobs on separate slices. `--dry-run` prints the exact commands.
 
     python launch/tpu.py create  --name=v13 --zone=us-central2-b --type=v4-128 [--spot] [--project=P]
-    python launch/tpu.py wait    --name=v13 --zone=us-central2-b          # until the slice is ACTIVE
+    python launch/tpu.py wait    --name=v13 --zone=us-central2-b          # until ACTIVE; fails on FAILED etc.
     python launch/tpu.py install --name=v13 --zone=us-central2-b --repo=https://github.com/ORG/voltron \\
         --rev=COMMIT                                 # the same checkout and venv on every worker
     python launch/tpu.py run     --name=v13 --zone=us-central2-b [--detach] -- \\
         python -m voltron_jax.main --multihost --config=configs/voltron_13b.py:v4 --workdir=gs://B/v13 \\
         --compilation_cache=gs://B/xla_cache
-    python launch/tpu.py stop    --name=v13 --zone=us-central2-b          # SIGTERM: save a checkpoint, exit
+    python launch/tpu.py stop    --name=v13 --zone=us-central2-b          # SIGTERM: checkpoint, exit; waits
     python launch/tpu.py delete  --name=v13 --zone=us-central2-b
     python launch/tpu.py branches --name=v13b --zone=us-central2-b --type=v4-64 --members=0-7 --create \\
         -- python -m voltron_jax.main --multihost --config=configs/voltron_13b.py:v4 --workdir=gs://B/v13
@@ -20,6 +20,13 @@ slice `<name>-i` for each member (each slice is its own jax.distributed cluster;
 own folder under the shared gs:// workdir). Afterwards run the mix and fine-tune on one big slice:
 `run ... -- <command> --only_phase=mix` then `--only_phase=moe_ft` (or the plain command: finished phases
 are skipped). docs/pods.md explains the multi-host environment, caches and profiling.
+
+`wait` ends with status 0 once the queued resource is ACTIVE and with status 1 and one line as soon as it
+is FAILED, SUSPENDED, SUSPENDING or DELETING (or cannot be described), or after `--timeout` seconds.
+`install` needs Python >= 3.11 (setup.py); the TPU VM images are Ubuntu 22.04 with Python 3.10, so when
+`python3.11` is missing it is installed from the deadsnakes PPA (apt) first, and a venv made by another
+Python is rebuilt. `stop` matches the processes with `pkill -f '[v]oltron_jax[.]main'`: the brackets keep
+the remote shell, whose own command line holds the pattern, from matching (and signalling) itself.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ RUNTIME = {
 TYPE_RE = re.compile(r"^(v4|v5p|v5litepod|v6e)-(\d+)$")
 CHECKOUT = "voltron_jax"  # folder in each worker's home
 LOG = "voltron_run.log"
+# Queued-resource states after which a slice never becomes ACTIVE without a new `create`.
+TERMINAL = ("FAILED", "SUSPENDED", "SUSPENDING", "DELETING")
+# The training processes, as a regex whose text does not match itself (see the module docstring).
+TRAIN_PATTERN = "[v]oltron_jax[.]main"
 
 
 class LaunchError(ValueError):
@@ -96,7 +107,8 @@ def create(a) -> list[list[str]]:
 
 
 def wait(a) -> list[list[str]]:
-    """Poll the queued resource until ACTIVE (gcloud's own --format query inside a shell loop)."""
+    """Poll the queued resource until ACTIVE; fail at once on a terminal state, an unknown resource or
+    after --timeout seconds (0: no limit)."""
     describe = shlex.join(
         gcloud(
             "compute",
@@ -109,12 +121,42 @@ def wait(a) -> list[list[str]]:
             project=a.project,
         )
     )
-    loop = f'until [ "$({describe})" = ACTIVE ]; do echo "waiting for {a.name}..."; sleep 30; done'
+    name, zone = shlex.quote(a.name), shlex.quote(a.zone)
+    fix = (
+        f"see: gcloud compute tpus queued-resources describe {name} --zone={zone}; delete it and create again"
+    )
+    loop = (
+        "while true; do "
+        f's=$({describe}) || {{ echo "error: cannot describe queued resource {name} in {zone}; check --name, '
+        '--zone and --project" >&2; exit 1; }; '
+        'case "$s" in '
+        f'ACTIVE) echo "{name} is ACTIVE"; exit 0;; '
+        f"{'|'.join(TERMINAL)}) "
+        f'echo "error: queued resource {name} is $s and will not become ACTIVE; {fix}" >&2; exit 1;; '
+        "esac; "
+        f'if [ {int(a.timeout)} -gt 0 ] && [ "$SECONDS" -ge {int(a.timeout)} ]; then '
+        f'echo "error: {name} is still $s after {int(a.timeout)} s; rerun wait or check the quota" >&2; '
+        "exit 1; fi; "
+        f'echo "waiting for {name} ($s)..."; sleep {int(a.poll)}; '
+        "done"
+    )
     return [["bash", "-c", loop]]
 
 
-def install_script(repo: str, rev: str, extras: str) -> str:
-    """Shell run on every worker: the same commit and a venv with the pinned stack (jax + libtpu)."""
+def python_setup(python: str) -> list[str]:
+    """Shell steps that make `python` (e.g. python3.11) exist: the TPU VM images ship Ubuntu 22.04 with
+    Python 3.10 only, so it comes from the deadsnakes PPA (with its venv module) when missing."""
+    if not re.fullmatch(r"python3\.\d+", python):
+        raise LaunchError(f"--python={python!r}: give an interpreter name like python3.11 (>= 3.11, < 3.13).")
+    apt = "sudo DEBIAN_FRONTEND=noninteractive apt-get"
+    return [
+        f"(command -v {python} >/dev/null || (sudo add-apt-repository -y ppa:deadsnakes/ppa "
+        f"&& {apt} update -q && {apt} install -y -q {python} {python}-venv))",
+    ]
+
+
+def install_script(repo: str, rev: str, extras: str, python: str = "python3.11") -> str:
+    """Shell run on every worker: Python >= 3.11, the same commit and a venv with the pinned stack."""
     if not repo or not rev:
         raise LaunchError(
             "install needs --repo=<git URL> and --rev=<commit> so every worker gets the same "
@@ -126,7 +168,10 @@ def install_script(repo: str, rev: str, extras: str) -> str:
             f"cd {CHECKOUT}",
             "git fetch --quiet origin",
             f"git checkout --quiet {shlex.quote(rev)}",
-            "(test -x .venv/bin/python || python3 -m venv .venv)",
+            *python_setup(python),
+            # a venv of another Python (an older install with python3) is rebuilt with the right one
+            f"(.venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null "
+            f"|| (rm -rf .venv && {python} -m venv .venv))",
             ".venv/bin/pip install --quiet --upgrade pip",
             f".venv/bin/pip install --quiet -c constraints.txt -e {shlex.quote('.[' + extras + ']')}",
         ]
@@ -134,7 +179,8 @@ def install_script(repo: str, rev: str, extras: str) -> str:
 
 
 def install(a) -> list[list[str]]:
-    return [ssh_all(a.name, a.zone, install_script(a.repo, a.rev, a.extras), a.project)]
+    """The same commit and a Python >= 3.11 venv with the pinned stack on every worker."""
+    return [ssh_all(a.name, a.zone, install_script(a.repo, a.rev, a.extras, a.python), a.project)]
 
 
 def worker_command(command: list[str], detach: bool, env: list[str]) -> str:
@@ -154,16 +200,29 @@ def worker_command(command: list[str], detach: bool, env: list[str]) -> str:
 
 
 def run(a) -> list[list[str]]:
+    """The command after `--` on every worker, from the checkout, with its venv on PATH."""
     return [ssh_all(a.name, a.zone, worker_command(a.command, a.detach, a.env), a.project)]
+
+
+def stop_script(timeout: int, pattern: str = TRAIN_PATTERN) -> str:
+    """SIGTERM the processes matching `pattern` on this worker, then wait up to `timeout` s for their exit."""
+    pat = shlex.quote(pattern)
+    return (
+        f"pkill -TERM -f {pat} || true; "
+        f"for i in $(seq {max(int(timeout) // 5, 1)}); do "
+        f"pgrep -f {pat} >/dev/null || exit 0; sleep 5; done; "
+        f'echo "error: $(hostname): voltron_jax.main still runs {int(timeout)} s after SIGTERM" >&2; exit 1'
+    )
 
 
 def stop(a) -> list[list[str]]:
     """SIGTERM the training processes on every worker: voltron_jax saves a checkpoint at a step all hosts
-    agree on and exits; rerunning the same command resumes."""
-    return [ssh_all(a.name, a.zone, "pkill -TERM -f 'voltron_jax.main' || true", a.project)]
+    agree on and exits; rerunning the same command resumes. Returns once they have exited."""
+    return [ssh_all(a.name, a.zone, stop_script(a.timeout), a.project)]
 
 
 def delete(a) -> list[list[str]]:
+    """Delete the queued resource and its slice."""
     return [
         gcloud(
             "compute",
@@ -223,11 +282,13 @@ COMMANDS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__, formatter_class=raw)
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name in COMMANDS:
-        s = sub.add_parser(name)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, fn in COMMANDS.items():
+        doc = " ".join((fn.__doc__ or name).split())
+        s = sub.add_parser(name, help=doc.split(". ")[0], description=doc, formatter_class=raw)
         s.add_argument("--name", required=True, help="queued resource / node name (prefix for branches)")
         s.add_argument("--zone", required=True)
         s.add_argument("--project", default="")
@@ -236,7 +297,19 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--version", default="", help="runtime version (default per TPU generation)")
             s.add_argument("--spot", action="store_true")
             s.add_argument("--reserved", action="store_true")
+        if name in ("wait", "branches"):
+            s.add_argument(
+                "--timeout", type=int, default=0, help="give up after this many seconds (0: never)"
+            )
+            s.add_argument("--poll", type=int, default=30, help="seconds between two state queries")
+        if name == "stop":
+            s.add_argument(
+                "--timeout", type=int, default=600, help="seconds to wait for the processes to exit"
+            )
         if name in ("install", "branches"):
+            s.add_argument(
+                "--python", default="python3.11", help="interpreter of the venv (installed if missing)"
+            )
             s.add_argument("--repo", default="", help="git URL every worker clones")
             s.add_argument("--rev", default="", help="commit to check out")
             s.add_argument("--extras", default="aot,data", help="pip extras of the package")
@@ -279,7 +352,9 @@ def main(argv: list[str]) -> int:
     for cmd in cmds:
         print(shlex.join(cmd), flush=True)
         if not a.dry_run:
-            subprocess.run(cmd, check=True)
+            rc = subprocess.run(cmd).returncode
+            if rc:  # the command printed why; the later steps depend on this one
+                return rc
     return 0
 
 

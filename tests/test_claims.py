@@ -8,6 +8,7 @@ import pytest
 
 from voltron_jax import ablate
 from voltron_jax import claims as cl
+from voltron_jax.errors import UsageError
 
 QUICK = "configs/sweeps/claims.py:quick"
 
@@ -116,7 +117,7 @@ def test_emit_lists_the_lr_sweep_then_says_what_follows(tmp_path, capsys):
 
 
 def test_collect_only_before_the_lr_sweep_finished_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="lr sweep of dense, denseformer has not finished"):
+    with pytest.raises(UsageError, match="lr sweep of dense, denseformer has not finished"):
         ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--collect_only"])
 
 

@@ -3,12 +3,16 @@
     python -m voltron_jax.ablate --config=configs/tiny.py --sweep model.linear=dense,bitlinear \
         --sweep model.routing=none,mod --seeds 3 --workdir=runs/abl [--emit] [--set max_steps=50]
     python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims [--claims]
+        [--claims_out=docs/claims.md]
 
 Sweeps are a grid (every combination of the `--sweep` lists) or listed variants from a sweep file
 (`get_sweep() -> {"base": "configs/x.py[:arg]", "variants": {name: {field: value}}, "set": {...}}`).
 Each variant x seed trains in its own workdir `<workdir>/<variant>/seed_<s>` through the same command a
 pod would run (`python -m voltron_jax.main ...`); finished runs (a `done.json` there) are skipped, so a
-sweep resumes. `--emit` prints those commands instead of running them. The collected results are a
+sweep resumes. `--emit` prints those commands instead of running them; every variant's config (base, `--set`,
+overrides) is built and validated first, so neither a printed command nor a run fails on a bad field or
+value. `--claims` writes the sweep file's verified-claims section to `<workdir>/claims.md` (or to
+`--claims_out`). The collected results are a
 markdown table and a CSV (final and best validation loss and perplexity, mean and spread over seeds,
 tokens/s, parameters, FLOPs per token, validation loss at equal FLOPs) and one PNG of every variant's
 curves against steps and against training FLOPs.
@@ -30,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from voltron_jax import claims as claims_lib
+from voltron_jax import cli
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
-from voltron_jax.errors import ConfigError
+from voltron_jax.errors import ConfigError, UsageError, VoltronError
 
 
 @dataclass
@@ -127,6 +132,21 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
 
 
 # ============================================================================ run / emit
+
+
+def variant_config(base: str, overrides: dict):
+    """The config one run trains with: `base` plus `overrides` parsed exactly as `voltron_jax.main`
+    parses its `--config.<field>=value` flags (recipe fields included)."""
+    return cli.load_config(base, [(k, str(v)) for k, v in overrides.items()])
+
+
+def check_variants(base: str, variants: list[Variant], fixed: dict) -> None:
+    """Build and validate every variant's config: a bad value fails here, not in a printed command."""
+    for v in variants:
+        try:
+            config_lib.validate(variant_config(v.base or base, {**fixed, **v.overrides}))
+        except ConfigError as e:
+            raise ConfigError(f"variant {v.name!r}: {e}") from e
 
 
 def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) -> list[str]:
@@ -230,7 +250,11 @@ def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: b
                 print(f"[ablate] {v.name} seed {s}: done, skipped", flush=True)
                 continue
             print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}", flush=True)
-            subprocess.run(cmd, check=True)
+            if subprocess.run(cmd).returncode:
+                raise VoltronError(
+                    f"run {v.name} seed {s} failed (its message is above); fix it and rerun the same "
+                    "ablate command: finished runs are skipped."
+                )
             (d / "done.json").write_text(json.dumps({"command": cmd}))
 
 
@@ -256,8 +280,7 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
 
     from voltron_jax.models import decoder
 
-    c = load_config(base)
-    c = config_lib.apply_overrides(c, {k: config_lib.parse_value(c, k, v) for k, v in overrides.items()})
+    c = variant_config(base, overrides)
     names = recipe_lib.phase_order(c.recipe)
     comparable = not any(
         c.recipe[n].fan_out or "model" in c.recipe[n].overrides or c.recipe[n].init.surgery for n in names
@@ -457,24 +480,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--emit", action="store_true", help="print one launch command per run instead of running")
     p.add_argument("--collect_only", action="store_true")
+    p.add_argument(
+        "--claims", action="store_true", help="write the verified-claims section to <workdir>/claims.md"
+    )
     p.add_argument("--claims_out", default="", help="write the verified-claims section to this markdown file")
     a = p.parse_args(argv)
     claims = {}
-    try:
-        if a.sweep_file:
-            base, variants, fixed, claims = load_sweep_file(a.sweep_file, a.seeds)
-        else:
-            base = a.config
-            variants = parse_sweeps(load_config(base), a.sweep, a.seeds or 1)
-            fixed = {}
-        cfg = load_config(base)
-        for item in a.set:
-            k, _, v = item.partition("=")
-            check_field(cfg, k)
-            fixed[k] = v
-    except ConfigError as e:
-        sys.exit(f"ablate: {e}")
+    if a.sweep_file:
+        base, variants, fixed, claims = load_sweep_file(a.sweep_file, a.seeds)
+    else:
+        base = a.config
+        variants = parse_sweeps(load_config(base), a.sweep, a.seeds or 1)
+        fixed = {}
+    if (a.claims or a.claims_out) and not claims:
+        raise UsageError(
+            "--claims needs a --sweep_file whose get_sweep() has 'claims' (configs/sweeps/claims.py)."
+        )
+    cfg = load_config(base)
+    for item in a.set:
+        k, _, v = item.partition("=")
+        check_field(cfg, k)
+        fixed[k] = v
+    check_variants(base, variants, fixed)
     root = Path(a.workdir)
+    claims_out = a.claims_out or (str(root / "claims.md") if a.claims else "")
     sweep = lr_sweep_runs(variants)  # arms with `lrs` first train their first seed at every lr
     if sweep and not a.collect_only:
         run_all(base, sweep, fixed, root, a.emit)
@@ -488,19 +517,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.emit:
         return
     if pending:
-        sys.exit(
-            f"ablate: the lr sweep of {', '.join(pending)} has not finished under {root}; "
-            "run without --collect_only."
+        raise UsageError(
+            f"the lr sweep of {', '.join(pending)} has not finished under {root}; run without --collect_only."
         )
     rows = collect(base, finals, fixed, root)
     write_outputs(rows, base, finals, fixed, root)
     print(markdown(rows))
-    if claims and a.claims_out:
+    if claims and claims_out:
         cmd = "python -m voltron_jax.ablate " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
         text = claims_section(rows, claims, cmd, lr_table(variants, root))
-        Path(a.claims_out).write_text(text + "\n")
-        print(f"[ablate] verified claims written to {a.claims_out}")
+        Path(claims_out).write_text(text + "\n")
+        print(f"[ablate] verified claims written to {claims_out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(lambda argv: main(argv[1:]), absl_flags=False)

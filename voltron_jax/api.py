@@ -28,10 +28,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from voltron_jax.errors import VoltronError
+
 PHASE_DIR = re.compile(r"^\d\d_")
 
 
-class LoadError(ValueError):
+class LoadError(VoltronError, ValueError):
     """A path or config that cannot be loaded; the message names the problem and the fix."""
 
 

@@ -28,11 +28,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from voltron_jax.errors import VoltronError
+
 COMMIT_MARKER = "commit_success.txt"
 ITEMS = ("state", "data", "meta")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VoltronError, RuntimeError):
     """A checkpoint folder that cannot be used; the message names the path and the fix."""
 
 

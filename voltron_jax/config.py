@@ -10,6 +10,7 @@ owns this schema: a checkpoint's saved config plus `complete()` is enough to reb
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -262,6 +263,14 @@ def _fail(msg: str):
     raise ConfigError(msg)
 
 
+def _valid(name: str, keys) -> str:
+    """'valid: [...]' for an unknown field `name`, led by the nearest valid names (a typo's fix)."""
+    keys = sorted(keys)
+    near = difflib.get_close_matches(name, keys, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+    return f"{hint}valid: {keys}"
+
+
 def _choice(name: str, value, choices):
     if value not in choices:
         _fail(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
@@ -334,10 +343,10 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: Mapping) -> ml_coll
         for i, p in enumerate(path):
             if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
                 where = ".".join(path[:i]) or "the config"
-                _fail(f"override {key!r}: {p!r} is not a section of {where}; valid: {sorted(node.keys())}.")
+                _fail(f"override {key!r}: {p!r} is not a section of {where}; {_valid(p, node.keys())}.")
             node = node[p]
         if leaf not in node:
-            _fail(f"override {key!r}: unknown field {leaf!r}; valid: {sorted(node.keys())}.")
+            _fail(f"override {key!r}: unknown field {leaf!r}; {_valid(leaf, node.keys())}.")
         if isinstance(node[leaf], ml_collections.ConfigDict):
             _fail(f"override {key!r} is a section; set its fields ({sorted(node[leaf].keys())}).")
         node[leaf] = _typed(key, node[leaf], value)
@@ -349,10 +358,14 @@ def parse_value(c: ml_collections.ConfigDict, key: str, text):
     string-valued sweeps and flags. Booleans: true/false/1/0/yes/no; tuples as Python literals."""
     node = c
     for p in key.split(".")[:-1]:
-        node = node[p] if p in node else _fail(f"{key!r}: {p!r} is not a config section.")
+        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+            _fail(f"{key!r}: {p!r} is not a config section; {_valid(p, node.keys())}.")
+        node = node[p]
     leaf = key.split(".")[-1]
     if leaf not in node:
-        _fail(f"{key!r}: unknown field {leaf!r}; valid: {sorted(node.keys())}.")
+        _fail(f"{key!r}: unknown field {leaf!r}; {_valid(leaf, node.keys())}.")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        _fail(f"{key!r} is a section; set its fields ({sorted(node[leaf].keys())}).")
     old = node[leaf]
     if not isinstance(text, str):  # already a value (sweep files write typed values)
         return _typed(key, old, text)
@@ -392,10 +405,16 @@ def load(spec: str | os.PathLike, relative_to: str | os.PathLike | None = None) 
     name = "voltron_config_" + os.path.splitext(os.path.basename(path))[0]
     mod_spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        _fail(f"config file {path!r} has no get_config(arg) function.")
-    return mod.get_config(arg) if arg else mod.get_config()
+    try:
+        mod_spec.loader.exec_module(mod)
+        if not hasattr(mod, "get_config"):
+            _fail(f"config file {path!r} has no get_config(arg) function.")
+        return mod.get_config(arg) if arg else mod.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # a bug or a bad variant in the user's file: name the file, keep the cause
+        where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+        raise ConfigError(f"config file {spec!r}{where}: {type(e).__name__}: {e}") from e
 
 
 def _complete(stored: dict, defaults: ml_collections.ConfigDict) -> None:
@@ -445,6 +464,9 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         _fail(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     if m.vocab_size <= 0:
         _fail("model.vocab_size must be positive.")
+
+    if c.max_steps < 0:
+        _fail(f"max_steps={c.max_steps} must be >= 0 (0: every phase runs its recipe steps; N caps them).")
 
     d = c.data
     _choice("data.vocab", d.vocab, ("byte", "sentencepiece"))

@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from etils import epath
+
+from voltron_jax.errors import VoltronError
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
 _BATCHES = flags.DEFINE_integer("batches", 32, "Validation batches (of data.batch_size x seq_len).")
 _JSON = flags.DEFINE_string("json", "", "Append one JSON line per run to this file.")
 
 
-class EvalError(ValueError):
+class EvalError(VoltronError, ValueError):
     pass
 
 
@@ -52,15 +54,17 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
 
 
 def main(argv) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    del argv  # logging is at WARNING (Orbax logs every restore at INFO) unless --verbose: voltron_jax.cli
     if not _WORKDIRS.value:
         sys.exit("usage: python -m voltron_jax.evaluate --workdir=runs/a [--workdir=...] [--batches=32]")
+    from voltron_jax import cli
+
+    for w in _WORKDIRS.value:  # a wrong folder fails before TensorFlow and jax start
+        if not (epath.Path(w) / "config.json").exists():
+            raise EvalError(f"{w}: no config.json; pass the workdir of a run started by voltron_jax.main.")
+    cli.preload(("tensorflow",))
     for w in _WORKDIRS.value:
-        try:
-            r = evaluate_run(w, _BATCHES.value)
-        except (EvalError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
+        r = evaluate_run(w, _BATCHES.value)  # EvalError etc.: one line from voltron_jax.cli
         print(
             f"{w}: {r['phase']} step {r['step']}  val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  "
             f"({r['tokens']:,} tokens)",
@@ -72,4 +76,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from voltron_jax import cli
+
+    cli.run(main, doc=__doc__)

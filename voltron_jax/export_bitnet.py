@@ -171,26 +171,27 @@ def _format(report: dict) -> str:
 
 def cli() -> None:
     """Command line: export a phase folder, or print the byte report of a config."""
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
+
+    from voltron_jax import cli
 
     phase_dir = flags.DEFINE_string("phase_dir", "", "A finished phase folder of a BitNet run (holds ckpt/).")
     out = flags.DEFINE_string("out", "", "Output folder for the packed export.")
-    config = config_flags.DEFINE_config_file("config", None, "Print the byte report of this config only.")
+    config = flags.DEFINE_string("config", None, "Print the byte report of this config only.")
 
     def main(argv) -> None:
         del argv
         if phase_dir.value and out.value:
             print(_format(export(phase_dir.value, out.value)), f"-> {out.value}")
         elif config.value is not None:
-            print(_format(linear_weight_bytes(config.value)))
+            print(_format(linear_weight_bytes(cli.config_from_argv(config.value, cli.overrides()))))
         else:
             sys.exit(
                 "usage: python -m voltron_jax.export_bitnet --phase_dir=runs/x/01_decay --out=OUT\n"
                 "   or: python -m voltron_jax.export_bitnet --config=configs/bench_1b.py:bitlinear"
             )
 
-    app.run(main)
+    cli.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
     python -m voltron_jax.main ...            (the same)
 
 --config takes any Python file with get_config(arg), by relative or absolute path, optionally with a
-variant (`file.py:arg`); every field can be overridden as --config.<section>.<field>=value.
+variant (`file.py:arg`); every field can be overridden as --config.<section>.<field>=value (an unknown
+field fails with the nearest valid name and the list of valid ones). Errors are one line
+(`error: ...`, exit status 2); --debug shows the traceback and every log line, --verbose the libraries'
+INFO logs.
 
 Multi-host (TPU pods): the same command on every worker; `--multihost` calls jax.distributed.initialize()
 (auto-detected on TPU VMs; pass --coordinator/--num_processes/--process_id elsewhere).
@@ -12,15 +15,12 @@ Multi-host (TPU pods): the same command on every worker; `--multihost` calls jax
 
 from __future__ import annotations
 
-import os
-import sys
+from absl import flags
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from voltron_jax import cli
+from voltron_jax.errors import UsageError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file: path/to/file.py[:variant] (a get_config(arg)).", lock_config=True
-)
+_CONFIG = flags.DEFINE_string("config", None, "Config file: path/to/file.py[:variant] (a get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or bucket URL).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
 _COORD = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-host outside TPU VMs).")
@@ -29,6 +29,8 @@ _PID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-host 
 _ONLY = flags.DEFINE_string("only_phase", "", "Run just this recipe phase (its parents must be finished).")
 _MEMBER = flags.DEFINE_integer("member", -1, "With --only_phase of a fan-out phase: just this member.")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache folder.")
+
+USAGE = "usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo"
 
 
 def init_distributed() -> None:
@@ -40,35 +42,34 @@ def init_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def main(argv) -> None:
-    del argv
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise UsageError(f"unexpected argument {argv[1]!r}; flags look like --name=value. {USAGE}")
     if _WORKDIR.value is None or _CONFIG.value is None:
-        sys.exit("usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo")
+        raise UsageError(f"--config and --workdir are required. {USAGE}")
+    # The config (file, overrides, validation) fails before jax starts or anything is written.
+    config = cli.config_from_argv(_CONFIG.value, cli.overrides())
+    from voltron_jax import resume
+    from voltron_jax.config import validate
+
+    validate(config)
+    resume.check(config, resume.workdir_path(_WORKDIR.value))  # train.run checks again (library callers)
+    cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
     import jax
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
     if _MULTIHOST.value or _COORD.value:
         init_distributed()
     from voltron_jax import train
-    from voltron_jax.errors import ConfigError
 
-    try:
-        train.run(_CONFIG.value, _WORKDIR.value, only_phase=_ONLY.value, member=_MEMBER.value)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    train.run(config, _WORKDIR.value, only_phase=_ONLY.value, member=_MEMBER.value)
+    return 0
 
 
 def entrypoint() -> None:
     """`python -m voltron_jax.main` and the `voltron` console script."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):
-        # absl lists only the flags of the script named in argv[0]; for the console script that is a
-        # wrapper, so print this module's flags here.
-        print(__doc__.strip() + "\n\nflags:\n" + flags.FLAGS.module_help(__name__))
-        sys.exit(0)
-    app.run(main)
+    cli.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":

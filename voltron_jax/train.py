@@ -30,11 +30,11 @@ from flax import struct
 from voltron_jax import checkpoint, metrics, optim, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
-from voltron_jax.errors import ConfigError
+from voltron_jax.errors import ConfigError, VoltronError
 from voltron_jax.models import decoder
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(VoltronError, RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
 
 
@@ -533,6 +533,9 @@ def run(
     `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}."""
     validate(config, n_devices=jax.device_count())
     root = check_workdir(workdir)
+    from voltron_jax import resume
+
+    resume.check(config, root)  # another model/data than the checkpoints: refuse before any write
     info = write_run_info(config, root)
     if needs_prepare(config):
         from voltron_jax.data import prepare

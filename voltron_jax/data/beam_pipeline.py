@@ -37,6 +37,37 @@ import numpy as np
 from etils import epath
 
 from voltron_jax.data import cbtm, prepare
+from voltron_jax.data.corpus import DataError
+
+
+def _parse(item: tuple[str, bytes]) -> dict:
+    """(file name, raw line) -> record; a line that is not UTF-8 JSON fails naming its file."""
+    name, line = item
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        near = line[max(e.start - 8, 0) : e.start + 8]
+        raise DataError(
+            f"{name} is not UTF-8 text (byte {e.start} of a line: {near!r}); "
+            "re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+    except ValueError as e:
+        raise DataError(f"{name}: a line is not a JSON record {{index, id, text, split}} ({e}).") from None
+
+
+def check_input(pattern: str) -> list[str]:
+    """The files matching `pattern` (local or bucket); DataError when none match or all are empty."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found = [m for r in FileSystems.match([pattern]) for m in r.metadata_list]
+    if not found:
+        raise DataError(f"--input={pattern!r} matches no file; check the path or glob.")
+    if not any(m.size_in_bytes for m in found):
+        raise DataError(
+            f"--input={pattern!r}: the {len(found)} matching file(s) are empty; give JSONL records "
+            "{index, id, text, split}, one per line."
+        )
+    return [m.path for m in found]
 
 
 def _min_index(records) -> dict:
@@ -173,40 +204,48 @@ def run(
     configured corpus. Runs the DirectRunner unless `beam_args` name another runner.
     """
     import apache_beam as beam
+    from apache_beam.coders import BytesCoder
     from apache_beam.options.pipeline_options import PipelineOptions
 
     out = epath.Path(workdir) / "data"
     s = prepare.settings(config)
+    if input_pattern:
+        check_input(input_pattern)  # before anything under <workdir>/data is cleared
+    else:
+        records = records if records is not None else prepare.corpus_records(config.data)
+        prepare.check_records(records, config.data.n_clusters, "the records given")
     prepare.clear(out)
     options = PipelineOptions(beam_args or ["--runner=DirectRunner"])
     with beam.Pipeline(options=options) as p:
         if input_pattern:
-            recs = p | "Read" >> beam.io.ReadFromText(input_pattern) | "Parse" >> beam.Map(json.loads)
+            read = beam.io.ReadFromTextWithFilename(input_pattern, coder=BytesCoder())
+            recs = p | "Read" >> read | "Parse" >> beam.Map(_parse)
         else:
-            recs = p | "Create" >> beam.Create(
-                records if records is not None else prepare.corpus_records(config.data)
-            )
+            recs = p | "Create" >> beam.Create(records)
         build(p, recs, s, str(out))
     return prepare.read_marker(out)["stats"]
 
 
 def main(argv) -> None:
+    from voltron_jax import cli
     from voltron_jax.config import validate
 
-    config = _CONFIG.value
-    validate(config)
+    config = validate(cli.config_from_argv(_CONFIG.value, cli.overrides()))
     stats = run(config, _WORKDIR.value, input_pattern=_INPUT.value, beam_args=list(argv[1:]) or None)
     print(prepare.format_report(stats))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    from voltron_jax import cli
+
+    _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py[:variant]).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
     _INPUT = flags.DEFINE_string(
         "input", "", "JSONL records {index,id,text,split} (glob); empty: data.corpus."
     )
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(
+        main, doc=__doc__, preload_modules=("apache_beam",)
+    )  # no TensorFlow here (protobuf pins, see the module docstring)

@@ -32,6 +32,8 @@ import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
 
+from voltron_jax.errors import VoltronError
+
 SPLITS = ("train", "validation")
 EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "__pycache__"}
@@ -41,7 +43,7 @@ PARAGRAPH_MIN_CHARS = 64
 _BLANK_LINE = re.compile(r"\n(?:[ \t]*\n)+")
 
 
-class DataError(ValueError):
+class DataError(VoltronError, ValueError):
     """Data that cannot be served; the message names the problem and the fix."""
 
 

@@ -83,6 +83,16 @@ def corpus_records(data_cfg) -> list[dict]:
     ]
 
 
+def check_records(records: list[dict], n_clusters: int, where: str) -> None:
+    """Raise DataError (naming `where`) unless `records` hold enough train documents to cluster."""
+    n_train = sum(1 for r in records if r.get("split") == "train")
+    if n_train < max(3, n_clusters):
+        raise corpus.DataError(
+            f"{where}: {len(records)} records, {n_train} of them train documents; preparation needs at least "
+            f"max(3, data.n_clusters={n_clusters}) train documents ({{index, id, text, split}} per line)."
+        )
+
+
 def record_digest(r: dict) -> int:
     """Order-free part of the fingerprint: records are summed mod 2^256, so any runner gets the same."""
     blob = json.dumps([r["index"], r["id"], r["split"], r["text"]]).encode()
@@ -328,7 +338,9 @@ def prepare(
             corpus_records(config.data)  # raises: how to run the Beam pipeline
         fp = done["fingerprint"]
     else:
+        where = "the records given" if records is not None else f"data.corpus={config.data.corpus!r}"
         records = corpus_records(config.data) if records is None else records
+        check_records(records, config.data.n_clusters, where)
         fp = fingerprint(s, sum(record_digest(r) for r in records))
     pid, _ = _jax_process()
     if pid > 0:  # process 0 writes; the others wait for it
@@ -421,18 +433,19 @@ def format_report(stats: dict) -> str:
 
 def main(argv) -> None:
     del argv
+    from voltron_jax import cli
     from voltron_jax.config import validate
 
-    config = _CONFIG.value
-    validate(config)
+    config = validate(cli.config_from_argv(_CONFIG.value, cli.overrides()))
     prepare(config, _WORKDIR.value, progress=True, register=False)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    from voltron_jax import cli
+
+    _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py[:variant]).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main, doc=__doc__, preload_modules=("tensorflow",))

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
+
+from voltron_jax import cli
+from voltron_jax.errors import VoltronError
 
 MODES = ("cbtm_ensemble", "single")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(VoltronError, ValueError):
     pass
 
 
@@ -146,10 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--out", default="", help="write the result as an eval record under this directory")
     a = p.parse_args(argv)
-    try:
-        r = evaluate(a.workdir, a.mode, a.batches, a.prefix, a.top_k, a.temperature)
-    except (EnsembleError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    r = evaluate(a.workdir, a.mode, a.batches, a.prefix, a.top_k, a.temperature)
     print(
         f"{a.workdir}: {a.mode} val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  ({r['tokens']:,} tokens)"
     )
@@ -162,4 +161,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(lambda argv: main(argv[1:]), absl_flags=False)

@@ -220,10 +220,10 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    from voltron_jax import recipe
+    from voltron_jax import cli, recipe
 
     f = flags.FLAGS
-    config = _CONFIG.value
+    config = cli.config_from_argv(_CONFIG.value, cli.overrides())
     os.makedirs(f.out, exist_ok=True)
     segs = [int(s) for s in f.eval_segments.split(",")]
     n = config.model.infini.segment_len
@@ -254,13 +254,14 @@ def main(argv) -> None:
 
 _CONFIG = None
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/passkey_tiny.py")
+    from voltron_jax import cli
+
+    _CONFIG = flags.DEFINE_string("config", None, "configs/passkey_tiny.py")
     flags.DEFINE_string("out", "runs/passkey", "Folder for passkey.json and passkey.md.")
     flags.DEFINE_string("eval_segments", "4,8,16", "Evaluation lengths in segments.")
     flags.DEFINE_integer("eval_examples", 32, "Keys per (length, depth) cell.")
     flags.DEFINE_bool("twin", True, "Also train and evaluate the segment-local twin (rule='none').")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main, doc=__doc__, preload_modules=("tensorflow",))

@@ -15,18 +15,20 @@ the target config plus the surgery arguments in its metadata. Routers: small ran
 
 from __future__ import annotations
 
-import sys
-
 import jax
 from absl import flags
-from ml_collections import config_flags
+
+from voltron_jax import cli
+from voltron_jax.errors import UsageError
+
+USAGE = (
+    "usage: python -m voltron_jax.surgery {merge,upcycle} --branches=... --config=... --out=... (see --help)"
+)
 
 
-def _flags(argv: list[str]) -> flags.FlagValues:
+def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "Target model config (configs/*.py[:variant]).", flag_values=fv, sys_argv=argv
-    )  # overrides are found in argv
+    flags.DEFINE_string("config", None, "Target model config (configs/*.py[:variant]).", flag_values=fv)
     flags.DEFINE_string(
         "branches", None, "Comma-separated branch checkpoint folders (expert order).", flag_values=fv
     )
@@ -47,8 +49,8 @@ def _params(directory: str, step: int):
         state, _, _ = ck.restore(step=None if step < 0 else step)
     params = state["params"] if isinstance(state, dict) else getattr(state, "params", None)
     if params is None:
-        raise SystemExit(
-            f"{directory}: the checkpoint state has no 'params'; is it a voltron_jax checkpoint?"
+        raise UsageError(
+            f"{directory}: the checkpoint state has no 'params'; pass a voltron_jax checkpoint folder."
         )
     return jax.device_get(params)
 
@@ -57,14 +59,18 @@ def main(argv: list[str]) -> int:
     """Entry point; argv[0] is the program name, argv[1] the command ('merge' or 'upcycle')."""
     from voltron_jax import checkpoint, surgery
 
-    fv = _flags(argv)
-    rest = fv(argv)
+    fv = _flags()
+    argv, overrides = cli.split_overrides(argv)
+    if any(a in cli.HELP_FLAGS for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.module_help(__name__) + cli.COMMON_HELP)
+        return 0
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        raise UsageError(f"{cli.one_line(e)}; {USAGE}") from e
     if len(rest) != 2 or rest[1] not in ("merge", "upcycle") or not (fv.branches and fv.out and fv.config):
-        print(__doc__, file=sys.stderr)
-        raise SystemExit(
-            "usage: python -m voltron_jax.surgery {merge,upcycle} --branches=... --config=... --out=..."
-        )
-    config = fv.config
+        raise UsageError(USAGE)
+    config = cli.config_from_argv(fv.config, overrides)
     dirs = [d for d in fv.branches.split(",") if d]
     sources = [_params(d, fv.step) for d in dirs]
     seed = _params(fv.seed_ckpt, fv.step) if fv.seed_ckpt else None
@@ -91,4 +97,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    cli.run(main, absl_flags=False)

@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
+from voltron_jax.errors import VoltronError
 from voltron_jax.surgery import tree as T
 
 
-class SurgeryError(ValueError):
+class SurgeryError(VoltronError, ValueError):
     """Sources and target that cannot be merged; the message names the leaf and the fix."""
 
 
