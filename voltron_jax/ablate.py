@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from voltron_jax import claims as claims_lib
 from voltron_jax import cli
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
@@ -45,6 +46,10 @@ class Variant:
     overrides: dict[str, str]
     seeds: list[int] = field(default_factory=lambda: [0])
     base: str = ""  # its own config file (sweep files only); empty: the sweep's base
+    lrs: list[float] = field(default_factory=list)  # learning-rate sweep first (sweep files only)
+    arm: str = ""  # the sweep-file entry this run belongs to (an lr-sweep run or the arm at its best lr)
+    lr: float | None = None
+    evaluate: dict = field(default_factory=dict)  # {'of': arm, 'mode': ...}: re-score that arm's runs
 
 
 # ============================================================================ sweep definition
@@ -88,16 +93,35 @@ def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
 
 
 def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], dict, dict]:
-    """(base config spec, variants, fixed overrides, claims) from a sweep file."""
-    spec = importlib.util.spec_from_file_location("sweep", path)
+    """(base config spec, variants, fixed overrides, claims) from a sweep file `file.py[:arg]`
+    (`get_sweep()` or `get_sweep(arg)`). A variant's `lrs` list asks for a learning-rate sweep first; its
+    `seeds` overrides the sweep's seed count."""
+    file, _, arg = path.partition(":")
+    if not Path(file).is_file():
+        raise ConfigError(f"sweep file {file!r} does not exist (e.g. configs/sweeps/claims.py).")
+    spec = importlib.util.spec_from_file_location("sweep", file)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    sw = mod.get_sweep()
+    sw = mod.get_sweep(arg) if arg else mod.get_sweep()
     n = seeds if seeds else sw.get("seeds", 1)
     variants = [
-        Variant(name, {k: str(v) for k, v in ov.items() if k != "base"}, list(range(n)), ov.get("base", ""))
+        Variant(
+            name,
+            {k: str(v) for k, v in ov.items() if k not in ("base", "lrs", "seeds", "evaluate")},
+            list(range(ov.get("seeds", n))),
+            ov.get("base", ""),
+            [float(x) for x in ov.get("lrs", ())],
+            name,
+            evaluate=dict(ov.get("evaluate", {})),
+        )
         for name, ov in sw["variants"].items()
     ]
+    names = [v.name for v in variants]
+    for v in variants:
+        if v.evaluate and v.evaluate.get("of") not in names:
+            raise ConfigError(
+                f"variant {v.name!r} evaluates {v.evaluate.get('of')!r}, not a variant of {path}."
+            )
     config = load_config(sw["base"])
     for v in variants:
         for k in v.overrides:
@@ -126,6 +150,17 @@ def check_variants(base: str, variants: list[Variant], fixed: dict) -> None:
 
 
 def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) -> list[str]:
+    if variant.evaluate:  # re-score a finished run of another arm (voltron_jax/eval/ensemble.py)
+        source = workdir.parent.parent / variant.evaluate["source"] / f"seed_{seed}"
+        flags = [f"--{k}={v}" for k, v in variant.evaluate.items() if k not in ("of", "source")]
+        return [
+            sys.executable,
+            "-m",
+            "voltron_jax.eval.ensemble",
+            f"--workdir={source}",
+            f"--out={workdir}",
+            *flags,
+        ]
     args = [
         sys.executable,
         "-m",
@@ -140,6 +175,66 @@ def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) 
 
 def run_dir(root: Path, variant: Variant, seed: int) -> Path:
     return root / variant.name / f"seed_{seed}"
+
+
+def at_lr(v: Variant, lr: float, seeds: list[int]) -> Variant:
+    """Arm `v` trained at learning rate `lr`: the run directory is named by both."""
+    return Variant(
+        f"{v.name}@lr={lr:g}", {**v.overrides, "optim.lr": repr(lr)}, seeds, v.base, [], v.name, lr
+    )
+
+
+def lr_sweep_runs(variants: list[Variant]) -> list[Variant]:
+    """The first seed of every arm at every learning rate of its `lrs` (arms without `lrs`: nothing)."""
+    return [at_lr(v, lr, v.seeds[:1]) for v in variants for lr in v.lrs]
+
+
+def _lr_finals(v: Variant, root: Path) -> dict[float, float]:
+    """lr -> final validation loss of the arm's first seed (nan where that run has not finished)."""
+    out = {}
+    for lv in lr_sweep_runs([v]):
+        ev = read_run(run_dir(root, lv, lv.seeds[0]))["eval"]
+        out[lv.lr] = ev[-1]["loss"] if ev else math.nan
+    return out
+
+
+def final_runs(variants: list[Variant], root: Path) -> tuple[list[Variant], list[str]]:
+    """Every arm with all its seeds, at its best learning rate when it has an lr sweep (lowest final
+    validation loss of the first seed), and the names of arms whose lr sweep has not finished."""
+    out, pending = [], []
+    for v in variants:
+        finals = _lr_finals(v, root)
+        if v.evaluate:
+            continue
+        if not finals:
+            out.append(v)
+        elif any(math.isnan(x) for x in finals.values()):
+            pending.append(v.name)
+        else:
+            out.append(at_lr(v, claims_lib.best_lr(finals)[0], v.seeds))
+    resolved = {v.arm or v.name: v for v in out}
+    for v in variants:  # re-scoring arms run after the runs they read, on the same seeds
+        if v.evaluate and v.evaluate["of"] in resolved:
+            src = resolved[v.evaluate["of"]]
+            ev = {**v.evaluate, "source": src.name}
+            out.append(Variant(v.name, {}, src.seeds, src.base, [], v.name, src.lr, ev))
+    return out, pending
+
+
+def lr_table(variants: list[Variant], root: Path) -> str:
+    """Markdown: final validation perplexity of every arm at every swept lr (first seed); * marks the best,
+    and an arm whose best lr is at an end of its grid is flagged (the optimum is not bracketed)."""
+    lines = ["| arm | lr: final val ppl (first seed) | optimum bracketed |", "| --- | --- | --- |"]
+    for v in variants:
+        finals = _lr_finals(v, root)
+        if not finals or all(math.isnan(x) for x in finals.values()):
+            continue
+        best, bracketed = claims_lib.best_lr(finals)
+        cells = ", ".join(
+            f"{lr:g}: {math.exp(x):.3f}{'*' * (lr == best)}" for lr, x in sorted(finals.items())
+        )
+        lines.append(f"| {v.name} | {cells} | {'yes' if bracketed else 'NO: best lr at the grid edge'} |")
+    return "\n".join(lines)
 
 
 def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: bool) -> None:
@@ -212,19 +307,22 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
     runs, rows = {}, []
     for v in variants:
         params, fpt, tps, comparable = model_stats(v.base or base, {**fixed, **v.overrides})
-        recs = [read_run(run_dir(root, v, s)) for s in v.seeds]
-        recs = [r for r in recs if r["eval"]]
+        done = [(s, r) for s in v.seeds if (r := read_run(run_dir(root, v, s)))["eval"]]
+        recs = [r for _, r in done]
         runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable)
         rows.append(
             {
                 "variant": v.name,
+                "arm": v.arm or v.name,
+                "lr": v.lr if v.lr is not None else float(load_config(v.base or base).optim.lr),
                 "seeds": len(recs),
+                "_seeds": [s for s, _ in done],
                 "params": params,
                 "flops_per_token": fpt,
                 "_final": [r["eval"][-1]["loss"] for r in recs],
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
-                "tokens_per_s": float(np.median([t["tokens_per_s"] for r in recs for t in r["train"]]))
-                if recs
+                "tokens_per_s": float(np.median(tps_))
+                if (tps_ := [t["tokens_per_s"] for r in recs for t in r["train"]])
                 else float("nan"),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
             }
@@ -237,9 +335,12 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
         recs, fps, b, comparable = runs[row["variant"]]
         final, best = np.array(row.pop("_final")), np.array(row.pop("_best"))
         at = np.array([loss_at_flops(r["eval"], fps, budgets[b]) if comparable else math.nan for r in recs])
+        seeds, by_seed = row.pop("_seeds"), {}
         for key, vals in (("final_loss", final), ("best_loss", best), ("loss_at_equal_flops", at)):
             row[key] = float(np.mean(vals)) if len(vals) else float("nan")
             row[key + "_std"] = float(np.std(vals)) if len(vals) else float("nan")
+            by_seed[key] = {int(s): float(x) for s, x in zip(seeds, vals)}
+        row["by_seed"] = by_seed
         row["final_ppl"] = math.exp(row["final_loss"]) if math.isfinite(row["final_loss"]) else float("nan")
     return rows
 
@@ -270,7 +371,7 @@ def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: d
     with (root / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**r, "by_seed": json.dumps(r["by_seed"])} for r in rows)
     plot(base, variants, fixed, root)
 
 
@@ -308,25 +409,61 @@ def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
 # ============================================================================ claims report
 
 
-def claims_section(rows: list[dict], claims: dict, cmd: str) -> str:
-    """Markdown: one row per technique with the paper's claim, our measurement and whether it held."""
-    by = {r["variant"]: r for r in rows}
-    out = ["| technique | paper's claim | our measurement | held? |", "| --- | --- | --- | --- |"]
+def provenance() -> str:
+    """Commit, date and machine lines for a generated report."""
+    import datetime
+    import os
+    import platform
+
+    import jax
+
+    def git(*args):
+        r = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with uncommitted changes"
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX backend {jax.default_backend()}"
+    return f"Commit: {commit}. Date: {today}. Machine: {machine}."
+
+
+def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "") -> str:
+    """Markdown: one row per claim with the arms (each at its own lr), the rule, the paired-seed perplexity
+    comparison and the verdict (voltron_jax/claims.py)."""
+    by = {r["arm"]: r for r in rows}
+    out = [
+        "| technique | paper's claim | arms (lr) | rule | our measurement | verdict |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for tech, cl in claims.items():
-        base, var = by.get(cl["baseline"]), by.get(cl["variant"])
-        if not base or not var or not base["seeds"] or not var["seeds"]:
-            out.append(f"| {tech} | {cl['claim']} | not run | - |")
-            continue
-        metric = cl.get("metric", "final_loss")
-        b, v = base[metric], var[metric]
-        rel = (v - b) / b
-        held = cl["holds"](rel, base, var)
-        out.append(
-            f"| {tech} | {cl['claim']} | {metric}: {cl['baseline']} {spread(base, metric)} "
-            f"vs {cl['variant']} {spread(var, metric)} ({rel:+.1%}) | "
-            f"{'yes' if held else 'no: ' + cl.get('why_not', 'see notes')} |"
-        )
-    return f"Command: `{cmd}`\n\n" + "\n".join(out)
+        rule = cl.get("rule", "better")
+        if rule == "lr_transfer":
+            got = {a: by[a]["lr"] for a in cl["arms"] if a in by and by[a]["seeds"]}
+            status, why = claims_lib.lr_transfer(got, cl["grid"])
+            arms = ", ".join(cl["arms"])
+            measured = "best lr: " + ", ".join(f"{a} {lr:g}" for a, lr in got.items())
+        else:
+            base, var = by.get(cl["baseline"]), by.get(cl["variant"])
+            metric = cl.get("metric", "final_loss")
+            cmp = (
+                claims_lib.compare(base["by_seed"][metric], var["by_seed"][metric]) if base and var else None
+            )
+            status, why = claims_lib.verdict(cl, cmp)
+            arms = ", ".join(f"{r['arm']} ({r['lr']:g})" for r in (base, var) if r) or "not run"
+            measured = f"{metric.replace('_', ' ')}: {cmp.describe()}" if cmp else "not run"
+            if rule == "parity":
+                rule = f"non-inferiority, margin x{1 + cl.get('margin', 0.01):g}"
+        out.append(f"| {tech} | {cl['claim']} | {arms} | {rule} | {measured} | {status}: {why.strip()} |")
+    seeds = sorted({r["seeds"] for r in rows})
+    head = f"Command: `{cmd}`\n\n{provenance()} Seeds per arm: {', '.join(map(str, seeds))}.\n\n"
+    tail = (
+        f"\n\nLearning-rate sweep (each arm's first seed; the table above uses the starred lr):\n\n{lrs}"
+        if lrs
+        else ""
+    )
+    return head + "\n".join(out) + tail
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -367,16 +504,29 @@ def main(argv: list[str] | None = None) -> None:
     check_variants(base, variants, fixed)
     root = Path(a.workdir)
     claims_out = a.claims_out or (str(root / "claims.md") if a.claims else "")
+    sweep = lr_sweep_runs(variants)  # arms with `lrs` first train their first seed at every lr
+    if sweep and not a.collect_only:
+        run_all(base, sweep, fixed, root, a.emit)
+    finals, pending = final_runs(variants, root)
     if not a.collect_only:
-        run_all(base, variants, fixed, root, a.emit)
+        run_all(base, finals, fixed, root, a.emit)
+    if pending and a.emit:
+        print(
+            f"# then every seed of {', '.join(pending)} at its best lr (rerun without --emit once these ran)"
+        )
     if a.emit:
         return
-    rows = collect(base, variants, fixed, root)
-    write_outputs(rows, base, variants, fixed, root)
+    if pending:
+        raise UsageError(
+            f"the lr sweep of {', '.join(pending)} has not finished under {root}; run without --collect_only."
+        )
+    rows = collect(base, finals, fixed, root)
+    write_outputs(rows, base, finals, fixed, root)
     print(markdown(rows))
     if claims and claims_out:
         cmd = "python -m voltron_jax.ablate " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-        Path(claims_out).write_text(claims_section(rows, claims, cmd) + "\n")
+        text = claims_section(rows, claims, cmd, lr_table(variants, root))
+        Path(claims_out).write_text(text + "\n")
         print(f"[ablate] verified claims written to {claims_out}")
 
 

@@ -166,14 +166,16 @@ def get_default() -> ml_collections.ConfigDict:
         )
     )
     d.n_clusters = 8  # c-BTM clusters: one task per cluster; ICP orders each cluster on its own
-    # Prepare (data/prepare.py): embedder shared by ICP and c-BTM. kind tfidf | hashing (streaming);
-    # fit_sample docs (chosen by a hash of their id) fit the tf-idf, the SVD and the k-means.
+    # Prepare (data/prepare.py): embedder shared by ICP and c-BTM. kind tfidf | hashing (streaming); dim:
+    # SVD components (c-BTM used 100, see docs/data.md); fit_sample docs (chosen by a hash of their id) fit
+    # the tf-idf, the SVD and the k-means.
     d.embed = ml_collections.ConfigDict(
         dict(kind="tfidf", dim=128, fit_sample=20000, min_df=2, max_features=2**17, seed=0)
     )
-    # ICP (data/icp.py): kNN degree, FAISS index auto | flat | ivf | hnsw (auto: exact up to flat_max docs
-    # per cluster), semantic dedup above a cosine (0.99: checked by eye on stdlib, see data/icp.py), adjacent
-    # 3-gram Jaccard filter on the first jaccard_chars characters (released ICP code: 0.85, 100).
+    # ICP (data/icp.py): kNN degree (the paper's 50 is for billions of documents: docs/data.md), FAISS index
+    # auto | flat | ivf | hnsw (auto: exact up to flat_max docs per cluster), semantic dedup above a cosine
+    # (0.99: checked by eye on stdlib, see data/icp.py), adjacent 3-gram Jaccard filter on the first
+    # jaccard_chars characters (released ICP code: 0.85, 100).
     d.icp = ml_collections.ConfigDict(
         dict(
             knn=20,

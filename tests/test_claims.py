@@ -1,0 +1,132 @@
+"""Verified-claims machinery: paired perplexity statistics, the decision rules, per-arm lr selection, and
+the report that `ablate --claims_out` writes (fabricated runs for speed; one slow real quick sweep)."""
+
+import json
+import math
+
+import pytest
+
+from voltron_jax import ablate
+from voltron_jax import claims as cl
+from voltron_jax.errors import UsageError
+
+QUICK = "configs/sweeps/claims.py:quick"
+
+
+def test_paired_comparison_is_a_perplexity_ratio_with_a_t_interval():
+    base = {0: 2.00, 1: 2.10, 2: 1.90, 7: 3.0}  # seed 7 has no partner: ignored
+    var = {0: 1.90, 1: 2.02, 2: 1.79}
+    c = cl.compare(base, var)
+    d = [-0.10, -0.08, -0.11]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert c.seeds == (0, 1, 2)
+    assert c.ratio == pytest.approx(math.exp(mean))
+    assert c.high == pytest.approx(math.exp(mean + 4.303 * sd / math.sqrt(3)))
+    assert c.low == pytest.approx(math.exp(mean - 4.303 * sd / math.sqrt(3)))
+    assert (c.min, c.max) == pytest.approx((math.exp(-0.11), math.exp(-0.08)))
+    assert c.baseline_ppl == pytest.approx(math.exp(2.0)) and c.variant_ppl == pytest.approx(
+        math.exp(1.9033333)
+    )
+    assert "95% CI" in c.describe() and "3 seeds" in c.describe()
+    assert cl.compare({0: 1.0}, {1: 1.0}) is None
+
+
+def test_better_needs_the_whole_interval_below_one():
+    clear = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.9, 1: 2.02, 2: 1.79})
+    noisy = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.9, 1: 2.12, 2: 1.85})  # one seed goes the other way
+    worse = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.1, 1: 2.18, 2: 2.01})
+    assert cl.verdict({}, clear)[0] == cl.HELD
+    status, why = cl.verdict({"why_not": "too small"}, noisy)
+    assert status == cl.NOT_HELD and "includes no difference" in why and "too small" in why
+    assert cl.verdict({}, worse) == (cl.NOT_HELD, "higher perplexity across the whole 95% interval. ")
+
+
+def test_parity_is_non_inferiority_at_a_margin():
+    slightly_worse = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.01, 1: 2.105, 2: 1.912})
+    assert slightly_worse.ratio > 1
+    assert cl.verdict({"rule": "parity", "margin": 0.05}, slightly_worse)[0] == cl.HELD
+    status, why = cl.verdict({"rule": "parity", "margin": 0.001}, slightly_worse)
+    assert status == cl.NOT_HELD and "non-inferiority" in why
+
+
+def test_too_few_seeds_or_a_declared_limit_is_not_testable():
+    two = cl.compare({0: 2.0, 1: 2.1}, {0: 1.0, 1: 1.1})
+    assert cl.verdict({}, two) == (cl.NOT_TESTABLE, "2 paired seeds; the rule needs >= 3")
+    assert cl.verdict({}, None)[0] == cl.NOT_TESTABLE
+    assert cl.verdict({"testable": False, "why": "no ensemble"}, two) == (cl.NOT_TESTABLE, "no ensemble")
+    with pytest.raises(ValueError, match="lr_transfer"):
+        cl.verdict({"rule": "lr_transfer"}, two)
+
+
+def test_best_lr_flags_an_unbracketed_optimum_and_lr_transfer_counts_grid_steps():
+    assert cl.best_lr({1e-3: 2.0, 2e-3: 1.9, 4e-3: 2.2}) == (2e-3, True)
+    assert cl.best_lr({1e-3: 2.0, 2e-3: 1.9, 4e-3: 1.8}) == (4e-3, False)
+    assert cl.best_lr({1e-3: 2.0, 2e-3: math.nan}) == (1e-3, False)
+    grid = [1e-3, 2e-3, 4e-3, 8e-3]
+    assert cl.lr_transfer({"a": 2e-3, "b": 4e-3}, grid)[0] == cl.HELD
+    status, why = cl.lr_transfer({"a": 1e-3, "b": 8e-3}, grid)
+    assert status == cl.NOT_HELD and "3 grid steps" in why
+    assert cl.lr_transfer({"a": 1e-3, "b": 3e-3}, grid)[0] == cl.NOT_TESTABLE
+    assert cl.lr_transfer({"a": 1e-3}, grid)[0] == cl.NOT_TESTABLE
+
+
+def _fake_run(d, losses):
+    """A finished run's metrics as train.run writes them (eval records per phase)."""
+    p = d / "00_stable" / "metrics.jsonl"
+    p.parent.mkdir(parents=True)
+    lines = [{"kind": "train", "step": i, "loss": x, "tokens_per_s": 1000.0} for i, x in enumerate(losses)]
+    lines += [{"kind": "eval", "step": i, "loss": x} for i, x in enumerate(losses)]
+    p.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+
+
+def test_claims_report_from_runs_each_arm_at_its_own_best_lr(tmp_path, capsys):
+    """Arms train their first seed at every lr, then every seed at the best; the report compares those."""
+    _fake_run(tmp_path / "dense@lr=0.001" / "seed_0", [3.0, 2.30])
+    _fake_run(tmp_path / "dense@lr=0.003" / "seed_0", [3.0, 2.20])  # dense's best
+    _fake_run(tmp_path / "denseformer@lr=0.001" / "seed_0", [3.0, 2.10])  # denseformer's best
+    _fake_run(tmp_path / "denseformer@lr=0.003" / "seed_0", [3.0, 2.40])
+    for s, (d, f) in enumerate([(2.20, 2.10), (2.25, 2.14), (2.18, 2.09)]):
+        if s:
+            _fake_run(tmp_path / "dense@lr=0.003" / f"seed_{s}", [3.0, d])
+            _fake_run(tmp_path / "denseformer@lr=0.001" / f"seed_{s}", [3.0, f])
+    out = tmp_path / "claims.md"
+    ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--collect_only", f"--claims_out={out}"])
+    text = out.read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "dense (0.003), denseformer (0.001)" in rows["DenseFormer"]
+    assert rows["DenseFormer"].endswith("held: lower perplexity across the whole 95% interval |")
+    assert "x0.905" in rows["DenseFormer"]  # exp(mean(-0.10, -0.11, -0.09))
+    assert "non-inferiority, margin x1.05" in rows["DenseFormer parity"]
+    assert "| held" in rows["DenseFormer parity"]
+    assert rows["lr transfer"].endswith(
+        "held: best lr within one grid step across widths (dense: 0.003, denseformer: 0.001) |"
+    )
+    assert "not testable at this scale: not built" in rows["declared"]
+    assert "Commit: " in text and "Machine: " in text and "Seeds per arm: 3" in text
+    assert "0.001: 8.166*" in text and "0.003: 9.025*" in text  # the lr table stars each arm's best
+    capsys.readouterr()
+
+
+def test_emit_lists_the_lr_sweep_then_says_what_follows(tmp_path, capsys):
+    ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--emit"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("# then every seed of dense, denseformer")
+    assert sum("--config.optim.lr=0.003" in x for x in lines) == 2
+    assert all("--config.seed=0" in x for x in lines[:4])
+
+
+def test_collect_only_before_the_lr_sweep_finished_is_one_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="lr sweep of dense, denseformer has not finished"):
+        ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--collect_only"])
+
+
+@pytest.mark.slow
+def test_quick_claims_sweep_runs_end_to_end(tmp_path):
+    out = tmp_path / "claims.md"
+    ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", f"--claims_out={out}"])
+    text = out.read_text()
+    assert text.count("| ") > 6 and "Seeds per arm: 3" in text
+    assert (
+        sum((tmp_path / "dense@lr=0.001").exists() + (tmp_path / "dense@lr=0.003").exists() for _ in [0]) == 2
+    )

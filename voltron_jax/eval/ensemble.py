@@ -1,0 +1,164 @@
+"""c-BTM sparse ensemble of a recipe's branches, and single models scored on exactly the same tokens.
+
+Paper: "Scaling Expert Language Models with Unsupervised Domain Discovery" (c-BTM), Gururangan et al.,
+arXiv 2303.14177, section 2.3: at inference the branch experts are mixed per context,
+    p(x_t | x_<t) = sum_j p(D=j | context) p_j(x_t | x_<t),
+with the routing prior p(D=j | context) proportional to exp(-d(h(context), c_j)^2 / T), kept for the
+top-k clusters and renormalised (data/cbtm.py `routing_weights`; the run's own fitted embedder h and
+centroids c_j under <workdir>/data/). This is the c-BTM baseline that a c-BTX MoE must beat.
+
+Protocol (so the prior never sees what it scores): every validation row of T tokens is split at `prefix`;
+the prior is computed from the decoded bytes of the first `prefix` tokens and only the tokens after it are
+scored. `mode='single'` scores the run's final model on the same rows and positions, so the MoE, the
+dense continuation and the ensemble are compared on identical tokens.
+
+    python -m voltron_jax.eval.ensemble --workdir=runs/recipe [--mode=cbtm_ensemble|single] \
+        [--batches=16 --prefix=128 --top_k=2 --temperature=0.1] [--out=dir]
+With --out, the result is written as an eval record to <out>/00_eval/metrics.jsonl, which
+`voltron_jax.ablate` reads like a training run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from voltron_jax import cli
+from voltron_jax.errors import VoltronError
+
+MODES = ("cbtm_ensemble", "single")
+
+
+class EnsembleError(VoltronError, ValueError):
+    pass
+
+
+def token_logprob_fn(rt):
+    """Jitted (params, step, batch) -> log p(target) [B, T] for one phase's runtime."""
+    import jax
+    import jax.numpy as jnp
+
+    from voltron_jax import train
+
+    dummy = jnp.zeros((1, rt.config.data.seq_len), jnp.int32)
+    state_tree = jax.eval_shape(lambda k: rt.model.init(k, dummy), jax.random.key(0)).get("state")
+
+    def fn(params, step, batch):
+        variables = train.step_variables(params, state_tree, step)
+        logits = rt.model.apply(variables, *train.model_inputs(batch, rt.config.data.doc_mask))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+
+    return jax.jit(fn)
+
+
+def scored_mask(batch: dict, prefix: int) -> np.ndarray:
+    """[B, T] weights of the positions that are scored: the row's own weights after the prefix."""
+    w = np.array(batch["weights"], np.float32)
+    w[:, :prefix] = 0.0
+    return w
+
+
+def mix(logps: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """log sum_j prior[b, j] p_j[b, t] for logps [K, B, T], prior [B, K] (zero weights contribute 0)."""
+    with np.errstate(divide="ignore"):
+        logw = np.log(prior).T[:, :, None]  # [K, B, 1]
+    z = logw + logps
+    m = z.max(0)
+    return m + np.log(np.exp(z - m).sum(0))
+
+
+def evaluate(
+    workdir: str,
+    mode: str = "cbtm_ensemble",
+    n_batches: int = 16,
+    prefix: int = 128,
+    top_k: int = 2,
+    temperature: float = 0.1,
+) -> dict:
+    """{'mode', 'loss', 'perplexity', 'tokens', 'step'} on the scored suffix of `n_batches` validation
+    batches of the pretraining mixture (the same rows and positions for every mode)."""
+    from etils import epath
+
+    from voltron_jax import train
+    from voltron_jax.api import config_from_meta
+    from voltron_jax.data import cbtm, pipeline, prepare
+    from voltron_jax.data import vocab as vocab_lib
+
+    if mode not in MODES:
+        raise EnsembleError(f"--mode={mode!r}: choose one of {MODES}.")
+    root = epath.Path(workdir)
+    if not (root / "config.json").exists():
+        raise EnsembleError(
+            f"{workdir}: no config.json; pass the workdir of a run started by voltron_jax.main."
+        )
+    config = config_from_meta(json.loads((root / "config.json").read_text()))
+    if not 0 < prefix < config.data.seq_len:
+        raise EnsembleError(f"--prefix={prefix} must lie in (0, data.seq_len={config.data.seq_len}).")
+    if train.needs_prepare(config):
+        prepare.prepare(config, root)  # registers the prepared tasks; reuses <workdir>/data
+    todo = train.phases(config, root)
+    if mode == "single":
+        models = [todo[-1]]
+    else:
+        models = [p for p in todo if p.member is not None]  # the fan-out branches, cluster order
+        if not models:
+            raise EnsembleError(f"{workdir}: its recipe has no fan-out (branch) phase to ensemble.")
+    batches = pipeline.make_eval_batches(models[0].config, "pretrain", n_batches)
+    masks = [scored_mask(b, prefix) for b in batches]
+    logps, step, rt = [], 0, None
+    for ph in models:  # [K][n_batches] of [B, T]; fan-out members share one compiled runtime
+        if rt is None or rt.phase.name != ph.name:
+            rt = train.Runtime(ph)
+            fn = token_logprob_fn(rt)
+        state, _ = train.restore_final(ph, rt.abstract)
+        logps.append([np.asarray(fn(state.params, state.step, b)) for b in batches])
+        step = max(step, int(state.step))
+    if mode == "single":
+        total = sum(float(-(lp * m).sum()) for lp, m in zip(logps[0], masks, strict=True))
+    else:
+        clusterer = cbtm.ClusterModel.load(str(root / "data"))
+        if clusterer.n_clusters != len(models):
+            raise EnsembleError(f"{clusterer.n_clusters} clusters but {len(models)} branches in {workdir}.")
+        vocab = vocab_lib.make_vocab(config.data, str(root))
+        total = 0.0
+        for i, (b, m) in enumerate(zip(batches, masks, strict=True)):
+            texts = [vocab.decode(row[:prefix].tolist()) for row in b["inputs"]]
+            prior = clusterer.weights(texts, temperature, top_k)  # [B, K]
+            lp = mix(np.stack([lps[i] for lps in logps]), prior)
+            total += float(-(lp * m).sum())
+    tokens = float(sum(m.sum() for m in masks))
+    loss = total / max(tokens, 1.0)
+    return dict(mode=mode, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(tokens), step=step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--mode", default="cbtm_ensemble", choices=MODES)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument(
+        "--prefix", type=int, default=128, help="tokens of each row that route; the rest is scored"
+    )
+    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--out", default="", help="write the result as an eval record under this directory")
+    a = p.parse_args(argv)
+    r = evaluate(a.workdir, a.mode, a.batches, a.prefix, a.top_k, a.temperature)
+    print(
+        f"{a.workdir}: {a.mode} val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  ({r['tokens']:,} tokens)"
+    )
+    if a.out:
+        from etils import epath
+
+        d = epath.Path(a.out) / "00_eval"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **r, "source": a.workdir}) + "\n")
+
+
+if __name__ == "__main__":
+    cli.run(lambda argv: main(argv[1:]), absl_flags=False)
