@@ -16,7 +16,8 @@ Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
   v4 | v5p | v5e   sharding preset and global batch for v4-128 (64 megacore chips of 30.75 GiB),
           v5p-128 (64 chips of 95 GiB) or v5e-256 (256 chips of 16 GiB). All presets shard parameters and
           optimizer state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x
-          fsdp); on v4 they train at batch 64 with bf16 Adam moments and DWA sums (PRESETS).
+          fsdp); on v4 they keep the dense batch 128 as 2 microbatches of 64, with bf16 Adam moments and
+          DWA sums (PRESETS).
 Parameter counts (launch/aot_compile.py prints them, analytic and from eval_shape): seed 13.0B, MoE 87B
 (23.6B active per token: top-2 of 8 experts in FFN and attention).
 
@@ -37,12 +38,17 @@ MOE = {"model.ffn": "moe", "model.attention": "moa", "mesh.expert": 8}
 VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
 # preset -> (global batch of the dense seed, of the MoE, mesh, MoE memory overrides). fsdp=-1 fills the
 # devices the run has; data and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint.
-# On v5p-128 the MoE trains at the dense batch. v4-128 (64 megacore chips of 30.75 GiB) holds the 87B MoE
-# at one sequence per chip, with Adam moments and the DWA sums in bf16 (docs/results.md, "Pod configs
-# (AOT)"): half the dense seed's tokens per step.
-V4_MOE = {"optim.moments_dtype": "bfloat16", "model.denseformer.acc_dtype": "bfloat16"}
+# On v5p-128 the MoE trains at the dense batch in one pass. v4-128 (64 megacore chips of 30.75 GiB) holds
+# the 87B MoE at one sequence per chip, with Adam moments and the DWA sums in bf16, so it keeps the dense
+# batch 128 as 2 accumulated microbatches of 64 (fp32 accumulator): a 27.99 GiB heap per chip
+# (docs/results.md, "Gradient accumulation and input prefetch").
+V4_MOE = {
+    "optim.moments_dtype": "bfloat16",
+    "model.denseformer.acc_dtype": "bfloat16",
+    "train.grad_accum_steps": 2,
+}
 PRESETS = {
-    "v4": (128, 64, dict(data=1, fsdp=-1, tensor=1, expert=1), V4_MOE),
+    "v4": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), V4_MOE),
     "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), {}),
     "v5e": (256, 256, dict(data=1, fsdp=-1, tensor=1, expert=1), {}),
 }
