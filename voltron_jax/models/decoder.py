@@ -244,9 +244,7 @@ def build_model(m, decode: bool = False) -> Decoder:
     routing = slots["routing"]
     layers = tuple(routing.wrap(block, i, m, decode=decode) for i in range(m.n_layers))
     residual = slots["residual"]
-    period = math.lcm(
-        routing.period if isinstance(routing.period, int) else routing.period(m), residual.period_of(m)
-    )
+    period = super_block_size(m)
     stack = functools.partial(
         residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat, **slot_kwargs(residual, m)
     )
@@ -262,6 +260,14 @@ def build_model(m, decode: bool = False) -> Decoder:
         norm_eps=m.norm_eps,
         dtype=dtype,
     )
+
+
+def super_block_size(m) -> int:
+    """Layers per super-block (the scanned, rematerialised unit): lcm of the routing and residual periods."""
+    slots = registry.selected(m)
+    routing = slots["routing"]
+    routing_period = routing.period if isinstance(routing.period, int) else routing.period(m)
+    return math.lcm(routing_period, slots["residual"].period_of(m))
 
 
 def flops_per_token(m, seq_len: int) -> float:
