@@ -34,6 +34,7 @@ for v4 topologies, one device per TensorCore with 16 GiB, is --chip_config=defau
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -172,6 +173,7 @@ def compile_step(
     step_time: float = 0.0,
     chip_config: str = "auto",
     phase_config=None,
+    dump_dir: str = "",
 ) -> dict:
     """AOT-compile the phase's train step for `topology`; returns the report as a dict, with the
     compiler's cost analysis ('optimal_seconds', 'flops': a scanned layer counted once) under 'cost'.
@@ -209,7 +211,8 @@ def compile_step(
     )
     t1 = time.time()
     try:
-        with tempfile.TemporaryDirectory(prefix="aot_dump_") as dump:  # ~30 MB of text for the 13B step
+        keep = contextlib.nullcontext(dump_dir) if dump_dir else None
+        with keep or tempfile.TemporaryDirectory(prefix="aot_dump_") as dump:  # ~30 MB of text for 13B
             compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
             mem = compiled.memory_analysis()
             out["heap"] = heap_bytes(dump)
@@ -435,6 +438,7 @@ def main(argv) -> int:
     phase = flags.DEFINE_string("phase", "", "Recipe phase to compile (default: the first).")
     step_time = flags.DEFINE_float("step_time", 0.0, "Measured seconds per step, for the MFU it implies.")
     json_out = flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.")
+    dump = flags.DEFINE_string("dump_dir", "", "Keep XLA's dump (buffer assignment, HLO) in this folder.")
     est = flags.DEFINE_bool(
         "estimate",
         False,
@@ -469,7 +473,9 @@ def main(argv) -> int:
                 with open(json_out.value, "a") as f:
                     f.write(json.dumps(dict(e, kind="compiler cost-model estimate"), default=float) + "\n")
             return 0 if e["valid"] else 1
-        r = compile_step(cfg.value, topo.value, phase.value, step_time.value, chip_config.value)
+        r = compile_step(
+            cfg.value, topo.value, phase.value, step_time.value, chip_config.value, dump_dir=dump.value
+        )
     except (TopologyError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
