@@ -174,6 +174,7 @@ def compile_step(
     chip_config: str = "auto",
     phase_config=None,
     dump_dir: str = "",
+    heap: bool = True,
 ) -> dict:
     """AOT-compile the phase's train step for `topology`; returns the report as a dict, with the
     compiler's cost analysis ('optimal_seconds', 'flops': a scanned layer counted once) under 'cost'.
@@ -213,7 +214,7 @@ def compile_step(
     try:
         keep = contextlib.nullcontext(dump_dir) if dump_dir else None
         with keep or tempfile.TemporaryDirectory(prefix="aot_dump_") as dump:  # ~30 MB of text for 13B
-            compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+            compiled = lowered.compile(compiler_options={"xla_dump_to": dump} if heap or dump_dir else None)
             mem = compiled.memory_analysis()
             out["heap"] = heap_bytes(dump)
             out["cost"] = cost_of(compiled)
@@ -296,7 +297,7 @@ def estimate(
         ck = c.copy_and_resolve_references()
         ck.model.n_layers, ck.model.scan_layers = k * size, False
         log(f"estimate: compiling {k} super-block(s) of {size} layer(s), unrolled ...")
-        r = compile_step(config, topology, phase.name, chip_config=chip_config, phase_config=ck)
+        r = compile_step(config, topology, phase.name, chip_config=chip_config, phase_config=ck, heap=False)
         if not r.get("cost"):
             raise ValueError(f"the compile at {k} super-blocks reported no cost analysis ({r.get('error')}).")
         points[k], runs[k] = r["cost"]["optimal_seconds"], r
