@@ -254,15 +254,24 @@ def cost_of(compiled) -> dict:
 # ============================================================================ --estimate
 
 
-def extrapolate(points: dict, n_blocks: float) -> dict:
+def extrapolate(points: dict, n_blocks: float, rest: float | None = None) -> dict:
     """Step time of `n_blocks` super-blocks from compiles at two depths {blocks: seconds}: per-block cost
-    = the difference over the depth difference, the rest (embedding, head, loss, optimizer, the other
-    collectives) = the shallow compile minus its blocks. 'valid' is False, with the reason, when a figure
-    cannot be extrapolated (a negative or non-finite time, a deeper compile not slower)."""
-    if len(points) != 2:
-        raise ValueError(f"--estimate needs two different depths, got {sorted(points)}.")
-    (k1, t1), (k2, t2) = sorted(points.items())
-    per_block = (t2 - t1) / (k2 - k1)
+    = the difference over the depth difference, the rest (embedding, head, loss, the other collectives)
+    = the shallow compile minus its blocks. With `rest` given (another model's, same vocabulary, width
+    and batch), one depth suffices: per-block = (time - rest) / blocks. 'valid' is False, with the
+    reason, when a figure cannot be extrapolated (a negative or non-finite time, a deeper compile not
+    slower)."""
+    if rest is not None and len(points) == 1:
+        ((k1, t1),) = points.items()
+        k2, t2 = 0, rest
+        per_block = (t1 - rest) / k1
+    elif len(points) == 2:
+        (k1, t1), (k2, t2) = sorted(points.items())
+        per_block = (t2 - t1) / (k2 - k1)
+    else:
+        raise ValueError(
+            f"--estimate needs two different depths (or one and --estimate_rest), got {sorted(points)}."
+        )
     base = t1 - k1 * per_block
     out = dict(per_block_s=per_block, base_s=base, step_s=base + n_blocks * per_block, valid=True, why="")
     bad = [k for k, t in points.items() if not math.isfinite(t) or t <= 0]
@@ -270,7 +279,7 @@ def extrapolate(points: dict, n_blocks: float) -> dict:
         why = f"the compiler's optimal_seconds is {points[bad[0]]:.4g} at {bad[0]} blocks"
         out.update(valid=False, why=why)
     elif per_block <= 0:
-        why = f"the deeper compile is not slower ({t1:.4g} s at {k1}, {t2:.4g} s at {k2})"
+        why = f"the deeper compile is not slower ({t2:.4g} s at {k2}, {t1:.4g} s at {k1})"
         out.update(valid=False, why=why)
     elif out["step_s"] <= 0:
         out.update(valid=False, why=f"the extrapolated step time is {out['step_s']:.4g} s")
@@ -278,7 +287,13 @@ def extrapolate(points: dict, n_blocks: float) -> dict:
 
 
 def estimate(
-    config, topology: str, phase_name: str = "", chip_config: str = "auto", depths=(1, 2), log=print
+    config,
+    topology: str,
+    phase_name: str = "",
+    chip_config: str = "auto",
+    depths=(1, 2),
+    log=print,
+    rest: float | None = None,
 ) -> dict:
     """The TPU compiler's cost-model estimate of the full model's step time (never a measurement): compile
     the step unrolled (scan_layers=False) at two small depths of whole super-blocks, take the per-block
@@ -291,8 +306,11 @@ def estimate(
     size = decoder.super_block_size(m)
     n_blocks = m.n_layers / size
     points, runs = {}, {}
-    if len(set(depths)) != 2 or min(depths) < 1:
-        raise ValueError(f"--estimate_depths={list(depths)}: give two different depths >= 1 (e.g. 1,2).")
+    if len(set(depths)) != (1 if rest is not None else 2) or min(depths) < 1:
+        raise ValueError(
+            f"--estimate_depths={list(depths)}: give two different depths >= 1 (e.g. 1,2), or one with "
+            "--estimate_rest."
+        )
     for k in depths:
         ck = c.copy_and_resolve_references()
         ck.model.n_layers, ck.model.scan_layers = k * size, False
@@ -302,7 +320,7 @@ def estimate(
             raise ValueError(f"the compile at {k} super-blocks reported no cost analysis ({r.get('error')}).")
         points[k], runs[k] = r["cost"]["optimal_seconds"], r
         log(f"estimate: {k} super-block(s): optimal_seconds {points[k]:.4g}, compile {r['compile_s']:.0f} s")
-    ex = extrapolate(points, n_blocks)
+    ex = extrapolate(points, n_blocks, rest)
     tokens = c.data.batch_size * c.data.seq_len
     n_chips = chips(topology)
     flops = 3 * decoder.flops_per_token(m, c.data.seq_len) * tokens
@@ -320,6 +338,7 @@ def estimate(
         chips=n_chips,
         flops_per_step=flops,
         peak_flops=peak,
+        rest_given=rest,
         **ex,
     )
     if ex["valid"]:
@@ -336,7 +355,8 @@ def render_estimate(e: dict) -> str:
     pts = ", ".join(f"{k} blocks {v:.4g} s" for k, v in e["optimal_seconds"].items())
     lines = [
         head,
-        f"  compiled unrolled at {pts}; per block {e['per_block_s']:.4g} s, rest {e['base_s']:.4g} s",
+        f"  compiled unrolled at {pts}; per block {e['per_block_s']:.4g} s, rest {e['base_s']:.4g} s"
+        + (" (given: --estimate_rest)" if e.get("rest_given") is not None else ""),
     ]
     if not e["valid"]:
         lines.append(f"  NO ESTIMATE: {e['why']}")
@@ -447,6 +467,12 @@ def main(argv) -> int:
         "compiler's cost-model estimate of the full model's step time, tokens/s per chip and MFU.",
     )
     est_depths = flags.DEFINE_list("estimate_depths", ["1", "2"], "Super-block depths of --estimate.")
+    est_rest = flags.DEFINE_float(
+        "estimate_rest",
+        None,
+        "Seconds of the step outside the layers, from an earlier two-depth --estimate of a model of the same "
+        "vocabulary, width and batch; then one --estimate_depths value suffices (half the compiles).",
+    )
     chip_config = flags.DEFINE_enum(
         "chip_config",
         "auto",
@@ -466,7 +492,7 @@ def main(argv) -> int:
     try:
         if est.value:
             depths = tuple(int(d) for d in est_depths.value)
-            e = estimate(cfg.value, topo.value, phase.value, chip_config.value, depths)
+            e = estimate(cfg.value, topo.value, phase.value, chip_config.value, depths, rest=est_rest.value)
             e["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
             e["overrides"] = [a for a in argv[1:] if a.startswith("--config.")]
             print(render_estimate(e), flush=True)

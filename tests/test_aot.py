@@ -166,6 +166,9 @@ def test_estimate_extrapolates_two_depths():
     assert not flat["valid"] and "not slower" in flat["why"]
     with pytest.raises(ValueError, match="two different depths"):
         aot.extrapolate({1: 0.5}, 20)
+    one = aot.extrapolate({2: 5.0}, 20, rest=1.0)  # one depth and another model's rest
+    assert (one["per_block_s"], one["base_s"], one["step_s"], one["valid"]) == (2.0, 1.0, 41.0, True)
+    assert not aot.extrapolate({1: 0.9}, 20, rest=1.0)["valid"]
 
 
 def test_estimate_runs_on_a_tiny_config():
