@@ -123,6 +123,9 @@ def get_config(arg: str = ""):
     data(c)
     recipe(c, {"dense": "dense", "plain": "dense", "": ""}.get(kind, "moe"))
     c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 50, 2000, 1000, 8
+    # LM head applied in the loss 4000 vocabulary columns at a time (voltron_jax/losses.py): no fp32 [B,T,V]
+    # logits (1000 MiB per chip) and no take_along_axis gather over them (docs/results.md, issue 18).
+    c.train.loss_chunk = 4000
     moe = MOE
     if presets:
         dense_batch, moe_batch, mesh, moe_memory = PRESETS[presets[0]]
