@@ -13,6 +13,11 @@ Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
           into 8-expert MoE + MoA) -> moe_ft (MoE fine-tune = the WSD decay stage, high-quality mix)
   dense   the dense-only two-stage recipe: stable -> decay
   moe     the MoE + MoA model itself (one stable phase): what the moe_ft phase trains, for AOT and sweeps
+  plain   the same 13.0B shape with every technique off (dense linears, full causal attention, plain
+          residual, no routing; MiniCPM scaling kept, it costs nothing), dense two-stage recipe: the
+          baseline of the step-time table (docs/results.md); add one technique back with an override,
+          e.g. --config.model.linear=bitlinear | model.memory=infini | model.residual=denseformer |
+          model.routing=mod
   v4 | v5p | v5e   sharding preset and global batch for v4-128 (64 megacore chips of 30.75 GiB),
           v5p-128 (64 chips of 95 GiB) or v5e-256 (256 chips of 16 GiB). All presets shard parameters and
           optimizer state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x
@@ -35,7 +40,13 @@ from voltron_jax import config
 
 MOE = {"model.ffn": "moe", "model.attention": "moa", "mesh.expert": 8}
 # The model variants (tests/test_configs.py builds each); any of them takes a preset too: "moe,v4".
-VARIANTS = {"": "full c-BTX recipe", "dense": "dense two-stage recipe", "moe": "the 8-expert MoE + MoA model"}
+VARIANTS = {
+    "": "full c-BTX recipe",
+    "dense": "dense two-stage recipe",
+    "moe": "the 8-expert MoE + MoA model",
+    "plain": "the dense shape with every technique off",
+}
+PLAIN = {"model.linear": "dense", "model.memory": "none", "model.residual": "plain", "model.routing": "none"}
 # preset -> (global batch of the dense seed, of the MoE, mesh, MoE memory overrides). fsdp=-1 fills the
 # devices the run has; data and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint.
 # On v5p-128 the MoE trains at the dense batch in one pass. v4-128 (64 megacore chips of 30.75 GiB) holds
@@ -104,20 +115,23 @@ def recipe(c, kind: str) -> None:
 
 def get_config(arg: str = ""):
     tokens = [t for t in arg.split(",") if t]
-    unknown = [t for t in tokens if t not in ("dense", "moe", *PRESETS)]
-    kinds = [t for t in tokens if t in ("dense", "moe")]
+    unknown = [t for t in tokens if t not in ("dense", "moe", "plain", *PRESETS)]
+    kinds = [t for t in tokens if t in ("dense", "moe", "plain")]
     presets = [t for t in tokens if t in PRESETS]
     if unknown or len(kinds) > 1 or len(presets) > 1:
         raise ValueError(
             f"configs/voltron_13b.py: bad variant {arg!r}; use comma-separated tokens, at most one "
-            f"of dense|moe and one of {'|'.join(PRESETS)} (e.g. 'moe,v4')."
+            f"of dense|moe|plain and one of {'|'.join(PRESETS)} (e.g. 'moe,v4')."
         )
     kind = kinds[0] if kinds else ""
     c = config.get_default()
     model(c)
     data(c)
-    recipe(c, "dense" if kind == "dense" else ("" if kind == "" else "moe"))
+    recipe(c, {"dense": "dense", "plain": "dense", "": ""}.get(kind, "moe"))
     c.train.log_every, c.train.eval_every, c.train.ckpt_every, c.train.eval_batches = 50, 2000, 1000, 8
+    # LM head applied in the loss 4000 vocabulary columns at a time (voltron_jax/losses.py): no fp32 [B,T,V]
+    # logits (1000 MiB per chip) and no take_along_axis gather over them (docs/results.md, issue 18).
+    c.train.loss_chunk = 4000
     moe = MOE
     if presets:
         dense_batch, moe_batch, mesh, moe_memory = PRESETS[presets[0]]
@@ -129,4 +143,6 @@ def get_config(arg: str = ""):
                 c.recipe[name].overrides = config.nest(moe)
     if kind == "moe":
         c = config.apply_overrides(c, moe)
+    elif kind == "plain":
+        c = config.apply_overrides(c, PLAIN)
     return c

@@ -2,6 +2,7 @@
 
     python launch/aot_compile.py --config=configs/voltron_13b.py:v4 --topology=v4:4x4x4 [--phase=stable]
         [--step_time=12.5] [--json=out.jsonl] [--config.data.batch_size=256 ...]
+    python launch/aot_compile.py --config=configs/voltron_13b.py:plain,v5p --topology=v5p:4x4x4 --estimate
 
 Builds `train.Runtime` for the phase (mesh, model, optimizer, shardings, jitted train step) over the
 topology's devices (`jax.experimental.topologies.get_topology_desc`), lowers the step with
@@ -9,6 +10,14 @@ topology's devices (`jax.experimental.topologies.get_topology_desc`), lowers the
 parameter count (analytic and from eval_shape), per-device memory against the HBM libtpu reports for the
 device, compile time, host RAM used, analytic FLOPs per step (3 x decoder.flops_per_token; XLA's cost
 analysis counts a scanned layer once) and the MFU that a measured --step_time would mean.
+
+--estimate: the TPU compiler's cost-model time instead (libtpu's cost_analysis()['optimal_seconds'], an
+estimate, never a measurement). It counts a scanned (while-loop) body once, so the step is compiled
+unrolled (scan_layers=False) at two small depths of whole super-blocks (--estimate_depths, default 1 and
+2: minutes each on a 2-core host, where the 40-layer unrolled step would take far longer); the per-block
+cost is their difference, extrapolated to model.n_layers. Prints the estimated step time, tokens/s per
+chip and the implied MFU (analytic FLOPs / chip peak / estimated time); refuses to print a number when
+the compiler's figures cannot be extrapolated (negative, or not growing with depth).
 
 Memory, two figures (`judge`): libtpu's heap, from the compile's buffer assignment (parameters + the one
 preallocated block of temporaries a TPU program runs in; libtpu refuses a program whose heap exceeds the
@@ -25,6 +34,8 @@ for v4 topologies, one device per TensorCore with 16 GiB, is --chip_config=defau
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import json
 import math
@@ -157,9 +168,18 @@ def select_phase(config, name: str):
 
 
 def compile_step(
-    config, topology: str, phase_name: str = "", step_time: float = 0.0, chip_config: str = "auto"
+    config,
+    topology: str,
+    phase_name: str = "",
+    step_time: float = 0.0,
+    chip_config: str = "auto",
+    phase_config=None,
+    dump_dir: str = "",
+    heap: bool = True,
 ) -> dict:
-    """AOT-compile the phase's train step for `topology`; returns the report as a dict."""
+    """AOT-compile the phase's train step for `topology`; returns the report as a dict, with the
+    compiler's cost analysis ('optimal_seconds', 'flops': a scanned layer counted once) under 'cost'.
+    phase_config, if given, replaces the phase's config (the --estimate depths)."""
     import jax
 
     from voltron_jax import train
@@ -168,6 +188,8 @@ def compile_step(
 
     devices = topology_devices(topology, chip_config)
     phase = select_phase(config, phase_name)
+    if phase_config is not None:
+        phase = dataclasses.replace(phase, config=phase_config)
     c = phase.config
     validate(c, n_devices=len(devices))
     t0 = time.time()
@@ -191,9 +213,12 @@ def compile_step(
     )
     t1 = time.time()
     try:
-        with tempfile.TemporaryDirectory(prefix="aot_dump_") as dump:  # ~30 MB of text for the 13B step
-            mem = lowered.compile(compiler_options={"xla_dump_to": dump}).memory_analysis()
+        keep = contextlib.nullcontext(dump_dir) if dump_dir else None
+        with keep or tempfile.TemporaryDirectory(prefix="aot_dump_") as dump:  # ~30 MB of text for 13B
+            compiled = lowered.compile(compiler_options={"xla_dump_to": dump} if heap or dump_dir else None)
+            mem = compiled.memory_analysis()
             out["heap"] = heap_bytes(dump)
+            out["cost"] = cost_of(compiled)
         out.update(
             fits=True,
             arguments=mem.argument_size_in_bytes,
@@ -217,6 +242,132 @@ def compile_step(
     out["step_time_s"] = step_time
     out["mfu"] = out["flops_per_step"] / step_time / peak if step_time > 0 else None
     return out
+
+
+def cost_of(compiled) -> dict:
+    """The compiler's cost model for the program: optimal_seconds (libtpu's estimated run time) and flops.
+    A while loop's body (a scanned layer stack) is counted once, not once per trip."""
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else (ca or {})
+    return {k: float(ca[k]) for k in ("optimal_seconds", "flops", "bytes accessed") if k in ca}
+
+
+# ============================================================================ --estimate
+
+
+def extrapolate(points: dict, n_blocks: float, rest: float | None = None) -> dict:
+    """Step time of `n_blocks` super-blocks from compiles at two depths {blocks: seconds}: per-block cost
+    = the difference over the depth difference, the rest (embedding, head, loss, the other collectives)
+    = the shallow compile minus its blocks. With `rest` given (another model's, same vocabulary, width
+    and batch), one depth suffices: per-block = (time - rest) / blocks. 'valid' is False, with the
+    reason, when a figure cannot be extrapolated (a negative or non-finite time, a deeper compile not
+    slower)."""
+    if rest is not None and len(points) == 1:
+        ((k1, t1),) = points.items()
+        k2, t2 = 0, rest
+        per_block = (t1 - rest) / k1
+    elif len(points) == 2:
+        (k1, t1), (k2, t2) = sorted(points.items())
+        per_block = (t2 - t1) / (k2 - k1)
+    else:
+        raise ValueError(
+            f"--estimate needs two different depths (or one and --estimate_rest), got {sorted(points)}."
+        )
+    base = t1 - k1 * per_block
+    out = dict(per_block_s=per_block, base_s=base, step_s=base + n_blocks * per_block, valid=True, why="")
+    bad = [k for k, t in points.items() if not math.isfinite(t) or t <= 0]
+    if bad:
+        why = f"the compiler's optimal_seconds is {points[bad[0]]:.4g} at {bad[0]} blocks"
+        out.update(valid=False, why=why)
+    elif per_block <= 0:
+        why = f"the deeper compile is not slower ({t2:.4g} s at {k2}, {t1:.4g} s at {k1})"
+        out.update(valid=False, why=why)
+    elif out["step_s"] <= 0:
+        out.update(valid=False, why=f"the extrapolated step time is {out['step_s']:.4g} s")
+    return out
+
+
+def estimate(
+    config,
+    topology: str,
+    phase_name: str = "",
+    chip_config: str = "auto",
+    depths=(1, 2),
+    log=print,
+    rest: float | None = None,
+) -> dict:
+    """The TPU compiler's cost-model estimate of the full model's step time (never a measurement): compile
+    the step unrolled (scan_layers=False) at two small depths of whole super-blocks, take the per-block
+    cost from their optimal_seconds difference and extrapolate to model.n_layers."""
+    from voltron_jax.models import decoder
+
+    phase = select_phase(config, phase_name)
+    c = phase.config
+    m = c.model
+    size = decoder.super_block_size(m)
+    n_blocks = m.n_layers / size
+    points, runs = {}, {}
+    if len(set(depths)) != (1 if rest is not None else 2) or min(depths) < 1:
+        raise ValueError(
+            f"--estimate_depths={list(depths)}: give two different depths >= 1 (e.g. 1,2), or one with "
+            "--estimate_rest."
+        )
+    for k in depths:
+        ck = c.copy_and_resolve_references()
+        ck.model.n_layers, ck.model.scan_layers = k * size, False
+        log(f"estimate: compiling {k} super-block(s) of {size} layer(s), unrolled ...")
+        r = compile_step(config, topology, phase.name, chip_config=chip_config, phase_config=ck, heap=False)
+        if not r.get("cost"):
+            raise ValueError(f"the compile at {k} super-blocks reported no cost analysis ({r.get('error')}).")
+        points[k], runs[k] = r["cost"]["optimal_seconds"], r
+        log(f"estimate: {k} super-block(s): optimal_seconds {points[k]:.4g}, compile {r['compile_s']:.0f} s")
+    ex = extrapolate(points, n_blocks, rest)
+    tokens = c.data.batch_size * c.data.seq_len
+    n_chips = chips(topology)
+    flops = 3 * decoder.flops_per_token(m, c.data.seq_len) * tokens
+    peak = n_chips * PEAK_PER_CHIP.get(topology.split(":")[0], float("nan"))
+    est = dict(
+        topology=topology,
+        phase=phase.name,
+        super_block=size,
+        n_blocks=n_blocks,
+        depths=list(depths),
+        optimal_seconds={str(k): v for k, v in points.items()},
+        compile_s={str(k): runs[k]["compile_s"] for k in depths},
+        batch=c.data.batch_size,
+        seq_len=c.data.seq_len,
+        chips=n_chips,
+        flops_per_step=flops,
+        peak_flops=peak,
+        rest_given=rest,
+        **ex,
+    )
+    if ex["valid"]:
+        est.update(tokens_per_s_per_chip=tokens / ex["step_s"] / n_chips, mfu=flops / ex["step_s"] / peak)
+    return est
+
+
+def render_estimate(e: dict) -> str:
+    head = (
+        f"COMPILER COST-MODEL ESTIMATE (libtpu optimal_seconds, extrapolated; not a measurement): "
+        f"{e['topology']}, phase {e['phase']}, batch {e['batch']} x {e['seq_len']}, "
+        f"{e['n_blocks']:g} super-blocks of {e['super_block']} layer(s)"
+    )
+    pts = ", ".join(f"{k} blocks {v:.4g} s" for k, v in e["optimal_seconds"].items())
+    lines = [
+        head,
+        f"  compiled unrolled at {pts}; per block {e['per_block_s']:.4g} s, rest {e['base_s']:.4g} s"
+        + (" (given: --estimate_rest)" if e.get("rest_given") is not None else ""),
+    ]
+    if not e["valid"]:
+        lines.append(f"  NO ESTIMATE: {e['why']}")
+        return "\n".join(lines)
+    lines.append(
+        f"  estimated step {e['step_s']:.4g} s, {e['tokens_per_s_per_chip']:,.0f} tokens/s per chip, "
+        f"implied MFU {e['mfu']:.3f} (analytic {e['flops_per_step']:.3e} FLOPs / {e['peak_flops']:.3e} "
+        "FLOP/s peak / estimated time)"
+    )
+    return "\n".join(lines)
 
 
 def heap_bytes(dump_dir: str) -> float | None:
@@ -311,6 +462,20 @@ def main(argv) -> int:
     phase = flags.DEFINE_string("phase", "", "Recipe phase to compile (default: the first).")
     step_time = flags.DEFINE_float("step_time", 0.0, "Measured seconds per step, for the MFU it implies.")
     json_out = flags.DEFINE_string("json", "", "Append the result as one JSON line to this file.")
+    dump = flags.DEFINE_string("dump_dir", "", "Keep XLA's dump (buffer assignment, HLO) in this folder.")
+    est = flags.DEFINE_bool(
+        "estimate",
+        False,
+        "Instead of the full step, compile it unrolled at two depths of super-blocks and print the "
+        "compiler's cost-model estimate of the full model's step time, tokens/s per chip and MFU.",
+    )
+    est_depths = flags.DEFINE_list("estimate_depths", ["1", "2"], "Super-block depths of --estimate.")
+    est_rest = flags.DEFINE_float(
+        "estimate_rest",
+        None,
+        "Seconds of the step outside the layers, from an earlier two-depth --estimate of a model of the same "
+        "vocabulary, width and batch; then one --estimate_depths value suffices (half the compiles).",
+    )
     chip_config = flags.DEFINE_enum(
         "chip_config",
         "auto",
@@ -331,7 +496,20 @@ def main(argv) -> int:
         raise UsageError(usage)
     config = cli.config_from_argv(cfg.value, overrides)
     # TopologyError, ConfigError: one line from voltron_jax.cli
-    r = compile_step(config, topo.value, phase.value, step_time.value, chip_config.value)
+    if est.value:
+        depths = tuple(int(d) for d in est_depths.value)
+        try:
+            e = estimate(config, topo.value, phase.value, chip_config.value, depths, rest=est_rest.value)
+        except ValueError as err:  # depths that cannot be extrapolated, a compile without cost analysis
+            raise UsageError(str(err)) from err
+        e["config"] = cfg.value
+        e["overrides"] = [f"--config.{k}={v}" for k, v in overrides]
+        print(render_estimate(e), flush=True)
+        if json_out.value:
+            with open(json_out.value, "a") as f:
+                f.write(json.dumps(dict(e, kind="compiler cost-model estimate"), default=float) + "\n")
+        return 0 if e["valid"] else 1
+    r = compile_step(config, topo.value, phase.value, step_time.value, chip_config.value, dump_dir=dump.value)
     r["config"] = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     print(render(r), flush=True)
     if json_out.value:

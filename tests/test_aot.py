@@ -152,3 +152,36 @@ def test_13b_configs_count_13b_and_87b_parameters():
         counts[variant] = n, analytic["active"]
     assert 12.9e9 < counts["v4"][0] < 13.1e9
     assert 87.0e9 < counts["moe,v4"][0] < 87.4e9 and 23.4e9 < counts["moe,v4"][1] < 23.8e9  # top-2 of 8
+
+
+def test_estimate_extrapolates_two_depths():
+    """--estimate's arithmetic: per-block cost = the difference of two depths, the rest = the shallow
+    compile minus its blocks; figures that cannot be extrapolated give no estimate, with the reason."""
+    e = aot.extrapolate({2: 5.0, 1: 3.0}, 20)
+    assert (e["per_block_s"], e["base_s"], e["step_s"], e["valid"]) == (2.0, 1.0, 41.0, True)
+    assert aot.extrapolate({2: 1.0, 4: 2.0}, 40)["step_s"] == pytest.approx(20.0)
+    neg = aot.extrapolate({1: 0.5, 2: -0.3}, 20)
+    assert not neg["valid"] and "optimal_seconds is -0.3 at 2 blocks" in neg["why"]
+    flat = aot.extrapolate({1: 0.5, 2: 0.4}, 20)
+    assert not flat["valid"] and "not slower" in flat["why"]
+    with pytest.raises(ValueError, match="two different depths"):
+        aot.extrapolate({1: 0.5}, 20)
+    one = aot.extrapolate({2: 5.0}, 20, rest=1.0)  # one depth and another model's rest
+    assert (one["per_block_s"], one["base_s"], one["step_s"], one["valid"]) == (2.0, 1.0, 41.0, True)
+    assert not aot.extrapolate({1: 0.9}, 20, rest=1.0)["valid"]
+
+
+def test_estimate_runs_on_a_tiny_config():
+    """--estimate compiles the step unrolled at 1 and 2 super-blocks for a TPU topology and reports the
+    compiler's cost-model time: the 2-layer model's extrapolated step is its own 2-block compile's."""
+    c = tiny.get_config("test")
+    c.model.update(n_layers=2, d_model=64, d_ff=128, n_heads=2, n_kv_heads=2)
+    c.data.update(seq_len=32, batch_size=4)
+    e = aot.estimate(c, "v4:2x2x1", log=lambda s: None)
+    t1, t2 = e["optimal_seconds"]["1"], e["optimal_seconds"]["2"]
+    assert e["valid"] and 0 < t1 < t2 and e["super_block"] == 1 and e["n_blocks"] == 2
+    assert e["step_s"] == pytest.approx(t2)
+    assert e["tokens_per_s_per_chip"] == pytest.approx(4 * 32 / t2 / 4)
+    assert e["mfu"] == pytest.approx(3 * decoder.flops_per_token(c.model, 32) * 4 * 32 / t2 / (4 * 275e12))
+    text = aot.render_estimate(e)
+    assert text.startswith("COMPILER COST-MODEL ESTIMATE") and "not a measurement" in text

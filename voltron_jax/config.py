@@ -244,6 +244,9 @@ def get_default() -> ml_collections.ConfigDict:
     t.grad_accum_steps = 1
     t.grad_accum_dtype = "float32"
     t.prefetch = 2  # global batches built and put on device ahead of the step by a thread (0: off)
+    # > 0: the cross-entropy applies the LM head this many vocabulary columns at a time and never builds
+    # the fp32 [B,T,V] logits (voltron_jax/losses.py); 0: full logits. Same loss and gradients.
+    t.loss_chunk = 0
 
     # ---------------------------------------------------------------- surgery (phases with init.surgery)
     # voltron_jax/surgery; techniques-b.md 5.1. Routers of a 'btx_merge': router_init random
@@ -492,6 +495,9 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         _fail(f"data.corpus={d.corpus!r}: use 'stdlib' (embedded) or 'tfds:<name>' such as 'tfds:c4/en'.")
     if d.seq_len <= 1 or d.batch_size <= 0:
         _fail("data.seq_len must be > 1 and data.batch_size > 0.")
+
+    if c.train.get("loss_chunk", 0) < 0:
+        _fail(f"train.loss_chunk={c.train.loss_chunk} must be >= 0 (vocabulary columns per tile; 0: off).")
 
     _choice("schedule.name", c.schedule.name, SCHEDULES)
     _choice("schedule.decay_shape", c.schedule.decay_shape, ("exp", "linear", "cosine"))

@@ -27,10 +27,11 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import checkpoint, metrics, microbatch, optim, runlock, schedules, sharding
+from voltron_jax import checkpoint, losses, metrics, microbatch, optim, runlock, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
 from voltron_jax.errors import ConfigError, VoltronError
+from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
 
 
@@ -99,12 +100,18 @@ def write_run_info(config, workdir: epath.Path) -> dict:
 # ============================================================================ model, loss, steps
 
 
-def cross_entropy(logits, targets, weights):
-    """Mean token NLL and mean squared log-normaliser (z-loss), both over weighted tokens."""
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B,T]
-    nll = logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    denom = jnp.maximum(jnp.sum(weights), 1.0)
-    return jnp.sum(nll * weights) / denom, jnp.sum(jnp.square(logz) * weights) / denom
+def model_loss(model, variables, inputs: tuple, batch: dict, loss_chunk: int, mutable=False):
+    """(ce, z-loss) of the model on the batch, plus the mutable collections when `mutable` names some.
+    loss_chunk > 0: the decoder returns its final hidden state and the LM head is applied in the loss,
+    loss_chunk vocabulary columns at a time (voltron_jax/losses.py: no [B,T,V] logits); 0: full logits."""
+    out = model.apply(variables, *inputs, mutable=mutable, return_hidden=loss_chunk > 0)
+    y, cols = out if mutable else (out, {})
+    if loss_chunk > 0:
+        hidden, kernel = y
+        stats = losses.head_cross_entropy(hidden, kernel, batch["targets"], batch["weights"], loss_chunk)
+    else:
+        stats = cross_entropy(y, batch["targets"], batch["weights"])
+    return stats, cols
 
 
 def sum_aux_losses(aux: dict, weights: ml_collections.ConfigDict) -> tuple[jax.Array, dict]:
@@ -147,12 +154,14 @@ def make_train_step(
         """This (micro)batch's loss, its token means scaled by `token_share` (its share of the step's
         weighted tokens) and its aux losses by `batch_share` (1/N): summed over the step's microbatches
         they are the step's loss and metrics."""
-        logits, cols = model.apply(
+        (ce, zl), cols = model_loss(
+            model,
             step_variables(params, state_tree, step),
-            *model_inputs(batch, doc_mask),
+            model_inputs(batch, doc_mask),
+            batch,
+            config.train.get("loss_chunk", 0),
             mutable=["aux_loss", "intermediates"],
         )
-        ce, zl = cross_entropy(logits, batch["targets"], batch["weights"])
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
         ce, zl = ce * token_share, zl * token_share
         loss = ce + config.aux_weights.z_loss * zl + aux_total * batch_share
@@ -208,8 +217,10 @@ def make_eval_step(model: nn.Module, config, state_tree=None):
     doc_mask = config.data.doc_mask
 
     def eval_fn(params, step, batch):
-        logits = model.apply(step_variables(params, state_tree, step), *model_inputs(batch, doc_mask))
-        ce, _ = cross_entropy(logits, batch["targets"], batch["weights"])
+        variables = step_variables(params, state_tree, step)
+        (ce, _), _ = model_loss(
+            model, variables, model_inputs(batch, doc_mask), batch, config.train.get("loss_chunk", 0)
+        )
         n = jnp.sum(batch["weights"])
         return ce * jnp.maximum(n, 1.0), n
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from voltron_jax import registry
 from voltron_jax.models.attention import head_dim
-from voltron_jax.models.layers import Embed, RMSNorm
+from voltron_jax.models.layers import Embed, RMSNorm, param_with_axes
 
 REMAT_POLICIES = {
     "full": None,
@@ -174,8 +174,26 @@ class PlainResidual(nn.Module):
         del config
 
 
+class LMHead(nn.Module):
+    """The untied LM head [D,V] (param 'kernel', axes embed x vocab): logits in `dtype`, or the kernel
+    itself for a loss that applies it one vocabulary tile at a time (voltron_jax/losses.py)."""
+
+    vocab_size: int
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, return_kernel: bool = False):
+        init = nn.initializers.normal(self.init_std)
+        w = param_with_axes(self, "kernel", init, (x.shape[-1], self.vocab_size), ("embed", "vocab"))
+        return w if return_kernel else jnp.dot(x.astype(self.dtype), w.astype(self.dtype))  # [B,T,V]
+
+
 class Decoder(nn.Module):
-    """Token ids [B,T] -> logits [B,T,V] (fp32)."""
+    """Token ids [B,T] -> logits [B,T,V] (fp32). With return_hidden=True -> (hidden [B,T,D] in the compute
+    dtype, the LM head's kernel [D,V]), logits = hidden @ kernel left to the vocabulary-tiled loss
+    (voltron_jax/losses.py) so that the full [B,T,V] logits never exist; hidden already carries the
+    MiniCPM division by d_model / dim_model_base."""
 
     vocab_size: int
     d_model: int
@@ -189,7 +207,7 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, ids, positions=None, segment_ids=None, valid=None):
+    def __call__(self, ids, positions=None, segment_ids=None, valid=None, return_hidden: bool = False):
         b, t = ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -198,18 +216,14 @@ class Decoder(nn.Module):
         x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
         x = self.stack(name="stack")(x, positions, segment_ids, valid)
         x = RMSNorm(self.norm_eps, self.dtype, name="final_norm")(x) / self.logit_div
-        if self.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(
-                self.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                name="lm_head",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(self.head_init_std), ("embed", "vocab")
-                ),
-            )(x)
+        head = None
+        if not self.tie_embeddings:
+            head = LMHead(self.vocab_size, self.head_init_std, self.dtype, name="lm_head")
+        if return_hidden:
+            x = nn.with_logical_constraint(x.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
+            kernel = embed.embedding.T if head is None else head(x, return_kernel=True)  # [D,V]
+            return x, kernel
+        logits = embed.attend(x) if head is None else head(x)  # [B,T,V]
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
@@ -270,7 +284,7 @@ def build_parts(m, decode: bool = False) -> dict[str, Any]:
     routing = slots["routing"]
     layers = tuple(routing.wrap(blocks, i, m, decode=decode) for i in range(m.n_layers))
     residual = slots["residual"]
-    period = math.lcm(routing.period_of(m), residual.period_of(m))
+    period = super_block_size(m)
     stack = functools.partial(
         residual, layers=layers, period=period, scan=m.scan_layers, remat=m.remat, **slot_kwargs(residual, m)
     )
@@ -300,6 +314,12 @@ def build_model(m, decode: bool = False) -> Decoder:
         norm_eps=m.norm_eps,
         dtype=jnp.dtype(m.dtype),
     )
+
+
+def super_block_size(m) -> int:
+    """Layers per super-block (the scanned, rematerialised unit): lcm of the routing and residual periods."""
+    slots = registry.selected(m)
+    return math.lcm(slots["routing"].period_of(m), slots["residual"].period_of(m))
 
 
 def flops_per_token(m, seq_len: int) -> float:
