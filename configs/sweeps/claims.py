@@ -43,6 +43,11 @@ def _steps(stable: int, decay: int) -> dict:
     return {"recipe.stable.steps": stable, "recipe.decay.steps": decay, "train.eval_every": 16}
 
 
+def _tiny(**overrides) -> dict:
+    """An arm on tiny.py's stable + decay recipe (the c-BTX arms run recipe_tiny.py's own phases)."""
+    return {**_steps(STABLE, DECAY), "data.batch_size": 16, **overrides}
+
+
 def _iso_flop_steps(base: str, dense: dict, routed: dict) -> tuple[int, int]:
     """(stable, decay) steps of `dense` with the training FLOPs of `routed` over STABLE + DECAY steps."""
 
@@ -158,30 +163,31 @@ def get_sweep(arg: str = ""):
     if arg:
         raise ValueError(f"configs/sweeps/claims.py: unknown variant {arg!r}; use '' or 'quick'.")
     base = "configs/tiny.py"
-    fixed = {**_steps(STABLE, DECAY), "data.batch_size": 16}
     mod = {"model.routing": "mod"}
     stable_iso, decay_iso = _iso_flop_steps(base, {}, mod)
     variants = {
-        "dense": {"lrs": DENSE_LRS},
-        "bitnet": {
-            "model.linear": "bitlinear",
-            # the b1.58 FAQ's two-stage lr and weight decay switched off half-way
-            "optim.lr_stage2_step": (STABLE + DECAY) // 2,
-            "optim.lr_stage2_factor": 0.667,
-            "optim.wd_zero_step": (STABLE + DECAY) // 2,
-            "lrs": BITNET_LRS,
-        },
-        "denseformer": {"model.residual": "denseformer", "lrs": DENSE_LRS},
-        "infini": {"model.memory": "infini", "lrs": DENSE_LRS},
-        "infini_nomem": {"model.memory": "infini", "model.infini.rule": "none", "lrs": DENSE_LRS},
-        "mod": {**mod, "lrs": DENSE_LRS},
-        "dense_mod_flops": {"model.n_layers": 2, "lrs": DENSE_LRS},
-        "dense_isoflop": {**_steps(stable_iso, decay_iso), "lrs": DENSE_LRS},
-        "cosine": {"schedule.name": "cosine", "recipe.decay.stage": "stable", "lrs": DENSE_LRS},
-        "decay_same_mix": {"recipe.decay.mixture": "pretrain", "lrs": DENSE_LRS},
-        "random_order": {"data.ordering": "dedup_random", "lrs": DENSE_LRS},
-        "icp": {"data.ordering": "icp", "lrs": DENSE_LRS},
-        **{f"width_{d}": {**_width(d), "lrs": MUP_LRS, "seeds": 1} for d in (128, 256, 512)},  # lr sweep only
+        "dense": _tiny(lrs=DENSE_LRS),
+        "bitnet": _tiny(
+            **{
+                "model.linear": "bitlinear",
+                # the b1.58 FAQ's two-stage lr and weight decay switched off half-way
+                "optim.lr_stage2_step": (STABLE + DECAY) // 2,
+                "optim.lr_stage2_factor": 0.667,
+                "optim.wd_zero_step": (STABLE + DECAY) // 2,
+            },
+            lrs=BITNET_LRS,
+        ),
+        "denseformer": _tiny(**{"model.residual": "denseformer"}, lrs=DENSE_LRS),
+        "infini": _tiny(**{"model.memory": "infini"}, lrs=DENSE_LRS),
+        "infini_nomem": _tiny(**{"model.memory": "infini", "model.infini.rule": "none"}, lrs=DENSE_LRS),
+        "mod": _tiny(**mod, lrs=DENSE_LRS),
+        "dense_mod_flops": _tiny(**{"model.n_layers": 2}, lrs=DENSE_LRS),
+        "dense_isoflop": _tiny(**_steps(stable_iso, decay_iso), lrs=DENSE_LRS),
+        "cosine": _tiny(**{"schedule.name": "cosine", "recipe.decay.stage": "stable"}, lrs=DENSE_LRS),
+        "decay_same_mix": _tiny(**{"recipe.decay.mixture": "pretrain"}, lrs=DENSE_LRS),
+        "random_order": _tiny(**{"data.ordering": "dedup_random"}, lrs=DENSE_LRS),
+        "icp": _tiny(**{"data.ordering": "icp"}, lrs=DENSE_LRS),
+        **{f"width_{d}": _tiny(**_width(d), lrs=MUP_LRS, seeds=1) for d in (128, 256, 512)},  # lr sweep only
         # c-BTX at the recipe's own schedule. Capacity factor n_experts / top_k = 4 never drops a token
         # (models/moe.py), so no MoE number here is affected by dropping, in training or evaluation.
         "cbtx": {"base": "configs/recipe_tiny.py", **DROPLESS},
@@ -191,7 +197,7 @@ def get_sweep(arg: str = ""):
         "cbtx_dense_scored": {"evaluate": {"of": "cbtx_dense", "mode": "single"}},
         "cbtm_ensemble": {"evaluate": {"of": "cbtx", "mode": "cbtm_ensemble", "top_k": 2}},
     }
-    return {"base": base, "seeds": 3, "set": fixed, "variants": variants, "claims": CLAIMS}
+    return {"base": base, "seeds": 3, "variants": variants, "claims": CLAIMS}
 
 
 def _quick():

@@ -65,7 +65,7 @@ def test_ablate_emit_validates_what_it_prints_and_claims_flag(tmp_path):
     # the docstring's example (with --emit: nothing trains); recipe fields of the sweep file are accepted
     out = run("-m", "voltron_jax.ablate", "--sweep_file=configs/sweeps/claims.py", w, "--claims", "--emit")
     assert out.returncode == 0 and not out.stderr, out.stderr
-    assert len(out.stdout.splitlines()) >= 5 and "--config.recipe.stable.steps=120" in out.stdout
+    assert len(out.stdout.splitlines()) >= 5 and "--config.recipe.stable.steps=80" in out.stdout
     assert not list(tmp_path.iterdir())
 
 

@@ -18,6 +18,9 @@ def _config():
     c = tiny.get_config("test")
     c.recipe.stable.steps = 16
     c.train.update(log_every=1, ckpt_every=4, eval_every=1000, eval_batches=1, keep=10, async_save=True)
+    # The hooks below count and pause batches as the loop draws them; a prefetch thread would draw them
+    # up to train.prefetch + 1 steps ahead of the step that trains, so the count would not be the step.
+    c.train.prefetch = 0
     return c
 
 
