@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-heavy test-fast lint clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check voltron_jax configs launch benchmarks tests
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=15 -m "not heavy" tests
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=5 -m heavy tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests

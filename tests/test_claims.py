@@ -122,6 +122,7 @@ def test_collect_only_before_the_lr_sweep_finished_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: make test-heavy
 def test_quick_claims_sweep_runs_end_to_end(tmp_path):
     out = tmp_path / "claims.md"
     ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", f"--claims_out={out}"])

@@ -9,6 +9,7 @@ from voltron_jax import checkpoint, train
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: make test-heavy
 def test_recipe_runs_end_to_end_with_max_steps(tmp_path):
     c = recipe_tiny.get_config("test")
     c.max_steps = 2

@@ -33,6 +33,7 @@ def test_bad_arguments_are_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes: make test-heavy
 def test_top1_ensemble_uses_the_routed_branch_on_the_same_tokens(tmp_path):
     import jax
 
