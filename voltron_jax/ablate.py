@@ -293,6 +293,11 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
     return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len, comparable
 
 
+def _median(xs: list[float]) -> float:
+    """Median, nan for none (an evaluation-only arm has no training records)."""
+    return float(np.median(xs)) if xs else float("nan")
+
+
 def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> float:
     """Validation loss interpolated at a training-FLOPs budget (nan past the run's end)."""
     x = np.array([r["step"] * flops_per_step for r in evals])
@@ -321,9 +326,7 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "flops_per_token": fpt,
                 "_final": [r["eval"][-1]["loss"] for r in recs],
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
-                "tokens_per_s": float(np.median(tps_))
-                if (tps_ := [t["tokens_per_s"] for r in recs for t in r["train"]])
-                else float("nan"),
+                "tokens_per_s": _median([t["tokens_per_s"] for r in recs for t in r["train"]]),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
             }
         )

@@ -91,3 +91,16 @@ def mount_tmpfs(path, size: str) -> bool:
 
 def umount(path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def small_disk(path, size: str):
+    """Generator for a fixture: a real tmpfs of `size` at `path`, unmounted afterwards; skips the test
+    (saying why) where this machine cannot mount one."""
+    import pytest
+
+    if not mount_tmpfs(path, size):
+        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full tests need a real small disk")
+    try:
+        yield path
+    finally:
+        umount(path)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.reliability._reliability import mount_tmpfs, umount
+from tests.reliability import _reliability
 from voltron_jax import checkpoint
 
 META = {"config": {"d": 1}}
@@ -96,11 +96,7 @@ def test_readers_without_fallback_move_nothing(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    if not mount_tmpfs(mnt, "2m"):
-        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full tests need a real small disk")
-    yield mnt
-    umount(mnt)
+    yield from _reliability.small_disk(tmp_path / "disk", "2m")
 
 
 def test_failed_async_save_is_raised_at_the_next_check(small_disk):

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from configs import tiny
-from tests.reliability._reliability import committed, mount_tmpfs, umount, wait_for
+from tests.reliability._reliability import committed, small_disk, wait_for
 from voltron_jax import checkpoint, train
 from voltron_jax.data import pipeline
 
@@ -30,11 +30,7 @@ def _saving() -> bool:
 
 @pytest.fixture
 def disk(tmp_path):
-    mnt = tmp_path / "disk"
-    if not mount_tmpfs(mnt, "12m"):
-        pytest.skip("cannot mount a tmpfs here (needs root): the disk-full test needs a real small disk")
-    yield mnt
-    umount(mnt)
+    yield from small_disk(tmp_path / "disk", "12m")
 
 
 @pytest.mark.slow  # two short training runs: ~45 s on a 2-core host
