@@ -108,6 +108,29 @@ def test_claims_report_from_runs_each_arm_at_its_own_best_lr(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_diverged_lr_point_is_infinite_loss_but_a_diverged_final_seed_stops_the_sweep(
+    tmp_path, monkeypatch, capsys
+):
+    from types import SimpleNamespace
+
+    from voltron_jax import cli, train
+    from voltron_jax.errors import DIVERGED_EXIT, VoltronError
+
+    assert cli.describe(train.NonFiniteLoss("nan"))[1] == DIVERGED_EXIT  # what a diverged run exits with
+    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd: SimpleNamespace(returncode=DIVERGED_EXIT))
+    arm = ablate.Variant("dense", {}, [0, 1, 2], lrs=[1e-3, 3e-3])
+    point = ablate.at_lr(arm, 3e-3, [0])
+    ablate.run_all("configs/tiny.py:test", [point], {}, tmp_path, emit=False, lr_sweep=True)
+    assert json.loads((ablate.run_dir(tmp_path, point, 0) / "done.json").read_text())["diverged"]
+    _fake_run(ablate.run_dir(tmp_path, ablate.at_lr(arm, 1e-3, [0]), 0), [3.0, 2.5])
+    assert ablate._lr_finals(arm, tmp_path) == {1e-3: 2.5, 3e-3: math.inf}
+    assert ablate.final_runs([arm], tmp_path)[0][0].lr == 1e-3
+    assert "0.003: diverged" in ablate.lr_table([arm], tmp_path)
+    with pytest.raises(VoltronError, match="run dense@lr=0.001 seed 1 failed"):
+        ablate.run_all("configs/tiny.py:test", [ablate.at_lr(arm, 1e-3, [1])], {}, tmp_path, emit=False)
+    capsys.readouterr()
+
+
 def test_emit_lists_the_lr_sweep_then_says_what_follows(tmp_path, capsys):
     ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--emit"])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -37,7 +37,7 @@ from voltron_jax import claims as claims_lib
 from voltron_jax import cli
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
-from voltron_jax.errors import ConfigError, UsageError, VoltronError
+from voltron_jax.errors import DIVERGED_EXIT, ConfigError, UsageError, VoltronError
 
 
 @dataclass
@@ -193,9 +193,16 @@ def _lr_finals(v: Variant, root: Path) -> dict[float, float]:
     """lr -> final validation loss of the arm's first seed (nan where that run has not finished)."""
     out = {}
     for lv in lr_sweep_runs([v]):
-        ev = read_run(run_dir(root, lv, lv.seeds[0]))["eval"]
-        out[lv.lr] = ev[-1]["loss"] if ev else math.nan
+        d = run_dir(root, lv, lv.seeds[0])
+        ev = read_run(d)["eval"]
+        out[lv.lr] = math.inf if _diverged(d) else ev[-1]["loss"] if ev else math.nan
     return out
+
+
+def _diverged(d: Path) -> bool:
+    """Whether the run in `d` finished by diverging (a NaN/inf loss; recorded by run_all)."""
+    done = d / "done.json"
+    return done.exists() and json.loads(done.read_text()).get("diverged", False)
 
 
 def final_runs(variants: list[Variant], root: Path) -> tuple[list[Variant], list[str]]:
@@ -231,14 +238,18 @@ def lr_table(variants: list[Variant], root: Path) -> str:
             continue
         best, bracketed = claims_lib.best_lr(finals)
         cells = ", ".join(
-            f"{lr:g}: {math.exp(x):.3f}{'*' * (lr == best)}" for lr, x in sorted(finals.items())
+            f"{lr:g}: {math.exp(x):.3f}{'*' * (lr == best)}" if math.isfinite(x) else f"{lr:g}: diverged"
+            for lr, x in sorted(finals.items())
         )
         lines.append(f"| {v.name} | {cells} | {'yes' if bracketed else 'NO: best lr at the grid edge'} |")
     return "\n".join(lines)
 
 
-def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: bool) -> None:
-    """Run every variant x seed in order (skipping finished ones), or print the commands."""
+def run_all(
+    base: str, variants: list[Variant], fixed: dict, root: Path, emit: bool, lr_sweep: bool = False
+) -> None:
+    """Run every variant x seed in order (skipping finished ones), or print the commands. `lr_sweep`: these
+    are points of learning-rate sweeps, where a diverged run is recorded (as infinite loss) and skipped."""
     for v in variants:
         for s in v.seeds:
             d = run_dir(root, v, s)
@@ -250,12 +261,18 @@ def run_all(base: str, variants: list[Variant], fixed: dict, root: Path, emit: b
                 print(f"[ablate] {v.name} seed {s}: done, skipped", flush=True)
                 continue
             print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}", flush=True)
-            if subprocess.run(cmd).returncode:
+            status = subprocess.run(cmd).returncode
+            # A point of an lr sweep that diverges is a result (that lr is too high), not a failure.
+            diverged = status == DIVERGED_EXIT and lr_sweep
+            if status and not diverged:
                 raise VoltronError(
                     f"run {v.name} seed {s} failed (its message is above); fix it and rerun the same "
                     "ablate command: finished runs are skipped."
                 )
-            (d / "done.json").write_text(json.dumps({"command": cmd}))
+            if diverged:
+                print(f"[ablate] {v.name} seed {s}: diverged, recorded as infinite loss", flush=True)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "done.json").write_text(json.dumps({"command": cmd, "diverged": diverged}))
 
 
 # ============================================================================ collect
@@ -509,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     claims_out = a.claims_out or (str(root / "claims.md") if a.claims else "")
     sweep = lr_sweep_runs(variants)  # arms with `lrs` first train their first seed at every lr
     if sweep and not a.collect_only:
-        run_all(base, sweep, fixed, root, a.emit)
+        run_all(base, sweep, fixed, root, a.emit, lr_sweep=True)
     finals, pending = final_runs(variants, root)
     if not a.collect_only:
         run_all(base, finals, fixed, root, a.emit)

@@ -177,7 +177,7 @@ def describe(e: BaseException) -> tuple[str, int]:
     except ImportError:  # pragma: no cover - absl is a dependency
         FlagsError = ()  # noqa: N806
     if isinstance(e, VoltronError):
-        return f"error: {one_line(e)}", 2
+        return f"error: {one_line(e)}", getattr(e, "exit_status", 2)
     if isinstance(e, FlagsError):
         return f"error: {one_line(e)} (see --help)", 2
     if isinstance(e, UnicodeDecodeError):

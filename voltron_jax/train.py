@@ -30,12 +30,12 @@ from flax import struct
 from voltron_jax import checkpoint, losses, metrics, microbatch, optim, runlock, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
-from voltron_jax.errors import ConfigError, VoltronError
+from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
 
 
-class NonFiniteLoss(VoltronError, RuntimeError):
+class NonFiniteLoss(Diverged):
     """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
 
 
