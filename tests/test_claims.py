@@ -131,6 +131,32 @@ def test_a_diverged_lr_point_is_infinite_loss_but_a_diverged_final_seed_stops_th
     capsys.readouterr()
 
 
+def test_parallel_jobs_run_every_run_once_log_each_and_raise_a_failure(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from voltron_jax.errors import VoltronError
+
+    seen = []
+
+    def fake_run(cmd, stdout=None, stderr=None):
+        seen.append(cmd)
+        stdout.write(f"trained {cmd[-1]}\n")
+        return SimpleNamespace(returncode=int(any("seed_2" in c for c in cmd)))  # seed 2 fails
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    arm = ablate.Variant("dense", {}, [0, 1])
+    ablate.run_all("configs/tiny.py:test", [arm], {}, tmp_path, emit=False, jobs=2)
+    assert len(seen) == 2
+    for s in (0, 1):
+        d = ablate.run_dir(tmp_path, arm, s)
+        assert (d / "done.json").exists() and "trained" in (d / "ablate.log").read_text()
+    ablate.run_all("configs/tiny.py:test", [arm], {}, tmp_path, emit=False, jobs=2)
+    assert len(seen) == 2  # finished runs are skipped
+    with pytest.raises(VoltronError, match="seed 2 failed .*ablate.log"):
+        ablate.run_all("configs/tiny.py:test", [ablate.Variant("x", {}, [2, 3])], {}, tmp_path, False, jobs=2)
+    capsys.readouterr()
+
+
 def test_emit_lists_the_lr_sweep_then_says_what_follows(tmp_path, capsys):
     ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--emit"])
     lines = capsys.readouterr().out.strip().splitlines()

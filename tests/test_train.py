@@ -214,6 +214,32 @@ def test_sharded_step_equals_single_device_step():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_moe_drop_rates_reach_the_train_metrics_and_the_evaluation():
+    """Every MoE / MoA layer sows its drop rate; the step and the evaluation report the mean over layers,
+    and a dropless capacity factor (n_experts / top_k) reports exactly 0."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 259, size=(4, 65)).astype(np.int32)
+    batch = {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "weights": np.ones((4, 64), np.float32),
+        "positions": np.tile(np.arange(64, dtype=np.int32), (4, 1)),
+        "segment_ids": np.ones((4, 64), np.int32),
+    }
+    rates = {}
+    for factor in (0.25, 2.0):  # 4 experts, top-2: factor 2 gives C = A slots, nothing can drop
+        c = _config(**{"model.ffn": "moe", "model.attention": "moa"})
+        for m in (c.model.moe, c.model.moa):
+            m.update(n_experts=4, top_k=2, capacity_factor=factor)
+        rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2), devices=jax.devices()[:1])
+        state, m = rt.train_step(rt.scratch(), sharding.host_batch_to_global(rt.mesh, batch))
+        ev = train.evaluate(rt, state, [batch])
+        rates[factor] = (float(m["moe_drop_rate"]), float(m["moa_drop_rate"]), ev["moe_drop_rate"])
+    assert rates[2.0] == (0.0, 0.0, 0.0)
+    # C = ceil(0.25 * 256 * 2 / 4) = 32 slots per expert for 512 assignments: at least 3/4 are dropped
+    assert all(r >= 0.75 for r in rates[0.25]), rates
+
+
 def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -246,33 +246,67 @@ def lr_table(variants: list[Variant], root: Path) -> str:
 
 
 def run_all(
-    base: str, variants: list[Variant], fixed: dict, root: Path, emit: bool, lr_sweep: bool = False
+    base: str,
+    variants: list[Variant],
+    fixed: dict,
+    root: Path,
+    emit: bool,
+    lr_sweep: bool = False,
+    jobs: int = 1,
 ) -> None:
-    """Run every variant x seed in order (skipping finished ones), or print the commands. `lr_sweep`: these
-    are points of learning-rate sweeps, where a diverged run is recorded (as infinite loss) and skipped."""
+    """Run every variant x seed (skipping finished ones), or print the commands. `lr_sweep`: these are
+    points of learning-rate sweeps, where a diverged run is recorded (as infinite loss), not a failure.
+    jobs > 1: that many runs at once, each writing its output to `<run dir>/ablate.log`; a failure stops
+    new runs from starting and is raised once the running ones end."""
+    todo = []
     for v in variants:
         for s in v.seeds:
             d = run_dir(root, v, s)
             cmd = command(v.base or base, v, s, fixed, d)
             if emit:
                 print(shlex.join(cmd))
-                continue
-            if (d / "done.json").exists():
+            elif (d / "done.json").exists():
                 print(f"[ablate] {v.name} seed {s}: done, skipped", flush=True)
-                continue
-            print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}", flush=True)
-            status = subprocess.run(cmd).returncode
-            # A point of an lr sweep that diverges is a result (that lr is too high), not a failure.
-            diverged = status == DIVERGED_EXIT and lr_sweep
-            if status and not diverged:
-                raise VoltronError(
-                    f"run {v.name} seed {s} failed (its message is above); fix it and rerun the same "
-                    "ablate command: finished runs are skipped."
-                )
-            if diverged:
-                print(f"[ablate] {v.name} seed {s}: diverged, recorded as infinite loss", flush=True)
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "done.json").write_text(json.dumps({"command": cmd, "diverged": diverged}))
+            else:
+                todo.append((v, s, d, cmd))
+    if jobs <= 1:
+        for job in todo:
+            _run_one(*job, lr_sweep=lr_sweep, log=None)
+        return
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(_run_one, *job, lr_sweep=lr_sweep, log="ablate.log") for job in todo]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception()]
+        if failed:
+            for f in futures:
+                f.cancel()  # the queued runs; the running ones finish
+            raise failed[0].exception()
+
+
+def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: str | None) -> None:
+    """Train one run; on success (or a diverged lr-sweep point) write its done.json."""
+    where = f" (output: {d / log})" if log else ""
+    print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}{where}", flush=True)
+    d.mkdir(parents=True, exist_ok=True)
+    if log:
+        with open(d / log, "w") as f:
+            status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    else:
+        status = subprocess.run(cmd).returncode
+    # A point of an lr sweep that diverges is a result (that lr is too high), not a failure.
+    diverged = status == DIVERGED_EXIT and lr_sweep
+    if status and not diverged:
+        raise VoltronError(
+            f"run {v.name} seed {s} failed (its message is {'in ' + str(d / log) if log else 'above'}); fix "
+            "it and rerun the same ablate command: finished runs are skipped."
+        )
+    print(
+        f"[ablate] {v.name} seed {s}: {'diverged, recorded as infinite loss' if diverged else 'done'}",
+        flush=True,
+    )
+    (d / "done.json").write_text(json.dumps({"command": cmd, "diverged": diverged}))
 
 
 # ============================================================================ collect
@@ -500,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--emit", action="store_true", help="print one launch command per run instead of running")
     p.add_argument("--collect_only", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each logs to <run dir>/ablate.log)")
     p.add_argument(
         "--claims", action="store_true", help="write the verified-claims section to <workdir>/claims.md"
     )
@@ -526,10 +561,10 @@ def main(argv: list[str] | None = None) -> None:
     claims_out = a.claims_out or (str(root / "claims.md") if a.claims else "")
     sweep = lr_sweep_runs(variants)  # arms with `lrs` first train their first seed at every lr
     if sweep and not a.collect_only:
-        run_all(base, sweep, fixed, root, a.emit, lr_sweep=True)
+        run_all(base, sweep, fixed, root, a.emit, lr_sweep=True, jobs=a.jobs)
     finals, pending = final_runs(variants, root)
     if not a.collect_only:
-        run_all(base, finals, fixed, root, a.emit)
+        run_all(base, finals, fixed, root, a.emit, jobs=a.jobs)
     if pending and a.emit:
         print(
             f"# then every seed of {', '.join(pending)} at its best lr (rerun without --emit once these ran)"

@@ -129,6 +129,16 @@ def sum_aux_losses(aux: dict, weights: ml_collections.ConfigDict) -> tuple[jax.A
     return total, by_name
 
 
+def mean_stats(stats: dict) -> dict[str, jax.Array]:
+    """Mean of every sown 'stats' scalar by name over the sites that sowed it (layers, scanned blocks):
+    e.g. {'moe_drop_rate': share of MoE assignments dropped, averaged over the MoE layers}."""
+    by_name: dict[str, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+        by_name.setdefault(name, []).append(jnp.ravel(leaf).astype(jnp.float32))
+    return {k: jnp.mean(jnp.concatenate(v)) for k, v in by_name.items()}
+
+
 def model_inputs(batch: dict, doc_mask: bool) -> tuple:
     return batch["inputs"], batch["positions"], batch["segment_ids"] if doc_mask else None
 
@@ -160,12 +170,18 @@ def make_train_step(
             model_inputs(batch, doc_mask),
             batch,
             config.train.get("loss_chunk", 0),
-            mutable=["aux_loss", "intermediates"],
+            mutable=["aux_loss", "intermediates", "stats"],
         )
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
         ce, zl = ce * token_share, zl * token_share
         loss = ce + config.aux_weights.z_loss * zl + aux_total * batch_share
-        return loss, {"ce": ce, "z_loss": zl, **{f"aux/{k}": v * batch_share for k, v in aux.items()}}
+        stats = {k: v * batch_share for k, v in mean_stats(cols.get("stats", {})).items()}
+        return loss, {
+            "ce": ce,
+            "z_loss": zl,
+            **{f"aux/{k}": v * batch_share for k, v in aux.items()},
+            **stats,
+        }
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -217,12 +233,18 @@ def make_eval_step(model: nn.Module, config, state_tree=None):
     doc_mask = config.data.doc_mask
 
     def eval_fn(params, step, batch):
+        """(summed token loss, token count, sown stats such as the MoE drop rate) of one batch."""
         variables = step_variables(params, state_tree, step)
-        (ce, _), _ = model_loss(
-            model, variables, model_inputs(batch, doc_mask), batch, config.train.get("loss_chunk", 0)
+        (ce, _), cols = model_loss(
+            model,
+            variables,
+            model_inputs(batch, doc_mask),
+            batch,
+            config.train.get("loss_chunk", 0),
+            mutable=["stats"],
         )
         n = jnp.sum(batch["weights"])
-        return ce * jnp.maximum(n, 1.0), n
+        return ce * jnp.maximum(n, 1.0), n, mean_stats(cols.get("stats", {}))
 
     return eval_fn
 
@@ -395,12 +417,20 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
 
 
 def evaluate(rt: Runtime, state: TrainState, batches: list[dict]) -> dict[str, float]:
-    tot, n = 0.0, 0.0
+    """Token-weighted loss and perplexity over `batches`, plus each sown stat's mean over the batches
+    (an MoE's drop rate: capacity is shared by a batch's rows, so it depends on the eval batch size)."""
+    tot, n, stats = 0.0, 0.0, {}
     for b in batches:
-        s, c = rt.eval_step(state.params, state.step, sharding.host_batch_to_global(rt.mesh, b))
+        s, c, st = rt.eval_step(state.params, state.step, sharding.host_batch_to_global(rt.mesh, b))
         tot, n = tot + float(s), n + float(c)
+        for k, v in st.items():
+            stats.setdefault(k, []).append(float(v))
     loss = tot / max(n, 1.0)
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 50.0))),
+        **{k: float(np.mean(v)) for k, v in stats.items()},
+    }
 
 
 _SKIP_NOTED: set[str] = set()

@@ -1,8 +1,8 @@
 """The verified-claims sweep: every technique against controls that isolate it, each arm at its own lr.
 
-Run (writes docs/claims.md):
+Run (writes docs/claims.md; about 95 runs, ~1.5-2 h on a 2-core host with two runs at once):
     python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims \
-        --claims_out=docs/claims.md
+        --claims_out=docs/claims.md --jobs=2
 Quick machinery check (a few steps of configs/tiny.py:test; proves the pipeline, not the science):
     python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py:quick --workdir=runs/claims_quick \
         --claims_out=runs/claims_quick/claims.md
@@ -18,26 +18,29 @@ Controls:
     for the same steps and (b) the full dense model at equal training FLOPs with its own complete WSD
     schedule (the paper's isoFLOP protocol; a non-inferiority claim).
   - BitNet and DenseFormer at their own tuned lr; ICP against dedup-random order of the same documents.
-  - MiniCPM: decay stage on the high-quality mix vs on the pretraining mix; a width sweep (d = 128, 256,
-    512 under the tensor-program parameterisation) whose best lr should not move.
+  - MiniCPM: decay stage on the high-quality mix vs on the pretraining mix; a width sweep (d = 64, 128,
+    256 under the tensor-program parameterisation) whose best lr should not move.
   - c-BTX (configs/recipe_tiny.py, dropless capacity) against the dense model continued for the same
     tokens and against the c-BTM sparse ensemble of its own branches, all three scored on the same tokens.
 
-Scale: 4 blocks of d=256 (tiny.py), 256-byte rows, 96 steps of batch 16 (~0.4M tokens per run). It can
-show effects that appear within a few hundred thousand tokens at this depth; it cannot show what the
-papers measure at 24+ blocks, long contexts or billions of tokens (those rows say so).
+Scale: 4 blocks of d=256 (tiny.py), 256-byte rows, 64 steps of batch 8 (56 stable + 8 decay; ~131k
+tokens per run), chosen so that the ~95 runs fit in about 2 hours on the 2-core host (at batch 16 and 96
+steps one run took ~4 min, ~6 h in all). It can show effects that appear within ~100k tokens at this depth
+and the shape of each arm's lr optimum there; it cannot show what the papers measure at 24+ blocks, long
+contexts or billions of tokens (those rows say so), and the optimum lr of a run this short sits higher
+than a long run's.
 """
 
 from voltron_jax import config as config_lib
 from voltron_jax.models import decoder
 
-# One grid per arm family (at 144 steps the dense optimum was 3.75e-4..7.5e-4, docs/results.md).
-# 96-step runs (docs/results.md): dense 2.635 / 2.599 / 2.568 at 3.75e-4 / 7.5e-4 / 1.5e-3, still falling,
-# so the grid starts at 7.5e-4 (below the optimum) and doubles to 6e-3; a diverged point counts as inf.
-DENSE_LRS = (7.5e-4, 1.5e-3, 3e-3, 6e-3)
-BITNET_LRS = (7.5e-4, 1.5e-3, 3e-3)  # b1.58 trains best at a higher lr than fp16
-MUP_LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)  # MiniCPM peak lr 1e-2, matrices at lr / width factor
-STABLE, DECAY = 80, 16
+# One grid per arm family, three points a factor 2 apart. At batch 16 the dense optimum was 3.75e-4..7.5e-4
+# after 144 steps and above 1.5e-3 after 96 (docs/results.md: 2.635 / 2.599 / 2.568 at 3.75e-4 / 7.5e-4 /
+# 1.5e-3); these runs are shorter still, so the grid is centred on 3e-3. A diverged point counts as inf.
+DENSE_LRS = (1.5e-3, 3e-3, 6e-3)
+BITNET_LRS = DENSE_LRS  # b1.58 trains best at a higher lr than fp16; 96-step runs were flat at 7.5e-4..3e-3
+MUP_LRS = (5e-3, 1e-2, 2e-2)  # MiniCPM peak lr 1e-2, matrices at lr / width factor
+STABLE, DECAY = 56, 8
 DROPLESS = {"model.moe.capacity_factor": 4.0, "model.moa.capacity_factor": 4.0}
 
 
@@ -47,7 +50,7 @@ def _steps(stable: int, decay: int) -> dict:
 
 def _tiny(**overrides) -> dict:
     """An arm on tiny.py's stable + decay recipe (the c-BTX arms run recipe_tiny.py's own phases)."""
-    return {**_steps(STABLE, DECAY), "data.batch_size": 16, **overrides}
+    return {**_steps(STABLE, DECAY), "data.batch_size": 8, **overrides}
 
 
 def _iso_flop_steps(base: str, dense: dict, routed: dict) -> tuple[int, int]:
@@ -64,15 +67,15 @@ def _iso_flop_steps(base: str, dense: dict, routed: dict) -> tuple[int, int]:
 
 
 def _width(d: int) -> dict:
-    """tiny.py at width d under MiniCPM's parameterisation (head dim 64, d_ff = 3d, base width 128)."""
+    """tiny.py at width d under MiniCPM's parameterisation (head dim 32, d_ff = 3d, base width 64)."""
     return {
         "model.d_model": d,
-        "model.n_heads": d // 64,
-        "model.n_kv_heads": d // 64,
+        "model.n_heads": d // 32,
+        "model.n_kv_heads": d // 32,
         "model.d_ff": 3 * d,
         "model.scale_emb": 12.0,
         "model.scale_depth": 1.4,
-        "model.dim_model_base": 128,
+        "model.dim_model_base": 64,
     }
 
 
@@ -138,7 +141,7 @@ CLAIMS = {
     ),
     "MiniCPM width scaling": dict(
         rule="lr_transfer",
-        arms=["width_128", "width_256", "width_512"],
+        arms=["width_64", "width_128", "width_256"],
         grid=list(MUP_LRS),
         claim="under the tensor-program parameterisation the best lr does not move with width "
         "(what voltron_13b's lr 1e-2 rests on)",
@@ -189,7 +192,7 @@ def get_sweep(arg: str = ""):
         "decay_same_mix": _tiny(**{"recipe.decay.mixture": "pretrain"}, lrs=DENSE_LRS),
         "random_order": _tiny(**{"data.ordering": "dedup_random"}, lrs=DENSE_LRS),
         "icp": _tiny(**{"data.ordering": "icp"}, lrs=DENSE_LRS),
-        **{f"width_{d}": _tiny(**_width(d), lrs=MUP_LRS, seeds=1) for d in (128, 256, 512)},  # lr sweep only
+        **{f"width_{d}": _tiny(**_width(d), lrs=MUP_LRS, seeds=1) for d in (64, 128, 256)},  # lr sweep only
         # c-BTX at the recipe's own schedule. Capacity factor n_experts / top_k = 4 never drops a token
         # (models/moe.py), so no MoE number here is affected by dropping, in training or evaluation.
         "cbtx": {"base": "configs/recipe_tiny.py", **DROPLESS},

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from voltron_jax.models import moe
+from voltron_jax.models import dispatch, moe
 from voltron_jax.models.bitlinear import BitLinear
 from voltron_jax.models.layers import MLP, Dense
 
@@ -91,6 +91,23 @@ def test_capacity_drops_latest_positions_first():
     np.testing.assert_array_equal(
         np.asarray(back)[:, 0], np.where(kept.reshape(-1), np.arange(16) + 1.0, 0.0)
     )
+
+
+def test_drop_rate_is_the_share_of_assignments_without_a_slot_and_the_layer_sows_it():
+    experts = jnp.zeros((2, 32, 1), jnp.int32)  # all 64 to expert 0 of 2; 32 slots: half are dropped
+    assert float(dispatch.drop_rate(moe.make_plan(experts, 2, "capacity", 1.0))) == 0.5
+    assert float(dispatch.drop_rate(moe.make_plan(experts, 2, "capacity", 2.0))) == 0.0  # C = A
+    assert float(dispatch.drop_rate(moe.make_plan(experts, 2, "dropless", 1.0))) == 0.0
+    assert float(dispatch.drop_rate(moe.make_plan(experts, 2, "grouped", 1.0))) == 0.5  # per row: C = 16
+    # the layer: a router that sends every token's both picks to experts 0 and 1 of 4, C = ceil(1.0*16*2/4)
+    # = 8 slots each for 16 assignments each: half of all assignments are dropped
+    x = _x().at[..., 0].set(1.0)
+    router = jnp.zeros((D, E)).at[0, :2].set(100.0)
+    params = {"params": _moe_params(MLPS, router)}
+    _, cols = moe.MoE(F, n_experts=E, top_k=2, capacity_factor=1.0).apply(params, x, mutable=["stats"])
+    assert float(cols["stats"]["moe_drop_rate"][0]) == pytest.approx(0.5)
+    _, cols = moe.MoE(F, n_experts=E, top_k=2, capacity_factor=E / 2).apply(params, x, mutable=["stats"])
+    assert float(cols["stats"]["moe_drop_rate"][0]) == 0.0  # the capacity factor that never drops
 
 
 @pytest.mark.parametrize("impl", ["capacity", "dropless"])

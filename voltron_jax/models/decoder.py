@@ -32,7 +32,7 @@ REMAT_POLICIES = {
 }
 # Collections that a scanned layer stacks along its leading 'layers' axis. 'state' holds per-module
 # copies of the global step that the train loop fills (BitLinear warm-in reads it).
-SCANNED_COLLECTIONS = ("params", "aux_loss", "intermediates", "cache", "state")
+SCANNED_COLLECTIONS = ("params", "aux_loss", "intermediates", "stats", "cache", "state")
 
 
 class Block(nn.Module):

@@ -43,6 +43,14 @@ class Plan(NamedTuple):
     group_sizes: jax.Array | None = None  # dropless: [E] rows per expert
 
 
+def drop_rate(plan: Plan) -> jax.Array:
+    """Share of (token, pick) assignments that found no expert slot: 0 for dropless and dense plans; a
+    capacity plan drops an assignment whose slot index is out of range (>= E*C)."""
+    if not plan.capacity:
+        return jnp.zeros((), jnp.float32)
+    return jnp.mean((plan.to_assign >= plan.n_experts * plan.capacity).astype(jnp.float32))
+
+
 def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     """Slots per expert: ceil(cf * A * P / E) rounded up to a multiple of 8, at most A (never needed)."""
     c = math.ceil(capacity_factor * n_tokens * top_k / n_experts)

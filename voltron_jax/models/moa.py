@@ -3,15 +3,16 @@
 Papers: JetMoE (arXiv 2404.07413, section 2.3; normative here), Mixture of Attention Heads (Zhang et
 al., arXiv 2210.05144). Spec: techniques-b.md section 6 (6.2 head layout, 6.4 BTX-style upcycling).
 
-Implemented: K and V projections shared by all experts (the dense attention's `k`, `v`: G KV heads);
-E attention experts, each with its own query projection q [E,D,H*K] and output projection o [E,H*K,D]
-(H query heads per expert over the G shared KV heads: GQA inside an expert, JetMoE's H = G as a special
-case); an fp32 router [D,E] picks the top-k experts per token, gates are renormalised over them
-(softmax of the chosen logits, so identical experts give the dense attention for any router); aux
-losses `aux_loss/moa_lb` and `aux_loss/moa_z` as in moe.py. The k chosen experts' queries form one call
-of the attention core (the memory slot) with P*H query heads, so RoPE, the KV cache (G shared heads) and
-Infini-attention (one compressive memory per KV head) compose unchanged. Q and O experts are the linear
-slot vmapped over the expert axis and use the dispatch implementations of dispatch.py (moe.IMPLS).
+Implemented: K and V projections shared by all experts (the dense attention's `k`, `v`: G KV heads); E
+attention experts, each with its own query projection q [E,D,H*K] and output projection o [E,H*K,D] (H
+query heads per expert over the G shared KV heads: GQA inside an expert, JetMoE's H = G as a special
+case); an fp32 router [D,E] picks the top-k experts per token, gates are renormalised over them (softmax
+of the chosen logits, so identical experts give the dense attention for any router); aux losses
+`aux_loss/moa_lb` and `aux_loss/moa_z` and the drop rate `stats/moa_drop_rate` as in moe.py. The k chosen
+experts' queries form one call of the attention core (the memory slot) with P*H query heads, so RoPE, the
+KV cache (G shared heads) and Infini-attention (one compressive memory per KV head) compose unchanged. Q
+and O experts are the linear slot vmapped over the expert axis and use the dispatch implementations of
+dispatch.py (moe.IMPLS).
 
 Head layout (spec 6.2 pitfall): cores group query head j with KV head j // (P*H/G) (interleaved GQA).
 Expert-slot s head h = g*(H/G) + r must meet KV head g, so core heads are ordered [G, P, H/G]:
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 
 from voltron_jax.models import moe
 from voltron_jax.models.attention import CausalCore, head_dim
+from voltron_jax.models.dispatch import drop_rate
 from voltron_jax.models.layers import Dense
 
 
@@ -74,6 +76,7 @@ class MixtureOfAttention(nn.Module):
         rows = x.reshape(b * t, d)  # [A,D]
         r = moe.route(self, rows, e, p, self.router_init_std, "moa")
         plan = impl.plan(r.experts.reshape(b, t, p), e, self.capacity_factor)
+        self.sow("stats", "moa_drop_rate", drop_rate(plan))
         q = impl.project(
             self, self.linear, e, h * k, ("embed", "heads"), impl.dispatch(plan, rows, True), plan, "q"
         )

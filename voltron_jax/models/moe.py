@@ -8,32 +8,30 @@ Spec: techniques-b.md sections 4, 5 and 7.
 Implemented: an fp32 softmax router (param `router` [D,E], never BitLinear, random init), top-k experts
 per token, gates = softmax over the k chosen logits (they sum to 1, so identical experts reproduce the
 dense FFN for any router), the Switch load-balancing loss E * sum_e f_e * p_e (f_e = share of the A*P
-assignments routed to e, p_e = mean router probability, both over the whole batch: under jit/GSPMD a
-mean over a sharded batch is global) and the z-loss mean(logsumexp(logits)^2), sown as
-`aux_loss/moe_lb`, `aux_loss/moe_z`. Each expert is one copy of the linear slot: the projections
+assignments routed to e, p_e = mean router probability, both over the whole batch: under jit/GSPMD a mean
+over a sharded batch is global) and the z-loss mean(logsumexp(logits)^2), sown as `aux_loss/moe_lb`,
+`aux_loss/moe_z`; the share of assignments dropped for want of capacity is sown as `stats/moe_drop_rate`
+(train and eval report its mean over layers). Each expert is one copy of the linear slot: the projections
 gate/up/down are `nn.vmap`s of the linear slot over a leading expert axis, so expert params are the dense
-MLP's leaves stacked [E,...] with logical axes ('expert', ...) (Dense: gate/up [E,D,F], down [E,F,D]),
-and a BitLinear expert keeps its own per-expert scales and norms. Four dispatch implementations
-(`impl`), identical up to dropping, one object each (plan, dispatch, combine, project) in dispatch.py
-(grouped: moe_groups.py), looked up once by name in `IMPLS`:
-  - 'capacity': GShard dispatch by a row gather into a [E,C,D] buffer (not the [A,E,C] one-hot einsum,
-    which costs A*E*C*D), batched matmuls, a gather back; the backward is two gathers as well (custom
-    VJP: no scatter-add). C = min(A, ceil(capacity_factor * A * P / E)) rounded up to a multiple of 8.
-    Overflow is dropped (the token keeps its residual); priority by position in the sequence, then
-    pick, then batch row, so a token never competes with later positions (no causal leak). The fast GPU
-    path; dispatch and combine gathers serve 'dropless' too (with the sort order as the map).
-  - 'dropless': assignments sorted by expert and `jax.lax.ragged_dot` (the TPU path). Needs the raw
-    stacked params: Dense kernels directly; another linear class must offer
-    `ragged_dot(self, params, x [R,in], group_sizes [E]) -> [R,out]` (an instance method, called on an
-    unbound instance carrying the slot's fields).
-  - 'dense': every expert on every token, masked by the gates (the reference for tests).
-  - 'grouped': 'capacity' with one group per sequence (per-row capacity, batched gathers and an
-    all-to-all to the expert layout; moe_groups.py): the one that stays sharded on pods.
-Deviations: with top_k=1 the gate is the router probability itself (Switch), because a renormalised
+MLP's leaves stacked [E,...] with logical axes ('expert', ...) (Dense: gate/up [E,D,F], down [E,F,D]), and
+a BitLinear expert keeps its own per-expert scales and norms. Four dispatch implementations (`impl`),
+identical up to dropping, one object each (plan, dispatch, combine, project) in dispatch.py (grouped:
+moe_groups.py), looked up once by name in `IMPLS`:   - 'capacity': GShard dispatch by a row gather into a
+[E,C,D] buffer (not the [A,E,C] one-hot einsum,     which costs A*E*C*D), batched matmuls, a gather back;
+the backward is two gathers as well (custom     VJP: no scatter-add). C = min(A, ceil(capacity_factor * A
+* P / E)) rounded up to a multiple of 8.     Overflow is dropped (the token keeps its residual); priority
+by position in the sequence, then     pick, then batch row, so a token never competes with later positions
+(no causal leak). The fast GPU     path; dispatch and combine gathers serve 'dropless' too (with the sort
+order as the map).   - 'dropless': assignments sorted by expert and `jax.lax.ragged_dot` (the TPU path).
+Needs the raw     stacked params: Dense kernels directly; another linear class must offer
+`ragged_dot(self, params, x [R,in], group_sizes [E]) -> [R,out]` (an instance method, called on an
+unbound instance carrying the slot's fields).   - 'dense': every expert on every token, masked by the
+gates (the reference for tests).   - 'grouped': 'capacity' with one group per sequence (per-row capacity,
+batched gathers and an     all-to-all to the expert layout; moe_groups.py): the one that stays sharded on
+pods. Deviations: with top_k=1 the gate is the router probability itself (Switch), because a renormalised
 top-1 gate is always 1 and the router would get no LM-loss gradient (techniques-b.md 5.1). Groups for
-capacity are the whole batch (no per-device grouping); padding tokens are routed like real ones.
-Shape letters beyond the house set: A = B*T tokens, P = top-k picks, R = rows of a dispatched layout.
-"""
+capacity are the whole batch (no per-device grouping); padding tokens are routed like real ones. Shape
+letters beyond the house set: A = B*T tokens, P = top-k picks, R = rows of a dispatched layout."""
 
 from __future__ import annotations
 
@@ -151,6 +149,7 @@ class MoE(nn.Module):
         rows = x.reshape(b * t, d)  # [A,D]
         r = route(self, rows, self.n_experts, self.top_k, self.router_init_std, "moe")
         plan = impl.plan(r.experts.reshape(b, t, self.top_k), self.n_experts, self.capacity_factor)
+        self.sow("stats", "moe_drop_rate", dispatch_lib.drop_rate(plan))
         h = impl.dispatch(plan, rows, shared=True)  # [E,C,D] | [A*P,D] | [E,A,D] | [E,B*C,D]
         proj = lambda name, f, axes, v: impl.project(
             self, self.linear, self.n_experts, f, axes, v, plan, name
