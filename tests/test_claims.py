@@ -71,12 +71,15 @@ def test_best_lr_flags_an_unbracketed_optimum_and_lr_transfer_counts_grid_steps(
     assert cl.lr_transfer({"a": 1e-3}, grid)[0] == cl.NOT_TESTABLE
 
 
-def _fake_run(d, losses):
+def _fake_run(d, losses, train_extra=None, eval_extra=None):
     """A finished run's metrics as train.run writes them (eval records per phase)."""
     p = d / "00_stable" / "metrics.jsonl"
     p.parent.mkdir(parents=True)
-    lines = [{"kind": "train", "step": i, "loss": x, "tokens_per_s": 1000.0} for i, x in enumerate(losses)]
-    lines += [{"kind": "eval", "step": i, "loss": x} for i, x in enumerate(losses)]
+    lines = [
+        {"kind": "train", "step": i, "loss": x, "tokens_per_s": 1000.0, **(train_extra or {})}
+        for i, x in enumerate(losses)
+    ]
+    lines += [{"kind": "eval", "step": i, "loss": x, **(eval_extra or {})} for i, x in enumerate(losses)]
     p.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
@@ -105,6 +108,27 @@ def test_claims_report_from_runs_each_arm_at_its_own_best_lr(tmp_path, capsys):
     assert "not testable at this scale: not built" in rows["declared"]
     assert "Commit: " in text and "Machine: " in text and "Seeds per arm: 3" in text
     assert "0.001: 8.166*" in text and "0.003: 9.025*" in text  # the lr table stars each arm's best
+    assert "drop rate" not in rows["DenseFormer"]  # no arm has an MoE
+    capsys.readouterr()
+
+
+def test_moe_drop_rates_stand_beside_every_number_of_an_arm_with_an_moe(tmp_path, capsys):
+    """Every `*_drop_rate` metric (MoE and MoA, train and eval) is averaged per run; the worst seed is
+    reported in the claims row and in the results table."""
+    for lr in ("0.001", "0.003"):
+        _fake_run(tmp_path / f"dense@lr={lr}" / "seed_0", [3.0, 2.2 if lr == "0.003" else 2.3])
+        extra = {"train_extra": {"moe_drop_rate": 0.01, "moa_drop_rate": 0.03}, "eval_extra": {}}
+        _fake_run(tmp_path / f"denseformer@lr={lr}" / "seed_0", [3.0, 2.1], **extra)
+    for s in (1, 2):
+        _fake_run(tmp_path / "dense@lr=0.003" / f"seed_{s}", [3.0, 2.2])
+        worse = {"moe_drop_rate": 0.05 * s, "moa_drop_rate": 0.05 * s}
+        _fake_run(tmp_path / "denseformer@lr=0.001" / f"seed_{s}", [3.0, 2.1], worse, {"moe_drop_rate": 0.0})
+    out = tmp_path / "claims.md"
+    ablate.main([f"--sweep_file={QUICK}", f"--workdir={tmp_path}", "--collect_only", f"--claims_out={out}"])
+    row = next(x for x in out.read_text().splitlines() if x.startswith("| DenseFormer |"))
+    assert "MoE drop rate (worst seed): denseformer train 10.00% / eval 0.00%" in row
+    table = (tmp_path / "results.md").read_text()
+    assert "| train 10.00% / eval 0.00% |" in table and table.count("| - |") >= 1  # dense: no MoE
     capsys.readouterr()
 
 

@@ -356,6 +356,17 @@ def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> fl
     return float(np.interp(budget, x, y)) if len(x) and budget <= x[-1] * (1 + 1e-9) else float("nan")
 
 
+def drop_rate(recs: list[dict], kind: str) -> float:
+    """Largest over runs of each run's mean MoE/MoA drop rate (every sown `*_drop_rate` key, MoE and MoA
+    alike) over its `kind` ('train' or 'eval') records; nan when no record carries one (no MoE)."""
+    per_run = []
+    for r in recs:
+        xs = [v for rec in r[kind] for k, v in rec.items() if k.endswith("_drop_rate")]
+        if xs:
+            per_run.append(float(np.mean(xs)))
+    return max(per_run) if per_run else float("nan")
+
+
 def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list[dict]:
     """One row per variant: mean and spread over seeds of final/best validation loss, and the rest.
     Loss at equal FLOPs: at the smallest training-FLOPs total among the variants that share a base config
@@ -366,6 +377,9 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
         done = [(s, r) for s in v.seeds if (r := read_run(run_dir(root, v, s)))["eval"]]
         recs = [r for _, r in done]
         runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable)
+        trained = recs  # an evaluation-only arm's MoE drop rates are those of the runs it re-scores
+        if v.evaluate:
+            trained = [read_run(root / v.evaluate["source"] / f"seed_{s}") for s, _ in done]
         rows.append(
             {
                 "variant": v.name,
@@ -379,6 +393,8 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
                 "tokens_per_s": _median([t["tokens_per_s"] for r in recs for t in r["train"]]),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
+                "drop_rate_train": drop_rate(trained, "train"),
+                "drop_rate_eval": drop_rate(trained, "eval"),
             }
         )
     budgets: dict[str, float] = {}
@@ -405,17 +421,27 @@ def spread(row: dict, key: str) -> str:
     return f"{m:.4f}" if row["seeds"] < 2 or not math.isfinite(m) else f"{m:.4f} ± {row[key + '_std']:.4f}"
 
 
+def drops(row: dict) -> str:
+    """'train x / eval y' MoE drop rate of a row (worst seed), '' for a row without an MoE."""
+    tr, ev = row.get("drop_rate_train", math.nan), row.get("drop_rate_eval", math.nan)
+    if math.isnan(tr) and math.isnan(ev):
+        return ""
+    show = lambda x: "-" if math.isnan(x) else f"{x:.2%}"  # noqa: E731
+    return f"train {show(tr)} / eval {show(ev)}"
+
+
 def markdown(rows: list[dict]) -> str:
     head = (
         "| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
-        "val loss at equal FLOPs | tokens/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "val loss at equal FLOPs | MoE drop rate (train / eval) | tokens/s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
             f"{r['steps']} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | {r['final_ppl']:.3f} | "
-            f"{spread(r, 'loss_at_equal_flops')} | {r['tokens_per_s']:,.0f} |"
+            f"{spread(r, 'loss_at_equal_flops')} | {drops(r) or '-'} | {r['tokens_per_s']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -507,6 +533,9 @@ def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "") -> s
             status, why = claims_lib.verdict(cl, cmp)
             arms = ", ".join(f"{r['arm']} ({r['lr']:g})" for r in (base, var) if r) or "not run"
             measured = f"{metric.replace('_', ' ')}: {cmp.describe()}" if cmp else "not run"
+            moe = [f"{r['arm']} {d}" for r in (base, var) if r and (d := drops(r))]
+            if moe:
+                measured += "; MoE drop rate (worst seed): " + ", ".join(moe)
             if rule == "parity":
                 rule = f"non-inferiority, margin x{1 + cl.get('margin', 0.01):g}"
         out.append(f"| {tech} | {cl['claim']} | {arms} | {rule} | {measured} | {status}: {why.strip()} |")
