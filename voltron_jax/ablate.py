@@ -92,10 +92,11 @@ def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
     return out
 
 
-def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], dict, dict]:
-    """(base config spec, variants, fixed overrides, claims) from a sweep file `file.py[:arg]`
+def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], dict, dict, str]:
+    """(base config spec, variants, fixed overrides, claims, notes) from a sweep file `file.py[:arg]`
     (`get_sweep()` or `get_sweep(arg)`). A variant's `lrs` list asks for a learning-rate sweep first; its
-    `seeds` overrides the sweep's seed count."""
+    `seeds` overrides the sweep's seed count. `notes` (markdown, e.g. what the scale can show) heads the
+    claims report."""
     file, _, arg = path.partition(":")
     if not Path(file).is_file():
         raise ConfigError(f"sweep file {file!r} does not exist (e.g. configs/sweeps/claims.py).")
@@ -128,7 +129,8 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
             check_field(load_config(v.base) if v.base else config, k)
     for k in sw.get("set", {}):
         check_field(config, k)
-    return sw["base"], variants, {k: str(v) for k, v in sw.get("set", {}).items()}, sw.get("claims", {})
+    fixed = {k: str(v) for k, v in sw.get("set", {}).items()}
+    return sw["base"], variants, fixed, sw.get("claims", {}), sw.get("notes", "")
 
 
 # ============================================================================ run / emit
@@ -509,9 +511,10 @@ def provenance() -> str:
     return f"Commit: {commit}. Date: {today}. Machine: {machine}."
 
 
-def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "") -> str:
+def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", notes: str = "") -> str:
     """Markdown: one row per claim with the arms (each at its own lr), the rule, the paired-seed perplexity
-    comparison and the verdict (voltron_jax/claims.py)."""
+    comparison and the verdict (voltron_jax/claims.py); then the sweep's notes, the lr sweep and every
+    arm's numbers."""
     by = {r["arm"]: r for r in rows}
     out = [
         "| technique | paper's claim | arms (lr) | rule | our measurement | verdict |",
@@ -541,11 +544,12 @@ def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "") -> s
         out.append(f"| {tech} | {cl['claim']} | {arms} | {rule} | {measured} | {status}: {why.strip()} |")
     seeds = sorted({r["seeds"] for r in rows})
     head = f"Command: `{cmd}`\n\n{provenance()} Seeds per arm: {', '.join(map(str, seeds))}.\n\n"
-    tail = (
-        f"\n\nLearning-rate sweep (each arm's first seed; the table above uses the starred lr):\n\n{lrs}"
-        if lrs
-        else ""
-    )
+    tail = f"\n\n{notes.strip()}" if notes.strip() else ""
+    if lrs:
+        tail += (
+            f"\n\nLearning-rate sweep (each arm's first seed; the table above uses the starred lr):\n\n{lrs}"
+        )
+    tail += f"\n\nEvery arm at its lr (mean ± std over seeds):\n\n{markdown(rows)}"
     return head + "\n".join(out) + tail
 
 
@@ -569,9 +573,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--claims_out", default="", help="write the verified-claims section to this markdown file")
     a = p.parse_args(argv)
-    claims = {}
+    claims, notes = {}, ""
     if a.sweep_file:
-        base, variants, fixed, claims = load_sweep_file(a.sweep_file, a.seeds)
+        base, variants, fixed, claims, notes = load_sweep_file(a.sweep_file, a.seeds)
     else:
         base = a.config
         variants = parse_sweeps(load_config(base), a.sweep, a.seeds or 1)
@@ -609,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(rows))
     if claims and claims_out:
         cmd = "python -m voltron_jax.ablate " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-        text = claims_section(rows, claims, cmd, lr_table(variants, root))
+        text = claims_section(rows, claims, cmd, lr_table(variants, root), notes)
         Path(claims_out).write_text(text + "\n")
         print(f"[ablate] verified claims written to {claims_out}")
 

@@ -162,6 +162,18 @@ CLAIMS = {
 }
 
 
+NOTES = """\
+**Scale, and what it can show.** Every technique arm is `configs/tiny.py` (4 blocks, d=256, 3.5M
+parameters, byte vocabulary) trained 64 steps of 8 rows x 256 bytes (56 stable + 8 decay steps, ~131k
+tokens) from scratch; the c-BTX arms run `configs/recipe_tiny.py`'s own phases with dropless capacity.
+That is enough to see effects that show within ~100k tokens at 4 blocks, and each arm's lr optimum at
+this length. It cannot show what the papers measure at 24+ blocks, 1B+ parameters, long contexts or
+billions of tokens: a "not held" row here is not evidence against the paper, and a "held" row says only
+that the effect already appears at this scale. A "better" row holds only when the whole 95% t interval of
+the paired-seed perplexity ratio lies on the paper's side of 1; a non-inferiority row holds when the upper
+end stays below 1 + margin. Rules: voltron_jax/claims.py; arms and controls: configs/sweeps/claims.py."""
+
+
 def get_sweep(arg: str = ""):
     if arg == "quick":
         return _quick()
@@ -202,7 +214,7 @@ def get_sweep(arg: str = ""):
         "cbtx_dense_scored": {"evaluate": {"of": "cbtx_dense", "mode": "single"}},
         "cbtm_ensemble": {"evaluate": {"of": "cbtx", "mode": "cbtm_ensemble", "top_k": 2}},
     }
-    return {"base": base, "seeds": 3, "variants": variants, "claims": CLAIMS}
+    return {"base": base, "seeds": 3, "variants": variants, "claims": CLAIMS, "notes": NOTES}
 
 
 def _quick():
