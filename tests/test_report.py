@@ -11,3 +11,28 @@ def test_cluster_table_marks_unmeasured_clusters_and_says_why():
     assert text.rstrip().splitlines()[-1].startswith("-: not measured")
     full = report.cluster_table({"stable": {"perplexity": 2.0, "cluster_0/perplexity": 3.0}}, n_clusters=1)
     assert "not measured" not in full and "nan" not in full
+
+
+def test_report_puts_the_moe_drop_rate_beside_the_moe_phase_only(tmp_path):
+    import json
+
+    from etils import epath
+
+    for phase, extra in (("00_stable", {}), ("01_moe_ft", {"moe_drop_rate": 0.02, "moa_drop_rate": 0.04})):
+        d = tmp_path / phase
+        d.mkdir()
+        recs = [{"kind": "train", "step": s, "loss": 2.0, "tokens_per_s": 10.0, **extra} for s in (1, 2)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    results = {
+        "stable": {"loss": 2.0, "perplexity": 7.389},
+        "moe_ft": {"loss": 1.9, "perplexity": 6.686, "moe_drop_rate": 0.0, "moa_drop_rate": 0.01},
+    }
+    report.write(epath.Path(tmp_path), results)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[2].endswith("| tokens/s | MoE drop rate |") and lines[3].count("---") == 7
+    assert lines[4].endswith("| 10 | - |")  # the dense phase
+    assert lines[5].endswith("| 10 | train 3.00% / eval 0.50% |")  # means over MoE and MoA
+    report.write(epath.Path(tmp_path), {"stable": results["stable"]})  # without an MoE: no column
+    (tmp_path / "01_moe_ft" / "metrics.jsonl").unlink()
+    report.write(epath.Path(tmp_path), {"stable": results["stable"]})
+    assert "drop" not in (tmp_path / "report.md").read_text()

@@ -52,25 +52,38 @@ def cluster_table(results: dict[str, dict], n_clusters: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+def drop_rates(train: list[dict], final: dict) -> str:
+    """'train x / eval y' MoE drop rate of a phase: the mean of its `*_drop_rate` metrics (MoE and MoA)
+    over its training records, and over the final evaluation's; '-' for a phase without an MoE."""
+    tr = [v for r in train for k, v in r.items() if k.endswith("_drop_rate")]
+    ev = [v for k, v in final.items() if k.endswith("_drop_rate")]
+    if not tr and not ev:
+        return "-"
+    show = lambda xs: f"{sum(xs) / len(xs):.2%}" if xs else "-"  # noqa: E731
+    return f"train {show(tr)} / eval {show(ev)}"
+
+
 def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) -> None:
-    """report.md (phase, steps, final train loss, validation loss and perplexity; per-cluster perplexity
-    for n_clusters clusters) and losses.png."""
-    rows = [
-        "| phase | global step | final train loss | val loss | val perplexity | tokens/s |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    curves = {}
+    """report.md (phase, steps, final train loss, validation loss and perplexity, and the MoE drop rate
+    when a phase has an MoE; per-cluster perplexity for n_clusters clusters) and losses.png."""
+    head = "| phase | global step | final train loss | val loss | val perplexity | tokens/s |"
+    rows, curves, drops = [], {}, {}
     for label, d in phase_dirs(workdir).items():
         recs = read_metrics(d)
         train = [r for r in recs if r["kind"] == "train"]
         curves[label] = ([r["step"] for r in train], [r["loss"] for r in train])
         res = results.get(label, {})
         last = train[-1] if train else {}
+        drops[label] = drop_rates(train, res)
         rows.append(
             f"| {label} | {last.get('step', '-')} | {last.get('loss', float('nan')):.4f} | "
             f"{res.get('loss', float('nan')):.4f} | {res.get('perplexity', float('nan')):.3f} | "
             f"{last.get('tokens_per_s', float('nan')):,.0f} |"
         )
+    if any(x != "-" for x in drops.values()):  # an MoE phase: its drop rate stands beside its numbers
+        head += " MoE drop rate |"
+        rows = [f"{row} {drop} |" for row, drop in zip(rows, drops.values(), strict=True)]
+    rows = [head, "| --- " * (head.count("|") - 1) + "|", *rows]
     text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results, n_clusters)
     (workdir / "report.md").write_text(text)
     import matplotlib

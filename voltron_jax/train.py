@@ -567,8 +567,10 @@ def run_phase(
                 )
     final = evaluate_all(rt, state, eval_batches)
     writer.write(step, final, kind="eval")
+    drops = "".join(f"  {k} {v:.2%}" for k, v in final.items() if k.endswith("_drop_rate"))
     print(
-        f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}",
+        f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}"
+        + drops,
         flush=True,
     )
     writer.close()
