@@ -80,6 +80,7 @@ def _fake_run(d, losses, train_extra=None, eval_extra=None):
         for i, x in enumerate(losses)
     ]
     lines += [{"kind": "eval", "step": i, "loss": x, **(eval_extra or {})} for i, x in enumerate(losses)]
+    (d / "done.json").write_text("{}")  # what ablate writes when the run ends
     p.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
@@ -179,6 +180,30 @@ def test_parallel_jobs_run_every_run_once_log_each_and_raise_a_failure(tmp_path,
     with pytest.raises(VoltronError, match="seed 2 failed .*ablate.log"):
         ablate.run_all("configs/tiny.py:test", [ablate.Variant("x", {}, [2, 3])], {}, tmp_path, False, jobs=2)
     capsys.readouterr()
+
+
+def test_lr_from_trains_a_data_only_control_at_the_other_arms_best_lr(tmp_path):
+    from voltron_jax.errors import ConfigError
+
+    sweep = tmp_path / "sweep.py"
+    body = (
+        "def get_sweep():\n"
+        "    return {'base': 'configs/tiny.py:test', 'seeds': 3, 'variants': {\n"
+        "        'dense': {'lrs': (1e-3, 3e-3)},\n"
+        "        'shuffled': {'data.ordering': 'dedup_random', 'lr_from': %r}}}\n"
+    )
+    sweep.write_text(body % "dense")
+    _, variants, _, _, _ = ablate.load_sweep_file(str(sweep), None)
+    assert [v.name for v in ablate.lr_sweep_runs(variants)] == ["dense@lr=0.001", "dense@lr=0.003"]
+    assert ablate.final_runs(variants, tmp_path)[1] == ["dense", "shuffled"]  # both wait for dense's sweep
+    _fake_run(tmp_path / "dense@lr=0.001" / "seed_0", [3.0, 2.3])
+    _fake_run(tmp_path / "dense@lr=0.003" / "seed_0", [3.0, 2.2])
+    finals = {v.name: v for v in ablate.final_runs(variants, tmp_path)[0]}
+    shuffled = finals["shuffled@lr=0.003"]
+    assert shuffled.seeds == [0, 1, 2] and shuffled.overrides["data.ordering"] == "dedup_random"
+    sweep.write_text(body % "nope")
+    with pytest.raises(ConfigError, match="lr_from='nope' must name an arm .* with an lr sweep"):
+        ablate.load_sweep_file(str(sweep), None)
 
 
 def test_emit_lists_the_lr_sweep_then_says_what_follows(tmp_path, capsys):

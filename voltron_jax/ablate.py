@@ -50,6 +50,7 @@ class Variant:
     arm: str = ""  # the sweep-file entry this run belongs to (an lr-sweep run or the arm at its best lr)
     lr: float | None = None
     evaluate: dict = field(default_factory=dict)  # {'of': arm, 'mode': ...}: re-score that arm's runs
+    lr_from: str = ""  # train at the best lr of this other arm's lr sweep (sweep files only)
 
 
 # ============================================================================ sweep definition
@@ -94,9 +95,10 @@ def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
 
 def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], dict, dict, str]:
     """(base config spec, variants, fixed overrides, claims, notes) from a sweep file `file.py[:arg]`
-    (`get_sweep()` or `get_sweep(arg)`). A variant's `lrs` list asks for a learning-rate sweep first; its
-    `seeds` overrides the sweep's seed count. `notes` (markdown, e.g. what the scale can show) heads the
-    claims report."""
+    (`get_sweep()` or `get_sweep(arg)`). A variant's `lrs` list asks for a learning-rate sweep first;
+    `lr_from: arm` trains it at that arm's best lr instead (a control that changes only the data, whose
+    comparison with the arm is then at one shared lr); its `seeds` overrides the sweep's seed count.
+    `notes` (markdown, e.g. what the scale can show) heads the claims report."""
     file, _, arg = path.partition(":")
     if not Path(file).is_file():
         raise ConfigError(f"sweep file {file!r} does not exist (e.g. configs/sweeps/claims.py).")
@@ -108,17 +110,24 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
     variants = [
         Variant(
             name,
-            {k: str(v) for k, v in ov.items() if k not in ("base", "lrs", "seeds", "evaluate")},
+            {k: str(v) for k, v in ov.items() if k not in ("base", "lrs", "seeds", "evaluate", "lr_from")},
             list(range(ov.get("seeds", n))),
             ov.get("base", ""),
             [float(x) for x in ov.get("lrs", ())],
             name,
             evaluate=dict(ov.get("evaluate", {})),
+            lr_from=ov.get("lr_from", ""),
         )
         for name, ov in sw["variants"].items()
     ]
     names = [v.name for v in variants]
+    swept = {v.name for v in variants if v.lrs}
     for v in variants:
+        if v.lr_from and (v.lr_from not in swept or v.lrs):
+            raise ConfigError(
+                f"variant {v.name!r}: lr_from={v.lr_from!r} must name an arm of {path} with an lr sweep "
+                f"(arms with `lrs`: {sorted(swept)}), and an arm cannot have both `lrs` and `lr_from`."
+            )
         if v.evaluate and v.evaluate.get("of") not in names:
             raise ConfigError(
                 f"variant {v.name!r} evaluates {v.evaluate.get('of')!r}, not a variant of {path}."
@@ -196,7 +205,7 @@ def _lr_finals(v: Variant, root: Path) -> dict[float, float]:
     out = {}
     for lv in lr_sweep_runs([v]):
         d = run_dir(root, lv, lv.seeds[0])
-        ev = read_run(d)["eval"]
+        ev = read_run(d)["eval"] if (d / "done.json").exists() else []  # a run in progress: not yet
         out[lv.lr] = math.inf if _diverged(d) else ev[-1]["loss"] if ev else math.nan
     return out
 
@@ -211,8 +220,9 @@ def final_runs(variants: list[Variant], root: Path) -> tuple[list[Variant], list
     """Every arm with all its seeds, at its best learning rate when it has an lr sweep (lowest final
     validation loss of the first seed), and the names of arms whose lr sweep has not finished."""
     out, pending = [], []
+    by_name = {v.name: v for v in variants}
     for v in variants:
-        finals = _lr_finals(v, root)
+        finals = _lr_finals(by_name[v.lr_from] if v.lr_from else v, root)
         if v.evaluate:
             continue
         if not finals:
