@@ -130,12 +130,21 @@ def ops() -> dict[str, Callable[[], tuple]]:
         ),
         "mod.membership": lambda: (lambda i: mod.membership(i, T), (idx,)),
         "mod.scatter_rows gather fwd+bwd": lambda: (
-            grad(lambda v, i, u: mod.scatter_rows(v, i, u, False), ),
+            grad(lambda v, i, u: mod.scatter_rows(v, i, u, False)),
             (xb, idx, vals),
         ),
         "mod.scatter_rows onehot fwd+bwd": lambda: (
             grad(lambda v, i, u: mod.scatter_rows(v, i, u, True)),
             (xb, idx, vals),
+        ),
+        "dispatch.invert (sort + searchsorted)": lambda: (lambda s: dispatch.invert(s, E * c), (slot,)),
+        "moe.pick fwd+bwd (top_k values as a masked sum)": lambda: (
+            grad(lambda v, i: moe.pick(v, i)),
+            (logits, jnp.zeros((B * T, P), jnp.int32)),
+        ),
+        "mod.gather_rows gather fwd+bwd": lambda: (
+            grad(lambda v, i: mod.gather_rows(v, i, False)),
+            (xb, idx),
         ),
         "grouped combine (vmapped gather_rows) fwd+bwd": lambda: (
             grad(lambda v, f, b: jax.vmap(lambda x, f, b: dispatch.gather_rows(x, f, b, 1))(v, f, b)),
