@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from launch.aot_compile import cost_of, topology_devices  # noqa: E402
-from voltron_jax.models import dispatch, mod, moe, moe_groups  # noqa: E402
+from voltron_jax.models import dispatch, mod, moe  # noqa: E402
 from voltron_jax.models.moa import MixtureOfAttention  # noqa: E402
 
 B, T, D, F, E, P = 2, 64, 128, 256, 8, 2  # batch, sequence, model, expert ffn, experts, top-k
