@@ -217,3 +217,37 @@ def test_decoding_with_infini_is_refused():
     c = _cfg(memory="infini")
     with pytest.raises(NotImplementedError, match="infini"):
         decoder.build_model(c.model, decode=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("sort", [False, True])
+def test_inverse_map_ops_equal_the_scatter_built_ones(seed, sort):
+    """membership, scatter_rows and gather_rows (values and gradients) equal the scatter / take_along_axis
+    forms they replaced, for random unsorted and sorted selections."""
+    x, _ = _inputs()
+    sel = jnp.argsort(jax.random.uniform(jax.random.key(seed), (B, T)), axis=-1)[:, :5].astype(jnp.int32)
+    sel = jnp.sort(sel, axis=-1) if sort else sel
+    rows = jnp.arange(B)[:, None]
+    np.testing.assert_array_equal(mod.membership(sel, T), jnp.zeros((B, T)).at[rows, sel].set(1.0))
+    vals = jax.random.normal(jax.random.key(seed + 9), (B, 5, D))
+    w = jax.random.normal(jax.random.key(seed + 5), (B, T, D))
+
+    def ref_scatter(x, v):
+        return x.at[rows, sel].set(v)
+
+    def ref_gather(x):
+        return jnp.take_along_axis(x, sel[..., None], axis=1)
+
+    def loss(f):
+        return lambda x, v: jnp.sum(f(x, v) * w) + jnp.sum(f(x, v)[:, :5] ** 2)
+
+    np.testing.assert_array_equal(mod.scatter_rows(x, sel, vals, False), ref_scatter(x, vals))
+    np.testing.assert_array_equal(mod.gather_rows(x, sel, False), ref_gather(x))
+    got = jax.grad(loss(lambda x, v: mod.scatter_rows(x, sel, v, False)), argnums=(0, 1))(x, vals)
+    want = jax.grad(loss(ref_scatter), argnums=(0, 1))(x, vals)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(mod.gather_rows(x, sel, False) ** 3))(x),
+        jax.grad(lambda x: jnp.sum(ref_gather(x) ** 3))(x),
+    )

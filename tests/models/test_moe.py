@@ -225,3 +225,51 @@ def test_flops_per_token_counts_active_experts():
     m.ffn = "moe"
     want = 2 * m.d_model * m.moe.n_experts + m.moe.top_k * 6 * m.d_model * m.d_ff
     assert moe.MoE.flops_per_token(m, 64) == want
+
+
+def _routing(seed, b=3, t=16, p=2, e=4):
+    """Random top-p expert ids [B,T,P] (distinct per token), as the router picks them."""
+    return jnp.argsort(jax.random.uniform(jax.random.key(seed), (b, t, e)), axis=-1)[..., :p].astype(
+        jnp.int32
+    )
+
+
+def test_invert_equals_scatter_built_inverse_with_out_of_range_entries():
+    for seed in range(4):
+        n, size = 40, 32
+        index = jax.random.permutation(jax.random.key(seed), 48)[:n].astype(jnp.int32)  # some >= size
+        want = jnp.full((size,), n, jnp.int32).at[index].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+        np.testing.assert_array_equal(dispatch.invert(index, size), want)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])  # drops; some of each; empty slots
+def test_plan_maps_equal_the_scatter_built_ones(capacity_factor, seed):
+    """The sort-built maps (dispatch.invert, argsort, searchsorted) equal the scatters they replaced, on
+    random routings with dropped assignments and empty slots."""
+    ex = _routing(seed)
+    a = jnp.arange(ex.size, dtype=jnp.int32)
+    cap = dispatch.CAPACITY.plan(ex, E, capacity_factor)
+    want = jnp.full((cap.to_expert.size,), ex.size, jnp.int32).at[cap.to_assign].set(a, mode="drop")
+    np.testing.assert_array_equal(cap.to_expert, want)
+    drops, empties = int(jnp.sum(cap.to_assign >= want.size)), int(jnp.sum(want >= ex.size))
+    assert drops > 0 if capacity_factor < 1 else empties > 0
+    grp = moe.IMPLS["grouped"].plan(ex, E, capacity_factor)
+    r, n = grp.to_expert.shape[1], grp.to_assign.shape[1]
+    scatter = jax.vmap(lambda s: jnp.full((r,), n, jnp.int32).at[s].set(jnp.arange(n), mode="drop"))
+    np.testing.assert_array_equal(grp.to_expert, scatter(grp.to_assign))
+    dl = dispatch.DROPLESS.plan(ex, E, capacity_factor)
+    np.testing.assert_array_equal(dl.to_assign, jnp.zeros_like(a).at[dl.to_expert].set(a))
+    np.testing.assert_array_equal(dl.group_sizes, jnp.bincount(ex.reshape(-1), length=E))
+    empty = dispatch.DROPLESS.plan(jnp.zeros((1, 4, 1), jnp.int32), E, 1.0)  # experts 1.. get no rows
+    np.testing.assert_array_equal(empty.group_sizes, [4, 0, 0, 0])
+
+
+def test_pick_equals_top_k_values_and_take_along_axis_gradient():
+    v = jax.random.normal(jax.random.key(0), (32, E))
+    top, ex = jax.lax.top_k(v, 2)
+    np.testing.assert_array_equal(moe.pick(v, ex), top)
+    w = jax.random.normal(jax.random.key(1), (32, 2))
+    got = jax.grad(lambda v: jnp.sum(moe.pick(v, ex) * w))(v)
+    want = jax.grad(lambda v: jnp.sum(jnp.take_along_axis(v, ex, axis=-1) * w))(v)
+    np.testing.assert_array_equal(got, want)

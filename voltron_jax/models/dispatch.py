@@ -57,6 +57,18 @@ def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) 
     return max(1, min(n_tokens, -(-c // 8) * 8))
 
 
+def invert(index: jax.Array, size: int) -> jax.Array:
+    """Inverse of an injective map without a scatter: out[j] = i where index[i] == j, else index.size, for
+    j < size (entries of index outside [0, size) are ignored). One sort of the (index, i) pairs and a
+    binary search, O((N + size) log N): XLA serialises a scatter on TPU/GPU, and libtpu's cost model
+    prices the scatters of a layer's backward at a -2 s sentinel (docs/results.md, issue 18)."""
+    n = index.size
+    keys, vals = jax.lax.sort((index, jnp.arange(n, dtype=index.dtype)), num_keys=1)  # [N] by index
+    j = jnp.arange(size, dtype=index.dtype)  # [size]
+    pos = jnp.minimum(jnp.searchsorted(keys, j), n - 1)  # [size] first pair with index >= j
+    return jnp.where(keys[pos] == j, vals[pos], n)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def gather_rows(x: jax.Array, fwd: jax.Array, bwd: jax.Array, p: int) -> jax.Array:
     """out[i] = x[fwd[i] // p] (0 where out of range), with a gather as its transpose too:
@@ -135,14 +147,13 @@ class Capacity(Dispatch):
     def plan(self, experts, n_experts, capacity_factor):
         b, t, p = experts.shape
         flat = experts.reshape(-1)  # [A*P]
-        a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
         c = capacity(b * t, p, n_experts, capacity_factor)
         onehot = jax.nn.one_hot(experts, n_experts, dtype=jnp.int32)  # [B,T,P,E]
         ordered = onehot.transpose(1, 2, 0, 3).reshape(-1, n_experts)  # [T*P*B,E] position, pick, row
         pos = jnp.sum((jnp.cumsum(ordered, axis=0) - 1) * ordered, axis=-1)  # [T*P*B]
         pos = pos.reshape(t, p, b).transpose(2, 0, 1).reshape(-1)  # [A*P]
         slot = jnp.where(pos < c, flat * c + pos, n_experts * c)  # [A*P] dropped: out of range
-        table = jnp.full((n_experts * c,), flat.size, jnp.int32).at[slot].set(a, mode="drop")  # [E*C]
+        table = invert(slot, n_experts * c)  # [E*C] assignment of each slot, A*P if empty
         return Plan(self.name, n_experts, flat, to_expert=table, to_assign=slot, capacity=c)
 
     def dispatch(self, plan, rows, shared):
@@ -161,10 +172,11 @@ class Dropless(Capacity):
 
     def plan(self, experts, n_experts, capacity_factor):
         flat = experts.reshape(-1)  # [A*P]
-        a = jnp.arange(flat.size, dtype=jnp.int32)  # [A*P]
         order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # [A*P] assignment of each sorted row
-        inverse = jnp.zeros_like(order).at[order].set(a)  # [A*P]
-        sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+        inverse = jnp.argsort(order).astype(jnp.int32)  # [A*P] the inverse permutation
+        # rows per expert from the sorted ids: bincount is a scatter-add (see `invert`)
+        bounds = jnp.searchsorted(flat[order], jnp.arange(n_experts + 1, dtype=flat.dtype))  # [E+1]
+        sizes = jnp.diff(bounds).astype(jnp.int32)  # [E]
         return Plan(self.name, n_experts, flat, to_expert=order, to_assign=inverse, group_sizes=sizes)
 
     def dispatch(self, plan, rows, shared):

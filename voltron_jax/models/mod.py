@@ -11,8 +11,9 @@ What is implemented (spec: docs/specs/techniques-a.md section 4):
     block's update, not the residual (the OLMo fork's scatter_add double-counts x), which is the
     router's only gradient path. w = sigmoid(r) (default, bounded) or the raw logit r (the paper).
     Unselected positions are returned bit-identical.
-  - Dispatch: `take_along_axis` + `.at[].set` ('gather') or one-hot einsums with precision HIGHEST
-    ('onehot', the TPU-friendly form under sharding). Integer metadata is always gathered.
+  - Dispatch: gathers through the selection and its inverse map ('gather'; no scatter in either
+    direction) or one-hot einsums with precision HIGHEST ('onehot', the TPU-friendly form under
+    sharding). Integer metadata is always gathered.
   - Causal sampling (top-k over the sequence is non-causal), both fixes of paper section 3.5:
     causal='aux_loss': BCE on the router logits with top-k membership targets (sown as 'mod_router');
     causal='predictor': a small fp32 MLP on stop_gradient(x) trained with BCE (sown as 'mod_predictor';
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from voltron_jax import registry
+from voltron_jax.models import dispatch
 from voltron_jax.models.layers import param_with_axes
 
 ROUTER_WEIGHTS = ("sigmoid", "logit")
@@ -71,28 +73,48 @@ def select_topk(logits: jax.Array, k: int, segment_len: int = 0, valid: jax.Arra
     return idx, membership(idx, t)
 
 
+def inverse(idx: jax.Array, t: int) -> jax.Array:
+    """Per-row inverse of a selection idx [B,C] (unique per row) -> [B,T]: c where idx[b,c] == t, C where
+    token t is not selected. A sort and a binary search per row (dispatch.invert), no scatter."""
+    return jax.vmap(lambda i: dispatch.invert(i, t))(idx)
+
+
 def membership(idx: jax.Array, t: int) -> jax.Array:
-    """[B,T] fp32 top-k targets from per-row indices [B,C] (scattered row by row)."""
-    b = idx.shape[0]
-    return jnp.zeros((b, t), jnp.float32).at[jnp.arange(b)[:, None], idx].set(1.0)
+    """[B,T] fp32 top-k targets from per-row indices [B,C]."""
+    return (inverse(idx, t) < idx.shape[1]).astype(jnp.float32)
+
+
+def _rows(x: jax.Array, fwd: jax.Array, bwd: jax.Array) -> jax.Array:
+    """out[b,m] = x[b,fwd[b,m]] (0 where out of range) for x [B,N,...], fwd [B,M], bwd [B,N] the inverse
+    map of fwd: dispatch.gather_rows per row, whose backward is a gather too."""
+    b, n = x.shape[:2]
+    out = jax.vmap(lambda v, f, g: dispatch.gather_rows(v, f, g, 1))(x.reshape(b, n, -1), fwd, bwd)
+    return out.reshape(fwd.shape + x.shape[2:])  # [B,M,...]
 
 
 def gather_rows(x: jax.Array, idx: jax.Array, onehot: bool) -> jax.Array:
-    """x [B,T,...] at idx [B,C] -> [B,C,...]."""
+    """x [B,T,...] at idx [B,C] -> [B,C,...]. Float rows move by a gather whose backward gathers as well
+    (take_along_axis's backward is a scatter-add: serialised on TPU/GPU, and libtpu's cost model prices it
+    at a -2 s sentinel; docs/results.md, issue 18); integer metadata has no gradient and is taken."""
     if onehot:
         d = jax.nn.one_hot(idx, x.shape[1], dtype=x.dtype)  # [B,C,T]
         return jnp.einsum("bct,bt...->bc...", d, x, precision=HIGHEST)
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    return _rows(x, idx, inverse(idx, x.shape[1]))
 
 
 def scatter_rows(x: jax.Array, idx: jax.Array, values: jax.Array, onehot: bool) -> jax.Array:
-    """x [B,T,D] with rows idx [B,C] replaced by values [B,C,D]; other rows untouched (bit-exact)."""
+    """x [B,T,D] with rows idx [B,C] replaced by values [B,C,D]; other rows untouched (bit-exact). Both
+    forms are scatter-free: a gather of values through the inverse map, or one-hot einsums."""
     if onehot:
         d = jax.nn.one_hot(idx, x.shape[1], dtype=values.dtype)  # [B,C,T]
         upd = jnp.einsum("bct,bcd->btd", d, values, precision=HIGHEST)  # [B,T,D]
         hit = jnp.sum(d, axis=1) > 0  # [B,T]
         return jnp.where(hit[..., None], upd.astype(x.dtype), x)
-    return x.at[jnp.arange(x.shape[0])[:, None], idx].set(values.astype(x.dtype))
+    inv = inverse(idx, x.shape[1])  # [B,T]
+    upd = _rows(values, inv, idx)  # [B,T,D]
+    return jnp.where((inv < idx.shape[1])[..., None], upd.astype(x.dtype), x)
 
 
 def bce(logits: jax.Array, targets: jax.Array, valid: jax.Array | None) -> jax.Array:
@@ -170,7 +192,7 @@ class MoDRouting(nn.Module):
         """Run `block` on the selected tokens and write x_sel + w(r) * delta back at idx."""
         onehot = self.dispatch == "onehot"
         x_sel = nn.with_logical_constraint(gather_rows(x, idx, onehot), ("act_batch", "act_seq", "act_embed"))
-        take = lambda a: None if a is None else jnp.take_along_axis(a, idx, axis=1)  # [B,C]
+        take = lambda a: None if a is None else gather_rows(a, idx, False)  # [B,C]
         delta = block(x_sel, take(positions), take(segment_ids), take(valid)) - x_sel  # [B,C,D]
         r = self.weight(take(logits))[..., None].astype(x.dtype)  # [B,C,1]
         return scatter_rows(x, idx, x_sel + r * delta, onehot)

@@ -66,6 +66,14 @@ def z_loss(logits: jax.Array) -> jax.Array:
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
 
+def pick(values: jax.Array, experts: jax.Array) -> jax.Array:
+    """values [A,E] at experts [A,P] -> [A,P], bit-identical to top_k's values / take_along_axis, as a
+    masked sum whose gradient is a select: theirs is a scatter-add, which TPU/GPU serialise and libtpu's
+    cost model prices at a -2 s sentinel (docs/results.md, issue 18). A*P*E work, E small."""
+    hit = experts[..., None] == jnp.arange(values.shape[-1], dtype=experts.dtype)  # [A,P,E]
+    return jnp.sum(jnp.where(hit, values[:, None, :], 0), axis=-1)  # [A,P]
+
+
 def route(
     module: nn.Module, rows: jax.Array, n_experts: int, top_k: int, init_std: float, prefix: str
 ) -> Routing:
@@ -77,11 +85,11 @@ def route(
     x32 = rows.astype(jnp.float32)
     logits = x32 @ w  # [A,E]
     probs = jax.nn.softmax(logits, axis=-1)  # [A,E]
-    top, experts = jax.lax.top_k(logits, top_k)  # [A,P]
+    _, experts = jax.lax.top_k(logits, top_k)  # [A,P]
     if top_k > 1:
-        gates = jax.nn.softmax(top, axis=-1)  # [A,P] renormalised over the chosen experts
+        gates = jax.nn.softmax(pick(logits, experts), axis=-1)  # [A,P] renormalised over the chosen experts
     else:
-        gates = jnp.take_along_axis(probs, experts, axis=-1)  # [A,1] Switch gate (see docstring)
+        gates = pick(probs, experts)  # [A,1] Switch gate (see docstring)
     module.sow("aux_loss", f"{prefix}_lb", load_balance_loss(probs, experts, n_experts))
     module.sow("aux_loss", f"{prefix}_z", z_loss(logits))
     module.sow("intermediates", "router_input_mean", jnp.mean(x32, axis=0))
