@@ -65,7 +65,7 @@ def test_ablate_emit_validates_what_it_prints_and_claims_flag(tmp_path):
     # the docstring's example (with --emit: nothing trains); recipe fields of the sweep file are accepted
     out = run("-m", "voltron_jax.ablate", "--sweep_file=configs/sweeps/claims.py", w, "--claims", "--emit")
     assert out.returncode == 0 and not out.stderr, out.stderr
-    assert len(out.stdout.splitlines()) >= 5 and "--config.recipe.stable.steps=80" in out.stdout
+    assert len(out.stdout.splitlines()) >= 5 and "--config.recipe.stable.steps=56" in out.stdout
     assert not list(tmp_path.iterdir())
 
 
@@ -115,16 +115,18 @@ def test_data_tools_name_a_non_utf8_file(tmp_path):
 
 
 def test_the_wrapper_maps_project_errors_to_one_line():
-    """NonFiniteLoss, CheckpointError and every VoltronError: `error: <message>`, status 2; others name
-    their type and the --debug hint; multi-line messages are joined."""
+    """NonFiniteLoss, CheckpointError and every VoltronError: `error: <message>`, status 2 (a diverged run:
+    DIVERGED_EXIT, so a sweep can tell divergence from failure); others name their type and the --debug
+    hint; multi-line messages are joined."""
     from voltron_jax.checkpoint import CheckpointError
+    from voltron_jax.errors import DIVERGED_EXIT
     from voltron_jax.train import NonFiniteLoss
 
-    for e in (
-        NonFiniteLoss("non-finite loss before step 7; lower optim.lr"),
-        CheckpointError("bad ckpt; fix"),
+    for e, status in (
+        (NonFiniteLoss("non-finite loss before step 7; lower optim.lr"), DIVERGED_EXIT),
+        (CheckpointError("bad ckpt; fix"), 2),
     ):
-        assert isinstance(e, VoltronError) and cli.describe(e) == (f"error: {e}", 2)
+        assert isinstance(e, VoltronError) and cli.describe(e) == (f"error: {e}", status)
     assert cli.describe(ConfigError("a\nb")) == ("error: a; b", 2)
     line, status = cli.describe(ZeroDivisionError("x"))
     assert status == 1 and line.startswith("error: ZeroDivisionError: x") and "--debug" in line
@@ -174,4 +176,4 @@ def test_non_finite_loss_in_a_real_run_is_one_line(tmp_path):
         "--config.schedule.warmup=0",
         "--config.max_steps=4",
     )
-    one_line_error(out, "non-finite loss", "optim.lr")
+    one_line_error(out, "non-finite loss", "optim.lr", status=3)  # errors.DIVERGED_EXIT
