@@ -1,6 +1,6 @@
 """The verified-claims sweep: every technique against controls that isolate it, each arm at its own lr.
 
-Run (writes docs/claims.md; about 95 runs, ~1.5-2 h on a 2-core host with two runs at once):
+Run (writes docs/claims.md; about 100 runs, ~1.5-2 h on a 2-core host with two runs at once):
     python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims \
         --claims_out=docs/claims.md --jobs=2
 Quick machinery check (a few steps of configs/tiny.py:test; proves the pipeline, not the science):
@@ -24,7 +24,7 @@ Controls:
     tokens and against the c-BTM sparse ensemble of its own branches, all three scored on the same tokens.
 
 Scale: 4 blocks of d=256 (tiny.py), 256-byte rows, 64 steps of batch 8 (56 stable + 8 decay; ~131k
-tokens per run), chosen so that the ~95 runs fit in about 2 hours on the 2-core host (at batch 16 and 96
+tokens per run), chosen so that the ~100 runs fit in about 2 hours on the 2-core host (at batch 16 and 96
 steps one run took ~4 min, ~6 h in all). It can show effects that appear within ~100k tokens at this depth
 and the shape of each arm's lr optimum there; it cannot show what the papers measure at 24+ blocks, long
 contexts or billions of tokens (those rows say so), and the optimum lr of a run this short sits higher
@@ -36,11 +36,12 @@ from voltron_jax.models import decoder
 
 # One grid per arm family, points a factor 2 apart. At batch 16 the dense optimum was 3.75e-4..7.5e-4 after
 # 144 steps and above 1.5e-3 after 96 (docs/results.md: 2.635 / 2.599 / 2.568 at 3.75e-4 / 7.5e-4 / 1.5e-3).
-# In these shorter runs dense and DenseFormer were best at 3e-3, but Infini, its twin and MoD at 1.5e-3, the
-# grid's lower end, so the grid reaches down to 7.5e-4 for every arm. A diverged point counts as inf.
-DENSE_LRS = (7.5e-4, 1.5e-3, 3e-3, 6e-3)
-BITNET_LRS = DENSE_LRS  # b1.58 is said to train best at a higher lr than fp16; here it is best at 1.5e-3
-MUP_LRS = (5e-3, 1e-2, 2e-2)  # MiniCPM peak lr 1e-2, matrices at lr / width factor
+# In the first full run of this sweep (2026-12-02, grid 7.5e-4..6e-3) dense and MoD were best at 7.5e-4,
+# the grid's lower end, so the grid now reaches down to 3.75e-4 for every arm; the width sweep's two smaller
+# widths were best at 5e-3, its lower end, so that grid reaches 2.5e-3. A diverged point counts as inf.
+DENSE_LRS = (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3)
+BITNET_LRS = DENSE_LRS  # b1.58 is said to train best at a higher lr than fp16
+MUP_LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)  # MiniCPM peak lr 1e-2, matrices at lr / width factor
 STABLE, DECAY = 56, 8
 DROPLESS = {"model.moe.capacity_factor": 4.0, "model.moa.capacity_factor": 4.0}
 
