@@ -297,10 +297,16 @@ def run_all(
             raise failed[0].exception()
 
 
+def _say(line: str) -> None:
+    """One progress line, written whole (print's separate newline write interleaves under --jobs)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: str | None) -> None:
     """Train one run; on success (or a diverged lr-sweep point) write its done.json."""
     where = f" (output: {d / log})" if log else ""
-    print(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}{where}", flush=True)
+    _say(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}{where}")
     d.mkdir(parents=True, exist_ok=True)
     if log:
         with open(d / log, "w") as f:
@@ -314,10 +320,7 @@ def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: s
             f"run {v.name} seed {s} failed (its message is {'in ' + str(d / log) if log else 'above'}); fix "
             "it and rerun the same ablate command: finished runs are skipped."
         )
-    print(
-        f"[ablate] {v.name} seed {s}: {'diverged, recorded as infinite loss' if diverged else 'done'}",
-        flush=True,
-    )
+    _say(f"[ablate] {v.name} seed {s}: {'diverged, recorded as infinite loss' if diverged else 'done'}")
     (d / "done.json").write_text(json.dumps({"command": cmd, "diverged": diverged}))
 
 
