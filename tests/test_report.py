@@ -25,13 +25,20 @@ def test_report_puts_the_moe_drop_rate_beside_the_moe_phase_only(tmp_path):
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     results = {
         "stable": {"loss": 2.0, "perplexity": 7.389},
-        "moe_ft": {"loss": 1.9, "perplexity": 6.686, "moe_drop_rate": 0.0, "moa_drop_rate": 0.01},
+        # a per-cluster evaluation's rate is not the phase's: it stays out of the column
+        "moe_ft": {
+            "loss": 1.9,
+            "perplexity": 6.686,
+            "moe_drop_rate": 0.0,
+            "moa_drop_rate": 0.01,
+            "cluster_0/moe_drop_rate": 0.5,
+        },
     }
     report.write(epath.Path(tmp_path), results)
     lines = (tmp_path / "report.md").read_text().splitlines()
-    assert lines[2].endswith("| tokens/s | MoE drop rate |") and lines[3].count("---") == 7
+    assert lines[2].endswith("| tokens/s | MoE/MoA drop rate |") and lines[3].count("---") == 7
     assert lines[4].endswith("| 10 | - |")  # the dense phase
-    assert lines[5].endswith("| 10 | train 3.00% / eval 0.50% |")  # means over MoE and MoA
+    assert lines[5].endswith("| 10 | train MoE 2.00% / MoA 4.00%; eval MoE 0.00% / MoA 1.00% |")
     report.write(epath.Path(tmp_path), {"stable": results["stable"]})  # without an MoE: no column
     (tmp_path / "01_moe_ft" / "metrics.jsonl").unlink()
     report.write(epath.Path(tmp_path), {"stable": results["stable"]})

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from voltron_jax import claims as claims_lib
-from voltron_jax import cli
+from voltron_jax import cli, report
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.errors import DIVERGED_EXIT, ConfigError, UsageError, VoltronError
@@ -371,15 +371,14 @@ def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> fl
     return float(np.interp(budget, x, y)) if len(x) and budget <= x[-1] * (1 + 1e-9) else float("nan")
 
 
-def drop_rate(recs: list[dict], kind: str) -> float:
-    """Largest over runs of each run's mean MoE/MoA drop rate (every sown `*_drop_rate` key, MoE and MoA
-    alike) over its `kind` ('train' or 'eval') records; nan when no record carries one (no MoE)."""
-    per_run = []
+def drop_rate(recs: list[dict], kind: str) -> dict[str, float]:
+    """{'MoE': x, 'MoA': y}: per layer kind, the largest over runs of the run's mean drop rate over its
+    `kind` ('train' or 'eval') records (report.mean_drop_rates); {} when no record carries one (no MoE)."""
+    worst: dict[str, float] = {}
     for r in recs:
-        xs = [v for rec in r[kind] for k, v in rec.items() if k.endswith("_drop_rate")]
-        if xs:
-            per_run.append(float(np.mean(xs)))
-    return max(per_run) if per_run else float("nan")
+        for name, x in report.mean_drop_rates(r[kind]).items():
+            worst[name] = max(worst.get(name, 0.0), x)
+    return worst
 
 
 def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list[dict]:
@@ -408,8 +407,11 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
                 "tokens_per_s": _median([t["tokens_per_s"] for r in recs for t in r["train"]]),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
-                "drop_rate_train": drop_rate(trained, "train"),
-                "drop_rate_eval": drop_rate(trained, "eval"),
+                **{
+                    f"drop_rate_{kind}_{name.lower()}": drop_rate(trained, kind).get(name, math.nan)
+                    for kind in ("train", "eval")
+                    for name in report.DROP_METRICS.values()
+                },
             }
         )
     budgets: dict[str, float] = {}
@@ -437,18 +439,22 @@ def spread(row: dict, key: str) -> str:
 
 
 def drops(row: dict) -> str:
-    """'train x / eval y' MoE drop rate of a row (worst seed), '' for a row without an MoE."""
-    tr, ev = row.get("drop_rate_train", math.nan), row.get("drop_rate_eval", math.nan)
-    if math.isnan(tr) and math.isnan(ev):
-        return ""
-    show = lambda x: "-" if math.isnan(x) else f"{x:.2%}"  # noqa: E731
-    return f"train {show(tr)} / eval {show(ev)}"
+    """'train MoE x / MoA y; eval MoE x / MoA y' (worst seed per layer kind) of a row, '' without an MoE."""
+    parts = []
+    for kind in ("train", "eval"):
+        rates = {
+            name: x
+            for name in report.DROP_METRICS.values()
+            if not math.isnan(x := row.get(f"drop_rate_{kind}_{name.lower()}", math.nan))
+        }
+        parts.append(f"{kind} {report.format_drop_rates(rates)}")
+    return "" if all(p.endswith(" -") for p in parts) else "; ".join(parts)
 
 
 def markdown(rows: list[dict]) -> str:
     head = (
         "| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
-        "val loss at equal FLOPs | MoE drop rate (train / eval) | tokens/s |\n"
+        "val loss at equal FLOPs | MoE/MoA drop rate, worst seed | tokens/s |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
@@ -551,7 +557,7 @@ def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", note
             measured = f"{metric.replace('_', ' ')}: {cmp.describe()}" if cmp else "not run"
             moe = [f"{r['arm']} {d}" for r in (base, var) if r and (d := drops(r))]
             if moe:
-                measured += "; MoE drop rate (worst seed): " + ", ".join(moe)
+                measured += "; MoE/MoA drop rate (worst seed): " + ", ".join(moe)
             if rule == "parity":
                 rule = f"non-inferiority, margin x{1 + cl.get('margin', 0.01):g}"
         out.append(f"| {tech} | {cl['claim']} | {arms} | {rule} | {measured} | {status}: {why.strip()} |")

@@ -52,15 +52,33 @@ def cluster_table(results: dict[str, dict], n_clusters: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The sown drop-rate metrics (models/moe.py, models/moa.py) and the names they are shown under.
+DROP_METRICS = {"moe_drop_rate": "MoE", "moa_drop_rate": "MoA"}
+
+
+def mean_drop_rates(records: list[dict]) -> dict[str, float]:
+    """{'MoE': x, 'MoA': y}: each layer kind's drop rate averaged over `records`, only the kinds present.
+    Whole-set values only: the per-cluster evaluations' `cluster_i/..._drop_rate` are left out."""
+    out = {}
+    for key, name in DROP_METRICS.items():
+        xs = [r[key] for r in records if key in r]
+        if xs:
+            out[name] = sum(xs) / len(xs)
+    return out
+
+
+def format_drop_rates(rates: dict[str, float]) -> str:
+    """'MoE 8.02% / MoA 1.20%' ('-' for none)."""
+    return " / ".join(f"{k} {v:.2%}" for k, v in rates.items()) or "-"
+
+
 def drop_rates(train: list[dict], final: dict) -> str:
-    """'train x / eval y' MoE drop rate of a phase: the mean of its `*_drop_rate` metrics (MoE and MoA)
-    over its training records, and over the final evaluation's; '-' for a phase without an MoE."""
-    tr = [v for r in train for k, v in r.items() if k.endswith("_drop_rate")]
-    ev = [v for k, v in final.items() if k.endswith("_drop_rate")]
+    """'train MoE x / MoA y; eval MoE x / MoA y': a phase's share of dropped token assignments per layer
+    kind, averaged over its training records and read from its final evaluation; '-' without an MoE."""
+    tr, ev = mean_drop_rates(train), mean_drop_rates([final])
     if not tr and not ev:
         return "-"
-    show = lambda xs: f"{sum(xs) / len(xs):.2%}" if xs else "-"  # noqa: E731
-    return f"train {show(tr)} / eval {show(ev)}"
+    return f"train {format_drop_rates(tr)}; eval {format_drop_rates(ev)}"
 
 
 def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) -> None:
@@ -81,7 +99,7 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
             f"{last.get('tokens_per_s', float('nan')):,.0f} |"
         )
     if any(x != "-" for x in drops.values()):  # an MoE phase: its drop rate stands beside its numbers
-        head += " MoE drop rate |"
+        head += " MoE/MoA drop rate |"
         rows = [f"{row} {drop} |" for row, drop in zip(rows, drops.values(), strict=True)]
     rows = [head, "| --- " * (head.count("|") - 1) + "|", *rows]
     text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results, n_clusters)

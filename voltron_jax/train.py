@@ -27,7 +27,7 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import checkpoint, losses, metrics, microbatch, optim, runlock, schedules, sharding
+from voltron_jax import checkpoint, losses, metrics, microbatch, optim, report, runlock, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
 from voltron_jax.errors import ConfigError, Diverged
@@ -567,7 +567,8 @@ def run_phase(
                 )
     final = evaluate_all(rt, state, eval_batches)
     writer.write(step, final, kind="eval")
-    drops = "".join(f"  {k} {v:.2%}" for k, v in final.items() if k.endswith("_drop_rate"))
+    drops = report.format_drop_rates(report.mean_drop_rates([final]))
+    drops = f"  dropped {drops}" if drops != "-" else ""
     print(
         f"[{phase.label}] done: validation loss {final['loss']:.4f}  perplexity {final['perplexity']:.3f}"
         + drops,
@@ -638,7 +639,5 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
             rt = Runtime(ph)
         results[ph.label] = run_phase(config, root, ph, todo, info, rt)
     if jax.process_index() == 0 and not only_phase:
-        from voltron_jax import report
-
         report.write(root, results, config.data.n_clusters if config.train.eval_clusters else 0)
     return results
