@@ -9,8 +9,9 @@ batches) of
   - dense:        ffn='mlp', d_ff = F
   - moe-<impl>:   ffn='moe', `experts` experts, top_k, expert d_ff = F / top_k (so the top_k chosen experts
                   hold F hidden units: the same active FFN parameters and FLOPs as dense, plus the router)
-and prints tokens/s and the ratio to dense. The variants are timed in interleaved rounds, so load from
-other processes hits them alike. No seqio/TensorFlow imports.
+and prints tokens/s, the ratio to dense and the share of MoE assignments dropped (the capacity dispatch
+drops what overflows an expert, which also makes its step cheaper; dropless drops none). The variants are
+timed in interleaved rounds, so load from other processes hits them alike. No seqio/TensorFlow imports.
 """
 
 from __future__ import annotations
@@ -54,24 +55,26 @@ def measure_interleaved(configs: dict, steps: int) -> dict:
         for _ in range(2):  # compile + warm-up
             state, m = rt.train_step(state, batch)
         jax.block_until_ready(m["loss"])
-        runs[name] = [rt, batch, state, []]
+        runs[name] = [rt, batch, state, [], []]
     for _ in range(steps):
         for run in runs.values():
-            rt, batch, state, times = run
+            rt, batch, state, times, drops = run
             t0 = time.perf_counter()
             state, m = rt.train_step(state, batch)
             jax.block_until_ready(m["loss"])
             times.append(time.perf_counter() - t0)
+            drops.append(float(m.get("moe_drop_rate", 0.0)))
             run[2] = state
     dense = np.asarray(runs["dense"][3])
     out = {}
-    for name, (_, _, _, times) in runs.items():
+    for name, (_, _, _, times, drops) in runs.items():
         c = configs[name]
         tokens = c.data.batch_size * c.data.seq_len
         out[name] = {
             "tokens_per_s": tokens / float(np.median(times)),
             "ratio_to_dense": float(np.median(dense / np.asarray(times))),
             "step_time_s": float(np.median(times)),
+            "moe_drop_rate": float(np.mean(drops)),  # share of MoE assignments dropped, mean over steps
         }
     return out
 
@@ -92,7 +95,7 @@ def main() -> None:
     base = load_config(args.config)
     configs = variants(base, args.experts, args.top_k, args.capacity_factor, args.impls.split(","))
     rows = measure_interleaved(configs, args.steps)
-    print(f"{'variant':<16}{'d_ff':>8}{'tokens/s':>14}{'vs dense':>10}{'active GFLOP/tok':>18}")
+    print(f"{'variant':<16}{'d_ff':>8}{'tokens/s':>14}{'vs dense':>10}{'active GFLOP/tok':>18}{'dropped':>9}")
     for name, r in rows.items():
         c = configs[name]
         r.update(
@@ -107,7 +110,7 @@ def main() -> None:
         )
         print(
             f"{name:<16}{r['d_ff']:>8}{r['tokens_per_s']:>14,.0f}{r['ratio_to_dense']:>10.2f}"
-            f"{r['active_flops_per_token'] / 1e9:>18.4f}"
+            f"{r['active_flops_per_token'] / 1e9:>18.4f}{r['moe_drop_rate']:>9.2%}"
         )
         if args.json:
             with open(args.json, "a") as f:
