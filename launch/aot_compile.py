@@ -295,10 +295,12 @@ def estimate(
     depths=(1, 2),
     log=print,
     rest: float | None = None,
+    dump_dir: str = "",
 ) -> dict:
     """The TPU compiler's cost-model estimate of the full model's step time (never a measurement): compile
     the step unrolled (scan_layers=False) at two small depths of whole super-blocks, take the per-block
-    cost from their optimal_seconds difference and extrapolate to model.n_layers."""
+    cost from their optimal_seconds difference and extrapolate to model.n_layers. With `dump_dir`, XLA's
+    dump of each depth's compile is kept in <dump_dir>/depth_<k> (to read the unrolled block's HLO)."""
     from voltron_jax.models import decoder
 
     phase = select_phase(config, phase_name)
@@ -316,7 +318,10 @@ def estimate(
         ck = c.copy_and_resolve_references()
         ck.model.n_layers, ck.model.scan_layers = k * size, False
         log(f"estimate: compiling {k} super-block(s) of {size} layer(s), unrolled ...")
-        r = compile_step(config, topology, phase.name, chip_config=chip_config, phase_config=ck, heap=False)
+        dump = os.path.join(dump_dir, f"depth_{k}") if dump_dir else ""
+        r = compile_step(
+            config, topology, phase.name, chip_config=chip_config, phase_config=ck, heap=False, dump_dir=dump
+        )
         if not r.get("cost"):
             raise ValueError(f"the compile at {k} super-blocks reported no cost analysis ({r.get('error')}).")
         points[k], runs[k] = r["cost"]["optimal_seconds"], r
@@ -499,7 +504,15 @@ def main(argv) -> int:
     if est.value:
         depths = tuple(int(d) for d in est_depths.value)
         try:
-            e = estimate(config, topo.value, phase.value, chip_config.value, depths, rest=est_rest.value)
+            e = estimate(
+                config,
+                topo.value,
+                phase.value,
+                chip_config.value,
+                depths,
+                rest=est_rest.value,
+                dump_dir=dump.value,
+            )
         except ValueError as err:  # depths that cannot be extrapolated, a compile without cost analysis
             raise UsageError(str(err)) from err
         e["config"] = cfg.value

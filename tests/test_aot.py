@@ -171,13 +171,16 @@ def test_estimate_extrapolates_two_depths():
     assert not aot.extrapolate({1: 0.9}, 20, rest=1.0)["valid"]
 
 
-def test_estimate_runs_on_a_tiny_config():
+def test_estimate_runs_on_a_tiny_config(tmp_path):
     """--estimate compiles the step unrolled at 1 and 2 super-blocks for a TPU topology and reports the
-    compiler's cost-model time: the 2-layer model's extrapolated step is its own 2-block compile's."""
+    compiler's cost-model time: the 2-layer model's extrapolated step is its own 2-block compile's; with
+    --dump_dir each depth's HLO is kept."""
     c = tiny.get_config("test")
     c.model.update(n_layers=2, d_model=64, d_ff=128, n_heads=2, n_kv_heads=2)
     c.data.update(seq_len=32, batch_size=4)
-    e = aot.estimate(c, "v4:2x2x1", log=lambda s: None)
+    e = aot.estimate(c, "v4:2x2x1", log=lambda s: None, dump_dir=str(tmp_path))
+    for k in (1, 2):
+        assert list((tmp_path / f"depth_{k}").glob("*after_optimizations.txt")), k
     t1, t2 = e["optimal_seconds"]["1"], e["optimal_seconds"]["2"]
     assert e["valid"] and 0 < t1 < t2 and e["super_block"] == 1 and e["n_blocks"] == 2
     assert e["step_s"] == pytest.approx(t2)
