@@ -41,6 +41,9 @@ from voltron_jax.models import decoder
 # widths were best at 5e-3, its lower end, so that grid reaches 2.5e-3. A diverged point counts as inf.
 DENSE_LRS = (3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3)
 BITNET_LRS = DENSE_LRS  # b1.58 is said to train best at a higher lr than fp16
+# Infini's curve was flat from 3.75e-4 to 1.5e-3 (18.38 / 18.50 / 18.45, seed 0) with its best at the lower
+# edge, so its grid reaches one point further down.
+INFINI_LRS = (1.875e-4,) + DENSE_LRS
 MUP_LRS = (2.5e-3, 5e-3, 1e-2, 2e-2)  # MiniCPM peak lr 1e-2, matrices at lr / width factor
 STABLE, DECAY = 56, 8
 DROPLESS = {"model.moe.capacity_factor": 4.0, "model.moa.capacity_factor": 4.0}
@@ -200,7 +203,7 @@ def get_sweep(arg: str = ""):
             lrs=BITNET_LRS,
         ),
         "denseformer": _tiny(**{"model.residual": "denseformer"}, lrs=DENSE_LRS),
-        "infini": _tiny(**{"model.memory": "infini"}, lrs=DENSE_LRS),
+        "infini": _tiny(**{"model.memory": "infini"}, lrs=INFINI_LRS),
         "infini_nomem": _tiny(**{"model.memory": "infini", "model.infini.rule": "none"}, lrs=DENSE_LRS),
         "mod": _tiny(**mod, lrs=DENSE_LRS),
         "dense_mod_flops": _tiny(**{"model.n_layers": 2}, lrs=DENSE_LRS),
