@@ -49,7 +49,9 @@ class LinearSlot(SlotHooks, Protocol):
     """Every projection: `linear(features, kernel_axes, name=...)` maps x [..., in] -> [..., features],
     2-D kernel [in, features] with logical axes `kernel_axes`. flops_per_token: FLOPs one layer's linear
     maps add beyond the 2 * in * out of each matmul, which the attention and ffn slots count (0 when the
-    extra work is elementwise). May add `ragged_dot(params, x, group_sizes)` for dropless MoE."""
+    extra work is elementwise). May add `ragged_dot(params, x, group_sizes)` for dropless MoE, and
+    `expert_shards(variables, specs, x)` for the grouped MoE's shard_map: E stacked experts on x [E,R,in]
+    from local weight shards laid out by `specs` (moe_groups; None: gather the weights whole instead)."""
 
     features: int
     kernel_axes: tuple

@@ -13,6 +13,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -188,3 +189,62 @@ def host_batch_to_global(mesh: Mesh, local: dict) -> dict:
     """Assemble per-host [B_local, T] numpy arrays into global jax Arrays sharded over batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+# ------------------------------------------------------------------ inside a shard_map (expert parallelism)
+
+
+def _split_dims(spec: PartitionSpec, ndim: int, first: int) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """(dim, mesh axes of size > 1) of every dim >= `first` that `spec` splits (inside a shard_map)."""
+    split = (
+        (d, tuple(n for n in axis_names(spec, d) if jax.lax.axis_size(n) > 1)) for d in range(first, ndim)
+    )
+    return tuple((d, names) for d, names in split if names)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_as(v: jax.Array, dims: tuple, dtype) -> jax.Array:
+    v = v.astype(dtype)
+    for d, names in dims:
+        v = jax.lax.all_gather(v, names, axis=d, tiled=True)
+    return v
+
+
+def _gather_as_fwd(v, dims, dtype):
+    return _gather_as(v, dims, dtype), jnp.zeros((0,), v.dtype)  # the residual carries v's dtype only
+
+
+def _gather_as_bwd(dims, dtype, src, g):
+    g = g.astype(src.dtype)  # reduce-scatter the cotangent at the master weights' precision
+    for d, names in reversed(dims):
+        g = jax.lax.psum_scatter(g, names, scatter_dimension=d, tiled=True)
+    return (g,)
+
+
+_gather_as.defvjp(_gather_as_fwd, _gather_as_bwd)
+
+
+def gather_whole(v: jax.Array, spec: PartitionSpec, dtype=None, first: int = 1) -> jax.Array:
+    """Inside a shard_map: the local shard `v` (laid out by `spec`) all-gathered whole along every dim from
+    `first` on (dim 0, the expert dim, stays local), cast to `dtype` before the gather so that the
+    collective moves `dtype` bytes (bf16 instead of the fp32 master weights: half of them). The cast is
+    elementwise, so the result equals gathering first and casting after; the backward reduce-scatters the
+    cotangent in `v`'s own dtype, as the transpose of an fp32 gather would."""
+    dims = _split_dims(spec, v.ndim, first)
+    dtype = jnp.dtype(dtype or v.dtype)
+    if not dims:
+        return v.astype(dtype)
+    return _gather_as(v, dims, dtype)
+
+
+def shard_mean(v: jax.Array, spec: PartitionSpec, axes: tuple[int, ...]) -> jax.Array:
+    """Inside a shard_map: the mean of the whole (unsharded) array over `axes` (kept as size-1 dims), from
+    the local shard `v` laid out by `spec`: local sums, one psum over the mesh axes splitting those dims."""
+    axes = tuple(a % v.ndim for a in axes)
+    names = tuple(n for a in axes for n in axis_names(spec, a))
+    total = jnp.sum(v, axis=axes, keepdims=True)
+    count = math.prod(v.shape[a] for a in axes)
+    if names:
+        total = jax.lax.psum(total, names)
+        count *= math.prod(jax.lax.axis_size(n) for n in names)
+    return total / count

@@ -1,6 +1,9 @@
 """Grouped (per-sequence) MoE dispatch: each row is 'capacity' dispatch on its own, drops included; it is
 exact under expert x fsdp x data sharding; MoA composes with it."""
 
+import functools
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,17 +41,23 @@ def test_grouped_is_capacity_dispatch_row_by_row_with_drops():
     assert plan.capacity == 8 and int(jnp.sum(plan.to_assign < E * 8)) == 4 * 8  # expert 0 full per row
 
 
-@pytest.mark.parametrize("linear", ["dense", "bitlinear"])
+@pytest.mark.parametrize("linear", ["dense", "bitlinear", "bitlinear_warmin"])
 @pytest.mark.parametrize("axes", [(2, 2, 2, 1), (1, 2, 1, 4), (1, 4, 2, 1)])
 def test_grouped_sharded_equals_unsharded(linear, axes):
-    """The expert-parallel shard_map (each device gathers its experts' weights, multiplies its rows) gives
-    the unsharded loss and gradients, for BitLinear experts too (their scale is per whole expert matrix,
-    so the gather must come before quantisation) and with tensor > 1 (gathered as well)."""
+    """The expert-parallel shard_map (each device forms what its experts' matmuls consume from its weight
+    shards, gathers it, multiplies its rows) gives the unsharded loss and gradients, for BitLinear experts
+    too (their scale is per whole expert matrix: the shards' statistics are reduced across devices), mid
+    warm-in (lam from the 'state' step) and with tensor > 1 (gathered as well)."""
     x = jax.random.normal(jax.random.key(1), (8, 16, D))
-    lin = registry.get("linear", linear)
+    lin = registry.get("linear", linear.removesuffix("_warmin"))
+    if linear.endswith("_warmin"):
+        lin = functools.partial(lin, warmin=(0, 8))
     layer = lambda: moe.MoE(F, linear=lin, n_experts=E, top_k=2, impl="grouped", capacity_factor=0.5)
-    params = nn.unbox(jax.jit(layer().init)(jax.random.key(0), x)["params"])
-    loss = lambda p, x: jnp.mean(layer().apply({"params": p}, x) ** 2)
+    variables = jax.jit(layer().init)(jax.random.key(0), x)
+    params = nn.unbox(variables["params"])
+    state = jax.tree.map(lambda v: jnp.full_like(v, 3), variables.get("state", {}))  # lam = 3/8
+    assert bool(state) == linear.endswith("_warmin")
+    loss = lambda p, x: jnp.mean(layer().apply({"params": p, "state": state}, x) ** 2)
     want = jax.jit(jax.value_and_grad(loss))(params, x)
     cfg = cfglib.get_default().mesh
     cfg.data, cfg.fsdp, cfg.tensor, cfg.expert = axes
@@ -63,11 +72,12 @@ def test_grouped_sharded_equals_unsharded(linear, axes):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def _compiled_grad_hlo(b: int, t: int, argnums) -> str:
-    """Compiled HLO of the grouped MoE's gradient (w.r.t. `argnums` of (params, x)) for x [b,t,D] on an
-    fsdp=2 x expert=4 mesh."""
+def _compiled_grad_hlo(b: int, t: int, argnums, linear="dense", dtype=jnp.float32, compile=True) -> str:
+    """Compiled HLO (or, compile=False, the StableHLO handed to XLA) of the grouped MoE's gradient (w.r.t.
+    `argnums` of (params, x)) for x [b,t,D] on an fsdp=2 x expert=4 mesh."""
     x = jax.random.normal(jax.random.key(1), (b, t, D))
-    layer = moe.MoE(F, n_experts=E, top_k=2, impl="grouped", capacity_factor=1.0)
+    lin = functools.partial(registry.get("linear", linear), dtype=dtype)
+    layer = moe.MoE(F, linear=lin, n_experts=E, top_k=2, impl="grouped", capacity_factor=1.0)
     params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
     loss = lambda p, x: jnp.mean(layer.apply({"params": p}, x) ** 2)
     cfg = cfglib.get_default().mesh
@@ -76,7 +86,8 @@ def _compiled_grad_hlo(b: int, t: int, argnums) -> str:
     with sharding.context(mesh):
         shard = sharding.tree_shardings(mesh, jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
         step = jax.jit(jax.grad(loss, argnums=argnums), in_shardings=(shard, sharding.batch_sharding(mesh)))
-        return step.lower(params, x).compile().as_text()
+        lowered = step.lower(params, x)
+        return lowered.compile().as_text() if compile else lowered.as_text()
 
 
 def test_expert_parallel_keeps_weights_local():
@@ -85,6 +96,21 @@ def test_expert_parallel_keeps_weights_local():
     hlo = _compiled_grad_hlo(8, 16, 0)
     assert f"f32[1,{D},{F}]" in hlo  # one expert, whole (gathered over fsdp)
     assert f"[{E},{D},{F}]" not in hlo and f"[{E},{F},{D}]" not in hlo
+
+
+@pytest.mark.parametrize("linear", ["dense", "bitlinear"])
+def test_bf16_experts_gather_bf16_weights_and_reduce_scatter_fp32_gradients(linear):
+    """In a bf16 model each device all-gathers its experts' kernels as bf16 (what the matmul consumes:
+    the cast, or BitLinear's integer-valued operand, is formed on the shard first), half the bytes of the
+    fp32 master weights, and the weight gradients are still summed over fsdp in fp32."""
+    ir = _compiled_grad_hlo(8, 16, 0, linear, jnp.bfloat16, compile=False)  # what XLA is handed (the CPU
+    # backend upcasts bf16 collectives to f32 when it compiles; TPU keeps them: docs/results.md)
+    gathers = re.findall(r'"stablehlo\.all_gather".*-> tensor<([\dx]+)x(\w+)>', ir)
+    kernels = {f"1x{D}x{F}", f"1x{F}x{D}"}  # one expert's whole gate/up [D,F] or down [F,D] kernel
+    assert {shape for shape, _ in gathers} >= kernels
+    assert {dt for shape, dt in gathers if shape in kernels} == {"bf16"}
+    scatters = re.findall(r'"stablehlo\.reduce_scatter".*?\) -> tensor<[\dx]+x(\w+)>', ir, re.S)
+    assert set(scatters) == {"f32"}
 
 
 def test_dispatch_backward_keeps_rows_on_their_devices():

@@ -47,6 +47,7 @@ Choices and deviations:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -54,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from voltron_jax import sharding
 from voltron_jax.models.layers import RMSNorm, param_with_axes
 
 Dtype = Any
@@ -65,17 +67,24 @@ STATE = "state"  # collection the train loop fills with the global step
 # --------------------------------------------------------------------------------------------- quantisers
 
 
-def quantize_weight(w: jax.Array, kind: str = "ternary", eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+def _matrix_mean(v: jax.Array) -> jax.Array:
+    return jnp.mean(v, axis=(-2, -1), keepdims=True)
+
+
+def quantize_weight(
+    w: jax.Array, kind: str = "ternary", eps: float = 1e-5, mean: Callable = _matrix_mean
+) -> tuple[jax.Array, jax.Array]:
     """(W_int, beta): W_int in {-1, 0, +1} ({-1, +1} for 'binary') as fp32, beta [..., 1, 1] fp32.
 
     Statistics reduce over the last two axes: one scale per [in, out] matrix, one per expert for a
-    stacked [E, in, out] kernel. The quantised weight is W_int * beta."""
+    stacked [E, in, out] kernel. The quantised weight is W_int * beta. `mean` takes those statistics (a
+    shard's: `sharding.shard_mean`, which reduces over the whole matrix across devices)."""
     w = w.astype(jnp.float32)
-    beta = jnp.maximum(jnp.mean(jnp.abs(w), axis=(-2, -1), keepdims=True), eps)
+    beta = jnp.maximum(mean(jnp.abs(w)), eps)
     if kind == "ternary":
         return jnp.clip(jnp.round(w / beta), -1.0, 1.0), beta
     if kind == "binary":
-        alpha = jnp.mean(w, axis=(-2, -1), keepdims=True)
+        alpha = mean(w)
         return jnp.where(w - alpha > 0, 1.0, -1.0), beta  # sign(0) = -1
     raise ValueError(f"BitLinear weights={kind!r} is unknown; choose one of {WEIGHTS}.")
 
@@ -132,15 +141,40 @@ def bitlinear_apply(
     [0, 1] is the warm-in mix (1 = fully quantised). The matmul runs in `dtype` on integer-valued
     operands with fp32 accumulation; gradients w.r.t. w and x are a dense layer's at the quantised
     operands (x_int / s_x and W_int * beta)."""
-    w_int, beta = quantize_weight(w, weights, eps)
-    x_int, s_x = quantize_act(x, eps)
-    beta, s_x = lax.stop_gradient(beta), lax.stop_gradient(s_x)
+    w_s, beta = weight_operand(w, weights=weights, eps=eps, lam=lam)
+    return operand_apply(x, w_s, beta, eps=eps, lam=lam, dtype=dtype)
+
+
+def weight_operand(
+    w: jax.Array, *, weights: str, eps: float, lam: float | jax.Array, mean: Callable = _matrix_mean
+) -> tuple[jax.Array, jax.Array]:
+    """(w_s, beta): the weight operand of the matmul, fp32 (integer-valued at lam = 1; its gradient is the
+    STE's identity / beta), and the per-matrix scale beta (no gradient). Elementwise given beta, so a
+    shard's operand, with `mean` over the whole matrix, is the whole operand's shard."""
+    w_int, beta = quantize_weight(w, weights, eps, mean)
+    beta = lax.stop_gradient(beta)
     w_s = w.astype(jnp.float32) / beta
+    return w_s + lam * lax.stop_gradient(w_int - w_s), beta
+
+
+def operand_apply(
+    x: jax.Array, w_s: jax.Array, beta: jax.Array, *, eps: float, lam: float | jax.Array, dtype: Dtype
+) -> jax.Array:
+    """The rest of `bitlinear_apply`, from the weight operand (`weight_operand`, whole, any dtype)."""
+    x_int, s_x = quantize_act(x, eps)
+    s_x = lax.stop_gradient(s_x)
     x_s = x.astype(jnp.float32) * s_x
-    w_s = w_s + lam * lax.stop_gradient(w_int - w_s)  # integer-valued at lam = 1
     x_s = x_s + lam * lax.stop_gradient(x_int - x_s)
     y = _matmul(x_s.astype(dtype), w_s.astype(dtype), jnp.float32)
     return y * _out_scale(beta, s_x, y.ndim)
+
+
+def warmin_lambda(warmin: tuple[int, int], step: jax.Array | None) -> float | jax.Array:
+    """lam = clip((step - start) / steps, 0, 1); 1 without warm-in (steps 0) or without a step."""
+    start, steps = warmin
+    if steps <= 0 or step is None:
+        return 1.0
+    return jnp.clip((step.astype(jnp.float32) - start) / steps, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -218,15 +252,31 @@ class BitLinear(nn.Module):
 
     def _lambda(self) -> float | jax.Array:
         """Warm-in mix from the global step in the 'state' collection; 1 without warm-in or step."""
-        start, steps = self.warmin
-        if steps <= 0:
+        if self.warmin[1] <= 0:
             return 1.0
         if self.is_initializing() and not self.has_variable(STATE, "step"):
             self.variable(STATE, "step", jnp.zeros, (), jnp.int32)
-        if not self.has_variable(STATE, "step"):
-            return 1.0
-        step = self.get_variable(STATE, "step").astype(jnp.float32)
-        return jnp.clip((step - start) / steps, 0.0, 1.0)
+        return warmin_lambda(self.warmin, self.get_variable(STATE, "step"))
+
+    def expert_shards(self, variables: dict, specs: dict, x: jax.Array) -> jax.Array | None:
+        """E stacked experts on x [E,R,in] inside the expert-parallel shard_map (moe_groups), from the
+        local shards `variables` laid out by `specs`: the weight operand is formed on the shard (beta
+        from `sharding.shard_mean` over the whole matrix) and all-gathered in `dtype`, integer-valued
+        bf16 rather than the fp32 latent kernel. Equals the stacked layer on the whole kernels. None for
+        packed inference params (the caller gathers those uint8 codes whole)."""
+        if self.packed:
+            return None
+        p, lam = variables["params"], warmin_lambda(self.warmin, variables.get(STATE, {}).get("step"))
+        if self.norm == "rms":
+            gain = sharding.gather_whole(p["norm"]["scale"], specs["norm"]["scale"], jnp.float32)  # [E,in]
+            h = normalize(x, "rms", gain[:, None, :], self.norm_eps)
+        else:
+            h = normalize(x, self.norm, eps=self.norm_eps)
+        spec = specs["kernel"]
+        mean = lambda v: sharding.shard_mean(v, spec, (-2, -1))  # noqa: E731
+        w_s, beta = weight_operand(p["kernel"], weights=self.weights, eps=self.eps, lam=lam, mean=mean)
+        w_s = sharding.gather_whole(w_s, spec, self.dtype)  # [E,in,out]
+        return operand_apply(h, w_s, beta, eps=self.eps, lam=lam, dtype=self.dtype).astype(self.dtype)
 
     @staticmethod
     def from_config(m) -> dict:

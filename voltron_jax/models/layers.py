@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from voltron_jax import sharding
+
 Dtype = Any
 
 
@@ -40,6 +42,13 @@ class Dense(nn.Module):
             self.kernel_axes,
         )
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+    def expert_shards(self, variables: dict, specs: dict, x: jax.Array) -> jax.Array:
+        """E stacked experts on x [E,R,in] inside the expert-parallel shard_map (moe_groups), from the local
+        kernel shard laid out by `specs`: cast to `dtype` before the all-gather (a bf16 model moves half
+        the bytes of its fp32 master weights). The same values as the stacked layer on the whole kernel."""
+        w = sharding.gather_whole(variables["params"]["kernel"], specs["kernel"], self.dtype)  # [E,in,out]
+        return jax.vmap(jnp.dot)(x.astype(self.dtype), w)
 
     # ------------------------------------------------------------------ linear slot (registry.LinearSlot)
 

@@ -15,7 +15,11 @@ docs/results.md, "Pod configs (AOT)"). Here every row (sequence) is its own grou
 Expert parallelism is explicit (`expert_parallel`): under a mesh each projection runs in a shard_map over
 the expert layout, every device all-gathers the weights of its own experts over the other mesh axes (FSDP)
 and multiplies its rows locally; the transpose of that all-gather is the reduce-scatter of the weight
-gradient. Left to GSPMD, the same program gathered every expert's weights onto every device, or computed
+gradient. A linear slot with an `expert_shards` hook (Dense, BitLinear) forms what its matmul consumes on
+the shard before the gather (the bf16 cast; BitLinear's integer-valued operand, its per-matrix scale
+reduced across the shards), so a bf16 model gathers bf16, not its fp32 master weights; the gradient is
+still reduce-scattered in fp32. Without the hook the fp32 weights are gathered as they are.
+Left to GSPMD, the same program gathered every expert's weights onto every device, or computed
 the weight gradients from activations replicated over the whole batch (26.9 and 112 GiB of temporaries per
 v4 core for the 13B MoE; docs/results.md, "Pod configs (AOT)").
 The plan is dispatch.py's capacity plan with B = 1, vmapped over rows, so every property of that impl (gather-
@@ -113,9 +117,13 @@ def expert_parallel(
     n_local = n_experts // math.prod(mesh.shape[a] for a in experts_axes)
     state = module.variables.get("state", {}).get(name)
     extra = {} if state is None else {"state": state}
+    hook = getattr(linear(features, kernel_axes, parent=None), "expert_shards", None)
 
     def local(p, extra, x):
-        full = jax.tree.map(_gather, p, specs, is_leaf=lambda v: isinstance(v, PartitionSpec))
+        y = None if hook is None else hook({"params": p, **extra}, specs, x)
+        if y is not None:  # the slot gathers what its matmul consumes (e.g. bf16, not the fp32 kernel)
+            return y
+        full = jax.tree.map(sharding.gather_whole, p, specs, is_leaf=lambda v: isinstance(v, PartitionSpec))
         return stacked(linear, n_local)(features, kernel_axes).apply({"params": full, **extra}, x)
 
     out_spec = PartitionSpec(*tuple(x_spec)[:2], None)
@@ -124,12 +132,3 @@ def expert_parallel(
         local, mesh=mesh, in_specs=(specs, extra_specs, x_spec), out_specs=out_spec, check_vma=False
     )
     return fn(params, extra, x)
-
-
-def _gather(v: jax.Array, spec: PartitionSpec) -> jax.Array:
-    """All-gather every dim of a local weight shard except the leading expert dim."""
-    for dim in range(1, v.ndim):
-        names = sharding.axis_names(spec, dim)
-        if names:
-            v = jax.lax.all_gather(v, names, axis=dim, tiled=True)
-    return v
