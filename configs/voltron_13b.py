@@ -51,8 +51,8 @@ PLAIN = {"model.linear": "dense", "model.memory": "none", "model.residual": "pla
 # devices the run has; data and tensor stay 1: at 13B full FSDP gives the smallest per-device footprint.
 # On v5p-128 the MoE trains at the dense batch in one pass. v4-128 (64 megacore chips of 30.75 GiB) holds
 # the 87B MoE at one sequence per chip, with Adam moments and the DWA sums in bf16, so it keeps the dense
-# batch 128 as 2 accumulated microbatches of 64 (fp32 accumulator): a 27.99 GiB heap per chip
-# (docs/results.md, "Gradient accumulation and input prefetch").
+# batch 128 as 2 accumulated microbatches of 64 (fp32 accumulator): a 27.95 GiB heap per chip
+# (docs/results.md, "Expert kernels gathered in bf16").
 V4_MOE = {
     "optim.moments_dtype": "bfloat16",
     "model.denseformer.acc_dtype": "bfloat16",
