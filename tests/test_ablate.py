@@ -56,6 +56,7 @@ def test_emit_prints_one_command_per_run(capsys, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a multi-process end-to-end run: make test-heavy (CI runs it), keeping make test < 15 min
 def test_real_runs_collect_table_csv_plot_and_resume(tmp_path, capsys):
     args = [
         "--config=configs/tiny.py:test",

@@ -145,6 +145,7 @@ def _fresh_venv(tmp_path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a multi-process end-to-end run: make test-heavy (CI runs it), keeping make test < 15 min
 def test_wheel_in_a_fresh_virtualenv_trains_loads_and_generates(tmp_path):
     py = _fresh_venv(tmp_path)
     work = tmp_path / "elsewhere"

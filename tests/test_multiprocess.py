@@ -54,6 +54,7 @@ def _main(workdir, *extra, devices: int):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a multi-process end-to-end run: make test-heavy (CI runs it), keeping make test < 15 min
 def test_two_processes_train_checkpoint_and_restore_into_one(tmp_path):
     port = _free_port()
     multi = tmp_path / "multi"

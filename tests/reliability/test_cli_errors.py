@@ -165,6 +165,7 @@ def test_overrides_parse_like_the_old_flags():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a multi-process end-to-end run: make test-heavy (CI runs it), keeping make test < 15 min
 def test_non_finite_loss_in_a_real_run_is_one_line(tmp_path):
     out = run(
         *MAIN,

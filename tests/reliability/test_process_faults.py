@@ -11,7 +11,7 @@ import pytest
 from tests.reliability._reliability import committed, event_steps, finish, line_with, records, start, wait_for
 from voltron_jax import runlock
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # multi-process end-to-end runs: make test-heavy
 LONG = [  # long enough to be caught mid-run; nothing garbage-collected, so every committed step is checked
     "--config.recipe.stable.steps=60",
     "--config.train.ckpt_every=10",

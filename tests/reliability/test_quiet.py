@@ -18,6 +18,7 @@ def test_tensorflow_start_up_lines_are_not_shown(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a multi-process end-to-end run: make test-heavy (CI runs it), keeping make test < 15 min
 def test_export_bitnet_prints_its_own_lines_only(tmp_path):
     """export_bitnet restores an Orbax checkpoint: 67 lines of Orbax INFO before; none now."""
     w = tmp_path / "run"

@@ -107,6 +107,7 @@ def test_only_phases_with_a_checkpoint_are_compared(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a multi-process end-to-end run: make test-heavy (CI runs it), keeping make test < 15 min
 def test_a_real_run_then_another_shape_then_another_lr(tmp_path):
     args = (
         "-m",
