@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "MESH_AXES", "apply_overrides", "complete", "get_defau
 # Slot choices: the names registered in voltron_jax/registry.py (its tables map them to modules).
 SLOTS = {slot: tuple(table) for slot, table in registry.TABLES.items()}
 SCHEDULES = schedules.NAMES
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "full_save_dispatch", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 STAGES = ("stable", "decay")
 ROUTER_INITS = ("random", "centroid")
@@ -92,6 +92,8 @@ def get_default() -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6
     m.tie_embeddings = False
     m.dtype = "float32"  # compute dtype; params are always fp32
+    # none | full | full_save_dispatch (full, but the grouped MoE/MoA all-to-alls are not redone) | dots
+    # | dots_no_batch
     m.remat = "none"
     m.scan_layers = False
     m.attention_impl = "xla"  # xla | cudnn | auto (splash kernel on TPU, JAX picks elsewhere) | splash

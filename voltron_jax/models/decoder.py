@@ -22,11 +22,18 @@ import jax
 import jax.numpy as jnp
 
 from voltron_jax import registry
+from voltron_jax.models import moe_groups
 from voltron_jax.models.attention import head_dim
 from voltron_jax.models.layers import Embed, RMSNorm, param_with_axes
 
 REMAT_POLICIES = {
     "full": None,
+    # full remat, but the expert-parallel dispatch's all-to-all results are saved: the recomputed forward
+    # repeats none of its all-to-alls (a third of them), for [E,B*C,D] buffers per MoE/MoA projection
+    # (grouped impl only; other models save nothing more than 'full')
+    "full_save_dispatch": jax.checkpoint_policies.save_only_these_names(
+        moe_groups.DISPATCHED, moe_groups.COMBINED
+    ),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }

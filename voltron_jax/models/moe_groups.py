@@ -33,10 +33,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from voltron_jax import sharding
 from voltron_jax.models.dispatch import CAPACITY, Capacity, Plan, capacity, gather_rows, stacked
+
+# Names of the two all-to-all results (dispatch: tokens in the expert layout; combine: expert outputs back
+# in the row layout), for remat policies: 'full_save_dispatch' saves them, so a rematerialised layer's
+# recomputed forward does not repeat its all-to-alls (decoder.REMAT_POLICIES).
+DISPATCHED, COMBINED = "expert_dispatched", "expert_combined"
 
 
 class Grouped(Capacity):
@@ -72,13 +78,14 @@ class Grouped(Capacity):
         # free, GSPMD split E*C over 'expert' in the backward and all-reduced [B/fsdp, T*P, Din] rows
         out = nn.with_logical_constraint(out, ("act_batch", None, None))
         out = out.reshape(b, e, c, -1).transpose(1, 0, 2, 3).reshape(e, b * c, -1)  # [E,B*C,Din]
-        return nn.with_logical_constraint(out, ("act_expert", "act_group", None))
+        out = nn.with_logical_constraint(out, ("act_expert", "act_group", None))
+        return checkpoint_name(out, DISPATCHED)  # the all-to-all's result (remat 'full_save_dispatch')
 
     def combine(self, plan: Plan, y: jax.Array, shared: bool) -> jax.Array:
         """Expert outputs y [E,B*C,Dout] -> [A*P,Dout] per assignment (dropped: zeros)."""
         b, e, c = plan.to_expert.shape[0], plan.n_experts, plan.capacity
         y = y.reshape(e, b, c, -1).transpose(1, 0, 2, 3).reshape(b, e * c, -1)  # [B,E*C,Dout]
-        y = nn.with_logical_constraint(y, ("act_batch", None, None))
+        y = checkpoint_name(nn.with_logical_constraint(y, ("act_batch", None, None)), COMBINED)
         out = jax.vmap(lambda x, fwd, bwd: gather_rows(x, fwd, bwd, 1))(y, plan.to_assign, plan.to_expert)
         return out.reshape(-1, out.shape[-1])  # [A*P,Dout]
 
