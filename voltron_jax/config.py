@@ -20,6 +20,7 @@ import ml_collections
 from voltron_jax import registry, schedules
 from voltron_jax.errors import ConfigError
 from voltron_jax.microbatch import ACC_DTYPES
+from voltron_jax.models import decoder
 from voltron_jax.recipe import parents, phase_order, phase_steps, seed_phase
 from voltron_jax.sharding import MESH_AXES, resolve_mesh
 
@@ -28,7 +29,7 @@ __all__ = ["ConfigError", "MESH_AXES", "apply_overrides", "complete", "get_defau
 # Slot choices: the names registered in voltron_jax/registry.py (its tables map them to modules).
 SLOTS = {slot: tuple(table) for slot, table in registry.TABLES.items()}
 SCHEDULES = schedules.NAMES
-REMAT_POLICIES = ("none", "full", "full_save_dispatch", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", *decoder.REMAT_POLICIES)  # the policies are defined once, in decoder.py
 DTYPES = ("float32", "bfloat16")
 STAGES = ("stable", "decay")
 ROUTER_INITS = ("random", "centroid")
