@@ -22,8 +22,9 @@ _JSON = flags.DEFINE_string("json", "", "Also append the result as one JSON line
 
 
 def measure(config, steps: int) -> dict:
-    from voltron_jax import metrics, testing
+    from voltron_jax import testing
     from voltron_jax.models import decoder
+    from voltron_jax.run import metrics
 
     c = config
     b, t = c.data.batch_size, c.data.seq_len

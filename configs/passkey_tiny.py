@@ -1,6 +1,6 @@
 """Passkey retrieval at small scale with Infini-attention (issue 4; techniques-a.md 2.3, 2.5, 2.7).
 
-Run:  python -m voltron_jax.eval.passkey --config=configs/passkey_tiny.py --out=runs/passkey
+Run:  python -m voltron_jax.experiments.passkey_eval --config=configs/passkey_tiny.py --out=runs/passkey
 Fine-tunes (from scratch, through the one train loop: train.run, checkpoints in runs/passkey/infini/ and
 runs/passkey/local_twin/) a small byte-level model with memory='infini', segment length 64, on passkey
 inputs of 4 segments (256 tokens; loss only on the 5 key digits), then its segment-local twin

@@ -8,7 +8,8 @@ that won a 5-point sweep at this size, 1.5e-3: 2-4x dense's best (3.75e-4 to 7.5
 default 3e-3. Expect a validation loss about 0.31 nats (16%) above dense at its best learning rate: a
 larger gap than the paper's few percent at 700M, as BitNet's gap shrinks with scale (docs/results.md,
 "BitNet b1.58"). Export for inference:
-  python -m voltron_jax.export_bitnet --phase_dir=runs/tiny_bitnet/01_decay --out=runs/tiny_bitnet/packed
+  python -m voltron_jax.inference.export_bitnet --phase_dir=runs/tiny_bitnet/01_decay \
+      --out=runs/tiny_bitnet/packed
 
 Variants: `configs/tiny_bitnet.py:test` (the small test shape of configs/tiny.py).
 """

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from configs import recipe_tiny
-from voltron_jax import checkpoint, train
+from voltron_jax import train
+from voltron_jax.run import checkpoint
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from voltron_jax import checkpoint, sharding, train
 from voltron_jax import config as cfglib
+from voltron_jax import sharding, train
+from voltron_jax.run import checkpoint
 
 
 def _config(**kw):
@@ -285,7 +286,7 @@ def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
 def test_device_memory_reports_the_largest_peak_and_nothing_on_cpu():
     """The loop logs hbm_peak_gib (the figure to hold against aot_compile's heap) on backends that keep
     memory statistics, the largest over the host's devices; CPU keeps none, so nothing is logged."""
-    from voltron_jax import metrics
+    from voltron_jax.run import metrics
 
     class Dev:
         def __init__(self, stats):

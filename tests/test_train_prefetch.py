@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from configs import tiny
-from voltron_jax import checkpoint, train
+from voltron_jax import train
+from voltron_jax.run import checkpoint
 
 
 def _config(prefetch):

@@ -11,7 +11,8 @@ def load(path_or_workdir, step=None, **kwargs):
     """Load a trained checkpoint: a Model with `.config`, `.params`, `.generate(...)`, `.score(...)`.
 
     Accepts a run folder (the last phase with a checkpoint), a phase folder, its ckpt/ folder or a step
-    folder; see voltron_jax/api.py. JAX, Flax and Orbax are imported on the first call, not on import."""
-    from voltron_jax import api
+    folder; see voltron_jax/inference/api.py. JAX, Flax and Orbax are imported on the first call, not on
+    import."""
+    from voltron_jax.inference import api
 
     return api.load(path_or_workdir, step, **kwargs)

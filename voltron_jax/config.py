@@ -108,7 +108,8 @@ def get_default() -> ml_collections.ConfigDict:
         m[slot] = choices[0]
     # BitNet (models/bitlinear.py): weights ternary | binary; norm inside each BitLinear rms | layer | none;
     # warm-in lam ramps 0 -> 1 over warmin_steps global steps from warmin_start (0 steps: off); eps floors
-    # mean|W| and the token absmax; packed: inference params written by voltron_jax/export_bitnet.py.
+    # mean|W| and the token absmax; packed: inference params written by
+    # voltron_jax/inference/export_bitnet.py.
     m.bitlinear = ml_collections.ConfigDict(
         dict(weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False)
     )

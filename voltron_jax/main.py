@@ -49,8 +49,8 @@ def main(argv) -> int:
         raise UsageError(f"--config and --workdir are required. {USAGE}")
     # The config (file, overrides, validation) fails before jax starts or anything is written.
     config = cli.config_from_argv(_CONFIG.value, cli.overrides())
-    from voltron_jax import resume
     from voltron_jax.config import validate
+    from voltron_jax.run import resume
 
     validate(config)
     resume.check(config, resume.workdir_path(_WORKDIR.value))  # train.run checks again (library callers)

@@ -27,12 +27,13 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import checkpoint, losses, metrics, microbatch, optim, report, runlock, schedules, sharding
+from voltron_jax import losses, microbatch, optim, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
 from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
+from voltron_jax.run import checkpoint, metrics, report, runlock
 
 
 class NonFiniteLoss(Diverged):
@@ -88,7 +89,7 @@ def phases(config, workdir: epath.Path) -> list[Phase]:
 
 def write_run_info(config, workdir: epath.Path) -> dict:
     """Resolved config, git commit, package versions and the corpus manifest: to disk and returned."""
-    from voltron_jax import runinfo
+    from voltron_jax.run import runinfo
 
     info = runinfo.collect(config)
     if jax.process_index() == 0:
@@ -618,7 +619,7 @@ def run(
 
 
 def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase: str, member: int) -> dict:
-    from voltron_jax import resume
+    from voltron_jax.run import resume
 
     resume.check(config, root)  # another model/data than the checkpoints: refuse before any write
     info = write_run_info(config, root)

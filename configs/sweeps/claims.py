@@ -1,15 +1,17 @@
 """The verified-claims sweep: every technique against controls that isolate it, each arm at its own lr.
 
 Run (writes docs/claims.md; about 100 runs, ~1.5-2 h on a 2-core host with two runs at once):
-    python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims \
+    python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims \
         --claims_out=docs/claims.md --jobs=2
 Quick machinery check (a few steps of configs/tiny.py:test; proves the pipeline, not the science):
-    python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py:quick --workdir=runs/claims_quick \
+    python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py:quick \
+        --workdir=runs/claims_quick \
         --claims_out=runs/claims_quick/claims.md
 
-Protocol (decision rules: voltron_jax/claims.py). Every arm with `lrs` first trains its first seed at each
-learning rate of a grid meant to bracket its optimum; the remaining seeds then train at the best one, so
-every comparison is arm-at-its-best vs arm-at-its-best, paired by seed. Rows compare perplexity.
+Protocol (decision rules: voltron_jax/experiments/claims.py). Every arm with `lrs` first trains its
+first seed at each learning rate of a grid meant to bracket its optimum; the remaining seeds then
+train at the best one, so every comparison is arm-at-its-best vs arm-at-its-best, paired by seed.
+Rows compare perplexity.
 
 Controls:
   - Infini-attention against its memory-free twin at the same 64-token window (`infini.rule=none`: the
@@ -178,8 +180,8 @@ effect already appears at this scale. Every arm trains at its own best lr, excep
 only the data (ICP vs dedup-random order, and the decay stage on the pretraining mix), which train at the
 dense arm's best lr so that each of those comparisons is at one shared lr. A "better" row holds only when
 the whole 95% t interval of the paired-seed perplexity ratio lies on the paper's side of 1; a
-non-inferiority row holds when the upper end stays below 1 + margin. Rules: voltron_jax/claims.py; arms
-and controls: configs/sweeps/claims.py."""
+non-inferiority row holds when the upper end stays below 1 + margin. Rules:
+voltron_jax/experiments/claims.py; arms and controls: configs/sweeps/claims.py."""
 
 
 def get_sweep(arg: str = ""):
@@ -219,7 +221,7 @@ def get_sweep(arg: str = ""):
         # (models/moe.py), so no MoE number here is affected by dropping, in training or evaluation.
         "cbtx": {"base": "configs/recipe_tiny.py", **DROPLESS},
         "cbtx_dense": {"base": "configs/recipe_tiny.py:continue"},
-        # All three scored on the same rows and suffix positions (voltron_jax/eval/ensemble.py).
+        # All three scored on the same rows and suffix positions (voltron_jax/experiments/ensemble.py).
         "cbtx_scored": {"evaluate": {"of": "cbtx", "mode": "single"}},
         "cbtx_dense_scored": {"evaluate": {"of": "cbtx_dense", "mode": "single"}},
         "cbtm_ensemble": {"evaluate": {"of": "cbtx", "mode": "cbtm_ensemble", "top_k": 2}},

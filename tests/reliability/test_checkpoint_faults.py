@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.reliability import _reliability
-from voltron_jax import checkpoint
+from voltron_jax.run import checkpoint
 
 META = {"config": {"d": 1}}
 

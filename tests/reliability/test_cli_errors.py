@@ -57,20 +57,27 @@ def test_surgery_help_and_errors(tmp_path):
 
 def test_ablate_emit_validates_what_it_prints_and_claims_flag(tmp_path):
     w = f"--workdir={tmp_path}"
-    base = ("-m", "voltron_jax.ablate", "--config=configs/tiny.py", w, "--emit")
+    base = ("-m", "voltron_jax.experiments.ablate", "--config=configs/tiny.py", w, "--emit")
     one_line_error(run(*base, "--sweep", "model.linear=dense,bitlinearr"), "bitlinearr", "'bitlinear'")
     one_line_error(run(*base, "--sweep", "model.linear=dense", "--set", "max_steps=-5"), "max_steps=-5")
     one_line_error(run(*base, "--sweep", "model.d_model=big"), "model.d_model='big'")
     one_line_error(run(*base, "--sweep", "model.linear=dense", "--claims"), "--claims needs a --sweep_file")
     # the docstring's example (with --emit: nothing trains); recipe fields of the sweep file are accepted
-    out = run("-m", "voltron_jax.ablate", "--sweep_file=configs/sweeps/claims.py", w, "--claims", "--emit")
+    out = run(
+        "-m",
+        "voltron_jax.experiments.ablate",
+        "--sweep_file=configs/sweeps/claims.py",
+        w,
+        "--claims",
+        "--emit",
+    )
     assert out.returncode == 0 and not out.stderr, out.stderr
     assert len(out.stdout.splitlines()) >= 5 and "--config.recipe.stable.steps=56" in out.stdout
     assert not list(tmp_path.iterdir())
 
 
 def test_evaluate_on_a_folder_that_is_no_run(tmp_path):
-    out = run("-m", "voltron_jax.evaluate", f"--workdir={tmp_path}")
+    out = run("-m", "voltron_jax.experiments.evaluate", f"--workdir={tmp_path}")
     one_line_error(out, str(tmp_path), "no config.json")
 
 
@@ -116,8 +123,8 @@ def test_the_wrapper_maps_project_errors_to_one_line():
     """NonFiniteLoss, CheckpointError and every VoltronError: `error: <message>`, status 2 (a diverged run:
     DIVERGED_EXIT, so a sweep can tell divergence from failure); others name their type and the --debug
     hint; multi-line messages are joined."""
-    from voltron_jax.checkpoint import CheckpointError
     from voltron_jax.errors import DIVERGED_EXIT
+    from voltron_jax.run.checkpoint import CheckpointError
     from voltron_jax.train import NonFiniteLoss
 
     for e, status in (

@@ -10,8 +10,9 @@ import pytest
 
 from configs import tiny
 from tests.reliability._reliability import committed, small_disk, wait_for
-from voltron_jax import checkpoint, train
+from voltron_jax import train
 from voltron_jax.data import pipeline
+from voltron_jax.run import checkpoint
 
 
 def _config():

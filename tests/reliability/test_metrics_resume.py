@@ -5,7 +5,7 @@ produces them is in test_process_faults.py)."""
 import json
 
 from tests.reliability._reliability import event_steps
-from voltron_jax import metrics
+from voltron_jax.run import metrics
 
 
 def _jsonl(path, rows, torn=""):

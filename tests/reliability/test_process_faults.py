@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.reliability._reliability import committed, event_steps, finish, line_with, records, start, wait_for
-from voltron_jax import runlock
+from voltron_jax.run import runlock
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # multi-process end-to-end runs: make test-heavy
 LONG = [  # long enough to be caught mid-run; nothing garbage-collected, so every committed step is checked

@@ -12,7 +12,7 @@ def test_tensorflow_start_up_lines_are_not_shown(tmp_path):
     """evaluate imports TensorFlow (seqio) before it reads the run: the oneDNN / CUDA / absl::InitializeLog
     lines TF writes from C++ at import were ~6 lines on every command."""
     (tmp_path / "config.json").write_text("{}")
-    out = run("-m", "voltron_jax.evaluate", f"--workdir={tmp_path}", "--batches=0")
+    out = run("-m", "voltron_jax.experiments.evaluate", f"--workdir={tmp_path}", "--batches=0")
     line = one_line_error(out, "--batches=0")
     assert not any(n in line for n in NOISE)
 
@@ -32,13 +32,16 @@ def test_export_bitnet_prints_its_own_lines_only(tmp_path):
     )
     assert train.returncode == 0 and train.stderr == "", train.stderr[-3000:]
     out = run(
-        "-m", "voltron_jax.export_bitnet", f"--phase_dir={w / '01_decay'}", f"--out={tmp_path / 'packed'}"
+        "-m",
+        "voltron_jax.inference.export_bitnet",
+        f"--phase_dir={w / '01_decay'}",
+        f"--out={tmp_path / 'packed'}",
     )
     assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
     assert out.stdout.startswith("linear weights:") and len(out.stdout.splitlines()) == 1
     verbose = run(
         "-m",
-        "voltron_jax.export_bitnet",
+        "voltron_jax.inference.export_bitnet",
         f"--phase_dir={w / '01_decay'}",
         f"--out={tmp_path / 'packed2'}",
         "--verbose",

@@ -11,8 +11,8 @@ from etils import epath
 
 from configs import tiny
 from tests.reliability.common import one_line_error, run, snapshot
-from voltron_jax import resume
 from voltron_jax.errors import ConfigError
+from voltron_jax.run import resume
 
 
 def fake_run(workdir, config, checkpointed=("00_stable",)):

@@ -14,8 +14,8 @@ import pytest
 
 from configs import tiny
 from tests.reliability._reliability import ROOT, env, finish, line_with, start, wait_for
-from voltron_jax import runlock
 from voltron_jax.errors import RunLocked
+from voltron_jax.run import runlock
 
 
 def _holder(workdir) -> subprocess.Popen:

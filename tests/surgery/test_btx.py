@@ -215,7 +215,7 @@ def test_centroid_router_init_uses_per_cluster_mean_router_inputs():
 
 
 def test_sharded_target_and_orbax_round_trip(tmp_path):
-    from voltron_jax import checkpoint
+    from voltron_jax.run import checkpoint
 
     _, moe_cfg, _, _, shapes, merged = _merge_setup()
     moe_cfg = moe_cfg.copy_and_resolve_references()
@@ -240,7 +240,7 @@ def test_sharded_target_and_orbax_round_trip(tmp_path):
 
 
 def test_cli_merge_matches_btx_merge(tmp_path):
-    from voltron_jax import checkpoint
+    from voltron_jax.run import checkpoint
     from voltron_jax.surgery.__main__ import main
 
     dense_cfg, moe_cfg, branches, _, shapes, _ = _merge_setup()

@@ -12,10 +12,11 @@ import pytest
 from test_btx import E, _configs, _init, _merge_setup
 
 from configs import recipe_tiny, tiny
-from voltron_jax import checkpoint, surgery, train
 from voltron_jax import config as cfglib
+from voltron_jax import surgery, train
 from voltron_jax.data import corpus, pipeline, tasks
 from voltron_jax.models import decoder
+from voltron_jax.run import checkpoint
 from voltron_jax.surgery import tree as T
 
 NORMS = {"attn_norm": "attn", "ffn_norm": "ffn"}  # block norm -> the MoA / MoE that reads its output

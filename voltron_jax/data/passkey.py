@@ -12,7 +12,7 @@ Depth d in [0, 1] puts the key sentence after round(d * F) of the F filler bytes
 `seq_len + 1` tokens ending with the key digits; inputs/targets are the usual shifted windows and only
 the 5 answer targets carry loss weight. `data.pipeline.make_train_iterator(config, 'passkey', ...)`
 returns a `PasskeyIterator`, so a recipe phase with mixture='passkey' fine-tunes on it in the one train
-loop; scoring (accuracy by length x depth) is voltron_jax/eval/passkey.py.
+loop; scoring (accuracy by length x depth) is voltron_jax/experiments/passkey_eval.py.
 """
 
 from __future__ import annotations

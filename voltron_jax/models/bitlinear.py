@@ -26,7 +26,7 @@ Implemented (linear slot 'bitlinear'; same call and param name 'kernel' [in, out
   - Packed inference (`packed=True`): params are 2-bit codes 'packed' [ceil(in/4), out] uint8 plus 'scale'
     (beta, multiplied, never divided: the scale convention bug of microsoft/BitNet PR #616); unpacked on
     the fly to int8 and multiplied with `lax.dot_general(..., preferred_element_type=int32)`.
-    voltron_jax/export_bitnet.py converts trained checkpoints.
+    voltron_jax/inference/export_bitnet.py converts trained checkpoints.
 
 Choices and deviations:
   - The block pre-norms stay (FAQ section 3 removes them, pytorch/ao follows): routers (MoE, MoA, MoD) and
@@ -229,7 +229,7 @@ class BitLinear(nn.Module):
     eps: float = 1e-5  # floor of mean|W| and of the per-token absmax
     norm_eps: float = 1e-6
     warmin: tuple[int, int] = (0, 0)  # (start step, ramp steps); ramp 0: quantised from the start
-    packed: bool = False  # inference params from voltron_jax/export_bitnet.py
+    packed: bool = False  # inference params from voltron_jax/inference/export_bitnet.py
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -43,7 +43,7 @@ def _flags() -> flags.FlagValues:
 
 def _params(directory: str, step: int):
     """Host params of a checkpoint folder saved by the train loop (state.params)."""
-    from voltron_jax import checkpoint
+    from voltron_jax.run import checkpoint
 
     with checkpoint.Checkpointer(directory) as ck:
         state, _, _ = ck.restore(step=None if step < 0 else step)
@@ -57,7 +57,8 @@ def _params(directory: str, step: int):
 
 def main(argv: list[str]) -> int:
     """Entry point; argv[0] is the program name, argv[1] the command ('merge' or 'upcycle')."""
-    from voltron_jax import checkpoint, surgery
+    from voltron_jax import surgery
+    from voltron_jax.run import checkpoint
 
     fv = _flags()
     argv, overrides = cli.split_overrides(argv)

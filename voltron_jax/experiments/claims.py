@@ -1,10 +1,10 @@
 """Verified claims: paired-seed perplexity comparisons and the rules that decide whether a paper's claim held.
 
-Used by `voltron_jax.ablate --claims_out`. Every claim compares two arms of a sweep (each arm trained at its
-own best learning rate, see `best_lr`) on the same seeds. For each seed s the paired difference of
-validation losses d_s = loss_variant(s) - loss_baseline(s) (nats) is a log perplexity ratio; the row
-reports the perplexity ratio exp(mean d), its 95% Student-t interval over the paired seeds and the
-per-seed extremes. Loss percentages are never reported: perplexity is what the papers quote.
+Used by `voltron_jax.experiments.ablate --claims_out`. Every claim compares two arms of a sweep (each
+arm trained at its own best learning rate, see `best_lr`) on the same seeds. For each seed s the paired
+difference of validation losses d_s = loss_variant(s) - loss_baseline(s) (nats) is a log perplexity
+ratio; the row reports the perplexity ratio exp(mean d), its 95% Student-t interval over the paired seeds and
+the per-seed extremes. Loss percentages are never reported: perplexity is what the papers quote.
 
 Decision rules (`RULES`):
   - 'better': the paper says the variant lowers perplexity. Held only when the whole interval lies below 1,

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import bench_1b, tiny
-from voltron_jax import checkpoint, export_bitnet
 from voltron_jax import config as cfglib
+from voltron_jax.inference import export_bitnet
 from voltron_jax.models import decoder
+from voltron_jax.run import checkpoint
 
 
 def _bitnet(arg="test", **model):

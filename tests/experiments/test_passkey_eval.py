@@ -8,7 +8,7 @@ import pytest
 
 from configs import passkey_tiny
 from voltron_jax import config as cfglib
-from voltron_jax.eval import passkey as pk
+from voltron_jax.experiments import passkey_eval as pk
 
 
 def _text(ids) -> str:

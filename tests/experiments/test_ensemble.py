@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from voltron_jax.eval import ensemble
+from voltron_jax.experiments import ensemble
 
 
 def test_mix_is_the_prior_weighted_mixture_of_probabilities():

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from voltron_jax import ablate
-from voltron_jax import claims as cl
 from voltron_jax.errors import UsageError
+from voltron_jax.experiments import ablate
+from voltron_jax.experiments import claims as cl
 
 QUICK = "configs/sweeps/claims.py:quick"
 

@@ -1,6 +1,6 @@
 """Sampling and scoring with a trained Decoder: KV-cache decoding, full-recompute fallback, per-token NLL.
 
-Token ids only (voltron_jax/api.py adds the vocabulary). Every prompt starts with EOS, the document
+Token ids only (voltron_jax/inference/api.py adds the vocabulary). Every prompt starts with EOS, the document
 boundary the model saw before each document in training (packing.py), so the first real token is
 conditioned exactly as in training; `score` does the same.
 

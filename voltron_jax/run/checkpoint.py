@@ -116,7 +116,7 @@ class Checkpointer:
                 self._step_dir(s).rmtree()
         if stale:
             if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("voltron_jax.checkpoint.drop_uncommitted")
+                multihost_utils.sync_global_devices("voltron_jax.run.checkpoint.drop_uncommitted")
             self._mgr.reload()
         self._cleaned = True
 
@@ -254,7 +254,7 @@ class Checkpointer:
                 flush=True,
             )
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"voltron_jax.checkpoint.move_aside.{step}")
+            multihost_utils.sync_global_devices(f"voltron_jax.run.checkpoint.move_aside.{step}")
         self._mgr.reload()
 
     def restore(self, step: int | None = None, target=None, fallback: bool = False) -> tuple:

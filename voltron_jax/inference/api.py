@@ -41,7 +41,7 @@ class LoadError(VoltronError, ValueError):
 
 
 def _committed_steps(ckpt: epath.Path) -> list[int]:
-    from voltron_jax.checkpoint import COMMIT_MARKER
+    from voltron_jax.run.checkpoint import COMMIT_MARKER
 
     if not ckpt.is_dir():
         return []
@@ -196,7 +196,7 @@ class Model:
         seed: int = 0,
     ) -> str | list[str]:
         """Continue each prompt; one string in, one string out. temperature=0 is greedy."""
-        from voltron_jax import generate
+        from voltron_jax.inference import generate
 
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
@@ -217,7 +217,7 @@ class Model:
 
     def score(self, texts: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
         """Per-token negative log-likelihood (nats) of each text's tokens, the first conditioned on EOS."""
-        from voltron_jax import generate
+        from voltron_jax.inference import generate
 
         single = isinstance(texts, str)
         items = [texts] if single else list(texts)
@@ -259,7 +259,7 @@ def read_curves(workdir: str) -> dict[str, dict[str, tuple[list[int], list[float
     """{phase label: {tag: (steps, values)}} of a run, from each phase's TensorBoard events (tb/), or from
     its metrics.jsonl when TensorBoard is not installed or wrote nothing. Tags look like 'train/loss',
     'eval/loss'; labels like 'stable', 'branch/3'."""
-    from voltron_jax import report
+    from voltron_jax.run import report
 
     out = {}
     for label, folder in report.phase_dirs(epath.Path(workdir)).items():
@@ -308,8 +308,8 @@ def load(
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from voltron_jax import checkpoint
     from voltron_jax.models import decoder
+    from voltron_jax.run import checkpoint
 
     ckpt, step = find_checkpoint(path_or_workdir, step)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about optional metadata files

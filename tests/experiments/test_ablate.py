@@ -5,8 +5,8 @@ import csv
 import pytest
 
 from configs import tiny
-from voltron_jax import ablate
 from voltron_jax import config as cfglib
+from voltron_jax.experiments import ablate
 
 
 def test_sweep_grid_and_bad_field_names_list_valid_ones():

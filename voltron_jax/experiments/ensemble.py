@@ -12,10 +12,10 @@ the prior is computed from the decoded bytes of the first `prefix` tokens and on
 scored. `mode='single'` scores the run's final model on the same rows and positions, so the MoE, the
 dense continuation and the ensemble are compared on identical tokens.
 
-    python -m voltron_jax.eval.ensemble --workdir=runs/recipe [--mode=cbtm_ensemble|single] \
+    python -m voltron_jax.experiments.ensemble --workdir=runs/recipe [--mode=cbtm_ensemble|single] \
         [--batches=16 --prefix=128 --top_k=2 --temperature=0.1] [--out=dir]
 With --out, the result is written as an eval record to <out>/00_eval/metrics.jsonl, which
-`voltron_jax.ablate` reads like a training run's.
+`voltron_jax.experiments.ablate` reads like a training run's.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def evaluate(
     from etils import epath
 
     from voltron_jax import train
-    from voltron_jax.api import config_from_meta
     from voltron_jax.data import cbtm, pipeline, prepare
     from voltron_jax.data import vocab as vocab_lib
+    from voltron_jax.inference.api import config_from_meta
 
     if mode not in MODES:
         raise EnsembleError(f"--mode={mode!r}: choose one of {MODES}.")

@@ -1,11 +1,13 @@
-"""voltron_jax.evaluate: a finished run's final checkpoint re-evaluated on N fixed validation batches."""
+"""voltron_jax.experiments.evaluate: a finished run's final checkpoint re-evaluated on N fixed validation
+batches."""
 
 import json
 
 import pytest
 
 from configs import tiny
-from voltron_jax import evaluate, train
+from voltron_jax import train
+from voltron_jax.experiments import evaluate
 
 
 def test_reevaluation_reproduces_the_loops_final_validation_loss(tmp_path):

@@ -1,7 +1,7 @@
 """Export a trained BitNet checkpoint to 2-bit packed inference weights; load and run the packed model.
 
-    python -m voltron_jax.export_bitnet --phase_dir=runs/bitnet/01_decay --out=runs/bitnet/packed
-    python -m voltron_jax.export_bitnet --config=configs/bench_1b.py:bitlinear     # bytes only
+    python -m voltron_jax.inference.export_bitnet --phase_dir=runs/bitnet/01_decay --out=runs/bitnet/packed
+    python -m voltron_jax.inference.export_bitnet --config=configs/bench_1b.py:bitlinear     # bytes only
 
 The packed model is the same Decoder built with `model.bitlinear.packed=True`: every BitLinear holds
 'packed' (ternary codes, 4 per byte, voltron_jax/models/bitlinear.py:pack_ternary) and 'scale' (beta =
@@ -115,7 +115,7 @@ def restore_phase(phase_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
     """(params, config) of the latest checkpoint in a phase folder written by the train loop."""
     from etils import epath
 
-    from voltron_jax import checkpoint
+    from voltron_jax.run import checkpoint
 
     ck = checkpoint.Checkpointer(epath.Path(phase_dir) / "ckpt")
     step = ck.latest_step()
@@ -187,8 +187,8 @@ def cli() -> None:
             print(_format(linear_weight_bytes(cli.config_from_argv(config.value, cli.overrides()))))
         else:
             sys.exit(
-                "usage: python -m voltron_jax.export_bitnet --phase_dir=runs/x/01_decay --out=OUT\n"
-                "   or: python -m voltron_jax.export_bitnet --config=configs/bench_1b.py:bitlinear"
+                "usage: python -m voltron_jax.inference.export_bitnet --phase_dir=runs/x/01_decay --out=OUT\n"
+                "   or: python -m voltron_jax.inference.export_bitnet --config=configs/bench_1b.py:bitlinear"
             )
 
     cli.run(main, doc=__doc__)

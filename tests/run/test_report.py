@@ -1,6 +1,6 @@
 """The end-of-run report's per-cluster table."""
 
-from voltron_jax import report
+from voltron_jax.run import report
 
 
 def test_cluster_table_marks_unmeasured_clusters_and_says_why():

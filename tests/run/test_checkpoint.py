@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from voltron_jax import checkpoint, sharding
+from voltron_jax import sharding
+from voltron_jax.run import checkpoint
 
 DATA = {"epoch": 1, "offset": 12345}
 META = {

@@ -1,6 +1,7 @@
 """Re-evaluate finished runs: the final checkpoint of each run's last phase on N validation batches.
 
-    python -m voltron_jax.evaluate --workdir=runs/a --workdir=runs/b [--batches=32] [--json=out.jsonl]
+    python -m voltron_jax.experiments.evaluate --workdir=runs/a --workdir=runs/b [--batches=32] \
+        [--json=out.jsonl]
 
 The loop evaluates on `train.eval_batches` batches, which is cheap but noisy and depends on the code
 version that ran; comparing runs (seeds, learning rates, techniques) on one larger fixed validation set
@@ -31,8 +32,8 @@ class EvalError(VoltronError, ValueError):
 def evaluate_run(workdir: str, n_batches: int) -> dict:
     """{'workdir', 'phase', 'step', 'loss', 'perplexity', 'tokens'} of the run's last phase."""
     from voltron_jax import train
-    from voltron_jax.api import config_from_meta
     from voltron_jax.data import pipeline
+    from voltron_jax.inference.api import config_from_meta
 
     root = epath.Path(workdir)
     if not (root / "config.json").exists():
@@ -56,7 +57,10 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
 def main(argv) -> None:
     del argv  # logging is at WARNING (Orbax logs every restore at INFO) unless --verbose: voltron_jax.cli
     if not _WORKDIRS.value:
-        sys.exit("usage: python -m voltron_jax.evaluate --workdir=runs/a [--workdir=...] [--batches=32]")
+        sys.exit(
+            "usage: python -m voltron_jax.experiments.evaluate --workdir=runs/a [--workdir=...] "
+            "[--batches=32]"
+        )
     from voltron_jax import cli
 
     for w in _WORKDIRS.value:  # a wrong folder fails before TensorFlow and jax start

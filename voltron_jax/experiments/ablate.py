@@ -1,8 +1,9 @@
 """Ablations: sweep config fields, run (or emit) every variant x seed, collect one comparable table.
 
-    python -m voltron_jax.ablate --config=configs/tiny.py --sweep model.linear=dense,bitlinear \
+    python -m voltron_jax.experiments.ablate --config=configs/tiny.py --sweep model.linear=dense,bitlinear \
         --sweep model.routing=none,mod --seeds 3 --workdir=runs/abl [--emit] [--set max_steps=50]
-    python -m voltron_jax.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims [--claims]
+    python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py \
+        --workdir=runs/claims [--claims]
         [--claims_out=docs/claims.md]
 
 Sweeps are a grid (every combination of the `--sweep` lists) or listed variants from a sweep file
@@ -33,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from voltron_jax import claims as claims_lib
-from voltron_jax import cli, report
+from voltron_jax import cli
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.errors import DIVERGED_EXIT, ConfigError, UsageError, VoltronError
+from voltron_jax.experiments import claims as claims_lib
+from voltron_jax.run import report
 
 
 @dataclass
@@ -161,13 +163,13 @@ def check_variants(base: str, variants: list[Variant], fixed: dict) -> None:
 
 
 def command(base: str, variant: Variant, seed: int, fixed: dict, workdir: Path) -> list[str]:
-    if variant.evaluate:  # re-score a finished run of another arm (voltron_jax/eval/ensemble.py)
+    if variant.evaluate:  # re-score a finished run of another arm (voltron_jax/experiments/ensemble.py)
         source = workdir.parent.parent / variant.evaluate["source"] / f"seed_{seed}"
         flags = [f"--{k}={v}" for k, v in variant.evaluate.items() if k not in ("of", "source")]
         return [
             sys.executable,
             "-m",
-            "voltron_jax.eval.ensemble",
+            "voltron_jax.experiments.ensemble",
             f"--workdir={source}",
             f"--out={workdir}",
             *flags,
@@ -532,8 +534,8 @@ def provenance() -> str:
 
 def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", notes: str = "") -> str:
     """Markdown: one row per claim with the arms (each at its own lr), the rule, the paired-seed perplexity
-    comparison and the verdict (voltron_jax/claims.py); then the sweep's notes, the lr sweep and every
-    arm's numbers."""
+    comparison and the verdict (voltron_jax/experiments/claims.py); then the sweep's notes, the lr sweep
+    and every arm's numbers."""
     by = {r["arm"]: r for r in rows}
     out = [
         "| technique | paper's claim | arms (lr) | rule | our measurement | verdict |",
@@ -631,7 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     write_outputs(rows, base, finals, fixed, root)
     print(markdown(rows))
     if claims and claims_out:
-        cmd = "python -m voltron_jax.ablate " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+        cmd = "python -m voltron_jax.experiments.ablate " + " ".join(
+            shlex.quote(x) for x in (argv or sys.argv[1:])
+        )
         text = claims_section(rows, claims, cmd, lr_table(variants, root), notes)
         Path(claims_out).write_text(text + "\n")
         print(f"[ablate] verified claims written to {claims_out}")

@@ -11,8 +11,10 @@ import pytest
 
 import voltron_jax
 from configs import tiny
-from voltron_jax import api, checkpoint, generate, train
+from voltron_jax import train
+from voltron_jax.inference import api, generate
 from voltron_jax.models import decoder
+from voltron_jax.run import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ module scores a model on it (Infini-attention, arXiv 2404.07143 §4.2, docs/spec
 Accuracy is teacher-forced: argmax at each answer position given the true prefix (a digit is right if the
 argmax is the right byte; a key is right if all 5 are).
 
-    python -m voltron_jax.eval.passkey --config=configs/passkey_tiny.py --out=runs/passkey
+    python -m voltron_jax.experiments.passkey_eval --config=configs/passkey_tiny.py --out=runs/passkey
 
 trains the configured model (its recipe: a phase with mixture='passkey') through the one train loop
 (`train.run`: checkpoints, resume, metrics in <out>/<label>/), then its segment-local twin
@@ -86,7 +86,9 @@ def train_and_evaluate(
     import jax
     from etils import epath
 
-    from voltron_jax import api, recipe, report, train
+    from voltron_jax import recipe, train
+    from voltron_jax.inference import api
+    from voltron_jax.run import report
 
     t0 = time.time()
     train.run(config, workdir)

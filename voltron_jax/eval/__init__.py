@@ -1,1 +1,0 @@
-"""Evaluations beyond validation loss: passkey retrieval (passkey.py)."""
