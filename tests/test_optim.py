@@ -23,7 +23,7 @@ SPEC = {
             "layer_0": {
                 "attn": {
                     "q": {"kernel": ((L, D, D), ("layers", "embed", "heads"))},
-                    "memory": {"beta": ((L, H), ("layers", "heads"))},
+                    "core": {"beta": ((L, H), ("layers", "heads"))},
                 },
                 "attn_norm": {"scale": ((L, D), ("layers", "norm"))},
                 "ffn": {
@@ -35,7 +35,7 @@ SPEC = {
             }
         }
     },
-    "dwa": {"alpha_0": ((L + 1,), ("dwa",))},
+    "dwa_weights": {"alpha": ((L + 1,), ("dwa",))},
     "mod": {"predictor": {"kernel": ((D, 1), ("embed", None)), "bias": ((1,), (None,))}},
 }
 SNAPSHOT = {
@@ -45,7 +45,7 @@ SNAPSHOT = {
     "stack": {
         "blocks": {
             "layer_0": {
-                "attn": {"q": {"kernel": "matrix"}, "memory": {"beta": "gate"}},
+                "attn": {"q": {"kernel": "matrix"}, "core": {"beta": "gate"}},
                 "attn_norm": {"scale": "norm"},
                 "ffn": {
                     "gate": {"kernel": "matrix"},
@@ -56,7 +56,7 @@ SNAPSHOT = {
             }
         }
     },
-    "dwa": {"alpha_0": "alpha"},
+    "dwa_weights": {"alpha": "alpha"},
     "mod": {"predictor": {"kernel": "router", "bias": "vector"}},
 }
 
@@ -75,7 +75,10 @@ def make_params(boxed=False, seed=0):
 
 
 def config(**optim_kw):
+    """tiny:test selecting every technique whose params SPEC holds (their slot classes declare the rules
+    that group those params)."""
     c = tiny.get_config("test")
+    c.model.update(dict(memory="infini", ffn="moe", residual="denseformer", routing="mod"))
     c.schedule.name, c.schedule.warmup = "constant", 0
     c.optim.grad_clip, c.optim.weight_decay = 0.0, 0.0
     for k, v in optim_kw.items():
@@ -88,6 +91,23 @@ def test_param_labels_snapshot_plain_and_boxed():
     assert optim.param_labels(make_params(boxed=True)) == SNAPSHOT
     abstract = jax.eval_shape(lambda: make_params(boxed=True))
     assert optim.param_labels(abstract) == SNAPSHOT
+
+
+def test_slot_rules_apply_only_where_the_slot_declares_them():
+    """A leaf named 'beta' is the Infini gate only inside the core of a model that selects infini (the
+    rule is InfiniCore's PARAM_GROUPS); elsewhere it is a plain vector, so no other module's 'beta' gets
+    the gate's learning rate by its name alone."""
+    tree = {"attn": {"core": {"beta": jnp.zeros((H,))}}, "ffn": {"beta": jnp.zeros((D,))}}
+    c = tiny.get_config("test")
+    assert optim.param_labels(tree, c.model) == {
+        "attn": {"core": {"beta": "vector"}},
+        "ffn": {"beta": "vector"},
+    }
+    c.model.memory = "infini"
+    assert optim.param_labels(tree, c.model) == {
+        "attn": {"core": {"beta": "gate"}},
+        "ffn": {"beta": "vector"},
+    }
 
 
 def test_scanned_axis_is_not_a_matrix_dimension():

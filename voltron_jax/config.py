@@ -26,8 +26,6 @@ from voltron_jax.sharding import MESH_AXES, resolve_mesh
 
 __all__ = ["ConfigError", "MESH_AXES", "apply_overrides", "complete", "get_default", "load", "phase"]
 
-# Slot choices: the names registered in voltron_jax/registry.py (its tables map them to modules).
-SLOTS = {slot: tuple(table) for slot, table in registry.TABLES.items()}
 SCHEDULES = schedules.NAMES
 REMAT_POLICIES = ("none", *decoder.REMAT_POLICIES)  # the policies are defined once, in decoder.py
 DTYPES = ("float32", "bfloat16")
@@ -103,48 +101,13 @@ def get_default() -> ml_collections.ConfigDict:
     m.scale_depth = 0.0  # > 0: residual branches scaled by scale_depth / sqrt(n_layers)
     m.dim_model_base = 0  # > 0: logits divided by d_model / dim_model_base; init and lr width-scaled
     m.init_std = 0.02  # 2-D weights ~ N(0, (init_std / sqrt(width factor))^2)
-    # Technique slots (docs/design.md); each slot's hyperparameters live in the sub-dict named after it.
-    for slot, choices in SLOTS.items():
-        m[slot] = choices[0]
-    # BitNet (models/bitlinear.py): weights ternary | binary; norm inside each BitLinear rms | layer | none;
-    # warm-in lam ramps 0 -> 1 over warmin_steps global steps from warmin_start (0 steps: off); eps floors
-    # mean|W| and the token absmax; packed: inference params written by
-    # voltron_jax/inference/export_bitnet.py.
-    m.bitlinear = ml_collections.ConfigDict(
-        dict(weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False)
-    )
-    # Infini-attention (models/infini_attention.py): rule linear | delta | none (segment-local twin, no
-    # memory); gate_init = beta at init (0 from scratch, about -5 for continual training); first_segment
-    # skip (memory term off while empty) | eps (divide by sigma(q) z + eps).
-    m.infini = ml_collections.ConfigDict(
-        dict(segment_len=64, rule="linear", gate_init=0.0, first_segment="skip")
-    )
-    # DenseFormer DWA after every `period`-th block over outputs j = i (mod dilation); the paper's 1x1 / 4x5.
-    # acc_dtype: the scanned DWA's pending sums [L/period, B, T, D] (float32 | bfloat16; denseformer.py)
-    m.denseformer = ml_collections.ConfigDict(dict(dilation=1, period=1, acc_dtype="float32"))
-    # Mixture-of-Depths on layers i % every == every - 1: top int(capacity * T) tokens per sequence;
-    # router_weight sigmoid | logit; causal aux_loss | predictor (MLP of predictor_hidden units);
-    # route_by topk (training) | causal (predictor / router sign, as at decode); dispatch gather | onehot.
-    m.mod = ml_collections.ConfigDict(
-        dict(
-            capacity=0.125,
-            every=2,
-            router_weight="sigmoid",
-            causal="predictor",
-            route_by="topk",
-            dispatch="gather",
-            predictor_hidden=64,
-        )
-    )
-    # MoE FFN / MoA (models/moe.py, moa.py): impl capacity (gather dispatch, overflow dropped; the GPU path)
-    # | dropless (sort + ragged_dot; the TPU path) | dense (all experts on all tokens; reference).
-    # capacity_factor >= n_experts / top_k never drops. The router is fp32, N(0, router_init_std^2).
-    m.moe = ml_collections.ConfigDict(
-        dict(n_experts=8, top_k=2, impl="capacity", capacity_factor=1.25, router_init_std=0.02)
-    )
-    m.moa = ml_collections.ConfigDict(
-        dict(n_experts=8, top_k=2, impl="capacity", capacity_factor=2.0, router_init_std=0.02)
-    )
+    # Technique slots (docs/design.md). Each slot class declares its hyperparameters' sub-dict and their
+    # defaults next to its code (registry.Declared: model.bitlinear, .infini, .denseformer, .mod, .moe,
+    # .moa, and any class registered later).
+    for slot in registry.TABLES:
+        m[slot] = registry.choices(slot)[0]
+    for key, defaults in registry.config_defaults().items():
+        m[key] = ml_collections.ConfigDict(defaults)
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
@@ -222,11 +185,8 @@ def get_default() -> ml_collections.ConfigDict:
     s.total = 0  # cosine length; 0: total steps of the recipe
 
     # ---------------------------------------------------------------- aux losses (summed by train.py)
-    c.aux_weights = ml_collections.ConfigDict(
-        dict(
-            z_loss=1e-4, mod_router=0.01, mod_predictor=1.0, moe_lb=0.01, moe_z=1e-3, moa_lb=0.01, moa_z=1e-3
-        )
-    )
+    # z_loss: the logit z-loss of the LM head; the rest: each slot class's sown losses (registry.Declared).
+    c.aux_weights = ml_collections.ConfigDict(dict(z_loss=1e-4, **registry.aux_loss_defaults()))
 
     # ---------------------------------------------------------------- mesh
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
@@ -465,8 +425,8 @@ def complete(stored: Mapping) -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_collections.ConfigDict:
     """Reject configs that cannot run, before any compile. Returns the config for chaining."""
     m = c.model
-    for slot, choices in SLOTS.items():
-        _choice(f"model.{slot}", m[slot], choices)
+    for slot in registry.TABLES:  # the names registered in voltron_jax/registry.py
+        _choice(f"model.{slot}", m[slot], registry.choices(slot))
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "auto", "splash"))

@@ -10,12 +10,13 @@ by surgery) and a carried one (keep_optimizer) both see the global step; the lr 
 resuming or branching never recompiles. Decay is decoupled AdamW (PyTorch/optax convention: scaled by
 the group's lr).
 
-Parameter groups (`param_labels`, first matching rule wins; names are the path components):
-    gate       leaf named 'beta' (Infini-attention gate)    lr optim.gate_lr (x schedule), no decay
-    router     under a name containing 'router' or 'predictor', logically >= 2-D   lr / w, no decay
+Parameter groups (`param_labels`, first matching rule wins; names are the path components). First the
+rules the selected slot classes declare (registry.Declared.param_groups: a run of path components ->
+group), then the generic ones:
+    gate       Infini-attention's gate ('core/beta')       lr optim.gate_lr (x schedule), no decay
+    router     MoE/MoA 'router', MoD 'router' and 'predictor', logically >= 2-D   lr / w, no decay
                (1-D router vectors and biases there: 'vector')
-    alpha      under a name starting 'dwa', or leaf starting 'alpha' (DenseFormer)   lr, decay iff
-               optim.decay_alpha
+    alpha      DenseFormer's 'dwa_weights'                  lr, decay iff optim.decay_alpha
     embedding  leaf named 'embedding'                       lr (/ w iff optim.mup_embed_lr), decay iff
                optim.decay_embed
     norm       leaf named 'scale', or under a name containing 'norm'   lr, no decay
@@ -28,8 +29,8 @@ Parameter groups (`param_labels`, first matching rule wins; names are the path c
   - Embedding decay: off by default (BitNet FAQ, techniques-a.md 1.5; OLMo 2). The untied LM head is
     a matmul kernel: decayed and width-scaled like every other matrix.
   - Routers and the MoD predictor ride the (width-scaled) global lr without decay; the Infini gate beta
-    gets its own lr with no decay (techniques-a.md 2.5); the MLP's 'gate' projection is a plain kernel
-    because only a leaf named 'beta' is a gate.
+    gets its own lr with no decay (techniques-a.md 2.5); the MLP's 'gate' projection is a plain kernel,
+    and a leaf named 'beta' is a gate only inside the Infini core of a model that selects it.
 "Logically 2-D" ignores a leading scanned layers axis: for a boxed param (nn.Partitioned) the axis
 named 'layers' is dropped; for a plain array under a path component 'blocks' (the scanned stack of
 models/decoder.py run_stack) the leading axis is dropped. Params may be boxed or plain: both give the
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from voltron_jax import recipe, schedules
+from voltron_jax import recipe, registry, schedules
 from voltron_jax.errors import ConfigError
 from voltron_jax.models.decoder import width_factor
 
@@ -76,15 +77,18 @@ def logical_ndim(names: tuple[str, ...], leaf) -> int:
     return len(value.shape) - (1 if SCANNED_NAME in names else 0)
 
 
-def label(names: tuple[str, ...], ndim: int) -> str:
-    """The group of the param at path `names` with logical rank `ndim` (rules in the module docstring)."""
+def _contains(names: tuple[str, ...], run: tuple[str, ...]) -> bool:
+    return any(names[i : i + len(run)] == run for i in range(len(names) - len(run) + 1))
+
+
+def label(names: tuple[str, ...], ndim: int, slot_rules=()) -> str:
+    """The group of the param at path `names` with logical rank `ndim`: the first slot rule whose path
+    components occur in `names` (a 'router' of logical rank < 2 is a 'vector'), else the generic rules
+    (module docstring)."""
+    for run, group in slot_rules:
+        if _contains(names, tuple(run)):
+            return "vector" if group == "router" and ndim < 2 else group
     leaf = names[-1]
-    if leaf == "beta":
-        return "gate"
-    if any("router" in n or "predictor" in n for n in names):
-        return "router" if ndim >= 2 else "vector"
-    if any(n.startswith("dwa") for n in names) or leaf.startswith("alpha"):
-        return "alpha"
     if leaf == "embedding":
         return "embedding"
     if leaf == "scale" or any("norm" in n for n in names):
@@ -92,19 +96,21 @@ def label(names: tuple[str, ...], ndim: int) -> str:
     return "matrix" if ndim >= 2 else "vector"
 
 
-def _labels_by_path(params) -> dict[tuple[str, ...], str]:
+def _labels_by_path(params, model_cfg=None) -> dict[tuple[str, ...], str]:
+    slot_rules = registry.param_group_rules(model_cfg)
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
     out = {}
     for path, leaf in flat:
         names = path_names(path)
-        out[names] = label(names, logical_ndim(names, leaf))
+        out[names] = label(names, logical_ndim(names, leaf), slot_rules)
     return out
 
 
-def param_labels(params) -> Any:
-    """A tree like the (unboxed) params with each leaf replaced by its group name."""
+def param_labels(params, model_cfg=None) -> Any:
+    """A tree like the (unboxed) params with each leaf replaced by its group name. `model_cfg`: the slot
+    rules of the classes it selects (None: of every registered class)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)
-    by_path = _labels_by_path(params)
+    by_path = _labels_by_path(params, model_cfg)
     return jax.tree_util.tree_unflatten(treedef, [by_path[path_names(p)] for p, _ in flat])
 
 
@@ -183,7 +189,7 @@ def make_optimizer(config, params, phase_name: str) -> optax.GradientTransformat
             f"b1={o.b1}, b2={o.b2}, eps={o.eps}, grad_clip={o.grad_clip}."
         )
     settings = group_settings(config)
-    rules = {path: settings[g] for path, g in _labels_by_path(params).items()}
+    rules = {path: settings[g] for path, g in _labels_by_path(params, config.model).items()}
     start = recipe.phase_start(config.recipe, phase_name, config.max_steps)
     lr_fn, wd_fn = schedules.lr_schedule(config, phase_name), schedules.wd_schedule(config)
     tail = scale_by_groups(lr_fn, wd_fn, rules, start)

@@ -13,6 +13,12 @@ full (tests/test_registry.py inspects the signatures); the hooks every slot clas
 Module slots (linear, attention, memory, ffn, residual) are Flax modules: the protocol's annotated
 fields are the ones decoder.build_model passes (the rest come from `from_config`), and `__call__` is
 the signature their caller uses. Routing is a plain class: it wraps the block factory per layer.
+
+A slot class is also the one place that declares what its technique adds to the rest of the library
+(class attributes, all optional; `declared(cls)` reads them with their defaults, `Declared` documents
+each). config.get_default, run/resume.py, run/report.py, optim.py and sharding.py read them through the
+functions at the end of this file, never by technique name; docs/design.md has the checklist for adding
+a technique and tests/test_registry.py registers a toy slot from the test file and trains it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 # --------------------------------------------------------------------------------------------- protocols
@@ -177,11 +183,12 @@ PROTOCOLS = {
     "residual": ResidualSlot,
     "routing": RoutingSlot,
 }
+# Declarations are read in this order (reports list the MoE's drop rate before the MoA's).
 TABLES = {
     "linear": LINEAR,
+    "ffn": FFN,
     "attention": ATTENTION,
     "memory": MEMORY,
-    "ffn": FFN,
     "residual": RESIDUAL,
     "routing": ROUTING,
 }
@@ -192,13 +199,38 @@ def get(slot: str, name: str):
     table = TABLES[slot]
     if name not in table:
         raise KeyError(f"model.{slot}={name!r} is unknown; choose one of {sorted(table)}.")
-    module, attr = table[name].split(":")
+    entry = table[name]
+    if not isinstance(entry, str):  # a class registered directly (register())
+        return entry
+    module, attr = entry.split(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise NotImplementedError(
-            f"model.{slot}={name!r} is registered but {table[name]} cannot be loaded ({e})."
+            f"model.{slot}={name!r} is registered but {entry} cannot be loaded ({e})."
         ) from e
+
+
+def register(slot: str, name: str, entry) -> None:
+    """Add choice `name` to `slot`: a class, or "module:attribute" loaded on first use. Raises ValueError
+    for an unknown slot, a taken name, or a class that does not implement the slot's protocol."""
+    if slot not in TABLES:
+        raise ValueError(f"unknown slot {slot!r}; slots are {sorted(TABLES)}.")
+    if name in TABLES[slot]:
+        raise ValueError(f"model.{slot}={name!r} is registered already ({TABLES[slot][name]}).")
+    if not isinstance(entry, str) and (errors := conformance_errors(slot, entry)):
+        raise ValueError(f"{entry.__name__} does not implement the {slot} slot: {'; '.join(errors)}.")
+    TABLES[slot][name] = entry
+
+
+def unregister(slot: str, name: str) -> None:
+    """Remove a choice added by `register` (tests)."""
+    del TABLES[slot][name]
+
+
+def choices(slot: str) -> tuple[str, ...]:
+    """The registered names of `slot`, the default (the first) first."""
+    return tuple(TABLES[slot])
 
 
 def selected(model_cfg) -> dict:
@@ -263,3 +295,105 @@ def conformance_errors(slot: str, cls) -> list[str]:
                 f"{name}{inspect.signature(_func(want))}"
             )
     return errors
+
+
+# --------------------------------------------------------------------------------------------- declarations
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """What a slot class adds to the library beyond its module, read from its class attributes of the
+    same names in capitals (`CONFIG_KEY`, `DEFAULTS`, ...); every attribute is optional.
+
+    config_key: the `config.model` sub-dict holding its hyperparameters ('' for none).
+    defaults: that sub-dict's fields and default values (config.get_default builds it from them).
+    aux_losses: {name: default weight} of each loss it sows into the 'aux_loss' collection
+        (config.aux_weights; train.py refuses a sown loss without a weight).
+    runtime_fields: fields of its sub-dict that only change how it executes (dispatch impl, capacity),
+        so they may change when a run resumes (run/resume.py guards every other model field).
+    metrics: {sown 'stats' name: display name} of rates the reports average (run/report.py; today the
+        MoE/MoA drop rates).
+    param_groups: ((path names, group), ...): a param whose path contains `path names` as consecutive
+        components joins optimizer group `group` (optim.GROUPS); checked before the generic rules, and
+        only for the slot classes the model config selects.
+    sharding_rules: ((logical axis, mesh axes or None), ...) its modules use beyond sharding.BASE_RULES;
+        appended to the table in registry order (identical rules of several slots count once).
+    """
+
+    config_key: str = ""
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    aux_losses: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    runtime_fields: tuple[str, ...] = ()
+    metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    param_groups: tuple[tuple[tuple[str, ...], str], ...] = ()
+    sharding_rules: tuple[tuple[str, Any], ...] = ()
+
+
+def declared(cls) -> Declared:
+    """The declarations of slot class `cls` (its class attributes; defaults where it has none)."""
+    return Declared(
+        **{
+            f.name: getattr(cls, f.name.upper())
+            for f in dataclasses.fields(Declared)
+            if hasattr(cls, f.name.upper())
+        }
+    )
+
+
+def all_declared() -> list[Declared]:
+    """Declarations of every registered class, in table order (each class once)."""
+    seen, out = set(), []
+    for slot, table in TABLES.items():
+        for name in table:
+            cls = get(slot, name)
+            if cls not in seen:
+                seen.add(cls)
+                out.append(declared(cls))
+    return out
+
+
+def config_defaults() -> dict[str, dict]:
+    """{model sub-dict name: its default fields} over every registered class. Two classes may share a
+    sub-dict only with the same defaults."""
+    out: dict[str, dict] = {}
+    for d in all_declared():
+        if not d.config_key:
+            continue
+        if d.config_key in out and out[d.config_key] != dict(d.defaults):
+            raise ValueError(f"two slot classes declare model.{d.config_key} with different defaults.")
+        out[d.config_key] = dict(d.defaults)
+    return out
+
+
+def aux_loss_defaults() -> dict[str, float]:
+    """{aux loss name: default weight} of every registered class."""
+    return {k: v for d in all_declared() for k, v in d.aux_losses.items()}
+
+
+def runtime_fields() -> frozenset[str]:
+    """Dotted `model.<sub-dict>.<field>` names that may change on resume, over every registered class."""
+    return frozenset(f"model.{d.config_key}.{f}" for d in all_declared() for f in d.runtime_fields)
+
+
+def metrics() -> dict[str, str]:
+    """{sown 'stats' name: display name} over every registered class."""
+    return {k: v for d in all_declared() for k, v in d.metrics.items()}
+
+
+def param_group_rules(model_cfg=None) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """The param-group rules of the classes `model_cfg` selects (every registered class when None)."""
+    classes = selected(model_cfg).values() if model_cfg is not None else None
+    decls = [declared(c) for c in classes] if classes is not None else all_declared()
+    return tuple(rule for d in decls for rule in d.param_groups)
+
+
+def sharding_rules() -> tuple[tuple[str, Any], ...]:
+    """Every registered class's logical-axis rules, in registry order, each distinct rule once. A
+    logical name may map to only one mesh placement."""
+    out: dict[str, Any] = {}
+    for d in all_declared():
+        for name, axes in d.sharding_rules:
+            if name in out and out[name] != axes:
+                raise ValueError(f"slot classes map logical axis {name!r} to both {out[name]} and {axes}.")
+            out[name] = axes
+    return tuple(out.items())

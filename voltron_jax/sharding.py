@@ -17,18 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from voltron_jax import registry
 from voltron_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 
-# logical name -> mesh axis (or axes, or None = replicated). Params first, then activations.
+# logical name -> mesh axis (or axes, or None = replicated). Params first, then activations. These are the
+# backbone's names; each slot class declares the names only it uses (registry.Declared.sharding_rules:
+# 'router', 'gate', 'dwa', the MoE/MoA dispatch's 'act_expert', 'act_capacity', 'act_group'), which
+# `rules()` appends. 'expert' (expert-stacked weights) stays here: it must precede 'embed'.
 # flax applies the rules in order, each to the first dim of that name whose mesh axes are still free: an
 # expert weight's 'expert' dim takes the expert axis first, so its 'embed' dim falls through to fsdp alone,
 # while weights without an expert dim (embeddings, the K/V every MoA expert shares, norms, the MoD
 # predictor) shard 'embed' over fsdp x expert: over every device, not 1/expert of them (MaxText does the
 # same). With expert=1 the spec is plain 'fsdp' (fit_spec drops size-1 axes from multi-axis entries).
-RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+BASE_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("expert", "expert"),
     ("vocab", "tensor"),
@@ -38,9 +42,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("norm", None),
-    ("router", None),
-    ("dwa", None),
-    ("gate", None),
     ("act_batch", BATCH_AXES),
     ("act_seq", None),
     ("act_embed", None),
@@ -48,10 +49,12 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_vocab", "tensor"),
-    ("act_expert", "expert"),
-    ("act_capacity", None),
-    ("act_group", ("data", "fsdp", "tensor")),  # rows of the grouped MoE layout [E, B*C] (moe_groups.py)
 )
+
+
+def rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """The one logical-axis rules table: BASE_RULES, then every registered slot class's own rules."""
+    return BASE_RULES + registry.sharding_rules()
 
 
 def resolve_mesh(mesh, n_devices: int) -> dict[str, int]:
@@ -97,13 +100,13 @@ def context(mesh: Mesh):
     legacy `with mesh:` no longer sets one, so activation constraints need this (tests/test_sharding.py
     checks they reach the lowered program). The abstract mesh only: eager arrays made inside stay where
     they were (a concrete `jax.set_mesh` would place them on the mesh, impossible for an AOT topology)."""
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules()):
         yield
 
 
 def logical_to_spec(axes) -> PartitionSpec:
     """PartitionSpec for a tuple of logical axis names under RULES."""
-    return nn.logical_to_mesh_axes(axes, RULES)
+    return nn.logical_to_mesh_axes(axes, rules())
 
 
 def param_specs(boxed_tree):
@@ -155,7 +158,7 @@ def tree_specs(mesh, boxed_tree):
     and mesh axes that do not divide a dim are dropped for that dim (see fit_spec)."""
     return jax.tree.map(
         lambda s, a: fit_spec(s, a.shape, mesh),
-        nn.logical_to_mesh(param_specs(boxed_tree), RULES),
+        nn.logical_to_mesh(param_specs(boxed_tree), rules()),
         unboxed(boxed_tree),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )

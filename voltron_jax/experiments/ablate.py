@@ -412,7 +412,7 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 **{
                     f"drop_rate_{kind}_{name.lower()}": drop_rate(trained, kind).get(name, math.nan)
                     for kind in ("train", "eval")
-                    for name in report.DROP_METRICS.values()
+                    for name in report.drop_metrics().values()
                 },
             }
         )
@@ -446,7 +446,7 @@ def drops(row: dict) -> str:
     for kind in ("train", "eval"):
         rates = {
             name: x
-            for name in report.DROP_METRICS.values()
+            for name in report.drop_metrics().values()
             if not math.isnan(x := row.get(f"drop_rate_{kind}_{name.lower()}", math.nan))
         }
         parts.append(f"{kind} {report.format_drop_rates(rates)}")

@@ -220,6 +220,12 @@ def packed_apply(x: jax.Array, packed: jax.Array, scale: jax.Array, eps: float =
 class BitLinear(nn.Module):
     """Linear slot 'bitlinear': norm -> 8-bit activations x ternary/binary weights (see module doc)."""
 
+    # config.model.bitlinear: weights ternary | binary; norm inside each BitLinear rms | layer | none;
+    # warm-in lam ramps 0 -> 1 over warmin_steps global steps from warmin_start (0 steps: off); eps floors
+    # mean|W| and the token absmax; packed: inference params written by inference/export_bitnet.py.
+    CONFIG_KEY = "bitlinear"
+    DEFAULTS = dict(weights="ternary", norm="rms", warmin_steps=0, warmin_start=0, eps=1e-5, packed=False)
+
     features: int
     kernel_axes: tuple[str, str] = ("embed", "mlp")
     init_std: float = 0.02

@@ -208,6 +208,14 @@ def push_table(n_layers: int, size: int, dilation: int, period: int) -> np.ndarr
 class DenseFormerResidual(nn.Module):
     """Residual slot 'denseformer': returns Y_L (then the Decoder's final norm and head)."""
 
+    # config.model.denseformer: DWA after every `period`-th block over outputs j = i (mod dilation); the
+    # paper's 1x1 / 4x5. acc_dtype: the scanned DWA's pending sums [L/period, B, T, D] (float32 | bfloat16).
+    # The DWA weights are their own optimizer group 'alpha' (decayed iff optim.decay_alpha).
+    CONFIG_KEY = "denseformer"
+    DEFAULTS = dict(dilation=1, period=1, acc_dtype="float32")
+    PARAM_GROUPS = ((("dwa_weights",), "alpha"),)
+    SHARDING_RULES = (("dwa", None),)
+
     layers: tuple
     period: int = 1  # super-block size: lcm(dwa_period, routing period)
     scan: bool = False

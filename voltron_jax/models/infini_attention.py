@@ -140,6 +140,14 @@ class InfiniCore(nn.Module):
     """Memory slot 'infini': (q [B,T,H,K], k, v [B,T,G,K] pre-RoPE, positions, segment_ids, valid) ->
     [B,T,H,K]. With decode=True it streams: any number of tokens per call, state in 'cache'."""
 
+    # config.model.infini: rule linear | delta | none (segment-local twin, no memory); gate_init = beta at
+    # init (0 from scratch, about -5 for continual training); first_segment skip (memory term off while
+    # empty) | eps (divide by sigma(q) z + eps). The gate beta has its own lr (optim.gate_lr), no decay.
+    CONFIG_KEY = "infini"
+    DEFAULTS = dict(segment_len=64, rule="linear", gate_init=0.0, first_segment="skip")
+    PARAM_GROUPS = ((("core", "beta"), "gate"),)
+    SHARDING_RULES = (("gate", None),)
+
     rope_theta: float = 10000.0
     impl: str = "xla"
     decode: bool = False

@@ -56,6 +56,16 @@ def from_core_heads(o: jax.Array, top_k: int, n_kv_heads: int) -> jax.Array:
 class MixtureOfAttention(nn.Module):
     """x [B,T,D] -> [B,T,D]: shared K/V, top-k of E query/output experts per token."""
 
+    # config.model.moa: as config.model.moe (the same dispatch implementations and router), for the
+    # query/output experts (capacity_factor 2.0 by default).
+    CONFIG_KEY = "moa"
+    DEFAULTS = dict(n_experts=8, top_k=2, impl="capacity", capacity_factor=2.0, router_init_std=0.02)
+    AUX_LOSSES = dict(moa_lb=0.01, moa_z=1e-3)
+    RUNTIME_FIELDS = ("impl", "capacity_factor")
+    METRICS = dict(moa_drop_rate="MoA")
+    PARAM_GROUPS = ((("router",), "router"),)
+    SHARDING_RULES = moe.MoE.SHARDING_RULES
+
     n_heads: int  # query heads per expert
     n_kv_heads: int
     head_dim: int

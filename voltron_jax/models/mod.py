@@ -146,6 +146,24 @@ class Predictor(nn.Module):
 class MoDRouting(nn.Module):
     """A routed layer: (x [B,T,D], positions, segment_ids, valid) -> x_new [B,T,D]. Also the slot API."""
 
+    # config.model.mod: layers i % every == every - 1 route the top int(capacity * T) tokens per sequence;
+    # router_weight sigmoid | logit; causal aux_loss | predictor (MLP of predictor_hidden units); route_by
+    # topk (training) | causal (predictor / router sign, as at decode); dispatch gather | onehot. The
+    # router and predictor ride the width-scaled lr without decay (optimizer group 'router').
+    CONFIG_KEY = "mod"
+    DEFAULTS = dict(
+        capacity=0.125,
+        every=2,
+        router_weight="sigmoid",
+        causal="predictor",
+        route_by="topk",
+        dispatch="gather",
+        predictor_hidden=64,
+    )
+    AUX_LOSSES = dict(mod_router=0.01, mod_predictor=1.0)
+    PARAM_GROUPS = ((("router",), "router"), (("predictor",), "router"))
+    SHARDING_RULES = (("router", None),)
+
     make_block: Any  # registry.BlockFactory: make_block(**core_overrides) -> callable(name=...) -> Block
     capacity: float = 0.125
     router_weight: str = "sigmoid"

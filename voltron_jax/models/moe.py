@@ -141,6 +141,23 @@ def weighted_sum(gates: jax.Array, y: jax.Array) -> jax.Array:
 class MoE(nn.Module):
     """x [B,T,D] -> [B,T,D]: top-k of E SwiGLU experts (each d_ff wide) per token."""
 
+    # config.model.moe: impl capacity (gather dispatch, overflow dropped; the GPU path) | dropless (sort +
+    # ragged_dot; the TPU path) | dense (all experts on all tokens; reference) | grouped (moe_groups.py).
+    # capacity_factor >= n_experts / top_k never drops. The router is fp32, N(0, router_init_std^2).
+    # impl and capacity_factor only change execution, so they may change on resume.
+    CONFIG_KEY = "moe"
+    DEFAULTS = dict(n_experts=8, top_k=2, impl="capacity", capacity_factor=1.25, router_init_std=0.02)
+    AUX_LOSSES = dict(moe_lb=0.01, moe_z=1e-3)
+    RUNTIME_FIELDS = ("impl", "capacity_factor")
+    METRICS = dict(moe_drop_rate="MoE")
+    PARAM_GROUPS = ((("router",), "router"),)
+    SHARDING_RULES = (
+        ("router", None),
+        ("act_expert", "expert"),
+        ("act_capacity", None),
+        ("act_group", ("data", "fsdp", "tensor")),  # rows of the grouped layout [E, B*C] (moe_groups.py)
+    )
+
     d_ff: int
     linear: Any = Dense  # callable(features, kernel_axes, name=...) -> module (the linear slot)
     n_experts: int = 8

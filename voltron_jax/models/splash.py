@@ -111,7 +111,7 @@ def _local(q, k, v, seg, interpret: bool):
 def _spec(mesh, logical: tuple, shape: tuple) -> PartitionSpec:
     from voltron_jax import sharding
 
-    return sharding.fit_spec(nn.logical_to_mesh_axes(logical, sharding.RULES), shape, mesh)
+    return sharding.fit_spec(nn.logical_to_mesh_axes(logical, sharding.rules()), shape, mesh)
 
 
 def causal_attention(q, k, v, segment_ids=None, valid=None, interpret: bool | None = None) -> jax.Array:

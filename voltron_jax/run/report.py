@@ -6,6 +6,8 @@ import json
 
 from etils import epath
 
+from voltron_jax import registry
+
 
 def read_metrics(phase_dir: epath.Path) -> list[dict]:
     f = phase_dir / "metrics.jsonl"
@@ -52,15 +54,17 @@ def cluster_table(results: dict[str, dict], n_clusters: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The sown drop-rate metrics (models/moe.py, models/moa.py) and the names they are shown under.
-DROP_METRICS = {"moe_drop_rate": "MoE", "moa_drop_rate": "MoA"}
+def drop_metrics() -> dict[str, str]:
+    """{sown drop-rate metric: the name it is shown under}, as the slot classes declare them
+    (registry.Declared.metrics: models/moe.py, models/moa.py)."""
+    return registry.metrics()
 
 
 def mean_drop_rates(records: list[dict]) -> dict[str, float]:
     """{'MoE': x, 'MoA': y}: each layer kind's drop rate averaged over `records`, only the kinds present.
     Whole-set values only: the per-cluster evaluations' `cluster_i/..._drop_rate` are left out."""
     out = {}
-    for key, name in DROP_METRICS.items():
+    for key, name in drop_metrics().items():
         xs = [r[key] for r in records if key in r]
         if xs:
             out[name] = sum(xs) / len(xs)
@@ -99,7 +103,7 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
             f"{last.get('tokens_per_s', float('nan')):,.0f} |"
         )
     if any(x != "-" for x in drops.values()):  # an MoE phase: its drop rate stands beside its numbers
-        head += " MoE/MoA drop rate |"
+        head += f" {'/'.join(drop_metrics().values())} drop rate |"
         rows = [f"{row} {drop} |" for row, drop in zip(rows, drops.values(), strict=True)]
     rows = [head, "| --- " * (head.count("|") - 1) + "|", *rows]
     text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results, n_clusters)

@@ -7,9 +7,9 @@ already hold a checkpoint are compared: a phase that never saved may change free
 
 What may NOT change for a phase with a checkpoint (it changes parameter shapes or the data stream that
 the saved iterator state points into):
-  - every `model.*` field except the execution knobs in `MODEL_RUNTIME` (dtype, remat, attention_impl,
-    MoE/MoA impl and capacity_factor): sizes, slots and their hyperparameters, scan_layers (the tree
-    layout), vocab_size, init and scaling;
+  - every `model.*` field except the execution knobs (`runtime_fields()`: dtype, remat, attention_impl,
+    and each slot class's declared RUNTIME_FIELDS, e.g. MoE/MoA impl and capacity_factor): sizes, slots
+    and their hyperparameters, scan_layers (the tree layout), vocab_size, init and scaling;
   - every `data.*` field except the folders in `DATA_PATHS` (corpus, vocab, seq_len, batch_size,
     mixtures, ordering, clusters, prepare settings);
   - `seed` (the data order of every phase follows it);
@@ -30,19 +30,10 @@ from etils import epath
 
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
+from voltron_jax import registry
 from voltron_jax.errors import ConfigError
 
-MODEL_RUNTIME = frozenset(
-    {
-        "model.dtype",
-        "model.remat",
-        "model.attention_impl",
-        "model.moe.impl",
-        "model.moe.capacity_factor",
-        "model.moa.impl",
-        "model.moa.capacity_factor",
-    }
-)
+MODEL_RUNTIME = frozenset({"model.dtype", "model.remat", "model.attention_impl"})  # the backbone's knobs
 DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir"})
 RECIPE_FIELDS = ("mixture", "fan_out", "init.from_", "init.surgery")
 STEP_DIR = re.compile(r"^\d+$")
@@ -54,12 +45,17 @@ def workdir_path(workdir: str) -> epath.Path:
     return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
+def runtime_fields() -> frozenset[str]:
+    """Model fields that only change execution: the backbone's and those each slot class declares."""
+    return MODEL_RUNTIME | registry.runtime_fields()
+
+
 def guarded(key: str) -> bool:
     """True for a dotted field that must not change on resume (module docstring)."""
     if key == "seed":
         return True
     if key.startswith("model."):
-        return key not in MODEL_RUNTIME
+        return key not in runtime_fields()
     return key.startswith("data.") and key not in DATA_PATHS
 
 
