@@ -460,7 +460,7 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     if d.seq_len <= 1 or d.batch_size <= 0:
         _fail("data.seq_len must be > 1 and data.batch_size > 0.")
 
-    if c.train.get("loss_chunk", 0) < 0:
+    if c.train.loss_chunk < 0:
         _fail(f"train.loss_chunk={c.train.loss_chunk} must be >= 0 (vocabulary columns per tile; 0: off).")
 
     _choice("schedule.name", c.schedule.name, SCHEDULES)

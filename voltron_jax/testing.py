@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
+
+from voltron_jax import sharding, train
 
 
 def synthetic_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
@@ -33,7 +36,6 @@ def synthetic_batch(config, seed: int = 0, batch_size: int | None = None) -> dic
 def runtime(config, steps: int = 10**6, seed: int = 0):
     """(Runtime, scratch TrainState, global synthetic batch) for a one-phase run of `config` on all
     devices (the mesh from `config.mesh`)."""
-    from voltron_jax import sharding, train
 
     rt = train.Runtime(train.Phase("stable", None, config, None, 0, steps))
     return rt, rt.scratch(), sharding.host_batch_to_global(rt.mesh, synthetic_batch(config, seed))
@@ -42,7 +44,6 @@ def runtime(config, steps: int = 10**6, seed: int = 0):
 def timed_steps(rt, state, batch, steps: int, warmup: int = 2):
     """Run `warmup` untimed then `steps` timed train steps; returns (state, [seconds per step], the last
     step's metrics)."""
-    import jax
 
     m = None
     for _ in range(warmup):

@@ -170,7 +170,7 @@ def make_train_step(
             step_variables(params, state_tree, step),
             model_inputs(batch, doc_mask),
             batch,
-            config.train.get("loss_chunk", 0),
+            config.train.loss_chunk,
             mutable=["aux_loss", "intermediates", "stats"],
         )
         aux_total, aux = sum_aux_losses(cols.get("aux_loss", {}), config.aux_weights)
@@ -241,7 +241,7 @@ def make_eval_step(model: nn.Module, config, state_tree=None):
             variables,
             model_inputs(batch, doc_mask),
             batch,
-            config.train.get("loss_chunk", 0),
+            config.train.loss_chunk,
             mutable=["stats"],
         )
         n = jnp.sum(batch["weights"])

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from voltron_jax.models import splash
 from voltron_jax.models.layers import Dense, rope
 
 Dtype = Any
@@ -48,7 +49,6 @@ def causal_attention(q, k, v, segment_ids=None, valid=None, impl: str = "xla") -
     """Causal attention over whole rows, the one entry of every core's training-time attention:
     q [B,T,H,K], k/v [B,T,G,K]; segment_ids [B,T] keep documents apart; invalid keys are never seen.
     On TPU ('auto') or with impl='splash' it runs the Pallas splash kernel (models/splash.py)."""
-    from voltron_jax.models import splash
 
     if splash.selected(impl, q.shape[1]):
         return splash.causal_attention(q, k, v, segment_ids, valid)

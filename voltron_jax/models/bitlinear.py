@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from voltron_jax import sharding
+from voltron_jax.errors import ConfigError
 from voltron_jax.models.layers import RMSNorm, param_with_axes
 
 Dtype = Any
@@ -305,7 +306,6 @@ class BitLinear(nn.Module):
     @staticmethod
     def validate(config) -> None:
         """Reject unknown quantiser / norm names and impossible warm-in or eps values."""
-        from voltron_jax.errors import ConfigError
 
         b = config.model.bitlinear
         if b.weights not in WEIGHTS:

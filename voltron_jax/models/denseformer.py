@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from voltron_jax import registry
+from voltron_jax.errors import ConfigError
 from voltron_jax.models.decoder import REMAT_POLICIES, SCANNED_COLLECTIONS
 
 # ----------------------------------------------------------------------------------- layout of alpha
@@ -282,7 +283,6 @@ class DenseFormerResidual(nn.Module):
     @staticmethod
     def validate(config) -> None:
         """Reject DWA layouts this implementation cannot serve."""
-        from voltron_jax.errors import ConfigError
 
         m, df = config.model, config.model.denseformer
         if df.acc_dtype not in ("float32", "bfloat16"):

@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from voltron_jax.errors import ConfigError
 from voltron_jax.models.attention import causal_attention, head_dim
 from voltron_jax.models.layers import param_with_axes, rope
 
@@ -257,7 +258,6 @@ class InfiniCore(nn.Module):
     @staticmethod
     def validate(config) -> None:
         """Reject infini configs that cannot run (raised before any compile)."""
-        from voltron_jax.errors import ConfigError
 
         i, n = config.model.infini, config.model.infini.segment_len
         if i.rule not in RULES:

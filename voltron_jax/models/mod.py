@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from voltron_jax import registry
+from voltron_jax.errors import ConfigError
 from voltron_jax.models import dispatch
 from voltron_jax.models.layers import param_with_axes
 
@@ -286,7 +287,6 @@ class MoDRouting(nn.Module):
 
     @staticmethod
     def validate(config) -> None:
-        from voltron_jax.errors import ConfigError
 
         m, mod = config.model, config.model.mod
         for name, value, choices in (

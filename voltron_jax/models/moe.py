@@ -41,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from voltron_jax import registry
+from voltron_jax.errors import ConfigError
 from voltron_jax.models import dispatch as dispatch_lib
 from voltron_jax.models import moe_groups
 from voltron_jax.models.dispatch import Plan
@@ -208,7 +210,6 @@ class MoE(nn.Module):
 
 def check_routing(config, name: str) -> None:
     """Shared checks of config.model.moe / config.model.moa (raises ConfigError)."""
-    from voltron_jax.errors import ConfigError
 
     c = config.model[name]
     where = f"model.{name}"
@@ -227,8 +228,6 @@ def check_routing(config, name: str) -> None:
     if mesh_e > 1 and c.n_experts % mesh_e:
         raise ConfigError(f"{where}.n_experts={c.n_experts} is not divisible by mesh.expert={mesh_e}.")
     if c.impl == "dropless" and config.model.linear != "dense":
-        from voltron_jax import registry
-
         cls = registry.get("linear", config.model.linear)
         if not hasattr(cls, "ragged_dot"):
             raise ConfigError(

@@ -27,7 +27,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src import mesh as mesh_lib  # the legacy `with mesh:` context has no public getter
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+
+from voltron_jax import sharding
 
 BLOCK = 128  # kernel tile (TPU lane width): T must be a multiple of it
 
@@ -37,7 +42,6 @@ def current_mesh() -> Mesh | AbstractMesh | None:
     abstract = jax.sharding.get_abstract_mesh()
     if not abstract.empty:
         return abstract
-    from jax._src import mesh as mesh_lib  # the legacy `with mesh:` context has no public getter
 
     mesh = mesh_lib.thread_resources.env.physical_mesh
     return None if mesh.empty else mesh
@@ -72,8 +76,6 @@ def selected(impl: str, seq_len: int) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _kernel(t: int, heads: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     block = max(b for b in (512, 256, BLOCK) if t % b == 0)
     sizes = sk.BlockSizes(
@@ -93,7 +95,6 @@ def _kernel(t: int, heads: int, interpret: bool):
 
 def _local(q, k, v, seg, interpret: bool):
     """Per-device rows: q [b,T,H,K], k/v [b,T,G,K], seg [b,T] int32 or None -> [b,T,H,K]."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     t, h, kd = q.shape[1], q.shape[2], q.shape[3]
     kernel = _kernel(t, h, interpret)
@@ -109,7 +110,6 @@ def _local(q, k, v, seg, interpret: bool):
 
 
 def _spec(mesh, logical: tuple, shape: tuple) -> PartitionSpec:
-    from voltron_jax import sharding
 
     return sharding.fit_spec(nn.logical_to_mesh_axes(logical, sharding.rules()), shape, mesh)
 

@@ -42,6 +42,7 @@ import uuid
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from voltron_jax.errors import RunLocked
 
@@ -244,8 +245,6 @@ class RunLock:
         """Take the lock (process 0) or learn that process 0 took it; raise RunLocked otherwise."""
         refusal = self._try_acquire() if jax.process_index() == 0 else ""
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             ok = multihost_utils.broadcast_one_to_all(np.int32(refusal == ""))
             if not ok and not refusal:
                 refusal = f"workdir {self.workdir} is in use by another run (see process 0's message)."

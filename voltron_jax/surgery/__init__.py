@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from voltron_jax.models import decoder
 from voltron_jax.surgery import tree as T
 from voltron_jax.surgery.btx import (  # noqa: F401  (the public API)
     SurgeryError,
@@ -35,7 +36,6 @@ SURGERIES = ("btx_merge", "upcycle")
 
 def target_shapes(config) -> dict:
     """Boxed abstract params (logical axis names kept) of the model `config.model` describes."""
-    from voltron_jax.models import decoder
 
     model = decoder.build_model(config.model)
     dummy = jnp.zeros((1, config.data.seq_len), jnp.int32)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from voltron_jax import cli
+from voltron_jax import cli, surgery
 from voltron_jax.errors import UsageError
+from voltron_jax.run import checkpoint
 
 USAGE = (
     "usage: python -m voltron_jax.surgery {merge,upcycle} --branches=... --config=... --out=... (see --help)"
@@ -43,7 +44,6 @@ def _flags() -> flags.FlagValues:
 
 def _params(directory: str, step: int):
     """Host params of a checkpoint folder saved by the train loop (state.params)."""
-    from voltron_jax.run import checkpoint
 
     with checkpoint.Checkpointer(directory) as ck:
         state, _, _ = ck.restore(step=None if step < 0 else step)
@@ -57,8 +57,6 @@ def _params(directory: str, step: int):
 
 def main(argv: list[str]) -> int:
     """Entry point; argv[0] is the program name, argv[1] the command ('merge' or 'upcycle')."""
-    from voltron_jax import surgery
-    from voltron_jax.run import checkpoint
 
     fv = _flags()
     argv, overrides = cli.split_overrides(argv)
