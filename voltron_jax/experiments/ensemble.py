@@ -27,6 +27,7 @@ import numpy as np
 
 from voltron_jax import cli
 from voltron_jax.errors import VoltronError
+from voltron_jax.run import workdir as workdir_lib
 
 MODES = ("cbtm_ensemble", "single")
 
@@ -90,11 +91,11 @@ def evaluate(
     if mode not in MODES:
         raise EnsembleError(f"--mode={mode!r}: choose one of {MODES}.")
     root = epath.Path(workdir)
-    if not (root / "config.json").exists():
+    if not workdir_lib.config_file(root).exists():
         raise EnsembleError(
             f"{workdir}: no config.json; pass the workdir of a run started by voltron_jax.main."
         )
-    config = config_from_meta(json.loads((root / "config.json").read_text()))
+    config = config_from_meta(json.loads(workdir_lib.config_file(root).read_text()))
     if not 0 < prefix < config.data.seq_len:
         raise EnsembleError(f"--prefix={prefix} must lie in (0, data.seq_len={config.data.seq_len}).")
     if train.needs_prepare(config):
@@ -119,7 +120,7 @@ def evaluate(
     if mode == "single":
         total = sum(float(-(lp * m).sum()) for lp, m in zip(logps[0], masks, strict=True))
     else:
-        clusterer = cbtm.ClusterModel.load(str(root / "data"))
+        clusterer = cbtm.ClusterModel.load(str(workdir_lib.data_dir(root)))
         if clusterer.n_clusters != len(models):
             raise EnsembleError(f"{clusterer.n_clusters} clusters but {len(models)} branches in {workdir}.")
         vocab = vocab_lib.make_vocab(config.data, str(root))

@@ -11,7 +11,9 @@ the saved iterator state points into):
     MoE/MoA impl and capacity_factor): sizes, slots and their hyperparameters, scan_layers (the tree
     layout), vocab_size, init and scaling;
   - every `data.*` field except the folders in `DATA_PATHS` (corpus, vocab, seq_len, batch_size,
-    mixtures, ordering, clusters, prepare settings);
+    ordering, clusters, prepare settings) and the mixtures the phase did not read (only its own training
+    mixture and the validation mixture 'pretrain' are guarded: a typo in a later phase's mixture can be
+    fixed without stranding the finished phases);
   - `seed` (the data order of every phase follows it);
   - the phase's place in the recipe (its folder `NN_name`) and its `mixture`, `fan_out`, `init.from_`,
     `init.surgery`; a phase's `overrides` count through the fields above.
@@ -23,7 +25,6 @@ eval, checkpoint cadence), `mesh.*` (checkpoints restore onto another mesh), `ma
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from etils import epath
@@ -31,6 +32,7 @@ from etils import epath
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.errors import ConfigError
+from voltron_jax.run import workdir as workdir_lib
 
 MODEL_RUNTIME = frozenset(
     {
@@ -49,11 +51,6 @@ STEP_DIR = re.compile(r"^\d+$")
 MAX_LISTED = 6
 
 
-def workdir_path(workdir: str) -> epath.Path:
-    """The workdir as train.check_workdir names it: absolute local path or bucket URL (not created)."""
-    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-
-
 def guarded(key: str) -> bool:
     """True for a dotted field that must not change on resume (module docstring)."""
     if key == "seed":
@@ -65,7 +62,7 @@ def guarded(key: str) -> bool:
 
 def stored_config(workdir: epath.Path):
     """The workdir's saved run config (config.json, completed with today's defaults), or None."""
-    path = workdir / "config.json"
+    path = workdir_lib.config_file(workdir)
     if not path.exists():
         return None
     try:
@@ -79,8 +76,8 @@ def stored_config(workdir: epath.Path):
 
 def has_checkpoint(phase_dir: epath.Path) -> bool:
     """A phase folder (or any fan-out member under it) holds at least one saved step."""
-    for ckpt in [phase_dir / "ckpt", *(m / "ckpt" for m in _children(phase_dir))]:
-        if any(STEP_DIR.match(p.name) for p in _children(ckpt)):
+    for d in [phase_dir, *workdir_lib.member_dirs(phase_dir)]:
+        if any(STEP_DIR.match(p.name) for p in _children(workdir_lib.ckpt_dir(d))):
             return True
     return False
 
@@ -91,7 +88,7 @@ def _children(path: epath.Path) -> list[epath.Path]:
 
 def folders(config) -> dict[str, str]:
     """{phase folder name (as train.phases names it): phase name}."""
-    return {f"{i:02d}_{name}": name for i, name in enumerate(recipe_lib.phase_order(config.recipe))}
+    return workdir_lib.phase_folders(recipe_lib.phase_order(config.recipe))
 
 
 def differences(old, new, workdir: epath.Path) -> list[str]:
@@ -110,7 +107,10 @@ def differences(old, new, workdir: epath.Path) -> list[str]:
         ]
         po = config_lib.flatten(config_lib.phase_config(old, name).to_dict())
         pn = config_lib.flatten(config_lib.phase_config(new, name).to_dict())
+        used = {f"data.mixtures.{old.recipe[name].mixture}", "data.mixtures.pretrain"}  # train, eval
         for key in sorted(set(po) | set(pn)):
+            if key.startswith("data.mixtures.") and key not in used:
+                continue  # a mixture this checkpointed phase never read (a later phase's) may change
             if guarded(key) and po.get(key) != pn.get(key):
                 out.append(f"{key}: {po.get(key, '<absent>')!r} -> {pn.get(key, '<absent>')!r}")
     return list(dict.fromkeys(out))  # a global field differs in every phase: list it once
