@@ -144,7 +144,6 @@ def test_a_phase_refuses_unfinished_or_changed_parents(tmp_path):
         train.check_parents(c2, phases2, phases2[1])
 
 
-@pytest.mark.heavy
 def test_only_phase_on_a_phase_whose_parent_is_unfinished_refuses(tmp_path):
     c = _config(**{"train.async_save": False})
     _commit(wd.ckpt_dir(_stable(c, tmp_path).directory), 4)

@@ -263,7 +263,7 @@ def test_load_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
 
 def test_branches_without_a_command_refuses_before_renting_anything():
     with pytest.raises(tpu.LaunchError, match="needs the training command"):
-        tpu.plan(["branches", "--name=x", "--zone=z", "--members=0-2", "--create", "--type=v4-8"])
+        tpu.plan(["branches", "--name=x", "--zone=z", "--members=0-2"])
 
 
 @pytest.mark.parametrize("poll", ["0", "-1"])
