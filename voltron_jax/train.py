@@ -791,6 +791,7 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
 
     resume.check(config, root)  # another model/data than the checkpoints: refuse before any write
     info = runinfo.collect(config)
+    resume.check_corpus(root, info["corpus_manifest"])  # the documents the checkpoints read: unchanged
     if needs_prepare(config):
         from voltron_jax.data import prepare
 

@@ -225,3 +225,54 @@ def test_sigterm_to_ablate_stops_and_reaps_its_training_child(tmp_path):
         alive = False
     assert not alive
     assert not (tmp_path / "sweep" / "base" / "seed_0" / "done.json").exists()
+
+
+# ------------------------------------------------------------------ 10: a corpus changed between runs
+
+
+def test_a_corpus_that_changed_since_the_checkpoints_is_refused_on_resume(tmp_path):
+    from voltron_jax.data import pipeline
+
+    c = _config()
+    root = epath.Path(tmp_path)
+    manifest = pipeline.corpus_manifest(c)
+    old = json.loads(json.dumps(manifest))
+    old["stdlib"]["files"][0]["sha256"] = "0" * 64  # a file edited since
+    old["stdlib"]["files"].append({"path": "gone.py", "sha256": "1" * 64, "bytes": 1, "split": "train"})
+    wd.write_json(wd.run_info_file(root), {"corpus_manifest": old})
+    resume.check_corpus(root, manifest)  # no checkpoint yet: nothing to protect
+    _commit(wd.ckpt_dir(root / "00_stable"), 2)
+    first = manifest["stdlib"]["files"][0]["path"]
+    with pytest.raises(
+        ConfigError, match=f"corpus changed.*{first}: changed.*gone.py: removed.*new --workdir"
+    ):
+        resume.check_corpus(root, manifest)
+    wd.write_json(wd.run_info_file(root), {"corpus_manifest": manifest})
+    resume.check_corpus(root, manifest)  # the same corpus resumes
+
+
+# ------------------------------------------------------------------ 4: the real command, end to end
+
+
+@pytest.mark.heavy
+def test_a_diverging_run_with_async_saves_exits_with_one_line(tmp_path):
+    """Before: 544 lines (Orbax 'cannot schedule new futures after interpreter shutdown') and the save
+    in flight dropped. After: exit 3, one line, every committed step good, no tmp folder left."""
+    from tests.reliability.common import one_line_error, run
+
+    out = run(
+        "-m",
+        "voltron_jax.main",
+        "--config=configs/tiny.py:test",
+        f"--workdir={tmp_path}",
+        "--only_phase=stable",
+        "--config.optim.lr=1e30",
+        "--config.train.ckpt_every=1",
+        "--config.train.log_every=1",
+        "--config.train.eval_batches=1",
+        "--config.train.async_save=true",
+    )
+    one_line_error(out, "diverged", "step 1", status=3)
+    folder = tmp_path / "00_stable" / "ckpt"
+    assert checkpoint.Checkpointer(folder).all_steps() == [1]
+    assert not [p for p in folder.iterdir() if "tmp" in p.name]

@@ -133,3 +133,46 @@ def check(config, workdir: epath.Path) -> None:
         "parameter shapes or the data, so the run cannot resume. Use a new --workdir, or set them back "
         "(optim, schedule, train, mesh, max_steps and phase steps may change on resume)."
     )
+
+
+def corpus_changes(old: dict, new: dict) -> list[str]:
+    """'<path>: changed|added|removed' for every embedded-corpus file that differs between two corpus
+    manifests (data/corpus.py: manifest); [] when the old run read no embedded file."""
+    if old.get("corpus") != "stdlib" and not any(
+        "stdlib" in str(v) for v in old.get("mixtures", {}).values()
+    ):
+        return []
+
+    def files(m: dict) -> dict[str, str]:
+        return {f["path"]: f["sha256"] for f in m.get("stdlib", {}).get("files", [])}
+
+    o, n = files(old), files(new)
+    return (
+        [f"{p}: changed" for p in sorted(o.keys() & n.keys()) if o[p] != n[p]]
+        + [f"{p}: added" for p in sorted(n.keys() - o.keys())]
+        + [f"{p}: removed" for p in sorted(o.keys() - n.keys())]
+    )
+
+
+def check_corpus(workdir: epath.Path, manifest: dict) -> None:
+    """Raise ConfigError (one line) when the corpus the workdir's checkpoints were trained on (its
+    run_info.json manifest) differs from today's `manifest`: a resumed data iterator would read other
+    documents. Reads only."""
+    f = workdir_lib.run_info_file(workdir)
+    if not f.exists() or not any(has_checkpoint(d) for d in workdir.iterdir() if workdir_lib.is_phase_dir(d)):
+        return
+    try:
+        old = json.loads(f.read_text()).get("corpus_manifest", {})
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"{f} is not readable JSON ({e}); restore it from a checkpoint's meta (run_info is stored "
+            "in every checkpoint) or start a new --workdir."
+        ) from e
+    changes = corpus_changes(old, manifest)
+    if changes:
+        listed = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise ConfigError(
+            f"the corpus changed since the checkpoints in {workdir} were written ({listed}): resuming would "
+            f"train on other documents. Use a new --workdir, or resume with the corpus that wrote them "
+            f"(Python {old.get('python', '?')}'s standard library, root {old.get('stdlib', {}).get('root')})."
+        )
