@@ -428,9 +428,22 @@ def check_parents(config, all_phases: list[Phase], phase: Phase) -> None:
     """Refuse (one line) to resume a phase whose parents changed since it was built from them (their
     steps or max_steps were raised, or they were retrained) or are unfinished now: its checkpoints
     continue a state the recipe no longer describes."""
+    if not recipe_lib.parents(config.recipe[phase.name]):
+        return  # a phase from scratch
+    move = (
+        f"move {phase.directory} aside (e.g. rename it to {phase.directory.name}.stale) and rerun to "
+        "rebuild it from its parents; or set the parents' steps and max_steps back."
+    )
+    with contextlib.closing(checkpoint.Checkpointer(workdir_lib.ckpt_dir(phase.directory))) as ck:
+        latest = ck.latest_step()
+    if latest is not None and latest < phase.start:  # also for phases built before parents.json existed
+        raise ConfigError(
+            f"phase {phase.label}'s newest checkpoint (global step {latest}) lies before its start (step "
+            f"{phase.start}): its parents' steps or max_steps changed since it was built. To continue, {move}"
+        )
     f = workdir_lib.parents_file(phase.directory)
-    if not recipe_lib.parents(config.recipe[phase.name]) or not f.exists():
-        return  # a phase from scratch, or built before parents were recorded
+    if not f.exists():
+        return  # built before parents were recorded
     try:
         built_from = json.loads(f.read_text())
     except ValueError as e:
@@ -446,9 +459,7 @@ def check_parents(config, all_phases: list[Phase], phase: Phase) -> None:
     if changed:
         raise ConfigError(
             f"phase {phase.label} was built from parents that changed since ({'; '.join(changed)}): its "
-            f"checkpoints continue stale parents. To rebuild it from the new parents, move "
-            f"{phase.directory} aside (e.g. rename it to {phase.directory.name}.stale) and rerun; or set "
-            "the parents' steps and max_steps back."
+            f"checkpoints continue stale parents. To rebuild it from the new parents, {move}"
         )
 
 

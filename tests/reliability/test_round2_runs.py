@@ -144,6 +144,17 @@ def test_a_phase_refuses_unfinished_or_changed_parents(tmp_path):
         train.check_parents(c2, phases2, phases2[1])
 
 
+def test_a_phase_whose_checkpoint_lies_before_its_start_is_refused(tmp_path):
+    """A workdir from before parents.json: decay saved at global step 12 (stable 8 + 4); stable's steps
+    are then raised to 16, so decay starts at 16 (before: 'resumed at step -4/4')."""
+    c = _config(**{"recipe.stable.steps": 16})
+    phases = train.phases(c, epath.Path(tmp_path))
+    _commit(wd.ckpt_dir(phases[0].directory), 16)
+    _commit(wd.ckpt_dir(phases[1].directory), 12)
+    with pytest.raises(ConfigError, match="global step 12\\) lies before its start \\(step 16\\).*aside"):
+        train.check_parents(c, phases, phases[1])
+
+
 def test_only_phase_on_a_phase_whose_parent_is_unfinished_refuses(tmp_path):
     c = _config(**{"train.async_save": False})
     _commit(wd.ckpt_dir(_stable(c, tmp_path).directory), 4)
@@ -276,3 +287,19 @@ def test_a_diverging_run_with_async_saves_exits_with_one_line(tmp_path):
     folder = tmp_path / "00_stable" / "ckpt"
     assert checkpoint.Checkpointer(folder).all_steps() == [1]
     assert not [p for p in folder.iterdir() if "tmp" in p.name]
+
+
+# ------------------------------------------------------------------ 1: ensemble --out
+
+
+def test_ensemble_refuses_to_write_its_record_into_a_training_workdir(tmp_path):
+    from voltron_jax.experiments import ensemble
+
+    run = tmp_path / "run"
+    _commit(run / "00_stable" / "ckpt", 2)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(ensemble.EnsembleError, match="training run's workdir"):
+        ensemble.eval_record_dir(str(run))
+    assert ensemble.eval_record_dir(str(tmp_path / "new")) == epath.Path(tmp_path / "new" / "00_eval")
+    (tmp_path / "again" / "00_eval").mkdir(parents=True)  # an earlier record of ablate's own
+    ensemble.eval_record_dir(str(tmp_path / "again"))

@@ -149,16 +149,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--out", default="", help="write the result as an eval record under this directory")
     a = p.parse_args(argv)
+    record = eval_record_dir(a.out) if a.out else None  # a wrong --out fails before the evaluation
     r = evaluate(a.workdir, a.mode, a.batches, a.prefix, a.top_k, a.temperature)
     print(
         f"{a.workdir}: {a.mode} val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  ({r['tokens']:,} tokens)"
     )
-    if a.out:
-        from etils import epath
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        workdir_lib.write_text(
+            workdir_lib.metrics_file(record), json.dumps({"kind": "eval", **r, "source": a.workdir}) + "\n"
+        )
 
-        d = epath.Path(a.out) / "00_eval"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **r, "source": a.workdir}) + "\n")
+
+EVAL_FOLDER = workdir_lib.phase_folder(0, "eval")
+
+
+def eval_record_dir(out: str):
+    """<out>/00_eval, where --out is a new folder or one holding only earlier evaluation records (an
+    ablate run folder); a training run's workdir is refused: the record would sit among its phases."""
+    root = workdir_lib.path(out)
+    if root.is_dir() and (
+        workdir_lib.config_file(root).exists()
+        or any(workdir_lib.is_phase_dir(p) and p.name != EVAL_FOLDER for p in root.iterdir())
+    ):
+        raise EnsembleError(
+            f"--out={out} is a training run's workdir; pass a folder of its own for the evaluation "
+            "record (e.g. runs/<name>_ensemble). Nothing was written."
+        )
+    return root / EVAL_FOLDER
 
 
 if __name__ == "__main__":
