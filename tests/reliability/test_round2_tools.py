@@ -270,3 +270,25 @@ def test_branches_without_a_command_refuses_before_renting_anything():
 def test_wait_poll_must_be_positive(poll):
     with pytest.raises(tpu.LaunchError, match="--poll"):
         tpu.plan(["wait", "--name=x", "--zone=z", f"--poll={poll}"])
+
+
+def test_damaged_prepared_shards_and_metrics_name_the_file(tmp_path):
+    from voltron_jax.data import corpus, prepare
+    from voltron_jax.errors import VoltronError
+    from voltron_jax.run import report
+
+    out = epath.Path(tmp_path / "data")
+    prepare.write_marker(out, "fp", {}, {})
+    shard = out / "validation.jsonl"
+    prepare.write_jsonl(shard, [{"id": "a", "text": "x" * 50}], ("id", "text"))
+    shard.write_text(shard.read_text()[:20])
+    with pytest.raises(corpus.DataError, match="validation.jsonl is damaged.*remove .*prepare.json"):
+        prepare.read_jsonl(shard)
+    phase = epath.Path(tmp_path / "00_stable")
+    phase.mkdir()
+    good = [json.dumps({"kind": "train", "step": s, "loss": 1.0}) for s in (1, 2)]
+    (phase / "metrics.jsonl").write_text("\n".join(good) + '\n{"kind": "tra')  # killed mid-write
+    assert [r["step"] for r in report.read_metrics(phase)] == [1, 2]
+    (phase / "metrics.jsonl").write_text(good[0] + '\n{"kind"\n' + good[1] + "\n")
+    with pytest.raises(VoltronError, match="metrics.jsonl line 2 is not JSON"):
+        report.read_metrics(phase)

@@ -169,7 +169,14 @@ def write_jsonl(path: epath.Path, records: list[dict], fields: tuple[str, ...]) 
 
 
 def read_jsonl(path: epath.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    except (ValueError, UnicodeDecodeError) as e:
+        data = next((p for p in (path.parent, path.parent.parent) if (p / MARKER).exists()), path.parent)
+        raise corpus.DataError(
+            f"{path} is damaged ({type(e).__name__}: {e}); it is prepared data: remove {data / MARKER} and "
+            "rerun the same command to prepare the data again."
+        ) from e
 
 
 def summarize(

@@ -399,9 +399,7 @@ def read_run(d: Path) -> dict:
     """Eval and train records of every phase of one run, in global-step order."""
     evals, trains = [], []
     for folder in workdir_lib.run_dirs(d).values():
-        f = workdir_lib.metrics_file(folder)
-        for line in f.read_text().splitlines() if f.exists() else []:
-            r = json.loads(line)
+        for r in report.read_metrics(folder):  # a torn last line (a killed run) is left out
             (evals if r["kind"] == "eval" else trains).append(r)
     return {"eval": sorted(evals, key=lambda r: r["step"]), "train": sorted(trains, key=lambda r: r["step"])}
 

@@ -6,12 +6,29 @@ import json
 
 from etils import epath
 
+from voltron_jax.errors import VoltronError
 from voltron_jax.run import workdir as workdir_lib
 
 
 def read_metrics(phase_dir: epath.Path) -> list[dict]:
+    """The records of a phase's metrics.jsonl. A torn last line (a run killed mid-write; the next resume
+    cuts it) is left out; a damaged line before it raises naming the file."""
     f = workdir_lib.metrics_file(phase_dir)
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    if not f.exists():
+        return []
+    lines = [line for line in f.read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break  # torn by a kill: not a record yet
+            raise VoltronError(
+                f"{f} line {i + 1} is not JSON ({e}); the file is damaged: move it aside (metrics only; "
+                "the checkpoints are unaffected) and rerun."
+            ) from e
+    return out
 
 
 def cluster_table(results: dict[str, dict], n_clusters: int = 0) -> str:
