@@ -303,3 +303,20 @@ def test_ensemble_refuses_to_write_its_record_into_a_training_workdir(tmp_path):
     assert ensemble.eval_record_dir(str(tmp_path / "new")) == epath.Path(tmp_path / "new" / "00_eval")
     (tmp_path / "again" / "00_eval").mkdir(parents=True)  # an earlier record of ablate's own
     ensemble.eval_record_dir(str(tmp_path / "again"))
+
+
+@pytest.mark.heavy
+def test_raising_a_parents_steps_refuses_the_stale_child_after_the_parent_caught_up(tmp_path):
+    """The documented-safe change `recipe.stable.steps` 8 -> 10 on a finished run: stable trains its 2
+    new steps, then decay (built from stable's step 8) is refused in one line, its checkpoints kept.
+    Before: decay resumed its old checkpoint ('resumed at step -2/4') on the stale parent."""
+    c = _config(**{"train.async_save": False})
+    train.run(c, str(tmp_path))
+    decay_ckpt = tmp_path / "01_decay" / "ckpt"
+    before = checkpoint.Checkpointer(decay_ckpt).all_steps()
+    assert json.loads((tmp_path / "01_decay" / "parents.json").read_text())["stable"]["step"] == 8
+    c2 = _config(**{"train.async_save": False, "recipe.stable.steps": 10})
+    with pytest.raises(ConfigError, match="phase decay was built from parents that changed since"):
+        train.run(c2, str(tmp_path))
+    assert checkpoint.Checkpointer(tmp_path / "00_stable" / "ckpt").latest_step() == 10
+    assert checkpoint.Checkpointer(decay_ckpt).all_steps() == before
