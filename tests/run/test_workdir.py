@@ -33,6 +33,7 @@ def test_run_dirs_orders_members_by_number_and_labels_them(tmp_path):
     (root / "00_stable").mkdir()
     (root / "data").mkdir()  # not a phase folder
     (root / "01_branch" / "cluster_x").mkdir()  # not a member folder
+    (root / "02_decay.stale").mkdir()  # a phase folder moved aside (train.check_parents advises it)
     dirs = wd.run_dirs(root)
     assert list(dirs) == ["stable", "branch/0", "branch/2", "branch/10"]
     assert dirs["branch/10"] == root / "01_branch" / "cluster_10"

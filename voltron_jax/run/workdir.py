@@ -36,7 +36,7 @@ TB = "tb"
 METRICS = "metrics.jsonl"
 PARENTS = "parents.json"
 MEMBER_PREFIX = "cluster_"
-PHASE_DIR = re.compile(r"^(\d\d)_(.+)$")
+PHASE_DIR = re.compile(r"^(\d\d)_(\w+)$")  # not "01_decay.stale": a folder moved aside is no phase
 
 
 # ============================================================================ the workdir itself
