@@ -109,6 +109,8 @@ def create(a) -> list[list[str]]:
 def wait(a) -> list[list[str]]:
     """Poll the queued resource until ACTIVE; fail at once on a terminal state, an unknown resource or
     after --timeout seconds (0: no limit)."""
+    if a.poll <= 0:
+        raise LaunchError(f"--poll={a.poll}: give the seconds between two state queries (> 0, e.g. 30).")
     describe = shlex.join(
         gcloud(
             "compute",
@@ -137,7 +139,7 @@ def wait(a) -> list[list[str]]:
         f'if [ {int(a.timeout)} -gt 0 ] && [ "$SECONDS" -ge {int(a.timeout)} ]; then '
         f'echo "error: {name} is still $s after {int(a.timeout)} s; rerun wait or check the quota" >&2; '
         "exit 1; fi; "
-        f'echo "waiting for {name} ($s)..."; sleep {int(a.poll)}; '
+        f'echo "waiting for {name} ($s)..."; sleep {a.poll:g}; '
         "done"
     )
     return [["bash", "-c", loop]]
@@ -253,6 +255,11 @@ def parse_members(spec: str) -> list[int]:
 
 def branches(a) -> list[list[str]]:
     """One slice per fan-out member: optionally create it, then run `<command> --only_phase --member=i`."""
+    if not a.command:  # checked before the flags are appended (or a slice rented)
+        raise LaunchError(
+            "branches needs the training command after `--`, e.g. -- python -m voltron_jax.main "
+            "--config=configs/recipe_tiny.py --workdir=gs://bucket/run"
+        )
     members = [
         argparse.Namespace(
             **{
@@ -301,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--timeout", type=int, default=0, help="give up after this many seconds (0: never)"
             )
-            s.add_argument("--poll", type=int, default=30, help="seconds between two state queries")
+            s.add_argument("--poll", type=float, default=30, help="seconds between two state queries (> 0)")
         if name == "stop":
             s.add_argument(
                 "--timeout", type=int, default=600, help="seconds to wait for the processes to exit"

@@ -166,7 +166,9 @@ def _fake_gcloud(tmp_path, states: list[str], fail: bool = False) -> dict:
 
 
 def _wait(tmp_path, states, *extra, fail=False):
-    a, ((bash, c, loop),) = tpu.plan(["wait", "--name=v13", "--zone=z", "--poll=0", *extra])
+    a, ((bash, c, loop),) = tpu.plan(
+        ["wait", "--name=v13", "--zone=z", "--poll=0.01", *extra]
+    )  # --poll must be > 0
     env = _fake_gcloud(tmp_path, states, fail)
     return subprocess.run([bash, c, loop], env=env, capture_output=True, text=True, timeout=60)
 

@@ -178,6 +178,13 @@ def describe(e: BaseException) -> tuple[str, int]:
         FlagsError = ()  # noqa: N806
     if isinstance(e, VoltronError):
         return f"error: {one_line(e)}", getattr(e, "exit_status", 2)
+    if "RESOURCE_EXHAUSTED" in str(e):  # XLA's out-of-memory, raised as a plain runtime error
+        first = one_line(e)[:200]
+        return (
+            f"error: out of device memory ({first}). Lower data.batch_size, or keep it and raise "
+            "train.grad_accum_steps (microbatches), set model.remat=full, or use more devices.",
+            1,
+        )
     if isinstance(e, FlagsError):
         return f"error: {one_line(e)} (see --help)", 2
     if isinstance(e, UnicodeDecodeError):

@@ -432,6 +432,8 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "auto", "splash"))
     if m.d_model <= 0 or m.n_layers <= 0 or m.d_ff <= 0:
         _fail("model.d_model, model.n_layers and model.d_ff must be positive.")
+    if m.n_heads < 1 or m.n_kv_heads < 1 or m.head_dim < 0:
+        _fail(f"model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} must be >= 1 (head_dim >= 0).")
     if m.head_dim == 0 and m.d_model % m.n_heads:
         _fail(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim.")
     if m.n_heads % m.n_kv_heads:
@@ -483,6 +485,9 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
             f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide data.batch_size="
             f"{d.batch_size} (each step scans that many equal microbatches); change either."
         )
+    for key in ("log_every", "eval_every", "ckpt_every", "eval_batches", "keep"):  # steps and counts
+        if t[key] < 1:
+            _fail(f"train.{key}={t[key]} must be >= 1 (steps between two events, or a count).")
     if t.prefetch < 0:
         _fail(f"train.prefetch={t.prefetch} must be >= 0 (batches prepared ahead; 0 turns prefetch off).")
 

@@ -47,13 +47,20 @@ def main(argv) -> int:
         raise UsageError(f"unexpected argument {argv[1]!r}; flags look like --name=value. {USAGE}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise UsageError(f"--config and --workdir are required. {USAGE}")
+    if not _WORKDIR.value.strip():  # `--workdir=$UNSET`: never train into the current folder
+        raise UsageError(f"--workdir is empty (an unset variable?); name the run folder. {USAGE}")
+    if _MEMBER.value != -1 and not _ONLY.value:
+        raise UsageError(
+            "--member needs --only_phase (the fan-out phase it is a member of), e.g. --only_phase=branch."
+        )
     # The config (file, overrides, validation) fails before jax starts or anything is written.
     config = cli.config_from_argv(_CONFIG.value, cli.overrides())
     from voltron_jax.config import validate
     from voltron_jax.run import resume
+    from voltron_jax.run import workdir as workdir_lib
 
     validate(config)
-    resume.check(config, resume.workdir_path(_WORKDIR.value))  # train.run checks again (library callers)
+    resume.check(config, workdir_lib.path(_WORKDIR.value))  # train.run checks again (library callers)
     cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
     import jax
 

@@ -193,7 +193,9 @@ def make_optimizer(config, params, phase_name: str) -> optax.GradientTransformat
     start = recipe.phase_start(config.recipe, phase_name, config.max_steps)
     lr_fn, wd_fn = schedules.lr_schedule(config, phase_name), schedules.wd_schedule(config)
     tail = scale_by_groups(lr_fn, wd_fn, rules, start)
-    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    # grad_clip=0 (off) clips at infinity: the optimizer-state tree stays the same whether clipping is on
+    # or off, so a resume may change it (a missing transform shifts the chain's state and breaks restore)
+    parts = [optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))]
     if o.moments_dtype == "float32":
         adam = optax.scale_by_adam(o.b1, o.b2, o.eps)
     elif o.moments_dtype == "bfloat16":

@@ -11,9 +11,9 @@ The loop never asks which technique is on: auxiliary losses are whatever the mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
 import zlib
 from typing import Any
@@ -34,6 +34,7 @@ from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
 from voltron_jax.run import checkpoint, metrics, report, runlock
+from voltron_jax.run import workdir as workdir_lib
 
 
 class NonFiniteLoss(Diverged):
@@ -69,9 +70,9 @@ class Phase:
 def phases(config, workdir: epath.Path) -> list[Phase]:
     """Every runnable phase in dependency order, with its folder (docs/design.md layout)."""
     out = []
-    for i, name in enumerate(recipe_lib.phase_order(config.recipe)):
+    for folder, name in workdir_lib.phase_folders(recipe_lib.phase_order(config.recipe)).items():
         ph = config.recipe[name]
-        base = workdir / f"{i:02d}_{name}"
+        base = workdir / folder
         members = range(ph.fan_out) if ph.fan_out else [None]
         for mem in members:
             out.append(
@@ -79,7 +80,7 @@ def phases(config, workdir: epath.Path) -> list[Phase]:
                     name,
                     mem,
                     phase_config(config, name),
-                    base if mem is None else base / f"cluster_{mem}",
+                    workdir_lib.member_dir(base, mem),
                     recipe_lib.phase_start(config.recipe, name, config.max_steps),
                     recipe_lib.phase_steps(ph, config.max_steps),
                 )
@@ -87,14 +88,17 @@ def phases(config, workdir: epath.Path) -> list[Phase]:
     return out
 
 
-def write_run_info(config, workdir: epath.Path) -> dict:
-    """Resolved config, git commit, package versions and the corpus manifest: to disk and returned."""
+def write_run_info(config, workdir: epath.Path, info: dict | None = None) -> dict:
+    """Resolved config, git commit, package versions and the corpus manifest (`info`, collected when
+    None): to disk, each file written whole or not at all, and returned. The loop calls it only once a
+    restore or a first step has succeeded: config.json is the reference every later run is checked
+    against (resume.py), so a run that cannot use the workdir must not rewrite it."""
     from voltron_jax.run import runinfo
 
-    info = runinfo.collect(config)
+    info = runinfo.collect(config) if info is None else info
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(info["config"], indent=2, sort_keys=True))
-        (workdir / "run_info.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        workdir_lib.write_json(workdir_lib.config_file(workdir), info["config"])
+        workdir_lib.write_json(workdir_lib.run_info_file(workdir), info, default=str)
     return info
 
 
@@ -250,6 +254,15 @@ def make_eval_step(model: nn.Module, config, state_tree=None):
     return eval_fn
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (a checkpoint worth calling good)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+_all_finite = jax.jit(all_finite)
+
+
 # ============================================================================ init ladder
 
 
@@ -319,7 +332,7 @@ class Runtime:
 
 def restore_final(phase: Phase, target) -> tuple[TrainState, dict]:
     """(state, meta) of a finished phase's last checkpoint, restored onto `target`'s shardings."""
-    ck = checkpoint.Checkpointer(phase.directory / "ckpt")
+    ck = checkpoint.Checkpointer(workdir_lib.ckpt_dir(phase.directory))
     try:
         if ck.latest_step() is None:
             raise checkpoint.CheckpointError(
@@ -383,6 +396,73 @@ def make_probe(rt: Runtime, phase: Phase, sources: list[Phase]):
     return surgery.Probe(forward, batches)
 
 
+def parent_identity(config, all_phases: list[Phase], phase: Phase) -> dict[str, dict]:
+    """{parent label: {'step', 'ckpt'}} of the finished checkpoints `phase` is built from (its parents,
+    plus the seed with surgery.seed_expert). ConfigError naming the parent when one is unfinished: a
+    phase is never built from a parent that has not reached its last step."""
+    ph = config.recipe[phase.name]
+    names = set(recipe_lib.parents(ph))
+    if ph.init.surgery and phase.config.surgery.seed_expert:
+        names.add(recipe_lib.seed_phase(config.recipe, phase.name))
+    out = {}
+    for p in all_phases:
+        if p.name not in names:
+            continue
+        ck = checkpoint.Checkpointer(workdir_lib.ckpt_dir(p.directory))
+        try:
+            step = ck.latest_step()
+        finally:
+            ck.close()
+        end = p.start + p.steps
+        if step is None or step < end:
+            at = "has no checkpoint" if step is None else f"is unfinished (step {step} of {end})"
+            raise ConfigError(
+                f"phase {phase.label} starts from {p.label}, which {at}; run {p.label} first (the whole "
+                f"recipe without --only_phase, or --only_phase={p.name})."
+            )
+        out[p.label] = {"step": int(step), "ckpt": str(ck.directory)}
+    return out
+
+
+def check_parents(config, all_phases: list[Phase], phase: Phase) -> None:
+    """Refuse (one line) to resume a phase whose parents changed since it was built from them (their
+    steps or max_steps were raised, or they were retrained) or are unfinished now: its checkpoints
+    continue a state the recipe no longer describes."""
+    if not recipe_lib.parents(config.recipe[phase.name]):
+        return  # a phase from scratch
+    move = (
+        f"move {phase.directory} aside (e.g. rename it to {phase.directory.name}.stale) and rerun to "
+        "rebuild it from its parents; or set the parents' steps and max_steps back."
+    )
+    with contextlib.closing(checkpoint.Checkpointer(workdir_lib.ckpt_dir(phase.directory))) as ck:
+        latest = ck.latest_step()
+    if latest is not None and latest < phase.start:  # also for phases built before parents.json existed
+        raise ConfigError(
+            f"phase {phase.label}'s newest checkpoint (global step {latest}) lies before its start (step "
+            f"{phase.start}): its parents' steps or max_steps changed since it was built. To continue, {move}"
+        )
+    f = workdir_lib.parents_file(phase.directory)
+    if not f.exists():
+        return  # built before parents were recorded
+    try:
+        built_from = json.loads(f.read_text())
+    except ValueError as e:
+        raise ConfigError(
+            f"{f} is not readable JSON ({e}); restore it or move {phase.directory} aside."
+        ) from e
+    now = parent_identity(config, all_phases, phase)
+    changed = [
+        f"{label} step {old.get('step')} -> {now[label]['step'] if label in now else 'absent'}"
+        for label, old in built_from.items()
+        if now.get(label, {}).get("step") != old.get("step")
+    ]
+    if changed:
+        raise ConfigError(
+            f"phase {phase.label} was built from parents that changed since ({'; '.join(changed)}): its "
+            f"checkpoints continue stale parents. To rebuild it from the new parents, {move}"
+        )
+
+
 def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase) -> TrainState:
     """A phase's first state from its parents' final checkpoints: resharded onto this phase's mesh, or
     (with `init.surgery`) mapped on the host by the named surgery function first. Sources keep the
@@ -426,7 +506,7 @@ def evaluate(rt: Runtime, state: TrainState, batches: list[dict]) -> dict[str, f
         tot, n = tot + float(s), n + float(c)
         for k, v in st.items():
             stats.setdefault(k, []).append(float(v))
-    loss = tot / max(n, 1.0)
+    loss = tot / n if n > 0 else float("nan")  # no scored token: no loss to report (never 0.0)
     return {
         "loss": loss,
         "perplexity": float(np.exp(min(loss, 50.0))),
@@ -471,15 +551,50 @@ def evaluate_all(rt: Runtime, state: TrainState, sets: dict[str, list[dict]]) ->
 
 
 def run_phase(
-    config, workdir: epath.Path, phase: Phase, all_phases: list[Phase], info: dict, rt: Runtime
+    config,
+    workdir: epath.Path,
+    phase: Phase,
+    all_phases: list[Phase],
+    info: dict,
+    rt: Runtime,
+    on_ready=lambda: None,
 ) -> dict:
     """Run (or resume, or skip if finished) one phase with its compiled runtime `rt` (fan-out members
-    share one); returns its final validation metrics."""
+    share one); returns its final validation metrics. `on_ready()` is called once the phase's state is
+    proven usable: after a restore or an init from parents succeeded, or after the first step from
+    scratch (train.run writes config.json then).
+
+    Every exit (done, NaN, SIGTERM, Ctrl-C, any exception) settles the checkpoint save in flight: it is
+    waited for (committed) before the error propagates, never dropped at interpreter shutdown."""
+    c = phase.config
+    phase.directory.mkdir(parents=True, exist_ok=True)
+    ck = checkpoint.Checkpointer(
+        workdir_lib.ckpt_dir(phase.directory), keep=c.train.keep, async_save=c.train.async_save
+    )
+    try:
+        final = _run_phase(config, phase, all_phases, info, rt, ck, on_ready)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            ck.close()  # waits for the save in flight: it commits, or fails and leaves no step
+        raise
+    ck.close()
+    return final
+
+
+def _last_good(ck: checkpoint.Checkpointer) -> str:
+    """'the last good checkpoint (step N) is intact in <ckpt>' or, with none, what a rerun does."""
+    with contextlib.suppress(Exception):
+        ck.wait()  # a save in flight is part of what is intact
+    last = ck.latest_step()
+    if last is None:
+        return f"no checkpoint of this phase was saved yet in {ck.directory} (a rerun starts it again)"
+    return f"the last good checkpoint (step {last}) is intact in {ck.directory}"
+
+
+def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
     from voltron_jax.data import pipeline, prefetch
 
     c = phase.config
-    phase.directory.mkdir(parents=True, exist_ok=True)
-    ck = checkpoint.Checkpointer(phase.directory / "ckpt", keep=c.train.keep, async_save=c.train.async_save)
     pid, pcount = jax.process_index(), jax.process_count()
     data = pipeline.make_train_iterator(
         c,
@@ -492,18 +607,28 @@ def run_phase(
     end = phase.start + phase.steps
 
     # ---- init ladder: resume this folder | parents (+ surgery) | scratch
+    ready = False
     if ck.latest_step() is not None:
+        check_parents(config, all_phases, phase)  # built from parents that changed since: refuse
         # a damaged newest step is moved aside and the newest clean one resumes (checkpoint.py)
         state, data_state, _ = ck.restore(target=rt.abstract, fallback=True)
         data.set_state(data_state)
         print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
+        ready = True
     elif recipe_lib.parents(config.recipe[phase.name]):
+        built_from = parent_identity(config, all_phases, phase)  # unfinished parents: refuse
         state = init_from_parents(rt, config, all_phases, phase)
+        if jax.process_index() == 0:
+            workdir_lib.write_json(workdir_lib.parents_file(phase.directory), built_from)
+        ready = True
     else:
         state = rt.scratch()
+    if ready:
+        on_ready()
     meta = {**info, "phase": phase.label, "config": c.to_dict()}
 
     eval_batches = eval_sets(c, pid, pcount)
+    probe = eval_batches[""][0] if eval_batches[""] else None  # judges a checkpoint's loss before saving
     # records past the restored step (a run killed after its last checkpoint) are dropped: one curve
     writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start, int(state.step))
     tokens_per_step = c.data.batch_size * c.data.seq_len
@@ -514,60 +639,85 @@ def run_phase(
     # position after the batches the loop took, the one a checkpoint must hold (data/prefetch.py)
     feed = prefetch.Prefetcher(data, lambda b: sharding.host_batch_to_global(rt.mesh, b), c.train.prefetch)
 
+    def not_good(state) -> str:
+        """Why `state` is no good checkpoint ('' if it is): its parameters, and the loss they give on a
+        validation batch, must be finite (a finite loss before a diverging update proves nothing)."""
+        if not bool(_all_finite(state.params)):
+            return "its parameters are not finite"
+        if probe is not None:
+            s, _, _ = rt.eval_step(state.params, state.step, sharding.host_batch_to_global(rt.mesh, probe))
+            if not np.isfinite(float(s)):
+                return "the loss its parameters give is not finite"
+        return ""
+
     def save(step, force=False):
+        why = not_good(state)
+        if why:
+            raise NonFiniteLoss(
+                f"[{phase.label}] diverged: the state at step {step} is not saved ({why}); "
+                f"{_last_good(ck)}. Lower optim.lr, raise schedule.warmup or check the data."
+            )
         ck.save(step, state, feed.state, meta, force=force)
 
     step = int(state.step)
     if step == phase.start and phase.steps == 0 and ck.latest_step() is None:
         save(step, force=True)  # e.g. a merge phase: its product is the checkpoint
     window, t_window = [], time.time()
-    with feed, checkpoint.PreemptionGuard() as guard:
-        while step < end:
-            batch = next(feed)
-            profiling = step == c.train.profile_step
-            if profiling:  # one step's trace, viewable in TensorBoard's profile tab
-                jax.profiler.start_trace(str(phase.directory / "tb"))
-            state, m = rt.train_step(state, batch)
-            if profiling:
-                jax.block_until_ready(m["loss"])
-                jax.profiler.stop_trace()
-            step += 1
-            ck.check()  # a failed async save stops the run at the next step, not at the next save
-            window.append(m)
-            boundary = step % c.train.log_every == 0 or step == end
-            saving = step % c.train.ckpt_every == 0 or step == end
-            if boundary or saving:
-                avg = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
-                if avg.pop("nonfinite") > 0:
-                    raise NonFiniteLoss(
-                        f"[{phase.label}] non-finite loss before step {step}; the last good checkpoint "
-                        f"({ck.latest_step()}) is intact in {phase.directory / 'ckpt'}. Lower optim.lr, "
-                        "raise schedule.warmup or check the data."
+    try:
+        with feed, checkpoint.PreemptionGuard() as guard:
+            while step < end:
+                batch = next(feed)
+                profiling = step == c.train.profile_step
+                if profiling:  # one step's trace, viewable in TensorBoard's profile tab
+                    jax.profiler.start_trace(str(workdir_lib.tb_dir(phase.directory)))
+                state, m = rt.train_step(state, batch)
+                if profiling:
+                    jax.block_until_ready(m["loss"])
+                    jax.profiler.stop_trace()
+                step += 1
+                if not ready:  # the first step from scratch ran: the config is proven
+                    jax.block_until_ready(m["loss"])
+                    on_ready()
+                    ready = True
+                ck.check()  # a failed async save stops the run at the next step, not at the next save
+                window.append(m)
+                boundary = step % c.train.log_every == 0 or step == end
+                saving = step % c.train.ckpt_every == 0 or step == end
+                if boundary or saving:
+                    avg = {k: float(np.mean([float(x[k]) for x in window])) for k in window[0]}
+                    if avg.pop("nonfinite") > 0:
+                        raise NonFiniteLoss(
+                            f"[{phase.label}] non-finite loss before step {step}; {_last_good(ck)}. "
+                            "Lower optim.lr, raise schedule.warmup or check the data."
+                        )
+                    dt = (time.time() - t_window) / len(window)
+                    avg.update(
+                        tokens_per_s=tokens_per_step / dt,
+                        step_time_s=dt,
+                        mfu=flops_per_step / dt / peak if peak else 0.0,
+                        **metrics.device_memory(),
                     )
-                dt = (time.time() - t_window) / len(window)
-                avg.update(
-                    tokens_per_s=tokens_per_step / dt,
-                    step_time_s=dt,
-                    mfu=flops_per_step / dt / peak if peak else 0.0,
-                    **metrics.device_memory(),
-                )
-                writer.write(step, avg)
-                writer.progress(step, avg)
-                window, t_window = [], time.time()
-            if step % c.train.eval_every == 0 and step < end:
-                writer.write(step, evaluate_all(rt, state, eval_batches), kind="eval")
-            if saving:
-                save(step)
-            if boundary or saving:
-                t_window = time.time()  # throughput windows exclude eval and checkpoint time
-            if guard.should_stop(step):
-                save(step, force=True)
-                ck.wait()
-                raise SystemExit(
-                    f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume."
-                )
-    final = evaluate_all(rt, state, eval_batches)
-    writer.write(step, final, kind="eval")
+                    writer.write(step, avg)
+                    writer.progress(step, avg)
+                    window, t_window = [], time.time()
+                if step % c.train.eval_every == 0 and step < end:
+                    writer.write(step, evaluate_all(rt, state, eval_batches), kind="eval")
+                if saving:
+                    save(step)
+                if boundary or saving:
+                    t_window = time.time()  # throughput windows exclude eval and checkpoint time
+                if guard.should_stop(step):
+                    save(step, force=True)
+                    ck.wait()
+                    raise SystemExit(
+                        f"[{phase.label}] preempted: saved step {step}; rerun the same command to resume."
+                    )
+        if not ready:  # a finished phase with nothing to train (e.g. rerun of a 0-step phase)
+            on_ready()
+        final = evaluate_all(rt, state, eval_batches)
+        writer.write(step, final, kind="eval")
+    finally:
+        writer.close()
     drops = report.format_drop_rates(report.mean_drop_rates([final]))
     drops = f"  dropped {drops}" if drops != "-" else ""
     print(
@@ -575,15 +725,13 @@ def run_phase(
         + drops,
         flush=True,
     )
-    writer.close()
     ck.wait()
-    ck.close()
     return final
 
 
 def check_workdir(workdir: str) -> epath.Path:
     """The workdir as an absolute path (or bucket URL), created and proven writable."""
-    path = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    path = workdir_lib.path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_probe.{jax.process_index()}"  # hosts may share the folder
@@ -595,6 +743,33 @@ def check_workdir(workdir: str) -> epath.Path:
             "to (local path or bucket URL)."
         ) from e
     return path
+
+
+def check_data_specs(config) -> None:
+    """Every phase's training mixture (and the validation mixture) parses and names known tasks, checked
+    before the first step of any phase: a typo only a later phase uses must not surface after the earlier
+    phases trained. Call after data preparation (which registers the prepared tasks)."""
+    from voltron_jax.data import corpus, pipeline, tasks
+
+    known = set(tasks.registered())
+    uses = [(name, config.recipe[name].mixture) for name in recipe_lib.phase_order(config.recipe)]
+    for name, mixture in [*uses, ("<validation>", "pretrain")]:
+        if mixture in ("cluster", "passkey"):
+            continue
+        pc = phase_config(config, name) if name in config.recipe else config
+        where = f"recipe.{name}.mixture={mixture!r}" if name in config.recipe else "the validation mixture"
+        try:
+            entries = pipeline.resolve_mixture(pc, mixture)
+        except corpus.DataError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        for task, _ in entries:
+            if task in tasks.BUILTIN or task.startswith("tfds:") or tasks.task_name(task) in known:
+                continue
+            raise ConfigError(
+                f"{where}: unknown data task {task!r} (spec {pc.data.mixtures.get(mixture, mixture)!r}); "
+                f"known: {sorted(tasks.BUILTIN)}, 'tfds:<name>' or a prepared task. Fix the mixture; "
+                "nothing was trained."
+            )
 
 
 def needs_prepare(config) -> bool:
@@ -611,6 +786,10 @@ def run(
 
     The workdir's run lock (runlock.py; a phase job locks its phase or member) is held from before the
     first write to the end; an overlapping second run raises errors.RunLocked naming the holder."""
+    if not str(workdir).strip():
+        raise ConfigError("workdir is empty (an unset variable?); name the run folder.")
+    if member != -1 and not only_phase:
+        raise ConfigError(f"member={member} needs only_phase (the fan-out phase it is a member of).")
     validate(config, n_devices=jax.device_count())
     root = check_workdir(workdir)
     scope = "" if not only_phase else only_phase if member == -1 else f"{only_phase}.{member}"
@@ -619,14 +798,23 @@ def run(
 
 
 def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase: str, member: int) -> dict:
-    from voltron_jax.run import resume
+    from voltron_jax.run import resume, runinfo
 
     resume.check(config, root)  # another model/data than the checkpoints: refuse before any write
-    info = write_run_info(config, root)
+    info = runinfo.collect(config)
+    resume.check_corpus(root, info["corpus_manifest"])  # the documents the checkpoints read: unchanged
     if needs_prepare(config):
         from voltron_jax.data import prepare
 
         prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
+    check_data_specs(config)  # a typo in a later phase's mixture fails before the first step
+    written = []
+
+    def on_ready():  # config.json only once a restore or a first step proved this config works here
+        if not written:
+            write_run_info(config, root, info)
+            written.append(True)
+
     todo = phases(config, root)
     if only_phase and only_phase not in config.recipe:
         raise ConfigError(f"--only_phase={only_phase!r} is not in the recipe {list(config.recipe)}.")
@@ -638,7 +826,7 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
         validate(ph.config, n_devices=jax.device_count())
         if rt is None or rt.phase.name != ph.name:  # fan-out members reuse one compiled runtime
             rt = Runtime(ph)
-        results[ph.label] = run_phase(config, root, ph, todo, info, rt)
+        results[ph.label] = run_phase(config, root, ph, todo, info, rt, on_ready)
     if jax.process_index() == 0 and not only_phase:
         report.write(root, results, config.data.n_clusters if config.train.eval_clusters else 0)
     return results

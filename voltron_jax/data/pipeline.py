@@ -17,6 +17,7 @@ Iterator state: {'step', 'mixture', 'seq_len', 'batch_size', 'tasks': {seqio tas
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 import seqio
@@ -61,10 +62,20 @@ def token_stream(task: str, split: str, vocab: seqio.Vocabulary, data_cfg) -> tu
     if key in _STREAMS:
         return _STREAMS[key]
     path = os.path.join(vocab_lib.cache_dir(data_cfg), "tokens", key + ".npz")
+    out = None
     if os.path.exists(path):
-        with np.load(path) as z:
-            out = (z["stream"], z["lengths"])
-    else:
+        try:
+            with np.load(path) as z:
+                out = (z["stream"], z["lengths"])
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as e:  # a truncated or foreign cache file
+            print(f"token cache {path} is unreadable ({type(e).__name__}); tokenizing again", flush=True)
+    if out is None:
         out = _tokenize_task(task, split, packing.token_dtype(vocab.vocab_size))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}.npz"

@@ -43,6 +43,7 @@ import numpy as np
 from etils import epath
 
 from voltron_jax.data import cbtm, corpus, embed, icp
+from voltron_jax.run import workdir as workdir_lib
 
 FORMAT = 1
 MARKER = "prepare.json"
@@ -168,7 +169,14 @@ def write_jsonl(path: epath.Path, records: list[dict], fields: tuple[str, ...]) 
 
 
 def read_jsonl(path: epath.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    except (ValueError, UnicodeDecodeError) as e:
+        data = next((p for p in (path.parent, path.parent.parent) if (p / MARKER).exists()), path.parent)
+        raise corpus.DataError(
+            f"{path} is damaged ({type(e).__name__}: {e}); it is prepared data: remove {data / MARKER} and "
+            "rerun the same command to prepare the data again."
+        ) from e
 
 
 def summarize(
@@ -308,12 +316,22 @@ def clear(out: epath.Path) -> None:
 
 def read_marker(out: epath.Path) -> dict | None:
     path = out / MARKER
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise corpus.DataError(
+            f"{path} is not readable JSON ({type(e).__name__}: {e}); it is the completion mark of the data "
+            f"preparation: remove it and rerun the same command (the preparation is redone into {out})."
+        ) from e
 
 
 def write_marker(out: epath.Path, fp: str, s: dict, stats: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps(dict(fingerprint=fp, settings=s, stats=stats), indent=1))
+    workdir_lib.write_json(
+        out / MARKER, dict(fingerprint=fp, settings=s, stats=stats), indent=1, sort_keys=False
+    )
 
 
 def _jax_process() -> tuple[int, int]:
@@ -329,7 +347,7 @@ def prepare(
     `records` replaces the configured corpus (tests, external corpora): dicts {index, id, text, split}.
     Returns the stats dict (also stored in <workdir>/data/prepare.json).
     """
-    out = epath.Path(workdir) / "data"
+    out = workdir_lib.data_dir(epath.Path(workdir))
     s = settings(config)
     done = read_marker(out)
     if records is None and config.data.corpus != "stdlib":
@@ -373,7 +391,7 @@ def prepare(
 
 def prepared_documents(workdir, n_clusters: int) -> tuple[list[list[dict]], list[dict]]:
     """(train records per cluster in ICP order, validation records in corpus order) from <workdir>/data."""
-    out = epath.Path(workdir) / "data"
+    out = workdir_lib.data_dir(epath.Path(workdir))
     if read_marker(out) is None:
         raise corpus.DataError(
             f"{out} holds no finished preparation; run `python -m voltron_jax.data.prepare "

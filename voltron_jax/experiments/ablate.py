@@ -21,14 +21,17 @@ curves against steps and against training FLOPs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import itertools
 import json
 import math
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from voltron_jax import recipe as recipe_lib
 from voltron_jax.errors import DIVERGED_EXIT, ConfigError, UsageError, VoltronError
 from voltron_jax.experiments import claims as claims_lib
 from voltron_jax.run import report
+from voltron_jax.run import workdir as workdir_lib
 
 
 @dataclass
@@ -283,20 +287,29 @@ def run_all(
                 print(f"[ablate] {v.name} seed {s}: done, skipped", flush=True)
             else:
                 todo.append((v, s, d, cmd))
+    failed: list[str] = []
     if jobs <= 1:
         for job in todo:
-            _run_one(*job, lr_sweep=lr_sweep, log=None)
-        return
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+            if STOP.is_set():
+                break
+            failed += _run_one(*job, lr_sweep=lr_sweep, log=None)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(_run_one, *job, lr_sweep=lr_sweep, log="ablate.log") for job in todo]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception()]
-        if failed:
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(_run_one, *job, lr_sweep=lr_sweep, log="ablate.log") for job in todo]
             for f in futures:
-                f.cancel()  # the queued runs; the running ones finish
-            raise failed[0].exception()
+                failed += f.result()
+    if STOP.is_set():
+        raise Stopped(
+            "ablate stopped by a signal: the running trainings were stopped (each saved a "
+            "checkpoint); rerun the same command to resume."
+        )
+    if failed:
+        raise VoltronError(
+            f"{len(failed)} run(s) failed, recorded in failed.json in their folders: {'; '.join(failed)}. "
+            "The other runs went on; fix those and rerun the same ablate command: finished runs are skipped."
+        )
 
 
 def _say(line: str) -> None:
@@ -305,25 +318,78 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: str | None) -> None:
-    """Train one run; on success (or a diverged lr-sweep point) write its done.json."""
+class Stopped(VoltronError):
+    """ablate received SIGTERM/SIGINT: its training children were stopped and reaped."""
+
+    exit_status = 143
+
+
+STOP = threading.Event()  # set by the signal handler: no new run starts
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _forward_signal(signum, frame) -> None:
+    """SIGTERM/SIGINT to ablate: forward SIGTERM to every training child (each saves a checkpoint and
+    exits, train.py's PreemptionGuard), start nothing new; `_train` reaps them."""
+    del frame
+    STOP.set()
+    with _CHILDREN_LOCK:
+        for proc in _CHILDREN:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+
+
+def _train(cmd: list[str], stdout=None) -> int:
+    """Run one training child to its end and reap it; its exit status."""
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+    try:
+        if STOP.is_set():  # a signal came while it started
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait()
+    except BaseException:  # Ctrl-C or an error in this process: the child must not outlive it
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(proc)
+
+
+def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: str | None) -> list[str]:
+    """Train one run; on success (or a diverged lr-sweep point) write its done.json. A failed run is
+    recorded in failed.json (command, exit status) and returned as ['name seed s: where its message is'];
+    the sweep goes on."""
+    if STOP.is_set():
+        return []
     where = f" (output: {d / log})" if log else ""
     _say(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}{where}")
     d.mkdir(parents=True, exist_ok=True)
     if log:
         with open(d / log, "w") as f:
-            status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            status = _train(cmd, f)
     else:
-        status = subprocess.run(cmd).returncode
+        status = _train(cmd)
+    if STOP.is_set():
+        return []  # stopped by a signal: not a result, not a failure; a rerun resumes it
     # A point of an lr sweep that diverges is a result (that lr is too high), not a failure.
     diverged = status == DIVERGED_EXIT and lr_sweep
     if status and not diverged:
-        raise VoltronError(
-            f"run {v.name} seed {s} failed (its message is {'in ' + str(d / log) if log else 'above'}); fix "
-            "it and rerun the same ablate command: finished runs are skipped."
-        )
+        workdir_lib.write_json(d / "failed.json", {"command": cmd, "status": status})
+        msg = f"message {'in ' + str(d / log) if log else 'above'}"
+        _say(f"[ablate] {v.name} seed {s}: FAILED (exit status {status}; {msg}); recorded, going on")
+        return [f"{v.name} seed {s} ({msg})"]
     _say(f"[ablate] {v.name} seed {s}: {'diverged, recorded as infinite loss' if diverged else 'done'}")
-    (d / "done.json").write_text(json.dumps({"command": cmd, "diverged": diverged}))
+    with contextlib.suppress(FileNotFoundError):
+        (d / "failed.json").unlink()  # an earlier failure of this run, now fixed
+    workdir_lib.write_json(d / "done.json", {"command": cmd, "diverged": diverged})
+    return []
 
 
 # ============================================================================ collect
@@ -332,9 +398,8 @@ def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: s
 def read_run(d: Path) -> dict:
     """Eval and train records of every phase of one run, in global-step order."""
     evals, trains = [], []
-    for f in sorted(d.glob("[0-9][0-9]_*/**/metrics.jsonl")):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
+    for folder in workdir_lib.run_dirs(d).values():
+        for r in report.read_metrics(folder):  # a torn last line (a killed run) is left out
             (evals if r["kind"] == "eval" else trains).append(r)
     return {"eval": sorted(evals, key=lambda r: r["step"]), "train": sorted(trains, key=lambda r: r["step"])}
 
@@ -594,6 +659,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--claims_out", default="", help="write the verified-claims section to this markdown file")
     a = p.parse_args(argv)
+    STOP.clear()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        previous = {sig: signal.signal(sig, _forward_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _main(a, argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(a, argv) -> None:
     claims, notes = {}, ""
     if a.sweep_file:
         base, variants, fixed, claims, notes = load_sweep_file(a.sweep_file, a.seeds)
@@ -630,6 +707,11 @@ def main(argv: list[str] | None = None) -> None:
             f"the lr sweep of {', '.join(pending)} has not finished under {root}; run without --collect_only."
         )
     rows = collect(base, finals, fixed, root)
+    if not any(r["seeds"] for r in rows):
+        raise UsageError(
+            f"no run under {root} has finished (no evaluation recorded): nothing to collect. Run without "
+            "--collect_only first (or check --workdir)."
+        )
     write_outputs(rows, base, finals, fixed, root)
     print(markdown(rows))
     if claims and claims_out:

@@ -27,6 +27,7 @@ import numpy as np
 
 from voltron_jax import cli
 from voltron_jax.errors import VoltronError
+from voltron_jax.run import workdir as workdir_lib
 
 MODES = ("cbtm_ensemble", "single")
 
@@ -90,11 +91,11 @@ def evaluate(
     if mode not in MODES:
         raise EnsembleError(f"--mode={mode!r}: choose one of {MODES}.")
     root = epath.Path(workdir)
-    if not (root / "config.json").exists():
+    if not workdir_lib.config_file(root).exists():
         raise EnsembleError(
             f"{workdir}: no config.json; pass the workdir of a run started by voltron_jax.main."
         )
-    config = config_from_meta(json.loads((root / "config.json").read_text()))
+    config = config_from_meta(json.loads(workdir_lib.config_file(root).read_text()))
     if not 0 < prefix < config.data.seq_len:
         raise EnsembleError(f"--prefix={prefix} must lie in (0, data.seq_len={config.data.seq_len}).")
     if train.needs_prepare(config):
@@ -119,7 +120,7 @@ def evaluate(
     if mode == "single":
         total = sum(float(-(lp * m).sum()) for lp, m in zip(logps[0], masks, strict=True))
     else:
-        clusterer = cbtm.ClusterModel.load(str(root / "data"))
+        clusterer = cbtm.ClusterModel.load(str(workdir_lib.data_dir(root)))
         if clusterer.n_clusters != len(models):
             raise EnsembleError(f"{clusterer.n_clusters} clusters but {len(models)} branches in {workdir}.")
         vocab = vocab_lib.make_vocab(config.data, str(root))
@@ -148,16 +149,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--out", default="", help="write the result as an eval record under this directory")
     a = p.parse_args(argv)
+    record = eval_record_dir(a.out) if a.out else None  # a wrong --out fails before the evaluation
     r = evaluate(a.workdir, a.mode, a.batches, a.prefix, a.top_k, a.temperature)
     print(
         f"{a.workdir}: {a.mode} val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  ({r['tokens']:,} tokens)"
     )
-    if a.out:
-        from etils import epath
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        workdir_lib.write_text(
+            workdir_lib.metrics_file(record), json.dumps({"kind": "eval", **r, "source": a.workdir}) + "\n"
+        )
 
-        d = epath.Path(a.out) / "00_eval"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **r, "source": a.workdir}) + "\n")
+
+EVAL_FOLDER = workdir_lib.phase_folder(0, "eval")
+
+
+def eval_record_dir(out: str):
+    """<out>/00_eval, where --out is a new folder or one holding only earlier evaluation records (an
+    ablate run folder); a training run's workdir is refused: the record would sit among its phases."""
+    root = workdir_lib.path(out)
+    if root.is_dir() and (
+        workdir_lib.config_file(root).exists()
+        or any(workdir_lib.is_phase_dir(p) and p.name != EVAL_FOLDER for p in root.iterdir())
+    ):
+        raise EnsembleError(
+            f"--out={out} is a training run's workdir; pass a folder of its own for the evaluation "
+            "record (e.g. runs/<name>_ensemble). Nothing was written."
+        )
+    return root / EVAL_FOLDER
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from absl import flags
 from etils import epath
 
 from voltron_jax.errors import VoltronError
+from voltron_jax.run import workdir as workdir_lib
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
 _BATCHES = flags.DEFINE_integer("batches", 32, "Validation batches (of data.batch_size x seq_len).")
@@ -36,9 +37,9 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
     from voltron_jax.inference.api import config_from_meta
 
     root = epath.Path(workdir)
-    if not (root / "config.json").exists():
+    if not workdir_lib.config_file(root).exists():
         raise EvalError(f"{workdir}: no config.json; pass the workdir of a run started by voltron_jax.main.")
-    config = config_from_meta(json.loads((root / "config.json").read_text()))
+    config = config_from_meta(json.loads(workdir_lib.config_file(root).read_text()))
     if n_batches < 1:
         raise EvalError(f"--batches={n_batches}: evaluate on at least one batch.")
     if train.needs_prepare(config):
@@ -64,7 +65,7 @@ def main(argv) -> None:
     from voltron_jax import cli
 
     for w in _WORKDIRS.value:  # a wrong folder fails before TensorFlow and jax start
-        if not (epath.Path(w) / "config.json").exists():
+        if not workdir_lib.config_file(epath.Path(w)).exists():
             raise EvalError(f"{w}: no config.json; pass the workdir of a run started by voltron_jax.main.")
     cli.preload(("tensorflow",))
     for w in _WORKDIRS.value:

@@ -84,11 +84,11 @@ def train_and_evaluate(
     phases, checkpoints, resume; a finished run is only re-evaluated), load the final checkpoint and
     evaluate it. Returns (results, {'final_loss': last logged train loss, 'seconds', 'gate'})."""
     import jax
-    from etils import epath
 
     from voltron_jax import recipe, train
     from voltron_jax.inference import api
     from voltron_jax.run import report
+    from voltron_jax.run import workdir as workdir_lib
 
     t0 = time.time()
     train.run(config, workdir)
@@ -99,7 +99,7 @@ def train_and_evaluate(
     results = evaluate(lambda x: forward(lm.params, x), lengths, n_examples=n_examples)
     betas = [np.asarray(x).ravel() for x in _find(lm.params, "beta")]
     last = recipe.phase_order(config.recipe)[-1]
-    folder = report.phase_dirs(epath.Path(os.path.abspath(workdir)))[last]
+    folder = workdir_lib.run_dirs(workdir_lib.path(workdir))[last]
     losses = [r["ce"] for r in report.read_metrics(folder) if r.get("kind") == "train" and "ce" in r]
     info = dict(
         final_loss=float(losses[-1]) if losses else float("nan"),

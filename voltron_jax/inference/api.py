@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +27,7 @@ import numpy as np
 from etils import epath
 
 from voltron_jax.errors import VoltronError
-
-PHASE_DIR = re.compile(r"^\d\d_")
+from voltron_jax.run import workdir as workdir_lib
 
 
 class LoadError(VoltronError, ValueError):
@@ -50,20 +47,13 @@ def _committed_steps(ckpt: epath.Path) -> list[int]:
 
 def _phase_candidates(workdir: epath.Path) -> list[epath.Path]:
     """Phase (and fan-out member) folders of a run with a committed checkpoint, in recipe order."""
-    out = []
-    for d in sorted(p for p in workdir.iterdir() if p.is_dir() and PHASE_DIR.match(p.name)):
-        members = sorted(
-            (p for p in d.iterdir() if p.is_dir() and p.name.startswith("cluster_")),
-            key=lambda p: int(p.name.split("_")[1]),
-        )
-        out += [m for m in (members or [d]) if _committed_steps(m / "ckpt")]
-    return out
+    return [d for d in workdir_lib.run_dirs(workdir).values() if _committed_steps(workdir_lib.ckpt_dir(d))]
 
 
 def find_checkpoint(path: str | epath.Path, step: int | None = None) -> tuple[epath.Path, int]:
     """(ckpt folder, step) for a run folder, phase folder, ckpt folder or step folder."""
     # Orbax reads no metadata through a relative path (load('runs/demo') found the step, then no tree)
-    p = epath.Path(path if "://" in str(path) else os.path.abspath(path))
+    p = workdir_lib.path(path)
     if not p.exists():
         raise LoadError(
             f"{path} does not exist; pass a run folder (--workdir of voltron_jax.main), a phase "
@@ -73,8 +63,8 @@ def find_checkpoint(path: str | epath.Path, step: int | None = None) -> tuple[ep
         raise LoadError(f"{path} is a file, not a checkpoint; pass a run, phase or ckpt/ folder.")
     if p.name.isdigit() and _committed_steps(p.parent):  # one step folder
         ckpt, step = p.parent, int(p.name) if step is None else step
-    elif _committed_steps(p / "ckpt"):
-        ckpt = p / "ckpt"
+    elif _committed_steps(workdir_lib.ckpt_dir(p)):
+        ckpt = workdir_lib.ckpt_dir(p)
     elif _committed_steps(p):
         ckpt = p
     else:
@@ -85,7 +75,7 @@ def find_checkpoint(path: str | epath.Path, step: int | None = None) -> tuple[ep
                 "(with NN_phase/ckpt/ inside), a phase folder (with ckpt/) or a ckpt/ folder, "
                 "after training has saved at least once."
             )
-        ckpt = found[-1] / "ckpt"
+        ckpt = workdir_lib.ckpt_dir(found[-1])
     steps = _committed_steps(ckpt)
     if step is None:
         return ckpt, steps[-1]
@@ -109,6 +99,10 @@ def _checkpoint_params_meta(ckpt: epath.Path, step: int) -> dict:
 
     md = ocp.PyTreeCheckpointer().metadata(ckpt / str(step) / "state").item_metadata
     tree = getattr(md, "tree", md)
+    if not isinstance(tree, dict):  # unreadable metadata: a damaged step (load falls back past it)
+        from voltron_jax.run.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt / str(step)}: its state metadata is unreadable (damaged files?).")
     if "params" not in tree:
         raise LoadError(f"{ckpt / str(step)} holds no 'params'; it is not a voltron_jax train checkpoint.")
     return tree["params"]
@@ -180,8 +174,35 @@ class Model:
                 self._vocab = _sentencepiece(d, self.path)
         return self._vocab
 
+    max_length_factor = 64  # default cap of prompt + new tokens: this many times data.seq_len
+
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise LoadError(
+                f"a prompt must be a str, got {type(text).__name__} {text!r:.60}; decode bytes first."
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise LoadError(
+                f"prompt {text!r:.60} is not valid text ({e.reason} at {e.start}: a lone surrogate?); "
+                "pass a str that encodes to UTF-8."
+            ) from e
         return list(self.vocab.encode(text))
+
+    def _texts(self, prompts, what: str) -> tuple[bool, list[str]]:
+        """(single, [str]) of a str or a non-empty sequence of str; LoadError naming what is wrong."""
+        if isinstance(prompts, str):
+            return True, [prompts]
+        if isinstance(prompts, bytes | bytearray) or not isinstance(prompts, Sequence) or not prompts:
+            raise LoadError(
+                f"{what} takes a str or a non-empty list of str; got {type(prompts).__name__} "
+                f"{prompts!r:.60}."
+            )
+        for p in prompts:
+            if not isinstance(p, str):
+                raise LoadError(f"{what}: every item must be a str, got {type(p).__name__} {p!r:.60}.")
+        return False, list(prompts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.vocab.decode([int(i) for i in ids])
@@ -194,17 +215,30 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
+        max_length: int | None = None,
     ) -> str | list[str]:
-        """Continue each prompt; one string in, one string out. temperature=0 is greedy."""
+        """Continue each prompt; one string in, one string out. temperature=0 is greedy. Prompt plus new
+        tokens may not exceed `max_length` (default `max_length_factor` x data.seq_len): the decode cache
+        is allocated at that length up front."""
         from voltron_jax.inference import generate
 
-        single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
+        single, texts = self._texts(prompts, "generate")
+        ids = [self.encode(t) for t in texts]
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        cap = self.max_length_factor * self.config.data.seq_len if max_length is None else int(max_length)
+        longest = max(len(x) for x in ids) + 1 + max_new_tokens  # + the EOS every prompt starts with
+        if longest > cap:
+            raise LoadError(
+                f"max_new_tokens={max_new_tokens} with a {longest - 1 - max_new_tokens}-token prompt needs "
+                f"{longest} positions, more than max_length={cap} ({self.max_length_factor} x "
+                "data.seq_len by default; the cache is allocated at full length): ask for fewer tokens "
+                "or pass max_length=."
+            )
         out = generate.generate_ids(
             self.decode_model,
             self.train_model,
             self.params,
-            [self.encode(t) for t in texts],
+            ids,
             max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -219,12 +253,12 @@ class Model:
         """Per-token negative log-likelihood (nats) of each text's tokens, the first conditioned on EOS."""
         from voltron_jax.inference import generate
 
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
+        single, items = self._texts(texts, "score")
+        ids = [self.encode(t) for t in items]
         out = generate.score_ids(
             self.train_model,
             self.params,
-            [self.encode(t) for t in items],
+            ids,
             pad_multiple=self.config.data.seq_len,
         )
         return out[0] if single else out
@@ -241,13 +275,34 @@ class Model:
         )
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """LoadError naming the argument when a sampling setting is out of range (never silently ignored)."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int | np.integer)
+        or max_new_tokens < 0
+    ):
+        raise LoadError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0.")
+    if (
+        not isinstance(temperature, int | float | np.floating)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise LoadError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy).")
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 0:
+        raise LoadError(f"top_k={top_k!r} must be an int >= 0 (0: no top-k cut).")
+    if not isinstance(top_p, int | float | np.floating) or not 0.0 < top_p <= 1.0:
+        raise LoadError(f"top_p={top_p!r} must lie in (0, 1] (1: no nucleus cut).")
+
+
 def _sentencepiece(data_cfg, ckpt: epath.Path):
     """The run's SentencePiece model: data.spm_path, else the copy under <workdir>/data/, else rebuilt."""
     from voltron_jax.data import vocab as vocab_lib
 
     if not data_cfg.spm_path:
         for root in ckpt.parents:
-            copies = sorted((root / "data").glob("spm_*.model")) if (root / "data").is_dir() else []
+            data = workdir_lib.data_dir(root)
+            copies = sorted(data.glob("spm_*.model")) if data.is_dir() else []
             if copies:
                 import seqio
 
@@ -262,8 +317,9 @@ def read_curves(workdir: str) -> dict[str, dict[str, tuple[list[int], list[float
     from voltron_jax.run import report
 
     out = {}
-    for label, folder in report.phase_dirs(epath.Path(workdir)).items():
-        curves = _tensorboard_curves(folder / "tb") if (folder / "tb").is_dir() else {}
+    for label, folder in workdir_lib.run_dirs(workdir_lib.path(workdir)).items():
+        tb = workdir_lib.tb_dir(folder)
+        curves = _tensorboard_curves(tb) if tb.is_dir() else {}
         if not curves:
             for rec in report.read_metrics(folder):
                 for key, value in rec.items():
@@ -302,7 +358,35 @@ def load(
     config: ml_collections.ConfigDict | None = None,
     devices: Sequence[Any] | None = None,
 ) -> Model:
-    """Load a checkpoint's parameters and config in one call (see the module docstring)."""
+    """Load a checkpoint's parameters and config in one call (see the module docstring). Without `step`
+    (and not pointed at one step folder), a damaged newest step is skipped for the newest that reads."""
+    ckpt, chosen = find_checkpoint(path_or_workdir, step)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about optional metadata files
+    if step is not None or chosen != _committed_steps(ckpt)[-1]:
+        return _load_step(ckpt, chosen, config, devices)
+    # the newest step that reads, as the train loop resumes (a damaged newer one is skipped, not moved)
+    errors = []
+    for s in reversed(_committed_steps(ckpt)):
+        try:
+            model = _load_step(ckpt, s, config, devices)
+        except LoadError:
+            raise  # another architecture: no older step fixes that
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+            from voltron_jax.run.checkpoint import short_error
+
+            errors.append(f"step {s}: {short_error(e)}")
+            continue
+        if errors:
+            print(f"checkpoint {ckpt} is damaged at {'; '.join(errors)}: loaded step {s} instead", flush=True)
+        return model
+    raise LoadError(
+        f"no committed checkpoint in {ckpt} can be read ({'; '.join(errors[:3])}); pass another run or "
+        "step=, or check the storage."
+    )
+
+
+def _load_step(ckpt: epath.Path, step: int, config, devices) -> Model:
+    """The Model of one committed step (the body of `load`)."""
     import flax.linen as nn
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -311,8 +395,6 @@ def load(
     from voltron_jax.models import decoder
     from voltron_jax.run import checkpoint
 
-    ckpt, step = find_checkpoint(path_or_workdir, step)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about optional metadata files
     meta = checkpoint.Checkpointer(ckpt, async_save=False).restore_meta(step)
     if config is None:
         if "config" not in meta:

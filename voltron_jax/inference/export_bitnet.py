@@ -26,6 +26,7 @@ import ml_collections
 from flax import traverse_util
 
 from voltron_jax.models import bitlinear, decoder
+from voltron_jax.run import workdir as workdir_lib
 
 
 def packed_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -117,7 +118,7 @@ def restore_phase(phase_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
 
     from voltron_jax.run import checkpoint
 
-    ck = checkpoint.Checkpointer(epath.Path(phase_dir) / "ckpt")
+    ck = checkpoint.Checkpointer(workdir_lib.ckpt_dir(epath.Path(phase_dir)))
     step = ck.latest_step()
     if step is None:
         raise FileNotFoundError(
@@ -137,8 +138,7 @@ def save_packed(out_dir: str, params: dict, config: ml_collections.ConfigDict) -
     os.makedirs(out, exist_ok=True)
     with ocp.StandardCheckpointer() as ck:
         ck.save(os.path.join(out, "params"), params, force=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    workdir_lib.write_json(os.path.join(out, workdir_lib.CONFIG), config.to_dict())
 
 
 def load_packed(out_dir: str):
@@ -155,7 +155,9 @@ def load_packed(out_dir: str):
 
 
 def export(phase_dir: str, out_dir: str) -> dict:
-    """Restore a phase's latest checkpoint, pack it, save it; returns the byte report."""
+    """Restore a phase's latest checkpoint, pack it, save it into `out_dir` (a new or empty folder: a
+    workdir or a folder holding anything is refused before anything is read); returns the byte report."""
+    workdir_lib.require_new_folder(out_dir)
     params, config = restore_phase(phase_dir)
     packed = pack_params(params, config)
     save_packed(out_dir, packed, packed_config(config))

@@ -204,12 +204,22 @@ class Checkpointer:
             )
         return step
 
-    def _restore_error(self, step: int, e: BaseException, what: str) -> CheckpointError:
+    def _restore_error(self, step: int, e: BaseException, what: str, intact: bool = False) -> CheckpointError:
+        """`intact`: every committed step failed with this target, so the target changed, not the files:
+        the message must not advise moving a good checkpoint aside (it would be retrained from scratch)."""
+        head = f"cannot restore {what} from checkpoint {self._step_dir(step)}: {short_error(e, 300)}. "
+        changed = (
+            "If the config changed a field that changes the state tree or shapes (model, optimizer), set "
+            "it back, or read the checkpoint with the config stored in it (restore_meta)"
+        )
+        if intact:
+            return CheckpointError(
+                f"{head}Every committed step in {self.directory} fails the same way, so the checkpoints are "
+                f"intact and the config differs from theirs. {changed}. Nothing was moved or deleted."
+            )
         return CheckpointError(
-            f"cannot restore {what} from checkpoint {self._step_dir(step)}: {short_error(e, 300)}. If the "
-            "target tree or shapes changed (a different model config), restore with the config stored in "
-            f"the checkpoint (restore_meta); if the folder is damaged, move it aside (rename {step} to "
-            f"{step}.damaged) and rerun."
+            f"{head}{changed}. Only if its files are damaged (an older step restores with this config), "
+            f"move it aside (rename {step} to {step}.damaged, never delete it) and rerun."
         )
 
     def _restore(self, step: int, args: ocp.args.Composite, what: str):
@@ -240,7 +250,7 @@ class Checkpointer:
                 return step, out
             failed.append((step, err or CheckpointError(f"another process could not restore step {step}")))
         step, err = failed[0]
-        raise self._restore_error(step, err, what) from err
+        raise self._restore_error(step, err, what, intact=len(failed) > 1) from err
 
     def _move_aside(self, step: int, err: BaseException, fallback: int) -> None:
         """Rename a damaged step folder to <step>.damaged-<UTC time> (kept for inspection, never deleted)."""

@@ -20,6 +20,8 @@ import time
 import jax
 from etils import epath
 
+from voltron_jax.run import workdir as workdir_lib
+
 PEAK_FLOPS = {  # dense bf16 per device (datasheets); used for MFU when train.peak_flops is 0
     "h100": 989e12,
     "h200": 989e12,
@@ -140,14 +142,14 @@ class MetricWriter:
             if resume_step is not None:
                 phase_dir = epath.Path(phase_dir)
                 end = start_step + total_steps
-                dropped = truncate_jsonl(phase_dir / "metrics.jsonl", resume_step, end)
-                truncate_events(phase_dir / "tb", resume_step, end)
+                dropped = truncate_jsonl(workdir_lib.metrics_file(phase_dir), resume_step, end)
+                truncate_events(workdir_lib.tb_dir(phase_dir), resume_step, end)
                 if dropped:
                     past = resume_step - start_step
                     print(f"[{label}] metrics: dropped {dropped} records past step {past}", flush=True)
 
-            self._tb = tensorboard.SummaryWriter(str(phase_dir / "tb"))
-            self._jsonl = (phase_dir / "metrics.jsonl").open("a")
+            self._tb = tensorboard.SummaryWriter(str(workdir_lib.tb_dir(phase_dir)))
+            self._jsonl = workdir_lib.metrics_file(phase_dir).open("a")
 
     def write(self, step: int, scalars: dict[str, float], kind: str = "train"):
         if not self.enabled:

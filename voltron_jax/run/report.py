@@ -7,21 +7,28 @@ import json
 from etils import epath
 
 from voltron_jax import registry
+from voltron_jax.errors import VoltronError
+from voltron_jax.run import workdir as workdir_lib
 
 
 def read_metrics(phase_dir: epath.Path) -> list[dict]:
-    f = phase_dir / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
-
-
-def phase_dirs(workdir: epath.Path) -> dict[str, epath.Path]:
-    """{label: folder} of every phase folder holding metrics (fan-out members as name/i)."""
-    out = {}
-    for d in sorted(p for p in workdir.iterdir() if p.is_dir() and p.name[:2].isdigit()):
-        members = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("cluster_"))
-        for m in members or [d]:
-            label = d.name[3:] + (f"/{m.name.split('_')[1]}" if m is not d else "")
-            out[label] = m
+    """The records of a phase's metrics.jsonl. A torn last line (a run killed mid-write; the next resume
+    cuts it) is left out; a damaged line before it raises naming the file."""
+    f = workdir_lib.metrics_file(phase_dir)
+    if not f.exists():
+        return []
+    lines = [line for line in f.read_bytes().decode("utf-8", errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break  # torn by a kill: not a record yet
+            raise VoltronError(
+                f"{f} line {i + 1} is not JSON ({e}); the file is damaged: move it aside (metrics only; "
+                "the checkpoints are unaffected) and rerun."
+            ) from e
     return out
 
 
@@ -90,7 +97,7 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
     when a phase has an MoE; per-cluster perplexity for n_clusters clusters) and losses.png."""
     head = "| phase | global step | final train loss | val loss | val perplexity | tokens/s |"
     rows, curves, drops = [], {}, {}
-    for label, d in phase_dirs(workdir).items():
+    for label, d in workdir_lib.run_dirs(workdir).items():
         recs = read_metrics(d)
         train = [r for r in recs if r["kind"] == "train"]
         curves[label] = ([r["step"] for r in train], [r["loss"] for r in train])
@@ -107,7 +114,7 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
         rows = [f"{row} {drop} |" for row, drop in zip(rows, drops.values(), strict=True)]
     rows = [head, "| --- " * (head.count("|") - 1) + "|", *rows]
     text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results, n_clusters)
-    (workdir / "report.md").write_text(text)
+    workdir_lib.write_text(workdir_lib.report_file(workdir), text)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +129,7 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with (workdir / "losses.png").open("wb") as f:
+    with workdir_lib.losses_file(workdir).open("wb") as f:
         fig.savefig(f, dpi=110)
     plt.close(fig)
     print("\n".join(rows), flush=True)

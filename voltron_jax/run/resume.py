@@ -11,7 +11,9 @@ the saved iterator state points into):
     and each slot class's declared RUNTIME_FIELDS, e.g. MoE/MoA impl and capacity_factor): sizes, slots
     and their hyperparameters, scan_layers (the tree layout), vocab_size, init and scaling;
   - every `data.*` field except the folders in `DATA_PATHS` (corpus, vocab, seq_len, batch_size,
-    mixtures, ordering, clusters, prepare settings);
+    ordering, clusters, prepare settings) and the mixtures the phase did not read (only its own training
+    mixture and the validation mixture 'pretrain' are guarded: a typo in a later phase's mixture can be
+    fixed without stranding the finished phases);
   - `seed` (the data order of every phase follows it);
   - the phase's place in the recipe (its folder `NN_name`) and its `mixture`, `fan_out`, `init.from_`,
     `init.surgery`; a phase's `overrides` count through the fields above.
@@ -23,7 +25,6 @@ eval, checkpoint cadence), `mesh.*` (checkpoints restore onto another mesh), `ma
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from etils import epath
@@ -32,17 +33,13 @@ from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
 from voltron_jax import registry
 from voltron_jax.errors import ConfigError
+from voltron_jax.run import workdir as workdir_lib
 
 MODEL_RUNTIME = frozenset({"model.dtype", "model.remat", "model.attention_impl"})  # the backbone's knobs
 DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir"})
 RECIPE_FIELDS = ("mixture", "fan_out", "init.from_", "init.surgery")
 STEP_DIR = re.compile(r"^\d+$")
 MAX_LISTED = 6
-
-
-def workdir_path(workdir: str) -> epath.Path:
-    """The workdir as train.check_workdir names it: absolute local path or bucket URL (not created)."""
-    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 def runtime_fields() -> frozenset[str]:
@@ -61,7 +58,7 @@ def guarded(key: str) -> bool:
 
 def stored_config(workdir: epath.Path):
     """The workdir's saved run config (config.json, completed with today's defaults), or None."""
-    path = workdir / "config.json"
+    path = workdir_lib.config_file(workdir)
     if not path.exists():
         return None
     try:
@@ -75,8 +72,8 @@ def stored_config(workdir: epath.Path):
 
 def has_checkpoint(phase_dir: epath.Path) -> bool:
     """A phase folder (or any fan-out member under it) holds at least one saved step."""
-    for ckpt in [phase_dir / "ckpt", *(m / "ckpt" for m in _children(phase_dir))]:
-        if any(STEP_DIR.match(p.name) for p in _children(ckpt)):
+    for d in [phase_dir, *workdir_lib.member_dirs(phase_dir)]:
+        if any(STEP_DIR.match(p.name) for p in _children(workdir_lib.ckpt_dir(d))):
             return True
     return False
 
@@ -87,7 +84,7 @@ def _children(path: epath.Path) -> list[epath.Path]:
 
 def folders(config) -> dict[str, str]:
     """{phase folder name (as train.phases names it): phase name}."""
-    return {f"{i:02d}_{name}": name for i, name in enumerate(recipe_lib.phase_order(config.recipe))}
+    return workdir_lib.phase_folders(recipe_lib.phase_order(config.recipe))
 
 
 def differences(old, new, workdir: epath.Path) -> list[str]:
@@ -106,7 +103,10 @@ def differences(old, new, workdir: epath.Path) -> list[str]:
         ]
         po = config_lib.flatten(config_lib.phase_config(old, name).to_dict())
         pn = config_lib.flatten(config_lib.phase_config(new, name).to_dict())
+        used = {f"data.mixtures.{old.recipe[name].mixture}", "data.mixtures.pretrain"}  # train, eval
         for key in sorted(set(po) | set(pn)):
+            if key.startswith("data.mixtures.") and key not in used:
+                continue  # a mixture this checkpointed phase never read (a later phase's) may change
             if guarded(key) and po.get(key) != pn.get(key):
                 out.append(f"{key}: {po.get(key, '<absent>')!r} -> {pn.get(key, '<absent>')!r}")
     return list(dict.fromkeys(out))  # a global field differs in every phase: list it once
@@ -129,3 +129,46 @@ def check(config, workdir: epath.Path) -> None:
         "parameter shapes or the data, so the run cannot resume. Use a new --workdir, or set them back "
         "(optim, schedule, train, mesh, max_steps and phase steps may change on resume)."
     )
+
+
+def corpus_changes(old: dict, new: dict) -> list[str]:
+    """'<path>: changed|added|removed' for every embedded-corpus file that differs between two corpus
+    manifests (data/corpus.py: manifest); [] when the old run read no embedded file."""
+    if old.get("corpus") != "stdlib" and not any(
+        "stdlib" in str(v) for v in old.get("mixtures", {}).values()
+    ):
+        return []
+
+    def files(m: dict) -> dict[str, str]:
+        return {f["path"]: f["sha256"] for f in m.get("stdlib", {}).get("files", [])}
+
+    o, n = files(old), files(new)
+    return (
+        [f"{p}: changed" for p in sorted(o.keys() & n.keys()) if o[p] != n[p]]
+        + [f"{p}: added" for p in sorted(n.keys() - o.keys())]
+        + [f"{p}: removed" for p in sorted(o.keys() - n.keys())]
+    )
+
+
+def check_corpus(workdir: epath.Path, manifest: dict) -> None:
+    """Raise ConfigError (one line) when the corpus the workdir's checkpoints were trained on (its
+    run_info.json manifest) differs from today's `manifest`: a resumed data iterator would read other
+    documents. Reads only."""
+    f = workdir_lib.run_info_file(workdir)
+    if not f.exists() or not any(has_checkpoint(d) for d in workdir.iterdir() if workdir_lib.is_phase_dir(d)):
+        return
+    try:
+        old = json.loads(f.read_text()).get("corpus_manifest", {})
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"{f} is not readable JSON ({e}); restore it from a checkpoint's meta (run_info is stored "
+            "in every checkpoint) or start a new --workdir."
+        ) from e
+    changes = corpus_changes(old, manifest)
+    if changes:
+        listed = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise ConfigError(
+            f"the corpus changed since the checkpoints in {workdir} were written ({listed}): resuming would "
+            f"train on other documents. Use a new --workdir, or resume with the corpus that wrote them "
+            f"(Python {old.get('python', '?')}'s standard library, root {old.get('stdlib', {}).get('root')})."
+        )

@@ -21,6 +21,7 @@ from absl import flags
 from voltron_jax import cli, surgery
 from voltron_jax.errors import UsageError
 from voltron_jax.run import checkpoint
+from voltron_jax.run import workdir as workdir_lib
 
 USAGE = (
     "usage: python -m voltron_jax.surgery {merge,upcycle} --branches=... --config=... --out=... (see --help)"
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"{cli.one_line(e)}; {USAGE}") from e
     if len(rest) != 2 or rest[1] not in ("merge", "upcycle") or not (fv.branches and fv.out and fv.config):
         raise UsageError(USAGE)
+    out = workdir_lib.require_new_folder(fv.out)  # never over a phase's checkpoints or a finished merge
     config = cli.config_from_argv(fv.config, overrides)
     dirs = [d for d in fv.branches.split(",") if d]
     sources = [_params(d, fv.step) for d in dirs]
@@ -86,8 +88,11 @@ def main(argv: list[str]) -> int:
         "config": config.to_dict(),
         "surgery": {"command": rest[1], "branches": dirs, "seed_ckpt": fv.seed_ckpt, "seed": fv.seed},
     }
-    with checkpoint.Checkpointer(fv.out, keep=1, async_save=False) as ck:
-        ck.save(0, {"params": merged}, {}, meta, force=True)
+    with checkpoint.Checkpointer(out, keep=1, async_save=False) as ck:
+        if not ck.save(0, {"params": merged}, {}, meta, force=True):
+            raise checkpoint.CheckpointError(
+                f"{out}: step 0 was not written (a step 0 exists there already)."
+            )
     print(
         f"wrote {fv.out}/0: {len(dirs)} branches{' + seed' if seed is not None else ''} -> "
         f"{surgery.tree.count(merged):,} params"
