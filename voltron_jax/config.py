@@ -494,27 +494,33 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     _validate_recipe(c)
 
     if n_devices is not None:
-        sizes = resolve_mesh(c.mesh, n_devices)
-        batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-        if d.batch_size % batch_shards:
-            _fail(
-                f"data.batch_size={d.batch_size} is not divisible by the {batch_shards} batch shards "
-                f"(mesh data x fsdp x expert = {sizes}); change the batch size or the mesh."
-            )
-        micro = d.batch_size // t.grad_accum_steps
-        if t.grad_accum_steps > 1 and micro % batch_shards:
-            _fail(
-                f"the microbatch data.batch_size / train.grad_accum_steps = {micro} is not divisible by "
-                f"the {batch_shards} batch shards (mesh data x fsdp x expert = {sizes}); use fewer "
-                "accumulation steps, a larger batch or a smaller mesh."
-            )
-        heads_shards = sizes["tensor"]
-        if m.n_kv_heads % heads_shards or m.n_heads % heads_shards or m.d_ff % heads_shards:
-            _fail(f"mesh.tensor={heads_shards} must divide model.n_heads, model.n_kv_heads and model.d_ff.")
+        validate_mesh(c, n_devices)
 
     # Technique modules add their own checks (registered by slot in voltron_jax/registry.py).
     registry.validate_slots(c)
     return c
+
+
+def validate_mesh(c: ml_collections.ConfigDict, n_devices: int) -> None:
+    """The checks that need the device count: the mesh fits `n_devices` and divides the batch and heads."""
+    d, m, t = c.data, c.model, c.train
+    sizes = resolve_mesh(c.mesh, n_devices)
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if d.batch_size % batch_shards:
+        _fail(
+            f"data.batch_size={d.batch_size} is not divisible by the {batch_shards} batch shards "
+            f"(mesh data x fsdp x expert = {sizes}); change the batch size or the mesh."
+        )
+    micro = d.batch_size // t.grad_accum_steps
+    if t.grad_accum_steps > 1 and micro % batch_shards:
+        _fail(
+            f"the microbatch data.batch_size / train.grad_accum_steps = {micro} is not divisible by "
+            f"the {batch_shards} batch shards (mesh data x fsdp x expert = {sizes}); use fewer "
+            "accumulation steps, a larger batch or a smaller mesh."
+        )
+    heads_shards = sizes["tensor"]
+    if m.n_kv_heads % heads_shards or m.n_heads % heads_shards or m.d_ff % heads_shards:
+        _fail(f"mesh.tensor={heads_shards} must divide model.n_heads, model.n_kv_heads and model.d_ff.")
 
 
 def _validate_recipe(c):

@@ -15,10 +15,12 @@ Multi-host (TPU pods): the same command on every worker; `--multihost` calls jax
 
 from __future__ import annotations
 
+import jax
 from absl import flags
 
-from voltron_jax import cli
+from voltron_jax import cli, train
 from voltron_jax.errors import UsageError
+from voltron_jax.run import resume
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file: path/to/file.py[:variant] (a get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or bucket URL).")
@@ -34,7 +36,6 @@ USAGE = "usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=ru
 
 
 def init_distributed() -> None:
-    import jax
 
     kwargs = {}
     if _COORD.value:
@@ -53,24 +54,19 @@ def main(argv) -> int:
         raise UsageError(
             "--member needs --only_phase (the fan-out phase it is a member of), e.g. --only_phase=branch."
         )
-    # The config (file, overrides, validation) fails before jax starts or anything is written.
+    # The config (file, overrides, every phase's validation, the workdir's checkpoints) fails before jax
+    # starts or anything is written; train.run_checked adds only the device checks.
     config = cli.config_from_argv(_CONFIG.value, cli.overrides())
-    from voltron_jax.config import validate
-    from voltron_jax.run import resume
-    from voltron_jax.run import workdir as workdir_lib
 
-    validate(config)
-    resume.check(config, workdir_lib.path(_WORKDIR.value))  # train.run checks again (library callers)
+    checked = resume.check_run(config, _WORKDIR.value, _ONLY.value, _MEMBER.value)
     cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
-    import jax
 
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
     if _MULTIHOST.value or _COORD.value:
         init_distributed()
-    from voltron_jax import train
 
-    train.run(config, _WORKDIR.value, only_phase=_ONLY.value, member=_MEMBER.value)
+    train.run_checked(checked)
     return 0
 
 

@@ -27,13 +27,13 @@ import optax
 from etils import epath
 from flax import struct
 
-from voltron_jax import losses, microbatch, optim, schedules, sharding
+from voltron_jax import losses, microbatch, optim, schedules, sharding, surgery
 from voltron_jax import recipe as recipe_lib
-from voltron_jax.config import phase_config, validate
+from voltron_jax.config import phase_config, validate_mesh
 from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
-from voltron_jax.run import checkpoint, metrics, report, runlock
+from voltron_jax.run import checkpoint, metrics, report, resume, runinfo, runlock
 from voltron_jax.run import workdir as workdir_lib
 
 
@@ -93,7 +93,6 @@ def write_run_info(config, workdir: epath.Path, info: dict | None = None) -> dic
     None): to disk, each file written whole or not at all, and returned. The loop calls it only once a
     restore or a first step has succeeded: config.json is the reference every later run is checked
     against (resume.py), so a run that cannot use the workdir must not rewrite it."""
-    from voltron_jax.run import runinfo
 
     info = runinfo.collect(config) if info is None else info
     if jax.process_index() == 0:
@@ -365,8 +364,7 @@ def data_seed(config, name: str, member: int | None) -> int:
 def make_probe(rt: Runtime, phase: Phase, sources: list[Phase]):
     """A surgery.Probe: runs host params on this phase's mesh over TRAINING batches of the cluster that
     source i trained on (source i is fan-out member i, which trained on cluster i)."""
-    from voltron_jax import surgery
-    from voltron_jax.data import pipeline
+    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
 
     c = rt.config
     step = jax.device_put(jnp.asarray(phase.start, jnp.int32), rt.shardings.step)
@@ -473,7 +471,6 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
     if not ph.init.surgery:
         ((src_state, _),) = [restore_final(p, rt.abstract) for p in sources]
         return rt.place(src_state.params, src_state.opt_state if ph.init.keep_optimizer else None)
-    from voltron_jax import surgery
 
     params, metas = zip(*[restore_host(p) for p in sources], strict=True)
     seed = None
@@ -523,7 +520,7 @@ def eval_sets(c, pid: int, pcount: int) -> dict[str, list[dict]]:
     A cluster with less than one row (data.seq_len+1 tokens) of validation text routed to it gets no
     set (its metrics are absent, '-' in the report), never the whole split's loss under its name.
     """
-    from voltron_jax.data import pipeline
+    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
 
     sets = {"": pipeline.make_eval_batches(c, "pretrain", c.train.eval_batches, pid, pcount)}
     if c.train.eval_clusters:
@@ -592,7 +589,7 @@ def _last_good(ck: checkpoint.Checkpointer) -> str:
 
 
 def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
-    from voltron_jax.data import pipeline, prefetch
+    from voltron_jax.data import pipeline, prefetch  # lazy: seqio/TensorFlow (the one seam)
 
     c = phase.config
     pid, pcount = jax.process_index(), jax.process_count()
@@ -749,7 +746,7 @@ def check_data_specs(config) -> None:
     """Every phase's training mixture (and the validation mixture) parses and names known tasks, checked
     before the first step of any phase: a typo only a later phase uses must not surface after the earlier
     phases trained. Call after data preparation (which registers the prepared tasks)."""
-    from voltron_jax.data import corpus, pipeline, tasks
+    from voltron_jax.data import corpus, pipeline, tasks  # lazy: seqio/TensorFlow (the one seam)
 
     known = set(tasks.registered())
     uses = [(name, config.recipe[name].mixture) for name in recipe_lib.phase_order(config.recipe)]
@@ -781,30 +778,30 @@ def needs_prepare(config) -> bool:
 def run(
     config: ml_collections.ConfigDict, workdir: str, only_phase: str = "", member: int = -1
 ) -> dict[str, dict]:
-    """Validate, prepare data if the recipe needs it, then run every phase in dependency order (or just
-    `only_phase`, e.g. one c-BTX branch as its own job with `member`). Returns {phase label: metrics}.
+    """Check the run (resume.check_run), prepare data if the recipe needs it, then run every phase in
+    dependency order (or just `only_phase`, e.g. one c-BTX branch as its own job with `member`).
+    Returns {phase label: metrics}."""
+    return run_checked(resume.check_run(config, workdir, only_phase, member))
 
-    The workdir's run lock (runlock.py; a phase job locks its phase or member) is held from before the
-    first write to the end; an overlapping second run raises errors.RunLocked naming the holder."""
-    if not str(workdir).strip():
-        raise ConfigError("workdir is empty (an unset variable?); name the run folder.")
-    if member != -1 and not only_phase:
-        raise ConfigError(f"member={member} needs only_phase (the fan-out phase it is a member of).")
-    validate(config, n_devices=jax.device_count())
-    root = check_workdir(workdir)
+
+def run_checked(checked: resume.CheckedRun) -> dict[str, dict]:
+    """`run` for a run that resume.check_run accepted (main checks before JAX starts): adds the device
+    checks, then trains. The workdir's run lock (runlock.py; a phase job locks its phase or member) is
+    held from before the first write to the end; an overlapping second run raises errors.RunLocked."""
+    config, only_phase, member = checked.config, checked.only_phase, checked.member
+    for name in recipe_lib.phase_order(config.recipe):
+        validate_mesh(phase_config(config, name), jax.device_count())
+    root = check_workdir(checked.root)
     scope = "" if not only_phase else only_phase if member == -1 else f"{only_phase}.{member}"
     with runlock.RunLock(root, scope):  # fan-out members run side by side: each locks its part
         return _run_locked(config, root, only_phase, member)
 
 
 def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase: str, member: int) -> dict:
-    from voltron_jax.run import resume, runinfo
-
-    resume.check(config, root)  # another model/data than the checkpoints: refuse before any write
     info = runinfo.collect(config)
     resume.check_corpus(root, info["corpus_manifest"])  # the documents the checkpoints read: unchanged
     if needs_prepare(config):
-        from voltron_jax.data import prepare
+        from voltron_jax.data import prepare  # lazy: seqio/TensorFlow (the one seam)
 
         prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
     check_data_specs(config)  # a typo in a later phase's mixture fails before the first step
@@ -816,14 +813,11 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
             written.append(True)
 
     todo = phases(config, root)
-    if only_phase and only_phase not in config.recipe:
-        raise ConfigError(f"--only_phase={only_phase!r} is not in the recipe {list(config.recipe)}.")
     selected = [p for p in todo if not only_phase or (p.name == only_phase and member in (-1, p.member))]
     if only_phase and not selected:
         raise ConfigError(f"phase {only_phase!r} has no member {member}.")
     results, rt = {}, None
     for ph in selected:
-        validate(ph.config, n_devices=jax.device_count())
         if rt is None or rt.phase.name != ph.name:  # fan-out members reuse one compiled runtime
             rt = Runtime(ph)
         results[ph.label] = run_phase(config, root, ph, todo, info, rt, on_ready)

@@ -24,8 +24,10 @@ eval, checkpoint cadence), `mesh.*` (checkpoints restore onto another mesh), `ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from typing import Any
 
 from etils import epath
 
@@ -172,3 +174,34 @@ def check_corpus(workdir: epath.Path, manifest: dict) -> None:
             f"train on other documents. Use a new --workdir, or resume with the corpus that wrote them "
             f"(Python {old.get('python', '?')}'s standard library, root {old.get('stdlib', {}).get('root')})."
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedRun:
+    """A run that `check_run` accepted: its config, absolute workdir and phase selection."""
+
+    config: Any
+    root: epath.Path
+    only_phase: str = ""
+    member: int = -1
+
+
+def check_run(config, workdir: str, only_phase: str = "", member: int = -1) -> CheckedRun:
+    """Every refusal that needs neither devices nor a write, once per run: the workdir is named, the phase
+    selection exists, the run config and each phase's config validate, and the config can continue the
+    workdir's checkpoints (`check`). `main` calls it before JAX starts; `train.run` calls it for library
+    callers; `train.run_checked` then adds only the device-count checks (config.validate_mesh)."""
+    if not str(workdir).strip():
+        raise ConfigError("workdir is empty (an unset variable?); name the run folder.")
+    if member != -1 and not only_phase:
+        raise ConfigError(
+            f"member={member} needs only_phase (the fan-out phase it is a member of), e.g. only_phase=branch."
+        )
+    if only_phase and only_phase not in config.recipe:
+        raise ConfigError(f"--only_phase={only_phase!r} is not in the recipe {list(config.recipe)}.")
+    config_lib.validate(config)
+    for name in recipe_lib.phase_order(config.recipe):
+        config_lib.validate(config_lib.phase_config(config, name))
+    root = workdir_lib.path(workdir)
+    check(config, root)  # another model/data than the checkpoints: refuse before any write
+    return CheckedRun(config, root, only_phase, member)

@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
 
 def collect(config) -> dict:
     """{'config', 'git_commit', 'versions', 'corpus_manifest'} for a run."""
-    from voltron_jax.data import pipeline
+    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
 
     return {
         "config": config.to_dict(),
