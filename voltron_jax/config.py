@@ -469,6 +469,14 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     _choice("schedule.decay_shape", c.schedule.decay_shape, ("exp", "linear", "cosine"))
     if c.optim.lr <= 0:
         _fail("optim.lr must be positive.")
+    for key in ("schedule.warmup", "schedule.half_life", "schedule.total", "optim.weight_decay"):
+        section, field = key.split(".")
+        if c[section][field] < 0:
+            _fail(f"{key}={c[section][field]} must be >= 0.")
+    if not 0.0 <= c.schedule.final_frac <= 1.0 or c.optim.gate_lr <= 0 or c.optim.lr_stage2_factor < 0:
+        _fail("schedule.final_frac must lie in [0, 1], optim.gate_lr > 0 and optim.lr_stage2_factor >= 0.")
+    if not 0.0 <= d.val_fraction < 1.0:
+        _fail(f"data.val_fraction={d.val_fraction} must lie in [0, 1).")
 
     for name in c.aux_weights:
         if c.aux_weights[name] < 0:

@@ -172,6 +172,10 @@ def test_a_truncated_token_cache_is_rebuilt(tmp_path, capsys):
         ("train", "keep", 0),
         ("model", "n_heads", 0),
         ("model", "n_kv_heads", 0),
+        ("schedule", "warmup", -1),
+        ("schedule", "final_frac", 1.5),
+        ("optim", "weight_decay", -0.1),
+        ("data", "val_fraction", 1.0),
     ],
 )
 def test_numeric_fields_are_refused_by_validate(section, field, value):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -535,11 +536,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
-    (root / "results.md").write_text(markdown(rows) + "\n")
-    with (root / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({**r, "by_seed": json.dumps(r["by_seed"])} for r in rows)
+    workdir_lib.write_text(root / "results.md", markdown(rows) + "\n")  # each written whole or not at all
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows({**r, "by_seed": json.dumps(r["by_seed"])} for r in rows)
+    workdir_lib.write_text(root / "results.csv", table.getvalue())
     plot(base, variants, fixed, root)
 
 
@@ -719,7 +721,7 @@ def _main(a, argv) -> None:
             shlex.quote(x) for x in (argv or sys.argv[1:])
         )
         text = claims_section(rows, claims, cmd, lr_table(variants, root), notes)
-        Path(claims_out).write_text(text + "\n")
+        workdir_lib.write_text(claims_out, text + "\n")
         print(f"[ablate] verified claims written to {claims_out}")
 
 

@@ -15,7 +15,6 @@ the same steps, loads each final checkpoint and prints both accuracy tables.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -145,10 +144,10 @@ def main(argv) -> None:
         lines += [format_table(results, n, title), ""]
         saved[label] = dict(rule=rule, info=info, results={f"{k[0]}/{k[1]}": v for k, v in results.items()})
         print(lines[-2], flush=True)
-    with open(os.path.join(f.out, "passkey.json"), "w") as fh:
-        json.dump(saved, fh, indent=2)
-    with open(os.path.join(f.out, "passkey.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    from voltron_jax.run import workdir as workdir_lib
+
+    workdir_lib.write_json(os.path.join(f.out, "passkey.json"), saved, sort_keys=False)
+    workdir_lib.write_text(os.path.join(f.out, "passkey.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
