@@ -13,7 +13,7 @@ import time
 import pytest
 
 from configs import tiny
-from tests.reliability._reliability import ROOT, env, finish, line_with, start, wait_for
+from tests.reliability.common import ROOT, env, finish, line_with, start, wait_for
 from voltron_jax.errors import RunLocked
 from voltron_jax.run import runlock
 
@@ -21,13 +21,13 @@ from voltron_jax.run import runlock
 def _holder(workdir) -> subprocess.Popen:
     """A live process holding the lock of `workdir` (it prints 'held' once it has it)."""
     code = (
-        "import sys, time; from voltron_jax import runlock; "
+        "import sys, time; from voltron_jax.run import runlock; "
         f"lock = runlock.RunLock({str(workdir)!r}).acquire(); print('held', flush=True); time.sleep(600)"
     )
     p = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env(),
+        env=env(quiet=True),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -108,10 +108,12 @@ def test_fresh_unreadable_lock_is_held_old_one_is_stale(tmp_path):
 
 def test_sigterm_before_the_loop_releases_the_lock(tmp_path):
     code = (
-        "import time; from voltron_jax import runlock\n"
+        "import time; from voltron_jax.run import runlock\n"
         f"with runlock.RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(600)\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env(quiet=True), stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "held"
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=30)
