@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny
 from voltron_jax import config as cfglib
-from voltron_jax import sharding, train
+from voltron_jax import sharding, testing, train
 from voltron_jax.run import checkpoint
 
 
@@ -194,15 +194,7 @@ def test_sharded_step_equals_single_device_step():
         c.mesh.update(mesh)
         rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2), devices=devices)
         state = rt.scratch()
-        rng = np.random.default_rng(0)
-        ids = rng.integers(3, 259, size=(8, 65)).astype(np.int32)
-        batch = {
-            "inputs": ids[:, :-1],
-            "targets": ids[:, 1:],
-            "weights": np.ones((8, 64), np.float32),
-            "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
-            "segment_ids": np.ones((8, 64), np.int32),
-        }
+        batch = testing.synthetic_batch(c)  # [8, 64]
         losses = []
         for _ in range(3):
             state, m = rt.train_step(state, sharding.host_batch_to_global(rt.mesh, batch))
@@ -218,15 +210,7 @@ def test_sharded_step_equals_single_device_step():
 def test_moe_drop_rates_reach_the_train_metrics_and_the_evaluation():
     """Every MoE / MoA layer sows its drop rate; the step and the evaluation report the mean over layers,
     and a dropless capacity factor (n_experts / top_k) reports exactly 0."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 259, size=(4, 65)).astype(np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "weights": np.ones((4, 64), np.float32),
-        "positions": np.tile(np.arange(64, dtype=np.int32), (4, 1)),
-        "segment_ids": np.ones((4, 64), np.int32),
-    }
+    batch = testing.synthetic_batch(_config(), batch_size=4)  # [4, 64]: 256 tokens
     rates = {}
     for factor in (0.25, 2.0):  # 4 experts, top-2: factor 2 gives C = A slots, nothing can drop
         c = _config(**{"model.ffn": "moe", "model.attention": "moa"})
@@ -254,15 +238,7 @@ def test_loop_feeds_the_global_step_to_the_state_collection():
     c = _config(**{"model.linear": "bitlinear", "model.bitlinear.warmin_steps": 10})
     rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2))
     state = rt.scratch()
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 259, size=(8, 65)).astype(np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "weights": np.ones((8, 64), np.float32),
-        "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
-        "segment_ids": np.ones((8, 64), np.int32),
-    }
+    batch = testing.synthetic_batch(c)  # [8, 64]
     at = {
         s: train.evaluate(rt, state.replace(step=jax.numpy.asarray(s, jax.numpy.int32)), [batch])["loss"]
         for s in (0, 5, 10, 20)
