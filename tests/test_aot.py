@@ -74,7 +74,28 @@ def test_splash_kernel_compiles_forward_and_backward_for_tpu():
     kernels = set(re.findall(r'kernel_name = "([^"]+)"', hlo))
     assert {f"splash_mha_{k}" for k in ("fwd_residuals", "dq_no_residuals", "dkv_no_residuals")} <= kernels
     assert "sdy.manual_computation" in hlo  # inside shard_map: Mosaic kernels cannot be auto-partitioned
-    assert lowered.compile().memory_analysis().temp_size_in_bytes >= 0
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    # For this step (Mosaic kernels inside) libtpu's temporaries hold the donated train state
+    # (launch/aot_compile.judge, benchmarks/aot_memory_accounting.py) and the gradients, all live at once
+    # for the global-norm clip: 7.3 MB >= 2.5 MB here. (The same step with attention_impl='xla' reports 0
+    # temporaries on this libtpu; aot_compile's verdict reads the buffer assignment's heap instead.)
+    state, grads = _bytes_per_device(rt.abstract), _bytes_per_device(rt.abstract.params)
+    # fp32 activations a layer keeps for the backward pass, per device (batch over data, heads over
+    # tensor): [b,t] x (5 D-wide: residuals, norms' in/out; 2 H*K: q, attention out; 2 G*K: k, v; 3 F:
+    # gate, up, their product) + Infini's [b,G,K,K] memory per segment; plus the logits' [b,t,V] x 3
+    b, t, m = 4 // 2, 256, c.model
+    per_layer = 4 * b * t * (5 * m.d_model + 2 * (4 // 2) * 128 + 2 * (2 // 2) * 128 + 3 * m.d_ff // 2)
+    per_layer += 4 * b * (t // 128) * (2 // 2) * 128 * 128
+    activations = m.n_layers * per_layer + 3 * 4 * b * t * m.vocab_size
+    # below: the state or the gradients are not in the figure; above (9.9 MB here): the step keeps more
+    # than that analytic estimate. Measured, not caught: the batch unsharded (data=1 on 2 devices) gives
+    # 8.4 MB.
+    assert state + grads <= temp <= state + grads + activations, (temp, state, grads, activations)
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded jax.ShapeDtypeStructs."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def test_chip_configs():
