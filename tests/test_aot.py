@@ -23,6 +23,7 @@ aot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(aot)
 
 
+@pytest.mark.slow
 def test_tiny_train_step_compiles_for_a_tpu_topology():
     c = tiny.get_config("test")
     r = aot.compile_step(c, "v4:2x2x1", step_time=0.5)
@@ -52,6 +53,7 @@ def test_a_compiled_step_over_the_hbm_does_not_fit():
     assert not heap_out["fits"] and "buffer assignment needs 16.00 GiB" in heap_out["error"]
 
 
+@pytest.mark.slow
 def test_splash_kernel_compiles_forward_and_backward_for_tpu():
     """On a TPU mesh 'auto' lowers both attention paths (plain core and Infini's segment-local attention)
     to the Mosaic splash kernel, sharded over batch and heads, and the train step compiles."""
@@ -108,6 +110,7 @@ def test_chip_configs():
         aot.topology_devices("v4:2x2x1", "mega")
 
 
+@pytest.mark.slow
 def test_unknown_topology_is_one_clear_error():
     with pytest.raises(aot.TopologyError, match="unknown TPU topology 'v9:2x2'"):
         aot.topology_devices("v9:2x2")
@@ -129,6 +132,7 @@ def test_unknown_topology_is_one_clear_error():
     assert out.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_splash_equals_xla_attention_on_cpu():
     """The splash path (Pallas interpret mode here) is the XLA path: causal, GQA, documents, invalid keys,
     values and gradients, sharded over a data x tensor mesh."""
@@ -192,6 +196,7 @@ def test_estimate_extrapolates_two_depths():
     assert not aot.extrapolate({1: 0.9}, 20, rest=1.0)["valid"]
 
 
+@pytest.mark.slow
 def test_estimate_runs_on_a_tiny_config(tmp_path):
     """--estimate compiles the step unrolled at 1 and 2 super-blocks for a TPU topology and reports the
     compiler's cost-model time: the 2-layer model's extrapolated step is its own 2-block compile's; with

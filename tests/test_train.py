@@ -174,6 +174,7 @@ def test_a_phase_trains_the_same_whatever_phases_follow_it(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     _wrap_train_batches(monkeypatch, lambda n, b: {**b, "weights": b["weights"] * np.nan} if n >= 3 else b)
     with pytest.raises(train.NonFiniteLoss, match="last good checkpoint"):
@@ -184,6 +185,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
     results = {}
     for name, mesh, devices in (
@@ -207,6 +209,7 @@ def test_sharded_step_equals_single_device_step():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_moe_drop_rates_reach_the_train_metrics_and_the_evaluation():
     """Every MoE / MoA layer sows its drop rate; the step and the evaluation report the mean over layers,
     and a dropless capacity factor (n_experts / top_k) reports exactly 0."""
@@ -232,6 +235,7 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
         train.run(_config(), str(blocker / "run"))
 
 
+@pytest.mark.slow
 def test_loop_feeds_the_global_step_to_the_state_collection():
     """BitNet warm-in reads the step from the 'state' collection: the same params evaluate differently
     at step 0 (lambda = 0, full precision) and at the end of the ramp (lambda = 1, quantised)."""

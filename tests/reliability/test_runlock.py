@@ -120,6 +120,7 @@ def test_sigterm_before_the_loop_releases_the_lock(tmp_path):
     assert p.returncode != 0 and not (tmp_path / runlock.LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # a real training run once the holder dies
 def test_second_main_refuses_at_once_and_writes_nothing(tmp_path):
     """A real `python -m voltron_jax.main` against a workdir a live process holds: one line naming it,
     a non-zero exit, no config.json/run_info.json written; after the holder dies (kill -9) a run goes."""
