@@ -26,7 +26,7 @@ test-heavy: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=5 -m heavy tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --durations=10 -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check voltron_jax configs launch benchmarks tests

@@ -23,6 +23,7 @@ aot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(aot)
 
 
+@pytest.mark.slow
 def test_tiny_train_step_compiles_for_a_tpu_topology():
     c = tiny.get_config("test")
     r = aot.compile_step(c, "v4:2x2x1", step_time=0.5)
@@ -52,6 +53,7 @@ def test_a_compiled_step_over_the_hbm_does_not_fit():
     assert not heap_out["fits"] and "buffer assignment needs 16.00 GiB" in heap_out["error"]
 
 
+@pytest.mark.slow
 def test_splash_kernel_compiles_forward_and_backward_for_tpu():
     """On a TPU mesh 'auto' lowers both attention paths (plain core and Infini's segment-local attention)
     to the Mosaic splash kernel, sharded over batch and heads, and the train step compiles."""
@@ -74,7 +76,28 @@ def test_splash_kernel_compiles_forward_and_backward_for_tpu():
     kernels = set(re.findall(r'kernel_name = "([^"]+)"', hlo))
     assert {f"splash_mha_{k}" for k in ("fwd_residuals", "dq_no_residuals", "dkv_no_residuals")} <= kernels
     assert "sdy.manual_computation" in hlo  # inside shard_map: Mosaic kernels cannot be auto-partitioned
-    assert lowered.compile().memory_analysis().temp_size_in_bytes >= 0
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    # For this step (Mosaic kernels inside) libtpu's temporaries hold the donated train state
+    # (launch/aot_compile.judge, benchmarks/aot_memory_accounting.py) and the gradients, all live at once
+    # for the global-norm clip: 7.3 MB >= 2.5 MB here. (The same step with attention_impl='xla' reports 0
+    # temporaries on this libtpu; aot_compile's verdict reads the buffer assignment's heap instead.)
+    state, grads = _bytes_per_device(rt.abstract), _bytes_per_device(rt.abstract.params)
+    # fp32 activations a layer keeps for the backward pass, per device (batch over data, heads over
+    # tensor): [b,t] x (5 D-wide: residuals, norms' in/out; 2 H*K: q, attention out; 2 G*K: k, v; 3 F:
+    # gate, up, their product) + Infini's [b,G,K,K] memory per segment; plus the logits' [b,t,V] x 3
+    b, t, m = 4 // 2, 256, c.model
+    per_layer = 4 * b * t * (5 * m.d_model + 2 * (4 // 2) * 128 + 2 * (2 // 2) * 128 + 3 * m.d_ff // 2)
+    per_layer += 4 * b * (t // 128) * (2 // 2) * 128 * 128
+    activations = m.n_layers * per_layer + 3 * 4 * b * t * m.vocab_size
+    # below: the state or the gradients are not in the figure; above (9.9 MB here): the step keeps more
+    # than that analytic estimate. Measured, not caught: the batch unsharded (data=1 on 2 devices) gives
+    # 8.4 MB.
+    assert state + grads <= temp <= state + grads + activations, (temp, state, grads, activations)
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded jax.ShapeDtypeStructs."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def test_chip_configs():
@@ -87,6 +110,7 @@ def test_chip_configs():
         aot.topology_devices("v4:2x2x1", "mega")
 
 
+@pytest.mark.slow
 def test_unknown_topology_is_one_clear_error():
     with pytest.raises(aot.TopologyError, match="unknown TPU topology 'v9:2x2'"):
         aot.topology_devices("v9:2x2")
@@ -108,6 +132,7 @@ def test_unknown_topology_is_one_clear_error():
     assert out.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_splash_equals_xla_attention_on_cpu():
     """The splash path (Pallas interpret mode here) is the XLA path: causal, GQA, documents, invalid keys,
     values and gradients, sharded over a data x tensor mesh."""
@@ -171,6 +196,7 @@ def test_estimate_extrapolates_two_depths():
     assert not aot.extrapolate({1: 0.9}, 20, rest=1.0)["valid"]
 
 
+@pytest.mark.slow
 def test_estimate_runs_on_a_tiny_config(tmp_path):
     """--estimate compiles the step unrolled at 1 and 2 super-blocks for a TPU topology and reports the
     compiler's cost-model time: the 2-layer model's extrapolated step is its own 2-block compile's; with

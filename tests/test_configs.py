@@ -36,7 +36,18 @@ def _parse(*args):
     return fv.config
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+# Configs with many variants or deep models take seconds each to trace: `make test` (slow), not test-fast.
+SLOW_CONFIGS = ("bench_1b.py", "recipe_tiny.py", "tiny_deep.py", "tiny_mod.py", "voltron_13b.py")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(f, marks=pytest.mark.slow) if os.path.basename(f) in SLOW_CONFIGS else f
+        for f in CONFIG_FILES
+    ],
+    ids=os.path.basename,
+)
 def test_every_config_builds_and_validates(path):
     mod = _load(path)
     for variant in getattr(mod, "VARIANTS", {"": None}):

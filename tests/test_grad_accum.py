@@ -10,7 +10,7 @@ import pytest
 
 from configs import tiny
 from voltron_jax import config as cfglib
-from voltron_jax import microbatch, sharding, train
+from voltron_jax import microbatch, sharding, testing, train
 
 SINGLE = dict(data=1, fsdp=1, tensor=1, expert=1)
 SHARDED = dict(data=2, fsdp=2, tensor=2, expert=1)
@@ -26,19 +26,13 @@ def _config(n=1, mesh=SINGLE, **kw):
     return c
 
 
-def _batch(rows=8, seq=64, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 259, size=(rows, seq + 1)).astype(np.int32)
-    weights = np.ones((rows, seq), np.float32)
-    weights[0, 40:] = 0.0  # uneven token counts: microbatch means must be weighted by tokens, not 1/N
-    weights[3, 10:] = 0.0
-    return {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "weights": weights,
-        "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
-        "segment_ids": np.ones((rows, seq), np.int32),
-    }
+def _batch():
+    """The tiny test config's [8, 64] synthetic batch with uneven token counts per row."""
+    batch = testing.synthetic_batch(tiny.get_config("test"))
+    # uneven token counts: microbatch means must be weighted by tokens, not 1/N
+    batch["weights"][0, 40:] = 0.0
+    batch["weights"][3, 10:] = 0.0
+    return batch
 
 
 # An "optimizer" whose state after a step is that step's gradient, exactly (params stay put).

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [
     "jax",
@@ -52,6 +54,7 @@ def test_constraints_pin_the_core_stack():
     assert pins["sentencepiece"] == "0.2.0"  # 0.2.3 needs protobuf 7; apache-beam caps protobuf < 7
 
 
+@pytest.mark.slow
 def test_everything_imports_together():
     code = "; ".join(f"import {m}" for m in MODULES) + "; print('ok')"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -59,6 +62,7 @@ def test_everything_imports_together():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_models_and_bench_import_without_tensorflow_or_seqio():
     code = (
         "import sys; import voltron_jax.models.decoder, voltron_jax.registry; "

@@ -95,6 +95,7 @@ def test_no_import_circle_among_voltron_jax_modules():
     assert _cycle(graph) == [], " -> ".join(_cycle(graph))
 
 
+@pytest.mark.slow
 def test_the_library_never_imports_configs(tmp_path):
     """Every voltron_jax module imported from outside the repository, `configs` never among them."""
     # Command-line modules that define absl flags at import share one flag namespace: main and evaluate

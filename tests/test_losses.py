@@ -29,7 +29,10 @@ def _loss(ce_zl):
     return ce + 0.1 * zl  # both outputs carry gradient
 
 
-@pytest.mark.parametrize("tile", [V, 10, 1, 64])  # one tile, padded tiles, column by column, tile > V
+# one tile, padded tiles, column by column, tile > V: padded tiles alone in the fast tier
+@pytest.mark.parametrize(
+    "tile", [pytest.param(t, marks=pytest.mark.slow) if t != 10 else t for t in (V, 10, 1, 64)]
+)
 def test_tiled_equals_full_logits_fp32(tile):
     h, w, targets, weights = _inputs()
     ref = lambda h, w: _loss(losses.cross_entropy(jnp.dot(h, w), targets, weights))
@@ -45,6 +48,7 @@ def test_tiled_equals_full_logits_fp32(tile):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiled_bf16_matches_the_bf16_head():
     """In bf16 compute the tile logits are the head's bf16 logits; gradients come back in bf16 (hidden) and
     the kernel's dtype, as autodiff of the reference gives them."""
@@ -83,6 +87,7 @@ def _model_setup(tie: bool):
     return c, model, ids, batch, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_train_loss_and_grads_equal_with_and_without_tiles(tie):
     """train.model_loss through the decoder (MiniCPM logit division on, untied and tied heads): the tiled

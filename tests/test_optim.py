@@ -159,7 +159,7 @@ def first_update(c, params, grads):
     return updates
 
 
-@pytest.mark.parametrize("mup_embed_lr", [False, True])
+@pytest.mark.parametrize("mup_embed_lr", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_width_scaled_lr_exactly_on_intended_set(mup_embed_lr):
     c = config(mup_embed_lr=mup_embed_lr, gate_lr=5e-2)
     c.model.d_model, c.model.dim_model_base = 64, 16  # width factor 4
@@ -181,6 +181,7 @@ def test_width_scaled_lr_exactly_on_intended_set(mup_embed_lr):
     jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6), updates, expected)
 
 
+@pytest.mark.slow
 def test_boxed_and_plain_trees_give_the_same_updates():
     c = config(weight_decay=0.1)
     c.model.d_model, c.model.dim_model_base = 64, 32
@@ -209,7 +210,9 @@ def decay_updates(c, steps):
     return params, out
 
 
-@pytest.mark.parametrize("decay_alpha,decay_embed", [(False, False), (True, True)])
+@pytest.mark.parametrize(
+    "decay_alpha,decay_embed", [pytest.param(False, False, marks=pytest.mark.slow), (True, True)]
+)
 def test_weight_decay_mask_and_switch(decay_alpha, decay_embed):
     c = config(weight_decay=0.1, wd_zero_step=3, decay_alpha=decay_alpha, decay_embed=decay_embed)
     params, out = decay_updates(c, 5)
@@ -266,6 +269,7 @@ def test_global_norm_clipping_and_unknown_param():
         jax.jit(tx.update)(other, tx.init(other), other)
 
 
+@pytest.mark.slow
 def test_bf16_moments_store_half_and_track_fp32_adam():
     """optim.moments_dtype='bfloat16': mu and nu are stored in bf16 (same ScaleByAdamState layout as
     optax), and the updates of a few steps stay within bf16 rounding of optax's fp32 Adam."""

@@ -101,8 +101,23 @@ def _eager(module, *args):
     return out
 
 
+# The slots whose eager (op-by-op) init and apply take seconds: `make test` (slow), not test-fast.
+SLOW_EAGER = {
+    ("attention", "moa"),
+    ("ffn", "moe"),
+    ("linear", "bitlinear"),
+    ("memory", "infini"),
+    ("routing", "mod"),
+}
+
+
 @pytest.mark.parametrize(
-    "slot,name,scan", [(s, n, False) for s, n in ENTRIES] + [("residual", "denseformer", True)]
+    "slot,name,scan",
+    [
+        pytest.param(s, n, False, marks=pytest.mark.slow) if (s, n) in SLOW_EAGER else (s, n, False)
+        for s, n in ENTRIES
+    ]
+    + [pytest.param("residual", "denseformer", True, marks=pytest.mark.slow)],
 )
 def test_every_slot_module_accepts_numpy_inputs_eagerly(slot, name, scan):
     c = _config(slot, name, scan)
@@ -125,6 +140,7 @@ def test_every_slot_module_accepts_numpy_inputs_eagerly(slot, name, scan):
     assert _eager(decoder.build_model(c.model), ids).shape == (2, c.data.seq_len, c.model.vocab_size)
 
 
+@pytest.mark.slow
 def test_numpy_inputs_give_the_jax_outputs():
     """The NumPy path is the jax path (MoE, MoD, scanned DenseFormer): same params, same outputs."""
     import jax.numpy as jnp

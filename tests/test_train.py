@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny
 from voltron_jax import config as cfglib
-from voltron_jax import sharding, train
+from voltron_jax import sharding, testing, train
 from voltron_jax.run import checkpoint
 
 
@@ -174,6 +174,7 @@ def test_a_phase_trains_the_same_whatever_phases_follow_it(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     _wrap_train_batches(monkeypatch, lambda n, b: {**b, "weights": b["weights"] * np.nan} if n >= 3 else b)
     with pytest.raises(train.NonFiniteLoss, match="last good checkpoint"):
@@ -184,6 +185,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
     results = {}
     for name, mesh, devices in (
@@ -194,15 +196,7 @@ def test_sharded_step_equals_single_device_step():
         c.mesh.update(mesh)
         rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2), devices=devices)
         state = rt.scratch()
-        rng = np.random.default_rng(0)
-        ids = rng.integers(3, 259, size=(8, 65)).astype(np.int32)
-        batch = {
-            "inputs": ids[:, :-1],
-            "targets": ids[:, 1:],
-            "weights": np.ones((8, 64), np.float32),
-            "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
-            "segment_ids": np.ones((8, 64), np.int32),
-        }
+        batch = testing.synthetic_batch(c)  # [8, 64]
         losses = []
         for _ in range(3):
             state, m = rt.train_step(state, sharding.host_batch_to_global(rt.mesh, batch))
@@ -215,18 +209,11 @@ def test_sharded_step_equals_single_device_step():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_moe_drop_rates_reach_the_train_metrics_and_the_evaluation():
     """Every MoE / MoA layer sows its drop rate; the step and the evaluation report the mean over layers,
     and a dropless capacity factor (n_experts / top_k) reports exactly 0."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 259, size=(4, 65)).astype(np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "weights": np.ones((4, 64), np.float32),
-        "positions": np.tile(np.arange(64, dtype=np.int32), (4, 1)),
-        "segment_ids": np.ones((4, 64), np.int32),
-    }
+    batch = testing.synthetic_batch(_config(), batch_size=4)  # [4, 64]: 256 tokens
     rates = {}
     for factor in (0.25, 2.0):  # 4 experts, top-2: factor 2 gives C = A slots, nothing can drop
         c = _config(**{"model.ffn": "moe", "model.attention": "moa"})
@@ -248,21 +235,14 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
         train.run(_config(), str(blocker / "run"))
 
 
+@pytest.mark.slow
 def test_loop_feeds_the_global_step_to_the_state_collection():
     """BitNet warm-in reads the step from the 'state' collection: the same params evaluate differently
     at step 0 (lambda = 0, full precision) and at the end of the ramp (lambda = 1, quantised)."""
     c = _config(**{"model.linear": "bitlinear", "model.bitlinear.warmin_steps": 10})
     rt = train.Runtime(train.Phase("stable", None, c, None, 0, 2))
     state = rt.scratch()
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 259, size=(8, 65)).astype(np.int32)
-    batch = {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "weights": np.ones((8, 64), np.float32),
-        "positions": np.tile(np.arange(64, dtype=np.int32), (8, 1)),
-        "segment_ids": np.ones((8, 64), np.int32),
-    }
+    batch = testing.synthetic_batch(c)  # [8, 64]
     at = {
         s: train.evaluate(rt, state.replace(step=jax.numpy.asarray(s, jax.numpy.int32)), [batch])["loss"]
         for s in (0, 5, 10, 20)

@@ -49,6 +49,7 @@ def test_byte_vocab_round_trip_and_special_ids():
     assert v.decode(v.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_packing_conserves_tokens(cfg):
     vocab = seqio.ByteVocabulary()
     tn = tasks.ensure_task("synth_a", cfg.data, vocab)
@@ -278,6 +279,7 @@ def test_clear_errors(cfg):
         it.set_state(mk(mixture="synth_b:1").get_state())
 
 
+@pytest.mark.slow
 def test_sentencepiece_trains_small_and_round_trips(cfg, tmp_path):
     texts = [d.text for d in corpus.stdlib_source().documents("train")[:20]]
     path = vocab_lib.train_sentencepiece(texts, 400, str(tmp_path / "spm.model"), max_chars=60_000)
@@ -294,6 +296,7 @@ def test_sentencepiece_trains_small_and_round_trips(cfg, tmp_path):
     assert b["inputs"].max() < 400 and (b["inputs"] == v.eos_id).any()
 
 
+@pytest.mark.slow
 def test_models_import_without_data_or_tensorflow():
     code = (
         "import sys, voltron_jax.models, voltron_jax.models.decoder; "

@@ -82,6 +82,7 @@ def test_real_runs_collect_table_csv_plot_and_resume(tmp_path, capsys):
     assert capsys.readouterr().out.count("done, skipped") == 2
 
 
+@pytest.mark.slow
 def test_model_stats_of_an_infini_variant_and_of_a_recipe():
     """Stats trace the model at the config's own length (Infini-attention takes only whole segments); a
     recipe is described by its last phase's model and has no FLOPs-from-steps comparison."""

@@ -84,6 +84,7 @@ def _fake_run(d, losses, train_extra=None, eval_extra=None):
     p.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
+@pytest.mark.slow
 def test_claims_report_from_runs_each_arm_at_its_own_best_lr(tmp_path, capsys):
     """Arms train their first seed at every lr, then every seed at the best; the report compares those."""
     _fake_run(tmp_path / "dense@lr=0.001" / "seed_0", [3.0, 2.30])

@@ -10,6 +10,7 @@ from voltron_jax import train
 from voltron_jax.experiments import evaluate
 
 
+@pytest.mark.slow
 def test_reevaluation_reproduces_the_loops_final_validation_loss(tmp_path):
     c = tiny.get_config("test")
     c.recipe.stable.steps, c.recipe.decay.steps = 4, 2

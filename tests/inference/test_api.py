@@ -60,6 +60,7 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_load_picks_the_last_phase_and_restores_exact_params(run):
     root, c, first, last = run
     lm = voltron_jax.load(str(root))
@@ -82,6 +83,7 @@ def test_load_takes_a_relative_path(run, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(lm.params), last)
 
 
+@pytest.mark.slow
 def test_generate_and_score_through_the_handle(run):
     root, c, _, _ = run
     lm = voltron_jax.load(str(root))
@@ -115,6 +117,7 @@ SLOT_SETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slots", SLOT_SETS.values(), ids=SLOT_SETS.keys())
 def test_cached_decoding_equals_the_full_forward(slots):
     """Prefill of ragged prompts, then one token per step through the 'cache' collection, gives the same
@@ -138,6 +141,7 @@ def test_cached_decoding_equals_the_full_forward(slots):
     np.testing.assert_allclose(np.stack(got), np.stack(want), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_stream_is_sampled_by_recomputation():
     c = _config(routing="mod", memory="infini", **{"infini.segment_len": 8, "mod.capacity": 0.5})
     with pytest.raises(NotImplementedError):

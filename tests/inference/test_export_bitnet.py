@@ -36,6 +36,7 @@ def _trained_like(c, seed=0):
     return model, params, ids
 
 
+@pytest.mark.slow
 def test_packed_model_matches_fake_quant_model():
     """Scanned layers: stacked [L, in, out] kernels get one scale per layer (the unscanned model is
     covered by the round trip below)."""

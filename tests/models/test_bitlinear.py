@@ -112,6 +112,7 @@ def test_int8_int32_path_equals_fake_quant_path(weights):
     assert "preferred_element_type=int32" in jaxpr and "i8[" in jaxpr
 
 
+@pytest.mark.slow
 def test_packed_module_equals_training_module():
     x = _normal(11, (2, 7, 40))
     y, v = _apply(bl.BitLinear(12), x)
@@ -121,6 +122,7 @@ def test_packed_module_equals_training_module():
     np.testing.assert_allclose(y_packed, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_expert_scales_for_stacked_kernels():
     """[E, in, out]: one scale per expert; the batched apply equals each expert's own 2-D BitLinear."""
     w = _normal(12, (3, 16, 8)) * np.array([0.01, 0.1, 1.0], np.float32)[:, None, None]
@@ -139,6 +141,7 @@ def test_per_expert_scales_for_stacked_kernels():
     assert not np.allclose(x_q @ (np.clip(np.round(w[0] / pooled), -1, 1) * pooled), y[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qkv_have_separate_norms_and_scales():
     """In a built Attention q, k and v are quantised with their own mean|W|, not one fused scale."""
     attn = Attention(n_heads=4, n_kv_heads=4, head_dim=8, linear=bl.BitLinear)
@@ -158,6 +161,7 @@ def test_qkv_have_separate_norms_and_scales():
     assert not np.allclose(q_out, x_q @ w_q_fused, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec, x_spec",
     [
@@ -189,6 +193,7 @@ def test_sharded_equals_unsharded(spec, x_spec):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_warmin_ramps_from_dense_to_quantised():
     x = _normal(16, (3, 24))
     dense = bl.BitLinear(10, norm="none")
@@ -211,6 +216,7 @@ def test_warmin_ramps_from_dense_to_quantised():
     np.testing.assert_allclose(ramp.apply({"params": v["params"]}, x), x_q @ w_q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_layer_norm_option_is_non_affine_subln():
     x = _normal(17, (2, 4, 16)) + 5.0
     y, v = _apply(bl.BitLinear(8, norm="layer"), x)
@@ -229,6 +235,7 @@ def _tiny_bitnet(**model):
     return cfglib.validate(c)
 
 
+@pytest.mark.slow
 def test_tiny_bitnet_model_builds_with_finite_logits_and_gradients():
     """Scanned layers with warm-in: the 'state' step collection is stacked like params. (The unscanned
     model runs in tests/test_export_bitnet.py.)"""

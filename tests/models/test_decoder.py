@@ -109,6 +109,7 @@ def _stack_rms(c):
     return float(jnp.sqrt(jnp.mean(h**2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mup", [False, True])
 def test_coordinate_check_hidden_scale_flat_across_widths(mup):
     """MiniCPM parameterisation: hidden-matrix init std shrinks with 1/sqrt(width factor), so the residual
@@ -126,6 +127,7 @@ def test_coordinate_check_hidden_scale_flat_across_widths(mup):
         assert ratio > 1.3, rms
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_matches_full_forward():
     c = _cfg()
     m, v, ids = _init(c, t=12)

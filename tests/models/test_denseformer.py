@@ -101,7 +101,7 @@ def test_model_params_are_plain_plus_alpha():
     assert count(_cfg(7, 2, 3)) == count(_cfg(7, residual="plain")) + denseformer.n_alpha(7, 2, 3)
 
 
-@pytest.mark.parametrize("k,p,scan", [(2, 3, False), (1, 2, True)])
+@pytest.mark.parametrize("k,p,scan", [(2, 3, False), pytest.param(1, 2, True, marks=pytest.mark.slow)])
 def test_identity_at_init_equals_plain(k, p, scan):
     c = _cfg(4, k, p, scan_layers=scan)
     cp = _cfg(4, residual="plain", scan_layers=scan)
@@ -115,7 +115,7 @@ def test_identity_at_init_equals_plain(k, p, scan):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("k,p", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("k,p", [pytest.param(1, 1, marks=pytest.mark.slow), (2, 3)])
 def test_fused_equals_naive_loop_values_and_grads(k, p):
     """Also: at the identity init the gradient reaches every alpha, off-diagonal ones included; the
     output stays causal with random alpha."""
@@ -144,6 +144,7 @@ def test_fused_equals_naive_loop_values_and_grads(k, p):
     np.testing.assert_array_equal(y2[:, :9], yf[:, :9])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "routing,k,p,remat", [("none", 2, 2, "full"), ("mod", 1, 1, "none"), ("mod", 2, 2, "full")]
 )
@@ -174,6 +175,7 @@ def test_scan_equals_unrolled_values_and_grads(routing, k, p, remat):
     )
 
 
+@pytest.mark.slow
 def test_scanned_backward_saves_one_activation_per_layer():
     """With remat the scan saves each layer's input [B,T,D] for the backward pass and nothing else of
     that size: the layer output alpha's gradient needs is recomputed inside the same remat, not saved
@@ -189,6 +191,7 @@ def test_scanned_backward_saves_one_activation_per_layer():
     assert len(per_step) == size  # one [n/size, B, T, D] stack per layer of the super-block
 
 
+@pytest.mark.slow
 def test_bf16_accumulators_track_fp32():
     """acc_dtype='bfloat16' stores the pending DWA sums in bf16 (half their memory on pods): the output
     stays within bf16 rounding of the fp32 accumulators."""

@@ -94,6 +94,7 @@ def test_one_segment_equals_causal_attention_and_eps_convention():
     )
 
 
+@pytest.mark.slow
 def test_gate_limits_local_and_memory_read():
     q, k, v, pos = _qkv()
     core, p = _core(gate_init=-1e4)  # sigmoid(beta) -> 0: pure segment-local attention
@@ -132,6 +133,7 @@ def _mem_inputs(seed=3):
     return sq, sk, v, state, jnp.ones((B, S), bool)
 
 
+@pytest.mark.slow
 def test_prefix_sum_equals_scan_values_and_grads():
     sq, sk, v, state, fold = _mem_inputs()
 
@@ -174,6 +176,7 @@ def test_delta_fixed_point_leaves_memory_unchanged():
     assert float(jnp.abs(dm_lin).max()) > 1e-2  # the linear rule would write it again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["linear", "delta", "none"])
 def test_streaming_equals_full_forward_core(rule):
     q, k, v, pos = _qkv()
@@ -183,6 +186,7 @@ def test_streaming_equals_full_forward_core(rule):
     np.testing.assert_allclose(out, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_rope_shift_leaves_memory_unchanged_and_outputs_too():
     q, k, v, pos = _qkv()
     core, p = _core()
@@ -193,6 +197,7 @@ def test_rope_shift_leaves_memory_unchanged_and_outputs_too():
     np.testing.assert_allclose(out, out2, atol=1e-4, rtol=1e-4)  # RoPE is relative
 
 
+@pytest.mark.slow
 def test_padding_writes_nothing():
     q, k, v, pos = _qkv()
     valid = jnp.ones((B, T), bool).at[0, 1].set(False).at[0, 6:8].set(False).at[1, 9:].set(False)
@@ -212,6 +217,7 @@ def test_padding_writes_nothing():
     np.testing.assert_allclose(cache["mem"], jnp.einsum("btgk,btgv->bgkv", sk, v), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_document_mask_only_affects_local_attention():
     q, k, v, pos = _qkv()
     core, p = _core()
@@ -231,6 +237,7 @@ def _model_cfg(rule="linear", seq_len=16):
     return c
 
 
+@pytest.mark.slow
 def test_streaming_generation_equals_full_forward_whole_model():
     c = _model_cfg("delta")  # (the linear rule streams through the same code; see the core-level test)
     ids = jax.random.randint(jax.random.key(2), (B, 16), 3, c.model.vocab_size)
@@ -248,6 +255,7 @@ def test_streaming_generation_equals_full_forward_whole_model():
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded():
     c = _model_cfg()
     c.mesh.update(data=4, tensor=2)
@@ -287,6 +295,7 @@ def test_memory_footprint_per_layer():
         assert core["k"].shape == (1, N, g, k)  # local KV cache: one segment
 
 
+@pytest.mark.slow
 def test_flops_and_validate():
     c = _model_cfg()
     m = c.model

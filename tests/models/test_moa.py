@@ -61,7 +61,13 @@ def _moa_params(dense: list, router, top_k=P):
 
 
 @pytest.mark.parametrize(
-    "impl,core", [("dropless", "causal"), ("capacity", "causal"), ("dense", "causal"), ("dropless", "infini")]
+    "impl,core",
+    [
+        pytest.param("dropless", "causal", marks=pytest.mark.slow),
+        ("capacity", "causal"),
+        ("dense", "causal"),
+        pytest.param("dropless", "infini", marks=pytest.mark.slow),
+    ],
 )
 def test_identical_experts_equal_dense_attention_for_any_router(impl, core):
     apply, dense = _dense(core)
@@ -72,7 +78,7 @@ def test_identical_experts_equal_dense_attention_for_any_router(impl, core):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("core", ["causal", "infini"])
+@pytest.mark.parametrize("core", ["causal", pytest.param("infini", marks=pytest.mark.slow)])
 def test_all_experts_zero_router_is_mean_of_dense_attentions(core):
     apply, dense = _dense(core)  # distinct q/o, shared K/V (and memory gate)
     x, pos = _x(), _pos()
@@ -91,6 +97,7 @@ def test_core_head_order_pairs_expert_heads_with_their_kv_heads():
     np.testing.assert_array_equal(moa.from_core_heads(moa.to_core_heads(q, G), P, G), q)
 
 
+@pytest.mark.slow
 def test_params_layout_and_aux_losses():
     layer = moa.MixtureOfAttention(H, G, K, n_experts=E, top_k=P)
     boxed = jax.eval_shape(layer.init, jax.random.key(0), _x(), _pos())["params"]
@@ -105,6 +112,7 @@ def test_params_layout_and_aux_losses():
     assert np.isfinite(float(state["aux_loss"]["moa_lb"][0])) and float(state["aux_loss"]["moa_z"][0]) > 0
 
 
+@pytest.mark.slow
 def test_decode_matches_full_forward():
     m = tiny.get_config("test").model
     m.attention, m.ffn = "moa", "moe"

@@ -80,6 +80,7 @@ def test_capacity_one_with_unit_weight_equals_dense_block(dispatch):
     np.testing.assert_allclose(layer.apply(v, x, pos, seg), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_skips_are_bit_identical_and_exactly_k_change_and_dispatches_agree():
     layer, v = _layer(capacity=0.25)
     onehot = mod.MoDRouting(make_block=_factory(), capacity=0.25, dispatch="onehot")
@@ -94,6 +95,7 @@ def test_skips_are_bit_identical_and_exactly_k_change_and_dispatches_agree():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
 
 
+@pytest.mark.slow
 def test_selected_output_ignores_later_inputs_and_matches_restricted_reference():
     layer, v = _layer(capacity=0.5)
     x, pos = _inputs()
@@ -111,6 +113,7 @@ def test_selected_output_ignores_later_inputs_and_matches_restricted_reference()
     np.testing.assert_allclose(take(out), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", ["predictor", "aux_loss"])
 def test_aux_losses_gradients(causal):
     """Predictor BCE: zero gradient into every backbone param (the router BCE, by design, does reach the
@@ -136,6 +139,7 @@ def test_aux_losses_gradients(causal):
     assert np.any(np.asarray(jax.tree.leaves(g_aux["stack"]["block_0"]["layer_1"][key])[0]))
 
 
+@pytest.mark.slow
 def test_decode_with_predictor_equals_causal_full_forward():
     c = _cfg(mod=dict(route_by="causal"))
     m, dm = decoder.build_model(c.model), decoder.build_model(c.model, decode=True)
@@ -164,6 +168,7 @@ def test_decode_with_predictor_equals_causal_full_forward():
     assert int(jnp.sum(index_routed)) == round(frac * ids.size)
 
 
+@pytest.mark.slow
 def test_per_segment_topk_with_infini_writes_only_routed_tokens():
     """Top-k per Infini segment; the gathered block (segments of k) equals the full-length block that
     masks unrouted tokens (valid=False: not keys, no memory writes); earlier segments ignore later ones."""
@@ -219,6 +224,7 @@ def test_decoding_with_infini_is_refused():
         decoder.build_model(c.model, decode=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("sort", [False, True])
 def test_inverse_map_ops_equal_the_scatter_built_ones(seed, sort):

@@ -33,7 +33,7 @@ def _moe_params(mlps, router):
     return {**jax.tree.map(lambda *xs: jnp.stack(xs), *mlps), "router": router}
 
 
-@pytest.mark.parametrize("impl", ["dropless", "capacity", "dense"])
+@pytest.mark.parametrize("impl", [pytest.param("dropless", marks=pytest.mark.slow), "capacity", "dense"])
 def test_identical_experts_equal_dense_mlp_for_any_router(impl):
     x = _x()
     want = MLP_APPLY({"params": MLPS[0]}, x)
@@ -60,6 +60,7 @@ def test_one_hot_router_reproduces_chosen_expert(impl):
     np.testing.assert_allclose(got, MLP_APPLY({"params": MLPS[j]}, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_large_capacity_equals_dropless_values_and_grads():
     params = _moe_params(MLPS, jax.random.normal(jax.random.key(9), (D, E)))
     x = _x(b=3, t=5)
@@ -93,6 +94,7 @@ def test_capacity_drops_latest_positions_first():
     )
 
 
+@pytest.mark.slow
 def test_drop_rate_is_the_share_of_assignments_without_a_slot_and_the_layer_sows_it():
     experts = jnp.zeros((2, 32, 1), jnp.int32)  # all 64 to expert 0 of 2; 32 slots: half are dropped
     assert float(dispatch.drop_rate(moe.make_plan(experts, 2, "capacity", 1.0))) == 0.5
@@ -110,7 +112,7 @@ def test_drop_rate_is_the_share_of_assignments_without_a_slot_and_the_layer_sows
     assert float(cols["stats"]["moe_drop_rate"][0]) == 0.0  # the capacity factor that never drops
 
 
-@pytest.mark.parametrize("impl", ["capacity", "dropless"])
+@pytest.mark.parametrize("impl", [pytest.param("capacity", marks=pytest.mark.slow), "dropless"])
 def test_dispatch_and_combine_gradients_match_autodiff_with_drops(impl):
     # the custom VJP (a gather, not a scatter) equals the transpose XLA derives for the plain gather
     second = jax.random.randint(jax.random.key(0), (2, 8, 1), 1, E)
@@ -151,6 +153,7 @@ def test_z_loss_known_value():
     assert float(moe.z_loss(logits)) == pytest.approx(np.log(4.0) ** 2, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_params_layout_fp32_router_and_sown_aux_losses():
     layer = moe.MoE(F, linear=functools.partial(Dense, dtype=jnp.bfloat16), n_experts=E, top_k=2)
     x = _x()
@@ -170,6 +173,7 @@ def test_params_layout_fp32_router_and_sown_aux_losses():
     np.testing.assert_allclose(z, moe.z_loss(logits), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bitlinear_experts_quantise_per_expert():
     lin = functools.partial(BitLinear, norm="rms")
     x = _x().at[..., 0].set(1.0)
@@ -190,12 +194,14 @@ def test_bitlinear_experts_quantise_per_expert():
     np.testing.assert_allclose(layer({"params": scaled}, x), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropless_with_a_linear_without_ragged_hook_fails_clearly():
     layer = moe.MoE(F, linear=BitLinear, n_experts=E, top_k=2, impl="dropless")
     with pytest.raises(NotImplementedError, match="ragged_dot"):
         layer.init(jax.random.key(0), _x())
 
 
+@pytest.mark.slow
 def test_expert_sharded_equals_unsharded():
     from voltron_jax import config as cfglib
     from voltron_jax import sharding
@@ -234,6 +240,7 @@ def _routing(seed, b=3, t=16, p=2, e=4):
     )
 
 
+@pytest.mark.slow
 def test_invert_equals_scatter_built_inverse_with_out_of_range_entries():
     for seed in range(4):
         n, size = 40, 32
@@ -242,6 +249,7 @@ def test_invert_equals_scatter_built_inverse_with_out_of_range_entries():
         np.testing.assert_array_equal(dispatch.invert(index, size), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])  # drops; some of each; empty slots
 def test_plan_maps_equal_the_scatter_built_ones(capacity_factor, seed):
@@ -265,6 +273,7 @@ def test_plan_maps_equal_the_scatter_built_ones(capacity_factor, seed):
     np.testing.assert_array_equal(empty.group_sizes, [4, 0, 0, 0])
 
 
+@pytest.mark.slow
 def test_pick_equals_top_k_values_and_take_along_axis_gradient():
     v = jax.random.normal(jax.random.key(0), (32, E))
     top, ex = jax.lax.top_k(v, 2)

@@ -24,6 +24,7 @@ def _setup(b=4, t=16):
     return x, layer, nn.unbox(params)
 
 
+@pytest.mark.slow
 def test_grouped_is_capacity_dispatch_row_by_row_with_drops():
     x, layer, params = _setup(b=2)
     loss = lambda impl: lambda p, x: jnp.sum(jnp.sin(layer(impl).apply({"params": p}, x)))
@@ -41,6 +42,7 @@ def test_grouped_is_capacity_dispatch_row_by_row_with_drops():
     assert plan.capacity == 8 and int(jnp.sum(plan.to_assign < E * 8)) == 4 * 8  # expert 0 full per row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("linear", ["dense", "bitlinear", "bitlinear_warmin"])
 @pytest.mark.parametrize("axes", [(2, 2, 2, 1), (1, 2, 1, 4), (1, 4, 2, 1)])
 def test_grouped_sharded_equals_unsharded(linear, axes):
@@ -90,6 +92,7 @@ def _compiled_grad_hlo(b: int, t: int, argnums, linear="dense", dtype=jnp.float3
         return lowered.compile().as_text() if compile else lowered.as_text()
 
 
+@pytest.mark.slow
 def test_expert_parallel_keeps_weights_local():
     """Each device holds only its own experts' weights in the compiled step: no buffer in the program has
     all E experts of a gate kernel [E,D,F] (GSPMD alone gathered every expert onto every device)."""
@@ -113,6 +116,7 @@ def test_bf16_experts_gather_bf16_weights_and_reduce_scatter_fp32_gradients(line
     assert set(scatters) == {"f32"}
 
 
+@pytest.mark.slow
 def test_dispatch_backward_keeps_rows_on_their_devices():
     """The dispatch gather's backward runs on each device's own rows: with 8 rows over fsdp=2 x expert=4
     every device holds one, and no buffer holds the T*P assignments of a row group [B/fsdp,T*P,D] (left
@@ -124,6 +128,7 @@ def test_dispatch_backward_keeps_rows_on_their_devices():
     assert f"[{b // 2},{t * 2},{D}]" not in hlo
 
 
+@pytest.mark.slow
 def test_moa_grouped_equals_moa_capacity_per_row():
     b, t = 2, 8
     x = jax.random.normal(jax.random.key(2), (b, t, D))
@@ -136,6 +141,7 @@ def test_moa_grouped_equals_moa_capacity_per_row():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_full_save_dispatch_keeps_the_all_to_all_results():
     """Remat 'full_save_dispatch' saves what the dispatch's and combine's all-to-alls return, so the
     recomputed forward repeats neither: 4 all-to-alls in the compiled gradient of one MoE layer (forward

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.reliability import _reliability
+from tests.reliability import common
 from voltron_jax.run import checkpoint
 
 META = {"config": {"d": 1}}
@@ -96,7 +96,7 @@ def test_readers_without_fallback_move_nothing(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    yield from _reliability.small_disk(tmp_path / "disk", "2m")
+    yield from common.small_disk(tmp_path / "disk", "2m")
 
 
 def test_failed_async_save_is_raised_at_the_next_check(small_disk):

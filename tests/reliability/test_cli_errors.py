@@ -14,6 +14,7 @@ from voltron_jax.errors import ConfigError, VoltronError
 MAIN = ("-m", "voltron_jax.main", "--config=configs/tiny.py:test")
 
 
+@pytest.mark.slow
 def test_config_mistakes_are_one_line_and_write_nothing(tmp_path):
     """Unknown key (nearest match + the valid keys, as the README promises), missing file, bad value,
     negative max_steps, unknown flag: each one line before jax starts; the workdir is never created."""
@@ -27,6 +28,7 @@ def test_config_mistakes_are_one_line_and_write_nothing(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_bad_values_and_flags_are_one_line(tmp_path):
     w = f"--workdir={tmp_path / 'w'}"
     one_line_error(run(*MAIN, w, "--config.max_steps=-5"), "max_steps=-5", ">= 0")  # not "no cap"
@@ -38,11 +40,13 @@ def test_bad_values_and_flags_are_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback():
     out = run(*MAIN, "--workdir=/tmp/x", "--config.optim.lrr=1", "--debug")
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
 
 
+@pytest.mark.slow
 def test_surgery_help_and_errors(tmp_path):
     """`python -m voltron_jax.surgery --help` was an UnrecognizedFlagError; a missing branch checkpoint is
     a CheckpointError: one line each."""
@@ -55,6 +59,7 @@ def test_surgery_help_and_errors(tmp_path):
     one_line_error(run(*args, f"--out={tmp_path / 'o'}", "--config.model.moe.n_expert=2"), "'n_experts'")
 
 
+@pytest.mark.slow
 def test_ablate_emit_validates_what_it_prints_and_claims_flag(tmp_path):
     w = f"--workdir={tmp_path}"
     base = ("-m", "voltron_jax.experiments.ablate", "--config=configs/tiny.py", w, "--emit")
@@ -81,6 +86,7 @@ def test_evaluate_on_a_folder_that_is_no_run(tmp_path):
     one_line_error(out, str(tmp_path), "no config.json")
 
 
+@pytest.mark.slow
 def test_data_tools_on_an_empty_input_name_it(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -106,6 +112,7 @@ def test_prepare_on_no_documents_is_a_data_error(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_data_tools_name_a_non_utf8_file(tmp_path):
     bad = tmp_path / "latin1.jsonl"
     rec = {"index": 0, "id": "a", "text": "caf\u00e9", "split": "train"}

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from configs import tiny
-from tests.reliability._reliability import committed, small_disk, wait_for
+from tests.reliability.common import committed, small_disk, wait_for
 from voltron_jax import train
 from voltron_jax.data import pipeline
 from voltron_jax.run import checkpoint

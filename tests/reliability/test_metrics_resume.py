@@ -4,7 +4,7 @@ produces them is in test_process_faults.py)."""
 
 import json
 
-from tests.reliability._reliability import event_steps
+from tests.reliability.common import event_steps
 from voltron_jax.run import metrics
 
 

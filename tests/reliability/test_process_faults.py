@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.reliability._reliability import committed, event_steps, finish, line_with, records, start, wait_for
+from tests.reliability.common import committed, event_steps, finish, line_with, records, start, wait_for
 from voltron_jax.run import runlock
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # multi-process end-to-end runs: make test-heavy

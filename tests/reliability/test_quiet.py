@@ -8,6 +8,7 @@ import pytest
 from tests.reliability.common import NOISE, one_line_error, run
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_lines_are_not_shown(tmp_path):
     """evaluate imports TensorFlow (seqio) before it reads the run: the oneDNN / CUDA / absl::InitializeLog
     lines TF writes from C++ at import were ~6 lines on every command."""

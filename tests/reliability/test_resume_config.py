@@ -38,6 +38,7 @@ def changed(**fields):
     return c
 
 
+@pytest.mark.slow
 def test_another_model_shape_is_refused_by_the_real_command_and_nothing_changes(tmp_path):
     w = fake_run(tmp_path / "w", tiny.get_config("test"))
     before = snapshot(w)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from configs import tiny
-from tests.reliability._reliability import ROOT, env, finish, line_with, start, wait_for
+from tests.reliability.common import ROOT, env, finish, line_with, start, wait_for
 from voltron_jax.errors import RunLocked
 from voltron_jax.run import runlock
 
@@ -27,7 +27,7 @@ def _holder(workdir) -> subprocess.Popen:
     p = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env(),
+        env=env(quiet=True),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -111,13 +111,16 @@ def test_sigterm_before_the_loop_releases_the_lock(tmp_path):
         "import time; from voltron_jax.run import runlock\n"
         f"with runlock.RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(600)\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env(quiet=True), stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "held"
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=30)
     assert p.returncode != 0 and not (tmp_path / runlock.LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # a real training run once the holder dies
 def test_second_main_refuses_at_once_and_writes_nothing(tmp_path):
     """A real `python -m voltron_jax.main` against a workdir a live process holds: one line naming it,
     a non-zero exit, no config.json/run_info.json written; after the holder dies (kill -9) a run goes."""

@@ -50,6 +50,7 @@ def _layer(params, scan):
     return params["stack"]["block_0"]["layer_0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan,memory", [(False, "none"), (True, "infini")])
 def test_upcycled_logits_equal_dense_for_any_router(scan, memory):
     dense_cfg, moe_cfg = _configs(scan, memory)
@@ -122,6 +123,7 @@ def test_merge_stacks_bitwise_and_averages_in_fp32(seed_expert):
     assert T.count(merged) == want
 
 
+@pytest.mark.slow
 def test_full_routing_zero_router_is_mean_of_branch_ffns_and_attentions():
     dense_cfg, moe_cfg, branches, _, _, merged = _merge_setup()
     layer = _layer(merged, scan=False)
@@ -195,6 +197,7 @@ def test_expert_count_is_validated_with_a_clear_error():
         )
 
 
+@pytest.mark.slow
 def test_centroid_router_init_uses_per_cluster_mean_router_inputs():
     dense_cfg, moe_cfg, branches, _, shapes, merged = _merge_setup()
     model = decoder.build_model(moe_cfg.model)
@@ -214,6 +217,7 @@ def test_centroid_router_init_uses_per_cluster_mean_router_inputs():
     np.testing.assert_allclose(w.T, 2.0 * d / np.linalg.norm(d, axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_target_and_orbax_round_trip(tmp_path):
     from voltron_jax.run import checkpoint
 

@@ -47,6 +47,7 @@ def _top1_hits(model, params, batches: list, *args) -> float:
     return float(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_centroid_routers_send_each_cluster_to_its_expert():
     _, moe_cfg, branches, _, shapes, merged = _merge_setup()  # random routers
     model = decoder.build_model(moe_cfg.model)
@@ -75,6 +76,7 @@ def _probe(model, n_batches_seen: list):
     return surgery.Probe(forward=lambda params: functools.partial(run, params), batches=batches)
 
 
+@pytest.mark.slow
 def test_apply_centroid_routers_with_the_seed_expert():
     dense_cfg, moe_cfg, branches, seed, shapes, _ = _merge_setup(seed_expert=True)  # 3 branches + seed
     cfg = moe_cfg.copy_and_resolve_references()
@@ -110,6 +112,7 @@ def test_apply_centroid_routers_with_the_seed_expert():
             np.testing.assert_allclose(val, want.astype(np.float32), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_apply_checks_the_seed_expert_and_expert_counts():
     dense_cfg, moe_cfg = _configs()  # E experts
     branches = _merge_setup()[2]  # E branches
