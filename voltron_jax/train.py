@@ -3,7 +3,8 @@
     run(config, workdir)
       for each phase (stable, decay, branch xN, mix, fine-tune ...):
         mesh + shardings -> model/optimizer shapes via jax.eval_shape -> init ladder
-        (resume the phase folder | parents' checkpoints [+ surgery] | scratch) -> loop (step, log, eval, save)
+        (resume the phase folder | parents' checkpoints [+ surgery] | a HF checkpoint | scratch)
+        -> loop (step, log, eval, save)
 
 The loop never asks which technique is on: auxiliary losses are whatever the model sowed into the
 'aux_loss' collection, weighted by `config.aux_weights[name]`.
@@ -414,6 +415,15 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
     return rt.place(merged)
 
 
+def init_from_hf(rt: Runtime, path: str) -> TrainState:
+    """A phase's first state from a Hugging Face checkpoint folder (init.from_='hf:/path'): its weights
+    checked against the phase's model, a fresh optimizer state (voltron_jax/interop/hf_import.py)."""
+    from voltron_jax.interop import hf_import
+
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
+    return rt.place(hf_import.load_params(path, rt.config.model, target))
+
+
 # ============================================================================ the loop
 
 
@@ -491,7 +501,7 @@ def run_phase(
     )
     end = phase.start + phase.steps
 
-    # ---- init ladder: resume this folder | parents (+ surgery) | scratch
+    # ---- init ladder: resume this folder | parents (+ surgery) | Hugging Face checkpoint | scratch
     if ck.latest_step() is not None:
         # a damaged newest step is moved aside and the newest clean one resumes (checkpoint.py)
         state, data_state, _ = ck.restore(target=rt.abstract, fallback=True)
@@ -499,6 +509,8 @@ def run_phase(
         print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
     elif recipe_lib.parents(config.recipe[phase.name]):
         state = init_from_parents(rt, config, all_phases, phase)
+    elif recipe_lib.hf_source(config.recipe[phase.name]):
+        state = init_from_hf(rt, recipe_lib.hf_source(config.recipe[phase.name]))
     else:
         state = rt.scratch()
     meta = {**info, "phase": phase.label, "config": c.to_dict()}

@@ -171,11 +171,15 @@ class Model:
 
     @property
     def vocab(self):
-        """ByteVocab, or the run's seqio SentencePiece vocabulary (loaded on first use)."""
+        """ByteVocab, or the run's seqio SentencePiece or tokenizers vocabulary (loaded on first use)."""
         if self._vocab is None:
             d = self.config.data
             if d.vocab == "byte":
                 self._vocab = ByteVocab()
+            elif d.vocab == "tokenizers":
+                from voltron_jax.data import vocab as vocab_lib
+
+                self._vocab = vocab_lib.make_vocab(d)
             else:
                 self._vocab = _sentencepiece(d, self.path)
         return self._vocab
@@ -210,6 +214,7 @@ class Model:
             top_k=top_k,
             top_p=top_p,
             seed=seed,
+            eos_id=self.vocab.eos_id,
             pad_multiple=self.config.data.seq_len,
         )
         res = [self.decode(ids) for ids in out]
@@ -225,6 +230,7 @@ class Model:
             self.train_model,
             self.params,
             [self.encode(t) for t in items],
+            eos_id=self.vocab.eos_id,
             pad_multiple=self.config.data.seq_len,
         )
         return out[0] if single else out
