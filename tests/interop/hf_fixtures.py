@@ -34,7 +34,7 @@ def save_tokenizer(path: str, vocab_size: int = 320) -> None:
 
 
 def hf_config(kind: str, vocab_size: int = 320, **kw):
-    """A tiny transformers config of `kind` (llama | llama_tied | mistral | mixtral)."""
+    """A tiny transformers config of `kind` (llama | llama_tied | mistral | mixtral | jetmoe)."""
     import transformers
 
     common = dict(
@@ -62,6 +62,13 @@ def hf_config(kind: str, vocab_size: int = 320, **kw):
         return transformers.MixtralConfig(
             sliding_window=None, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, **common
         )
+    if kind == "jetmoe":  # one query head per KV head in each attention expert; block norms' eps 1e-6
+        for k in ("num_attention_heads", "max_position_embeddings"):
+            common.pop(k)
+        common.update(rms_norm_eps=1e-6, num_key_value_heads=4, tie_word_embeddings=False)
+        return transformers.JetMoeConfig(
+            kv_channels=8, num_local_experts=4, num_experts_per_tok=2, rope_theta=20000.0, **common
+        )
     raise ValueError(kind)
 
 
@@ -76,12 +83,15 @@ def make_hf_model(kind: str, path: str, seed: int = 0):
         "llama_tied": transformers.LlamaForCausalLM,
         "mistral": transformers.MistralForCausalLM,
         "mixtral": transformers.MixtralForCausalLM,
+        "jetmoe": transformers.JetMoeForCausalLM,
     }[kind]
     model = cls(hf_config(kind)).eval()
     with torch.no_grad():  # RMSNorm gains away from 1, so a swapped norm would show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):  # JetMoE's MoE/MoA output biases (voltron_jax has none)
+                p.zero_()
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     save_tokenizer(path)

@@ -23,12 +23,14 @@ def _ids(vocab: int, shape=(2, 24), seed=1) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "mistral", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "mistral", "mixtral", "jetmoe"])
 def test_import_matches_transformers(kind, tmp_path):
     hf = make_hf_model(kind, str(tmp_path))
     m, params = hf_import.load(str(tmp_path))
     assert m.tie_embeddings == (kind == "llama_tied") and ("lm_head" in params) != m.tie_embeddings
-    assert (m.ffn == "moe") == (kind == "mixtral") and m.n_kv_heads == 2 and m.norm_eps == 1e-5
+    assert (m.ffn == "moe") == (kind in ("mixtral", "jetmoe"))
+    assert (m.attention == "moa") == (kind == "jetmoe")
+    assert (m.n_kv_heads, m.norm_eps) == ((4, 1e-6) if kind == "jetmoe" else (2, 1e-5))
     assert m.rope_theta == hf.config.rope_parameters["rope_theta"]
     ids = _ids(m.vocab_size)
     ours = np.asarray(decoder.build_model(m).apply({"params": params}, jnp.asarray(ids)))

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in: a Llama / Mistral / Mixtral folder -> voltron_jax model config and params.
+"""Hugging Face checkpoints in: a Llama / Mistral / Mixtral / JetMoE folder -> voltron_jax config and params.
 
     from voltron_jax.interop import hf_import
     model_cfg, params = hf_import.load("path/to/hf_model")     # folder: config.json + *.safetensors
@@ -11,7 +11,9 @@ c-BTX recipe can branch a pretrained dense seed (configs/recipe_cbtx.py with `se
 The imported model is the checkpoint's exact function (tests/interop/test_hf_import.py compares logits
 with transformers' own forward): every project feature that would change the math is off (linear
 'dense', memory 'none', residual 'plain', routing 'none', MiniCPM scaling neutral) and a Mixtral's MoE
-runs with `moe.impl='capacity'` and `capacity_factor = n_experts / top_k`, which never drops a token.
+runs with `moe.impl='capacity'` and `capacity_factor = n_experts / top_k`, which never drops a token
+(JetMoE's MoA the same); a JetMoE becomes attention 'moa' (n_heads = n_kv_heads, head_dim = kv_channels)
+over an MoE FFN, its zero output biases dropped (non-zero ones are refused).
 
 Conventions checked against transformers' Llama code: RoPE is the rotate-half form on both sides (HF's
 q_proj/k_proj rows are already in rotate-half order, so no permutation), inv_freq = theta^(-2i/K);
@@ -32,6 +34,7 @@ Key mapping (layer i; `.T` = transpose):
     model.layers.i.block_sparse_moe.experts.e.{w1,w3,w2}.weight.T -> layer i ffn/{gate,up,down}/kernel[e]
     (transformers 5's fused in-memory names mlp.gate.weight, mlp.experts.gate_up_proj [E,2F,D] (gate rows
     first) and mlp.experts.down_proj [E,D,F] are read as well.)
+    JetMoE: the inverse of hf_export.py's JetMoE mapping (kv_proj = [k; v], input_linear = [gate; up]).
 Layer i is params/stack/block_i/layer_0 (scan_layers=False) or row i of params/stack/blocks/layer_0.
 
 Not imported (ConfigError naming the field): rope scaling other than 'default', attention or MLP
@@ -50,7 +53,13 @@ import numpy as np
 from voltron_jax.errors import ConfigError
 
 HF_PREFIX = "hf:"
-ARCHITECTURES = {"LlamaForCausalLM": "mlp", "MistralForCausalLM": "mlp", "MixtralForCausalLM": "moe"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "mlp",
+    "MistralForCausalLM": "mlp",
+    "MixtralForCausalLM": "moe",
+    "JetMoeForCausalLM": "moe",  # with attention 'moa'
+}
+JETMOE_BLOCK_EPS = 1e-6  # transformers' JetMoeRMSNorm default, used by every JetMoE block norm
 
 
 def read_hf_config(path: str) -> dict:
@@ -97,8 +106,16 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
     if act not in ("silu", "swish"):
         raise ConfigError(f"hidden_act={act!r}: only SiLU (SwiGLU) MLPs import.")
     m = config_lib.get_default().model
-    d, h = hf["hidden_size"], hf["num_attention_heads"]
-    hd = hf.get("head_dim") or d // h
+    jetmoe = arch == "JetMoeForCausalLM"
+    if jetmoe and float(hf.get("rms_norm_eps", 1e-6)) != JETMOE_BLOCK_EPS:
+        raise ConfigError(
+            f"JetMoE rms_norm_eps={hf['rms_norm_eps']} differs from its block norms' fixed "
+            f"{JETMOE_BLOCK_EPS}; voltron_jax has one model.norm_eps, so only "
+            f"rms_norm_eps={JETMOE_BLOCK_EPS} imports."
+        )
+    d = hf["hidden_size"]
+    h = hf["num_key_value_heads"] if jetmoe else hf["num_attention_heads"]
+    hd = (hf.get("kv_channels") if jetmoe else hf.get("head_dim")) or d // h
     m.vocab_size = hf["vocab_size"]
     m.d_model = d
     m.n_layers = hf["num_hidden_layers"]
@@ -116,8 +133,17 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
     m.ffn = ARCHITECTURES[arch]
     if m.ffn == "moe":
         e, k = hf["num_local_experts"], hf["num_experts_per_tok"]
+        if k == 1:
+            raise ConfigError(
+                "num_experts_per_tok=1: voltron_jax's top-1 gate is the router probability (Switch), "
+                "the checkpoint's is 1; only top_k >= 2 imports exactly."
+            )
         m.moe.n_experts, m.moe.top_k = e, k
         m.moe.impl, m.moe.capacity_factor = "capacity", e / k  # never drops: the exact Mixtral
+        if jetmoe:
+            m.attention = "moa"
+            m.moa.n_experts, m.moa.top_k = e, k
+            m.moa.impl, m.moa.capacity_factor = "capacity", e / k
     return m
 
 
@@ -164,7 +190,9 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
     """The project params of layer i (nested dict, numpy fp32) from HF tensors `t`."""
     p = f"model.layers.{i}."
-    attn = {n: {"kernel": t[f"{p}self_attn.{n}_proj.weight"].T} for n in ("q", "k", "v", "o")}
+    attn = None
+    if f"{p}self_attn.q_proj.weight" in t or f"{p}self_attention.kv_proj.weight" not in t:
+        attn = {n: {"kernel": t[f"{p}self_attn.{n}_proj.weight"].T} for n in ("q", "k", "v", "o")}
     if ffn == "mlp":
         ffn_p = {n: {"kernel": t[f"{p}mlp.{n}_proj.weight"].T} for n in ("gate", "up", "down")}
     elif f"{p}block_sparse_moe.gate.weight" in t:
@@ -176,6 +204,16 @@ def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
             "up": {"kernel": ex("w3")},
             "down": {"kernel": ex("w2")},
         }
+    elif f"{p}mlp.input_linear.weight" in t:  # JetMoE
+        _no_bias(t, f"{p}mlp.bias")
+        gu = t[f"{p}mlp.input_linear.weight"]  # [E,2F,D], gate rows first
+        f = gu.shape[1] // 2
+        ffn_p = {
+            "router": t[f"{p}mlp.router.layer.weight"].T,
+            "gate": {"kernel": gu[:, :f].transpose(0, 2, 1)},
+            "up": {"kernel": gu[:, f:].transpose(0, 2, 1)},
+            "down": {"kernel": t[f"{p}mlp.output_linear.weight"].transpose(0, 2, 1)},
+        }
     else:  # transformers 5's fused layout
         gu = t[f"{p}mlp.experts.gate_up_proj"]  # [E,2F,D]
         f = gu.shape[1] // 2
@@ -186,10 +224,30 @@ def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
             "down": {"kernel": t[f"{p}mlp.experts.down_proj"].transpose(0, 2, 1)},
         }
     return {
-        "attn": attn,
+        "attn": attn if attn is not None else _jetmoe_attention(t, p),
         "attn_norm": {"scale": t[f"{p}input_layernorm.weight"]},
         "ffn": ffn_p,
         "ffn_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
+    }
+
+
+def _no_bias(t: dict, name: str) -> None:
+    if np.any(t[name] != 0):
+        raise ConfigError(f"the checkpoint's {name} is not zero; voltron_jax models have no biases.")
+
+
+def _jetmoe_attention(t: dict, p: str) -> dict:
+    """JetMoE MoA of layer prefix p: shared K/V (kv_proj, K rows first), per-expert Q and O, a router."""
+    a = f"{p}self_attention."
+    _no_bias(t, a + "experts.bias")
+    kv = t[a + "kv_proj.weight"]  # [2*G*K, D]
+    half = kv.shape[0] // 2
+    return {
+        "router": t[a + "experts.router.layer.weight"].T,
+        "q": {"kernel": t[a + "experts.input_linear.weight"].transpose(0, 2, 1)},  # [E,D,G*K]
+        "k": {"kernel": kv[:half].T},
+        "v": {"kernel": kv[half:].T},
+        "o": {"kernel": t[a + "experts.output_linear.weight"].transpose(0, 2, 1)},  # [E,G*K,D]
     }
 
 
