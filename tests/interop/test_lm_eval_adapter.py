@@ -158,6 +158,7 @@ def test_local_k_shot_tasks_score_what_the_model_predicts(tmp_path):
     assert res["parity_gen"]["exact_match,none"] == pytest.approx(0.8)
 
 
+@pytest.mark.heavy  # a training run plus a subprocess (about 50 s here): make test-heavy
 def test_evaluate_cli_runs_harness_tasks(tmp_path):
     """The short form over a real run: an exported parity model imported as a 0-step phase."""
     import ml_collections

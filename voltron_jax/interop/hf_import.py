@@ -6,7 +6,7 @@
 
 A recipe phase starts from such a folder with `init.from_="hf:/path/to/hf_model"` (voltron_jax/recipe.py):
 the train loop reads the tensors with `load_params` and checks them against the phase's model, so a
-c-BTX recipe can branch a pretrained dense seed (configs/recipe_cbtx.py with `seed=hf:...`).
+c-BTX recipe can branch a pretrained dense seed (configs/cbtx_hf.py; docs/interop.md).
 
 The imported model is the checkpoint's exact function (tests/interop/test_hf_import.py compares logits
 with transformers' own forward): every project feature that would change the math is off (linear
