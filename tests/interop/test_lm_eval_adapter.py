@@ -195,3 +195,10 @@ def test_evaluate_cli_runs_harness_tasks(tmp_path):
     assert "parity_mc" in r.stdout and "acc,none 0.8000" in r.stdout, r.stdout
     rec = json.loads(out_json.read_text().splitlines()[-1])
     assert rec["tasks"]["parity_gen"]["exact_match,none"] == pytest.approx(0.8)
+    # lm_eval's own command line, with the model registered
+    harness = [sys.executable, "-m", "voltron_jax.interop.lm_eval_adapter", "run", "--model", "voltron"]
+    harness += ["--model_args", f"workdir={tmp_path / 'run'}", "--tasks", "parity_mc", "--num_fewshot", "1"]
+    harness += ["--include_path", tasks, "--batch_size", "4"]
+    r = subprocess.run(harness, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parity_mc" in r.stdout and "0.8" in r.stdout, r.stdout

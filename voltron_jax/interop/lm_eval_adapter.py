@@ -4,6 +4,8 @@
     lm_eval.simple_evaluate(model="voltron", model_args="workdir=runs/demo,batch_size=16",
                             tasks=["hellaswag"], num_fewshot=5)
     python -m voltron_jax.experiments.evaluate --workdir=runs/demo --tasks=hellaswag --num_fewshot=5
+    python -m voltron_jax.interop.lm_eval_adapter run --model voltron --model_args workdir=runs/demo \
+        --tasks hellaswag --num_fewshot 5        # lm_eval's own command line, 'voltron' registered
 
 `workdir` is anything `voltron_jax.load` accepts (model_args also: step, batch_size, max_length). The three
 request kinds, each in batches of `batch_size` rows sorted by length (one compile per padded width: rows
@@ -206,3 +208,12 @@ def run_tasks(
         task: {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and k != "alias"}
         for task, metrics in out["results"].items()
     }
+
+
+if __name__ == "__main__":
+    # `lm_eval ...` with the model 'voltron' registered (lm_eval's own command imports no plugins):
+    #   python -m voltron_jax.interop.lm_eval_adapter run --model voltron --model_args workdir=runs/x \
+    #       --tasks hellaswag
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
