@@ -83,3 +83,18 @@ def test_unsupported_checkpoints_fail_clearly(tmp_path):
     m.n_kv_heads = 4
     with pytest.raises(ConfigError, match="model.n_kv_heads=4 .* --config.model.n_kv_heads=2"):
         hf_import.load_params(str(tmp_path), m)
+
+
+def test_bf16_and_sharded_checkpoints_import(tmp_path):
+    import torch
+
+    hf = make_hf_model("llama", str(tmp_path / "fp32"))
+    hf.to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"), max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "bf16").glob("*.safetensors"))
+    assert len(shards) > 1  # sharded, with model.safetensors.index.json
+    _, p32 = hf_import.load(str(tmp_path / "fp32"))
+    m16, p16 = hf_import.load(str(tmp_path / "bf16"))
+    assert m16.dtype == "float32"  # params are fp32 in the project; the bf16 values exactly
+    for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(p16), strict=True):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), b)
