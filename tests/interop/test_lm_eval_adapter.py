@@ -106,6 +106,16 @@ def test_generate_until_uses_the_kv_cache_and_stops():
     assert ref.startswith("O\n")
 
 
+def test_generation_stops_at_extra_stop_ids():
+    """stop_ids (an imported tokenizer's own EOS, when the boundary id is its BOS) end a row as EOS does."""
+    from voltron_jax.inference import generate
+
+    lm = parity_model()
+    args = (lm.decode_model, lm.train_model, lm.params, [[B(c) for c in "Parity of 4"]], 5)
+    assert generate.generate_ids(*args, temperature=0.0)[0][:2] == [B("E"), B("\n")]
+    assert generate.generate_ids(*args, temperature=0.0, stop_ids=[B("\n")]) == [[B("E")]]
+
+
 # labels: parity of n, except two mislabelled test documents -> the parity model scores exactly 0.8
 TEST_DOCS = [dict(n=n, label=n % 2 if n not in (2, 7) else 1 - n % 2) for n in range(10)]
 TRAIN_DOCS = [dict(n=n, label=n % 2) for n in range(10, 20)]

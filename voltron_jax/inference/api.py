@@ -216,6 +216,7 @@ class Model:
             seed=seed,
             eos_id=self.vocab.eos_id,
             pad_multiple=self.config.data.seq_len,
+            stop_ids=[i for i in [getattr(self.vocab, "hf_eos_id", None)] if i is not None],
         )
         res = [self.decode(ids) for ids in out]
         return res[0] if single else res

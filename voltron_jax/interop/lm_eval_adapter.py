@@ -162,10 +162,10 @@ class VoltronLM(LM):
                     temperature=temperature,
                     eos_id=self.boundary,
                     pad_multiple=self.pad_multiple,
+                    stop_ids=sorted(self.stop_ids),
                 )
                 for i, ids in zip(idx, gen, strict=True):
-                    cut = next((k for k, t in enumerate(ids) if t in self.stop_ids), len(ids))
-                    text = self.model.decode(ids[:cut])
+                    text = self.model.decode(ids)
                     for u in until:
                         text = text.split(u)[0] if u else text
                     out[i] = text
