@@ -141,7 +141,11 @@ def test_models_transformers_cannot_express_are_refused(field, value, match, tmp
     c.model.moe.top_k = 1
     with pytest.raises(ConfigError, match="model.moe.top_k=2"):
         hf_export.check_exportable(c.model)
-    assert not (tmp_path / "x").exists()
+    c = tiny_config("dense_tied")
+    c.data.vocab = "sentencepiece"
+    with pytest.raises(ConfigError, match="--notokenizer"):
+        hf_export.export(random_params(c.model), c, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()  # a refused export writes nothing
 
 
 def test_cli_exports_a_run_and_never_overwrites(tmp_path):

@@ -274,7 +274,11 @@ def write_tokenizer(data_cfg, out: str) -> dict:
             if os.path.exists(os.path.join(src, f)):
                 shutil.copyfile(os.path.join(src, f), os.path.join(out, f))
         return dict(bos_token_id=v.bos_token_id, eos_token_id=v.hf_eos_id, pad_token_id=None)
-    raise ConfigError(
+    raise _no_tokenizer(data_cfg)
+
+
+def _no_tokenizer(data_cfg) -> ConfigError:
+    return ConfigError(
         f"data.vocab={data_cfg.vocab!r}: the tokenizer cannot be written as tokenizer.json here; export "
         "with tokenizer=False (--notokenizer) and convert the SentencePiece .model with transformers."
     )
@@ -298,6 +302,8 @@ def export(params, config, out: str, tokenizer: bool = True) -> str:
     m = config.model
     check_out(out)
     tensors = to_tensors(params, m)  # check_exportable first: a refused model writes nothing
+    if tokenizer and config.data.vocab not in ("byte", "tokenizers"):
+        raise _no_tokenizer(config.data)
     if not tokenizer and config.data.vocab == "byte":
         special = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)
     elif not tokenizer:
