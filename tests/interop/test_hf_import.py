@@ -1,6 +1,7 @@
 """HF checkpoints in: imported Llama / Mistral / Mixtral models compute transformers' own logits (fp32,
 max abs diff <= 1e-4) and the same greedy generations with the KV cache."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +84,17 @@ def test_unsupported_checkpoints_fail_clearly(tmp_path):
     m.n_kv_heads = 4
     with pytest.raises(ConfigError, match="model.n_kv_heads=4 .* --config.model.n_kv_heads=2"):
         hf_import.load_params(str(tmp_path), m)
+    m.n_kv_heads, m.linear = 2, "bitlinear"  # same sizes, but BitLinear's own norm params
+    with pytest.raises(ConfigError, match="linear 'dense'.*hf_import.configure"):
+        hf_import.load_params(str(tmp_path), m, _abstract(m))
+    m.linear = "dense"
+    assert hf_import.load_params(str(tmp_path), m, _abstract(m))["embed"]["embedding"].shape == (320, 32)
+
+
+def _abstract(m):
+    return nn.unbox(jax.eval_shape(decoder.build_model(m).init, jax.random.key(0), jnp.zeros((1, 8), int)))[
+        "params"
+    ]
 
 
 def test_bf16_and_sharded_checkpoints_import(tmp_path):

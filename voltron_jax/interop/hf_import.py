@@ -297,7 +297,17 @@ def load_params(path: str, m, target=None) -> dict:
             )
     params = to_params(read_tensors(path), m)
     if target is not None:
-        from voltron_jax.inference.api import check_architecture
+        from voltron_jax.inference.api import _shapes
 
-        check_architecture(target, params, f"from Hugging Face folder {path}")
+        want, have = _shapes(target), _shapes(params)
+        diffs = sorted(set(want) ^ set(have))
+        diffs += [k for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+        if diffs:
+            raise ConfigError(
+                f"the phase's model has other parameters than the Hugging Face checkpoint {path!r} gives "
+                f"({', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}): a phase starting from it needs "
+                "the checkpoint's architecture with every technique slot at its plain choice (linear "
+                "'dense', memory 'none', residual 'plain', routing 'none'); build the config with "
+                "voltron_jax.interop.hf_import.configure."
+            )
     return params
