@@ -614,12 +614,7 @@ def _validate_hf_init(name: str, ph) -> None:
             f"recipe.{name}.init.from_={ph.init.from_!r}: a Hugging Face checkpoint initialises a phase "
             "alone and without surgery; start a dense phase from it and branch or upcycle that phase."
         )
-    path = hf[0][len(HF_PREFIX) :]
-    if not os.path.exists(os.path.join(path, "config.json")):
-        _fail(
-            f"recipe.{name}.init.from_={ph.init.from_!r}: {path!r} is not a Hugging Face checkpoint folder "
-            "(no config.json); give the folder that save_pretrained wrote."
-        )
+    # the folder itself is read (and checked) when the phase starts: a finished phase no longer needs it
 
 
 def _validate_surgery(c, name: str, pc):

@@ -81,13 +81,13 @@ def test_a_phase_starts_from_the_hf_checkpoint_and_scores_like_transformers(tmp_
 
 
 def test_hf_init_errors(tmp_path):
-    c = cfglib.get_default()
-    c.recipe = ml_collections.ConfigDict()
-    c.recipe.seed = cfglib.phase(0, init_from=[f"hf:{tmp_path}/nothing"])
-    with pytest.raises(ConfigError, match="not a Hugging Face checkpoint folder"):
-        cfglib.validate(c)
     hf_dir = str(tmp_path / "hf")
     make_hf_model("llama", hf_dir)
+    c = _seed_only_config(hf_dir)
+    c.recipe.seed.init.from_ = f"hf:{tmp_path}/nothing"
+    cfglib.validate(c)  # the folder is read when the phase starts (a finished phase no longer needs it)
+    with pytest.raises(ConfigError, match="nothing' is not a folder; pass a Hugging Face checkpoint"):
+        train.run(c, str(tmp_path / "run"))
     c.recipe.a = cfglib.phase(1)
     c.recipe.seed = cfglib.phase(0, init_from=[f"hf:{hf_dir}", "a"])
     with pytest.raises(ConfigError, match="initialises a phase alone"):
