@@ -1,7 +1,7 @@
 """voltron_jax: a JAX/Flax research codebase for frontier-technique language models on TPU pods.
 
 Install for development with the exact known-good set:
-    pip install -c constraints.txt -e '.[test,data,aot]'
+    pip install -c constraints.txt -e '.[test,data,aot,interop]'
 """
 from setuptools import find_packages, setup
 
@@ -32,6 +32,15 @@ setup(
         # libtpu pinned to the version jax[tpu]==0.10.2 names; used for TPU runs and CPU-host AOT compiles.
         "aot": ["libtpu==0.0.42"],
         "data": ["apache-beam>=2.77,<2.78", "faiss-cpu>=1.9,<2", "scikit-learn>=1.5,<2"],
+        # Hugging Face checkpoints in/out and the lm-evaluation-harness model (voltron_jax/interop/); never
+        # imported by the core. torch runs transformers' forward in the interop tests (the CPU wheel).
+        "interop": [
+            "transformers>=5.25,<6",
+            "safetensors>=0.8,<0.9",
+            "tokenizers>=0.23,<0.24",
+            "lm-eval>=0.4.13,<0.5",
+            "torch>=2.13,<2.14",
+        ],
     },
     entry_points={"console_scripts": ["voltron=voltron_jax.main:entrypoint"]},
 )

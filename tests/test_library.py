@@ -116,6 +116,25 @@ def test_the_library_never_imports_configs(tmp_path):
         assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
 
 
+def test_the_core_never_imports_the_interop_packages(tmp_path):
+    """train, config, the models and the data pipeline run without the optional extra 'interop': importing
+    them loads none of transformers, torch, safetensors, tokenizers or lm_eval (only voltron_jax/interop/
+    and the 'tokenizers' vocabulary import them, inside the functions that need them)."""
+    heavy = ("transformers", "torch", "safetensors", "tokenizers", "lm_eval")
+    code = (
+        "import sys\n"
+        "import voltron_jax.train, voltron_jax.config, voltron_jax.models.decoder\n"
+        "import voltron_jax.data.vocab, voltron_jax.data.pipeline, voltron_jax.inference.api\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
 def _fresh_venv(tmp_path) -> str:
     """A new virtualenv whose only voltron_jax is the wheel built from this checkout. Its dependencies come
     from this interpreter's site-packages through a plain path line (.pth files there, such as an editable

@@ -21,7 +21,7 @@ from voltron_jax import registry, schedules
 from voltron_jax.errors import ConfigError
 from voltron_jax.microbatch import ACC_DTYPES
 from voltron_jax.models import decoder
-from voltron_jax.recipe import parents, phase_order, phase_steps, seed_phase
+from voltron_jax.recipe import HF_PREFIX, parents, phase_order, phase_steps, seed_phase
 from voltron_jax.sharding import MESH_AXES, resolve_mesh
 
 __all__ = ["ConfigError", "MESH_AXES", "apply_overrides", "complete", "get_default", "load", "phase"]
@@ -114,7 +114,8 @@ def get_default() -> ml_collections.ConfigDict:
     d.corpus = "stdlib"  # stdlib (embedded) | tfds:<name> (e.g. tfds:c4/en); the mixture name 'corpus'
     d.tfds_data_dir = ""
     d.cache_dir = ""  # tokenised streams and trained vocabularies; empty: ~/.cache/voltron_jax
-    d.vocab = "byte"  # byte | sentencepiece
+    d.vocab = "byte"  # byte | sentencepiece | tokenizers (a Hugging Face tokenizer.json: tokenizer_path)
+    d.tokenizer_path = ""  # vocab=tokenizers: tokenizer.json or a HF checkpoint folder (data/vocab.py)
     d.spm_path = ""  # existing .model file; empty with vocab=sentencepiece trains one locally
     d.spm_vocab_size = 4096
     d.granularity = "file"  # file | paragraph
@@ -445,7 +446,11 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         _fail(f"max_steps={c.max_steps} must be >= 0 (0: every phase runs its recipe steps; N caps them).")
 
     d = c.data
-    _choice("data.vocab", d.vocab, ("byte", "sentencepiece"))
+    _choice("data.vocab", d.vocab, ("byte", "sentencepiece", "tokenizers"))
+    if d.vocab == "tokenizers" and not d.tokenizer_path:
+        _fail(
+            "data.vocab='tokenizers' needs data.tokenizer_path (a tokenizer.json or a HF checkpoint folder)."
+        )
     _choice("data.ordering", d.ordering, ("random", "icp", "dedup_random"))
     _choice("data.embed.kind", d.embed.kind, ("tfidf", "hashing"))
     _choice("data.icp.index", d.icp.index, ("auto", "flat", "ivf", "hnsw"))
@@ -552,6 +557,7 @@ def _validate_recipe(c):
                 f"recipe.{name}: keep_optimizer needs the parent's tree unchanged; set "
                 f"init.keep_optimizer=False when init.surgery={ph.init.surgery!r}."
             )
+        _validate_hf_init(name, ph)
         if len(parents(ph)) > 1 and not ph.init.surgery:
             _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
         if ph.stage == "decay":
@@ -574,6 +580,20 @@ def _validate_recipe(c):
             f"recipe phases {decay_phases} have stage='decay', which needs schedule.name='wsd' "
             f"(got {sched.name!r})."
         )
+
+
+def _validate_hf_init(name: str, ph) -> None:
+    """init.from_='hf:/path': one Hugging Face checkpoint folder, alone, no surgery (recipe.hf_source)."""
+    entries = [p for p in ph.init.from_.split(",") if p]
+    hf = [p for p in entries if p.startswith(HF_PREFIX)]
+    if not hf:
+        return
+    if len(entries) > 1 or ph.init.surgery:
+        _fail(
+            f"recipe.{name}.init.from_={ph.init.from_!r}: a Hugging Face checkpoint initialises a phase "
+            "alone and without surgery; start a dense phase from it and branch or upcycle that phase."
+        )
+    # the folder itself is read (and checked) when the phase starts: a finished phase no longer needs it
 
 
 def _validate_surgery(c, name: str, pc):

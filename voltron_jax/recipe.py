@@ -2,7 +2,10 @@
 
 `config.recipe` maps phase names to `config.phase(...)` entries. A phase names its parents in
 `init.from_` (comma-separated); the loop runs phases parents first, and the learning-rate schedule of a
-phase continues its first parent's global step (`phase_start`). Pure functions of the config; no I/O.
+phase continues its first parent's global step (`phase_start`). Instead of phases, `init.from_` may name
+one Hugging Face checkpoint folder, `hf:/path/to/model` (`hf_source`): the phase starts from those
+weights (voltron_jax/interop/hf_import.py) at global step 0, like a scratch phase. Pure functions of the
+config; no I/O.
 """
 
 from __future__ import annotations
@@ -11,10 +14,18 @@ import ml_collections
 
 from voltron_jax.errors import ConfigError
 
+HF_PREFIX = "hf:"
+
 
 def parents(ph: ml_collections.ConfigDict) -> list[str]:
-    """The phases that initialise `ph` (empty: it starts from scratch)."""
-    return [p for p in ph.init.from_.split(",") if p]
+    """The phases that initialise `ph` (empty: it starts from scratch or from a Hugging Face checkpoint)."""
+    return [p for p in ph.init.from_.split(",") if p and not p.startswith(HF_PREFIX)]
+
+
+def hf_source(ph: ml_collections.ConfigDict) -> str:
+    """The Hugging Face checkpoint folder that initialises `ph` ('' for none)."""
+    hf = [p[len(HF_PREFIX) :] for p in ph.init.from_.split(",") if p.startswith(HF_PREFIX)]
+    return hf[0] if hf else ""
 
 
 def phase_order(recipe: ml_collections.ConfigDict) -> list[str]:

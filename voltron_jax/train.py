@@ -3,7 +3,8 @@
     run(config, workdir)
       for each phase (stable, decay, branch xN, mix, fine-tune ...):
         mesh + shardings -> model/optimizer shapes via jax.eval_shape -> init ladder
-        (resume the phase folder | parents' checkpoints [+ surgery] | scratch) -> loop (step, log, eval, save)
+        (resume the phase folder | parents' checkpoints [+ surgery] | a HF checkpoint | scratch)
+        -> loop (step, log, eval, save)
 
 The loop never asks which technique is on: auxiliary losses are whatever the model sowed into the
 'aux_loss' collection, weighted by `config.aux_weights[name]`.
@@ -491,6 +492,15 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
     return rt.place(merged)
 
 
+def init_from_hf(rt: Runtime, path: str) -> TrainState:
+    """A phase's first state from a Hugging Face checkpoint folder (init.from_='hf:/path'): its weights
+    checked against the phase's model, a fresh optimizer state (voltron_jax/interop/hf_import.py)."""
+    from voltron_jax.interop import hf_import  # lazy: the optional extra [interop] (transformers, torch)
+
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), rt.abstract.params)
+    return rt.place(hf_import.load_params(path, rt.config.model, target))
+
+
 # ============================================================================ the loop
 
 
@@ -603,7 +613,7 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
     )
     end = phase.start + phase.steps
 
-    # ---- init ladder: resume this folder | parents (+ surgery) | scratch
+    # ---- init ladder: resume this folder | parents (+ surgery) | Hugging Face checkpoint | scratch
     ready = False
     if ck.latest_step() is not None:
         check_parents(config, all_phases, phase)  # built from parents that changed since: refuse
@@ -617,6 +627,9 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
         state = init_from_parents(rt, config, all_phases, phase)
         if jax.process_index() == 0:
             workdir_lib.write_json(workdir_lib.parents_file(phase.directory), built_from)
+        ready = True
+    elif recipe_lib.hf_source(config.recipe[phase.name]):
+        state = init_from_hf(rt, recipe_lib.hf_source(config.recipe[phase.name]))
         ready = True
     else:
         state = rt.scratch()

@@ -1,4 +1,5 @@
-"""Vocabularies: seqio.ByteVocabulary by default, or SentencePiece (trained locally or loaded from a path).
+"""Vocabularies: seqio.ByteVocabulary by default, SentencePiece (trained locally or loaded from a path), or
+a Hugging Face `tokenizers` tokenizer.json (data.vocab='tokenizers', data.tokenizer_path).
 
 Byte vocabulary: 256 byte values shifted by 3 (PAD=0, EOS=1, UNK=2), vocab size 259.
 SentencePiece: the same special ids (pad 0, eos 1, unk 2, no bos) so packing and loss code never ask
@@ -6,6 +7,13 @@ which vocabulary is in use. A locally trained model uses byte fallback, the iden
 dummy prefix or whitespace folding, so source code round-trips exactly (indentation and newlines
 included). It is trained on a deterministic sample of lines of the corpus's train split and cached under
 `data.cache_dir` keyed by the sample and the trainer settings (a copy also goes to `<workdir>/data/`).
+Tokenizers (an imported checkpoint's own tokenizer, voltron_jax/interop/hf_import.py): ids are the
+checkpoint's, documents are encoded without special tokens, and the one boundary id that packing puts
+after every document and that generation and scoring put before every prompt (the vocabulary's `eos_id`
+in this codebase's contract) is the tokenizer's BOS token when it has one (Llama: every document starts
+with <s>, which is what the pretrained model expects first), else its EOS token; the tokenizer's own EOS
+stays available as `hf_eos_id`. PAD is id 0 as in every vocabulary here: padding is always masked
+(`valid`, loss weights), never read as a token. A tokenizer with neither BOS nor EOS is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import io
 import os
 import shutil
 
+import numpy as np
 import seqio
 
 from voltron_jax.data import corpus
@@ -99,12 +108,117 @@ def _spm_training_texts(data_cfg) -> list[str]:
     return [d.text for d in corpus.stdlib_source("file", data_cfg.val_fraction).documents("train")]
 
 
+class TokenizersVocabulary(seqio.Vocabulary):
+    """A Hugging Face tokenizer.json as a seqio vocabulary (special ids: see the module docstring).
+
+    `path` is a tokenizer.json file or a folder holding one; the BOS/EOS tokens are read from the
+    tokenizer_config.json beside it, else from config.json's bos_token_id / eos_token_id."""
+
+    def __init__(self, path: str):
+        import tokenizers  # the optional extra 'interop'; only this vocabulary needs it
+
+        folder, file = (
+            (path, os.path.join(path, "tokenizer.json"))
+            if os.path.isdir(path)
+            else (
+                os.path.dirname(path),
+                path,
+            )
+        )
+        if not os.path.exists(file):
+            raise corpus.DataError(
+                f"data.tokenizer_path={path!r} holds no tokenizer.json; pass a Hugging Face checkpoint "
+                "folder or its tokenizer.json."
+            )
+        with open(file, "rb") as f:
+            self._json = f.read()
+        self.path = file
+        self.tokenizer = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
+        self.bos_token_id, self.hf_eos_id = _special_ids(folder, self.tokenizer)
+        if self.bos_token_id is None and self.hf_eos_id is None:
+            raise corpus.DataError(
+                f"the tokenizer {file} names no BOS or EOS token (tokenizer_config.json bos_token / "
+                "eos_token, or config.json bos_token_id / eos_token_id); documents need a boundary id."
+            )
+        unk = self.tokenizer.model.unk_token if hasattr(self.tokenizer.model, "unk_token") else None
+        self._unk = self.tokenizer.token_to_id(unk) if unk else None
+        super().__init__(extra_ids=0)
+
+    @property
+    def eos_id(self) -> int:
+        """The document boundary id (BOS when the tokenizer has one, else EOS; module docstring)."""
+        return self.bos_token_id if self.bos_token_id is not None else self.hf_eos_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, s: str) -> list[int]:
+        return self.tokenizer.encode(s, add_special_tokens=False).ids
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _encode_tf(self, s):
+        import tensorflow as tf
+
+        enc = lambda x: np.asarray(self._encode(np.asarray(x).item().decode("utf-8")), np.int32)
+        out = tf.numpy_function(enc, [s], tf.int32, stateful=False)
+        return tf.ensure_shape(out, [None])
+
+    def _decode_tf(self, ids):
+        import tensorflow as tf
+
+        return tf.numpy_function(lambda x: self._decode(x.tolist()).encode("utf-8"), [ids], tf.string)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TokenizersVocabulary) and self._json == other._json
+
+    def __hash__(self) -> int:
+        return hash(self._json)
+
+    def fingerprint(self) -> str:
+        return "tok-" + hashlib.sha256(self._json).hexdigest()[:16]
+
+
+def _special_ids(folder: str, tok) -> tuple[int | None, int | None]:
+    """(BOS id, EOS id) of the tokenizer in `folder` (None where it has none)."""
+    import json
+
+    def token_id(t):
+        t = t.get("content") if isinstance(t, dict) else t
+        return tok.token_to_id(t) if t else None
+
+    tc, cfg = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "config.json")
+    if os.path.exists(tc):
+        with open(tc) as f:
+            d = json.load(f)
+        return token_id(d.get("bos_token")), token_id(d.get("eos_token"))
+    if os.path.exists(cfg):
+        with open(cfg) as f:
+            d = json.load(f)
+        as_id = lambda v: v[0] if isinstance(v, list) else v  # eos_token_id may be a list
+        return as_id(d.get("bos_token_id")), as_id(d.get("eos_token_id"))
+    return None, None
+
+
 def make_vocab(data_cfg, workdir: str | None = None) -> seqio.Vocabulary:
-    """The vocabulary named by `data_cfg.vocab` ('byte' | 'sentencepiece')."""
+    """The vocabulary named by `data_cfg.vocab` ('byte' | 'sentencepiece' | 'tokenizers')."""
     if data_cfg.vocab == "byte":
         return seqio.ByteVocabulary()
+    if data_cfg.vocab == "tokenizers":
+        if not data_cfg.tokenizer_path:
+            raise corpus.DataError(
+                "data.vocab='tokenizers' needs data.tokenizer_path (a tokenizer.json or a Hugging Face "
+                "checkpoint folder holding one)."
+            )
+        return TokenizersVocabulary(data_cfg.tokenizer_path)
     if data_cfg.vocab != "sentencepiece":
-        raise corpus.DataError(f"data.vocab={data_cfg.vocab!r}; use 'byte' or 'sentencepiece'.")
+        raise corpus.DataError(f"data.vocab={data_cfg.vocab!r}; use 'byte', 'sentencepiece' or 'tokenizers'.")
     path = data_cfg.spm_path
     if path:
         import tensorflow as tf
@@ -136,6 +250,8 @@ def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
         return "byte"
     if isinstance(vocab, seqio.SentencePieceVocabulary):
         return "spm-" + hashlib.sha256(vocab.sp_model).hexdigest()[:16]
+    if isinstance(vocab, TokenizersVocabulary):
+        return vocab.fingerprint()
     return f"{type(vocab).__name__}-{vocab.vocab_size}"
 
 

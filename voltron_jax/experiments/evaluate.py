@@ -24,6 +24,16 @@ from voltron_jax.run import workdir as workdir_lib
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
 _BATCHES = flags.DEFINE_integer("batches", 32, "Validation batches (of data.batch_size x seq_len).")
 _JSON = flags.DEFINE_string("json", "", "Append one JSON line per run to this file.")
+_TASKS = flags.DEFINE_list(
+    "tasks", [], "lm-evaluation-harness tasks (comma-separated) instead of perplexity."
+)
+_FEWSHOT = flags.DEFINE_integer(
+    "num_fewshot", None, "Harness: examples in each prompt (task default if unset)."
+)
+_LIMIT = flags.DEFINE_float("limit", None, "Harness: documents per task (a count, or a fraction if < 1).")
+_INCLUDE = flags.DEFINE_string("include_path", "", "Harness: a folder of extra (local) task YAMLs.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Harness: requests per forward pass.")
+_MAXLEN = flags.DEFINE_integer("max_length", None, "Harness: context tokens (default: the run's seq_len).")
 
 
 class EvalError(VoltronError, ValueError):
@@ -55,8 +65,36 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
     return dict(workdir=workdir, phase=last.label, step=int(state.step), tokens=tokens, **metrics)
 
 
+def run_harness(workdir: str) -> dict:
+    """{'workdir', 'tasks': {task: {metric: value}}} of the lm-evaluation-harness tasks in --tasks."""
+    from voltron_jax.interop import lm_eval_adapter
+
+    limit = _LIMIT.value
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    res = lm_eval_adapter.run_tasks(
+        workdir,
+        _TASKS.value,
+        num_fewshot=_FEWSHOT.value,
+        include_path=_INCLUDE.value or None,
+        limit=limit,
+        batch_size=_BATCH.value,
+        max_length=_MAXLEN.value,
+    )
+    return dict(workdir=workdir, tasks=res)
+
+
 def main(argv) -> None:
     del argv  # logging is at WARNING (Orbax logs every restore at INFO) unless --verbose: voltron_jax.cli
+    if _WORKDIRS.value and _TASKS.value:
+        for w in _WORKDIRS.value:
+            r = run_harness(w)
+            for task, metrics in sorted(r["tasks"].items()):
+                for k, v in sorted(metrics.items()):
+                    print(f"{w}: {task} {k} {v:.4f}", flush=True)
+            if _JSON.value:
+                with open(_JSON.value, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        return
     if not _WORKDIRS.value:
         sys.exit(
             "usage: python -m voltron_jax.experiments.evaluate --workdir=runs/a [--workdir=...] "

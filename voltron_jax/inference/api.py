@@ -165,11 +165,15 @@ class Model:
 
     @property
     def vocab(self):
-        """ByteVocab, or the run's seqio SentencePiece vocabulary (loaded on first use)."""
+        """ByteVocab, or the run's seqio SentencePiece or tokenizers vocabulary (loaded on first use)."""
         if self._vocab is None:
             d = self.config.data
             if d.vocab == "byte":
                 self._vocab = ByteVocab()
+            elif d.vocab == "tokenizers":
+                from voltron_jax.data import vocab as vocab_lib
+
+                self._vocab = vocab_lib.make_vocab(d)
             else:
                 self._vocab = _sentencepiece(d, self.path)
         return self._vocab
@@ -244,7 +248,9 @@ class Model:
             top_k=top_k,
             top_p=top_p,
             seed=seed,
+            eos_id=self.vocab.eos_id,
             pad_multiple=self.config.data.seq_len,
+            stop_ids=[i for i in [getattr(self.vocab, "hf_eos_id", None)] if i is not None],
         )
         res = [self.decode(ids) for ids in out]
         return res[0] if single else res
@@ -259,6 +265,7 @@ class Model:
             self.train_model,
             self.params,
             ids,
+            eos_id=self.vocab.eos_id,
             pad_multiple=self.config.data.seq_len,
         )
         return out[0] if single else out

@@ -100,12 +100,13 @@ def _full_last(model, params, ids, valid):
     return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B,V]
 
 
-def _finish(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
-    """Generated ids per row, cut before the first EOS (None: uncut)."""
+def _finish(out: np.ndarray, stops: Sequence[int]) -> list[list[int]]:
+    """Generated ids per row, cut before the first of `stops` (empty: uncut)."""
     res = []
     for r in out:
         r = list(map(int, r))
-        res.append(r[: r.index(eos_id)] if eos_id in r else r)
+        cut = next((k for k, t in enumerate(r) if t in stops), len(r))
+        res.append(r[:cut])
     return res
 
 
@@ -123,12 +124,15 @@ def generate_ids(
     eos_id: int = EOS_ID,
     pad_multiple: int = 1,
     stop_at_eos: bool = True,
+    stop_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """Continue each prompt (ids, EOS prepended here) by up to max_new_tokens ids; rows end at their
-    first generated EOS (with stop_at_eos; the loop ends when every row has one).
+    first generated EOS or `stop_ids` id (with stop_at_eos; the loop ends when every row has one); stop_ids:
+    e.g. an imported tokenizer's own EOS, when the boundary id `eos_id` is its BOS (data/vocab.py).
 
     `decode_model` is build_model(m, decode=True), or None to recompute `train_model` over the prefix."""
     rows = [[eos_id, *map(int, p)] for p in prompts]
+    stops = sorted({eos_id, *map(int, stop_ids)}) if stop_at_eos else []
     if max_new_tokens <= 0:
         return [[] for _ in rows]
     b, lens = len(rows), np.array([len(r) for r in rows])
@@ -147,7 +151,7 @@ def generate_ids(
     for i in range(max_new_tokens):
         tok = np.asarray(pick(logits, i))
         out[:, i] = tok
-        done |= (tok == eos_id) & stop_at_eos
+        done |= np.isin(tok, stops)
         if done.all() or i == max_new_tokens - 1:
             break
         if decode_model is not None:
@@ -157,7 +161,7 @@ def generate_ids(
         else:
             rows = [r + [int(t)] for r, t in zip(rows, tok)]
             logits = _full_last(train_model, params, *pad_rows(rows, width))
-    return _finish(out[:, : i + 1], eos_id if stop_at_eos else None)
+    return _finish(out[:, : i + 1], stops)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
