@@ -140,13 +140,12 @@ def test_moe_drop_rates_stand_beside_every_number_of_an_arm_with_an_moe(tmp_path
 def test_a_diverged_lr_point_is_infinite_loss_but_a_diverged_final_seed_stops_the_sweep(
     tmp_path, monkeypatch, capsys
 ):
-    from types import SimpleNamespace
 
     from voltron_jax import cli, train
     from voltron_jax.errors import DIVERGED_EXIT, VoltronError
 
     assert cli.describe(train.NonFiniteLoss("nan"))[1] == DIVERGED_EXIT  # what a diverged run exits with
-    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd: SimpleNamespace(returncode=DIVERGED_EXIT))
+    monkeypatch.setattr(ablate, "_train", lambda cmd, stdout=None: DIVERGED_EXIT)  # the child's exit status
     arm = ablate.Variant("dense", {}, [0, 1, 2], lrs=[1e-3, 3e-3])
     point = ablate.at_lr(arm, 3e-3, [0])
     ablate.run_all("configs/tiny.py:test", [point], {}, tmp_path, emit=False, lr_sweep=True)
@@ -155,24 +154,23 @@ def test_a_diverged_lr_point_is_infinite_loss_but_a_diverged_final_seed_stops_th
     assert ablate._lr_finals(arm, tmp_path) == {1e-3: 2.5, 3e-3: math.inf}
     assert ablate.final_runs([arm], tmp_path)[0][0].lr == 1e-3
     assert "0.003: diverged" in ablate.lr_table([arm], tmp_path)
-    with pytest.raises(VoltronError, match="run dense@lr=0.001 seed 1 failed"):
+    with pytest.raises(VoltronError, match="1 run.s. failed.*dense@lr=0.001 seed 1"):
         ablate.run_all("configs/tiny.py:test", [ablate.at_lr(arm, 1e-3, [1])], {}, tmp_path, emit=False)
     capsys.readouterr()
 
 
 def test_parallel_jobs_run_every_run_once_log_each_and_raise_a_failure(tmp_path, monkeypatch, capsys):
-    from types import SimpleNamespace
 
     from voltron_jax.errors import VoltronError
 
     seen = []
 
-    def fake_run(cmd, stdout=None, stderr=None):
+    def fake_train(cmd, stdout=None):
         seen.append(cmd)
         stdout.write(f"trained {cmd[-1]}\n")
-        return SimpleNamespace(returncode=int(any("seed_2" in c for c in cmd)))  # seed 2 fails
+        return int(any("seed_2" in c for c in cmd))  # seed 2 fails
 
-    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    monkeypatch.setattr(ablate, "_train", fake_train)
     arm = ablate.Variant("dense", {}, [0, 1])
     ablate.run_all("configs/tiny.py:test", [arm], {}, tmp_path, emit=False, jobs=2)
     assert len(seen) == 2
@@ -181,8 +179,9 @@ def test_parallel_jobs_run_every_run_once_log_each_and_raise_a_failure(tmp_path,
         assert (d / "done.json").exists() and "trained" in (d / "ablate.log").read_text()
     ablate.run_all("configs/tiny.py:test", [arm], {}, tmp_path, emit=False, jobs=2)
     assert len(seen) == 2  # finished runs are skipped
-    with pytest.raises(VoltronError, match="seed 2 failed .*ablate.log"):
+    with pytest.raises(VoltronError, match="1 run.s. failed.*x seed 2 .message in .*ablate.log"):
         ablate.run_all("configs/tiny.py:test", [ablate.Variant("x", {}, [2, 3])], {}, tmp_path, False, jobs=2)
+    assert (ablate.run_dir(tmp_path, ablate.Variant("x", {}), 3) / "done.json").exists()  # the sweep went on
     capsys.readouterr()
 
 
