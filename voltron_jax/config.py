@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from voltron_jax import registry, schedules
+from voltron_jax.data.orderings import ORDERINGS
 from voltron_jax.errors import ConfigError
 from voltron_jax.microbatch import ACC_DTYPES
 from voltron_jax.models import decoder
@@ -159,7 +160,8 @@ def get_default() -> ml_collections.ConfigDict:
     d.batch_size = 16  # global
     d.doc_mask = False  # block attention across documents in a packed row
     # random: corpus order, contexts shuffled | icp: In-Context Pretraining order of the deduplicated corpus
-    # (data/prepare.py) | dedup_random: the same deduplicated documents in a seeded random order (ablation)
+    # (data/prepare.py) | dedup_random: the same deduplicated documents in a seeded random order (ablation);
+    # the table: voltron_jax/data/orderings.py
     d.ordering = "random"
     d.val_fraction = 0.02
     d.shuffle_seed = 0
@@ -484,7 +486,7 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
 
     d = c.data
     _choice("data.vocab", d.vocab, ("byte", "sentencepiece"))
-    _choice("data.ordering", d.ordering, ("random", "icp", "dedup_random"))
+    _choice("data.ordering", d.ordering, tuple(ORDERINGS))
     _choice("data.embed.kind", d.embed.kind, ("tfidf", "hashing"))
     _choice("data.icp.index", d.icp.index, ("auto", "flat", "ivf", "hnsw"))
     if d.n_clusters < 1 or d.icp.knn < 1 or d.embed.dim < 1 or d.embed.fit_sample < 3:

@@ -30,6 +30,7 @@ from flax import struct
 from voltron_jax import losses, microbatch, optim, schedules, sharding
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate
+from voltron_jax.data import orderings
 from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
@@ -600,7 +601,7 @@ def check_workdir(workdir: str) -> epath.Path:
 def needs_prepare(config) -> bool:
     """ICP ordering and cluster-routed phases read the outputs of `voltron_jax.data.prepare`."""
     cluster_phases = any(config.recipe[n].mixture == "cluster" for n in config.recipe)
-    return config.data.ordering in ("icp", "dedup_random") or cluster_phases
+    return orderings.get(config.data.ordering).needs_prepare or cluster_phases
 
 
 def run(

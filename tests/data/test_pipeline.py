@@ -93,7 +93,7 @@ def test_shuffle_is_seeded_and_covers_each_row_once_per_epoch(cfg):
     assert _equal(_take(mk(0), 5), _take(mk(0), 5))
     assert not _equal(_take(mk(0), 5), _take(mk(1), 5))
     got = np.concatenate([np.concatenate([x["inputs"], x["targets"][:, -1:]], 1) for x in _take(it, n)])
-    stream = it.providers[0].stream
+    stream, _ = pipeline.token_stream(it.names[0], "train", seqio.ByteVocabulary(), cfg.data)
     every = packing.gather_rows(stream, np.arange(n), T)
     epoch0 = got[:n]
     assert not np.array_equal(epoch0, every)  # shuffled ...

@@ -51,10 +51,20 @@ def sample_lines(texts: list[str], max_chars: int = SPM_SAMPLE_CHARS) -> list[st
     if total <= max_chars:
         return lines
     keep = max_chars / total
+    return [ln for ln in lines if _keep_line(ln, keep)]
+
+
+def _keep_line(ln: str, keep: float) -> bool:
+    return int.from_bytes(hashlib.sha256(ln.encode("utf-8")).digest()[:4], "big") < keep * 2**32
+
+
+def sample_lines_stream(texts, max_chars: int = SPM_SAMPLE_CHARS) -> list[str]:
+    """`sample_lines` over a corpus too big to hold: `texts()` gives a fresh iterator of the documents;
+    two passes (count, then keep each line by its hash), so the same corpus gives the same sample."""
+    total = sum(len(ln) for t in texts() for ln in t.split("\n") if ln.strip())
+    keep = 1.0 if total <= max_chars else max_chars / total
     return [
-        ln
-        for ln in lines
-        if int.from_bytes(hashlib.sha256(ln.encode("utf-8")).digest()[:4], "big") < keep * 2**32
+        ln for t in texts() for ln in t.split("\n") if ln.strip() and (keep >= 1.0 or _keep_line(ln, keep))
     ]
 
 
@@ -93,8 +103,10 @@ def train_sentencepiece(
 def _spm_training_texts(data_cfg) -> list[str]:
     if data_cfg.corpus != "stdlib":
         raise corpus.DataError(
-            f"data.corpus={data_cfg.corpus!r}: a SentencePiece model is trained locally only "
-            "on the embedded corpus; pass an existing model with --config.data.spm_path=..."
+            f"data.corpus={data_cfg.corpus!r}: the train loop trains a SentencePiece model only on the "
+            "embedded corpus; the data preparation (python -m voltron_jax.data.prepare or the Beam "
+            "pipeline) trains one on a sample of this corpus into <workdir>/data/spm_<n>.model: pass "
+            "it (or any existing model) with --config.data.spm_path=..."
         )
     return [d.text for d in corpus.stdlib_source("file", data_cfg.val_fraction).documents("train")]
 
