@@ -70,9 +70,7 @@ def encode_batch(vocab, texts: list[str]) -> list[np.ndarray]:
 class StoreWriter:
     """Append documents to a new store at `path`; `close()` writes the index (the completion mark)."""
 
-    def __init__(
-        self, path, vocab, *, chunk_tokens: int = CHUNK_TOKENS, chunks_per_shard: int = CHUNKS_PER_SHARD
-    ):
+    def __init__(self, path, vocab, *, chunk_tokens: int | None = None, chunks_per_shard: int | None = None):
         from voltron_jax.data import packing
 
         self.path = epath.Path(path)
@@ -84,7 +82,8 @@ class StoreWriter:
         self.vocab = vocab
         self.eos = int(vocab.eos_id)
         self.dtype = packing.token_dtype(int(vocab.vocab_size))
-        self.chunk, self.per_shard = int(chunk_tokens), int(chunks_per_shard)
+        self.chunk = int(chunk_tokens or CHUNK_TOKENS)  # module defaults read now (tests lower them)
+        self.per_shard = int(chunks_per_shard or CHUNKS_PER_SHARD)
         self._buf: list[np.ndarray] = []
         self._buffered = 0
         self._shards: list[dict] = []  # finished shards: tmp name, records, tokens, documents
