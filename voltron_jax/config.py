@@ -155,6 +155,9 @@ def get_default() -> ml_collections.ConfigDict:
     d.vocab = "byte"  # byte | sentencepiece
     d.spm_path = ""  # existing .model file; empty with vocab=sentencepiece trains one locally
     d.spm_vocab_size = 4096
+    # token stores (ArrayRecord shards, data/shards.py): '' = <workdir>/data/tokens. ArrayRecord reads and
+    # writes local files: with a bucket workdir give a local disk or a gcsfuse mount (/gcs/BUCKET/tokens)
+    d.token_dir = ""
     d.granularity = "file"  # file | paragraph
     d.seq_len = 256
     d.batch_size = 16  # global

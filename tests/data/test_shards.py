@@ -202,7 +202,7 @@ def test_prepare_rewrites_a_half_written_store_with_the_same_bytes(prepared, tmp
     c, workdir, recs = prepared
     other = tmp_path / "run"
     shutil.copytree(os.path.join(workdir, "data"), other / "data")
-    stores = other / "data" / "tokens" / "byte"
+    (stores,) = (other / "data" / "tokens").iterdir()
     icp = stores / "icp"
     before = {f: (icp / f).read_bytes() for f in os.listdir(icp)}
     (icp / shards.INDEX).unlink()  # the writer died before its index: not complete

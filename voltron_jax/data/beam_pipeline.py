@@ -5,7 +5,8 @@
     # JSONL records {"index", "id", "text", "split"} on a bucket, on Dataflow (Beam options after `--`):
     python -m voltron_jax.data.beam_pipeline --config=configs/voltron_13b.py --workdir=gs://B/run \\
         --input='gs://B/corpus/*.jsonl' -- --runner=DataflowRunner --project=P --region=R \\
-        --temp_location=gs://B/tmp --requirements_file=requirements.txt
+        --temp_location=gs://B/tmp --setup_file=./setup.py \\
+        --requirements_file=launch/dataflow_requirements.txt
     # Flink / Spark: --runner=FlinkRunner --flink_master=HOST:8081 (or --runner=SparkRunner
     # --spark_master_url=spark://HOST:7077) with --environment_type=DOCKER or PROCESS and an SDK
     # environment that has this package installed (pip install -c constraints.txt -e '.[data]').

@@ -477,8 +477,14 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
     return vocab_lib.make_vocab(data_cfg)
 
 
-def token_dir(out: epath.Path, vocab) -> epath.Path:
-    return epath.Path(out) / TOKENS / shards.vocab_id(vocab)
+def token_dir(out: epath.Path, vocab, data_cfg) -> epath.Path:
+    """Where the token stores live: <data.token_dir or <workdir>/data/tokens>/<prepare fingerprint>-<vocab>
+    (a shared data.token_dir never mixes two preparations)."""
+    root = epath.Path(data_cfg.token_dir) if data_cfg.get("token_dir") else epath.Path(out) / TOKENS
+    marker = read_marker(epath.Path(out))
+    if marker is None:
+        raise corpus.DataError(f"{out} holds no finished preparation (no {MARKER}); prepare first.")
+    return root / f"{marker['fingerprint'][:12]}-{shards.vocab_id(vocab)}"
 
 
 def tokenize(data_cfg, out, vocab=None, progress: bool = False) -> dict[str, str]:
@@ -486,7 +492,7 @@ def tokenize(data_cfg, out, vocab=None, progress: bool = False) -> dict[str, str
     yet; returns {store: folder}. Same function for the in-process and the Beam preparation."""
     out = epath.Path(out)
     vocab = vocab or prepared_vocab(data_cfg, out, progress)
-    base = token_dir(out, vocab)
+    base = token_dir(out, vocab, data_cfg)
     paths = {}
     for store in (*orderings.train_stores(data_cfg.ordering), *VALIDATION_STORES):
         path = base / store_name(store, data_cfg)
@@ -525,7 +531,7 @@ def register_tasks(config, workdir) -> list[str]:
     from voltron_jax.data import vocab as vocab_lib
 
     vocab = vocab_lib.make_vocab(d)
-    base = token_dir(out, vocab)
+    base = token_dir(out, vocab, d)
     o = orderings.get(d.ordering)
     stores = (*orderings.train_stores(d.ordering), *VALIDATION_STORES)
     paths = {s: base / store_name(s, d) for s in stores}

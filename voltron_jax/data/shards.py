@@ -39,6 +39,17 @@ ENCODE_BATCH = 256  # documents tokenised per call (SentencePiece encodes a list
 MAX_OPEN = 64  # shard readers kept open per store (LRU): bounds the per-host memory of a big store
 
 
+def _local(path) -> epath.Path:
+    """`path` as a local path; ArrayRecord reads and writes local files only (a bucket: gcsfuse mount)."""
+    if "://" in os.fspath(path):
+        raise DataError(
+            f"token store {path} is not a local path: ArrayRecord reads and writes local files. Mount "
+            "the bucket with gcsfuse (as MaxText does for Grain) and set "
+            "--config.data.token_dir=/gcs/BUCKET/tokens (or a local disk of each host)."
+        )
+    return epath.Path(path)
+
+
 def _shard_name(i: int, n: int) -> str:
     return f"tokens-{i:05d}-of-{n:05d}.arrayrecord"
 
@@ -73,7 +84,7 @@ class StoreWriter:
     def __init__(self, path, vocab, *, chunk_tokens: int | None = None, chunks_per_shard: int | None = None):
         from voltron_jax.data import packing
 
-        self.path = epath.Path(path)
+        self.path = _local(path)
         if (self.path / INDEX).exists():
             raise DataError(f"{self.path} already holds a finished token store; remove it to rewrite it.")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -84,8 +95,7 @@ class StoreWriter:
         self.dtype = packing.token_dtype(int(vocab.vocab_size))
         self.chunk = int(chunk_tokens or CHUNK_TOKENS)  # module defaults read now (tests lower them)
         self.per_shard = int(chunks_per_shard or CHUNKS_PER_SHARD)
-        self._buf: list[np.ndarray] = []
-        self._buffered = 0
+        self._buf: list[np.ndarray] = []  # the tail shorter than a chunk
         self._shards: list[dict] = []  # finished shards: tmp name, records, tokens, documents
         self._writer = None
         self._in_shard = dict(records=0, tokens=0, documents=0)
@@ -122,15 +132,13 @@ class StoreWriter:
         stream, _ = packing.pack_stream(docs, self.eos, self.dtype)
         self.n_documents += len(docs)
         self.n_tokens += len(stream)
-        self._buf.append(stream)
-        self._buffered += len(stream)
-        while self._buffered >= self.chunk:
-            self._emit(self.chunk)
+        data = np.concatenate([*self._buf, stream]) if self._buf else stream
+        full = len(data) // self.chunk * self.chunk
+        for i in range(0, full, self.chunk):
+            self._write(data[i : i + self.chunk])
+        self._buf = [data[full:]] if len(data) > full else []
 
-    def _emit(self, n: int) -> None:
-        data = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
-        chunk, rest = data[:n], data[n:]
-        self._buf, self._buffered = ([rest] if len(rest) else []), len(rest)
+    def _write(self, chunk: np.ndarray) -> None:
         if self._writer is None:
             from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -152,8 +160,9 @@ class StoreWriter:
     def close(self, extra: dict | None = None) -> dict:
         """Flush, name the shards, write index.json last; returns the index."""
         self.end_segment()
-        if self._buffered:
-            self._emit(self._buffered)
+        if self._buf:
+            self._write(self._buf[0])
+            self._buf = []
         if self._writer is not None:
             self._close_shard()
         n = len(self._shards)
@@ -219,7 +228,7 @@ class TokenStore:
     """Random access to the token stream of a finished store: `read(start, stop)`; O(1) memory in its size."""
 
     def __init__(self, path):
-        self.path = epath.Path(path)
+        self.path = _local(path)
         index_path = self.path / INDEX
         if not index_path.exists():
             what = (
@@ -347,7 +356,7 @@ class TokenStore:
 def build_store(path, vocab, fill, **kw) -> dict:
     """Write the store at `path` by `fill(writer)`: into a temporary sibling folder, renamed into place
     once its index is written, so `path` is either absent or complete. Returns the index."""
-    p = epath.Path(path)
+    p = _local(path)
     tmp = p.parent / f"{p.name}.partial-{os.getpid()}"
     if tmp.exists():
         tmp.rmtree()

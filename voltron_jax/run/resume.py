@@ -43,7 +43,7 @@ MODEL_RUNTIME = frozenset(
         "model.moa.capacity_factor",
     }
 )
-DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir"})
+DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir", "data.token_dir"})
 RECIPE_FIELDS = ("mixture", "fan_out", "init.from_", "init.surgery")
 STEP_DIR = re.compile(r"^\d+$")
 MAX_LISTED = 6
