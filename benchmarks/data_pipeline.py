@@ -90,12 +90,24 @@ def write_child(size_mb: int, kind: str, workdir: str) -> dict:
     from voltron_jax.data import shards
 
     vocab = _vocab(kind, workdir)
+    rss0 = _peak_rss_mb()
     path = os.path.join(workdir, f"{kind}-{size_mb}mb")
     if shards.is_complete(path):
         shards.remove(path)
+    gen = [0.0]
+
+    def timed(docs):  # the generator's own time is not the writer's
+        while True:
+            t = time.perf_counter()
+            d = next(docs, None)
+            gen[0] += time.perf_counter() - t
+            if d is None:
+                return
+            yield d
+
     t0 = time.perf_counter()
-    index = shards.build_store(path, vocab, lambda w: w.add(documents(size_mb)))
-    dt = time.perf_counter() - t0
+    index = shards.build_store(path, vocab, lambda w: w.add(timed(documents(size_mb))))
+    dt = time.perf_counter() - t0 - gen[0]
     return dict(
         stage="write",
         size_mb=size_mb,
@@ -105,6 +117,8 @@ def write_child(size_mb: int, kind: str, workdir: str) -> dict:
         tokens=index["tokens"],
         documents=index["documents"],
         shards=len(index["shards"]),
+        generate_seconds=gen[0],
+        rss_before_mb=rss0,
         peak_rss_mb=_peak_rss_mb(),
     )
 
@@ -115,6 +129,7 @@ def read_child(size_mb: int, kind: str, workdir: str, seq_len: int, batch: int, 
     from configs import tiny
     from voltron_jax.data import pipeline, shards, tasks
 
+    rss0 = _peak_rss_mb()
     path = os.path.join(workdir, f"{kind}-{size_mb}mb")
     store = shards.TokenStore(path)
     name = f"bench_{kind}_{size_mb}"
@@ -151,6 +166,7 @@ def read_child(size_mb: int, kind: str, workdir: str, seq_len: int, batch: int, 
         rows=n_rows,
         tokens_per_s=tps,
         restore_s=restore,
+        rss_before_mb=rss0,
         peak_rss_mb=_peak_rss_mb(),
     )
 
@@ -174,6 +190,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--json", default="")
+    ap.add_argument("--stages", default="write,read")
     ap.add_argument("--child", default="")  # internal: write|read,size,vocab
     a = ap.parse_args()
     if a.child:
@@ -188,7 +205,7 @@ def main() -> None:
     for kind in a.vocabs.split(","):
         for size in (int(s) for s in a.sizes_mb.split(",")):
             common = [f"--workdir={a.workdir}", f"--seq_len={a.seq_len}", f"--batch={a.batch}"]
-            for stage in ("write", "read"):
+            for stage in a.stages.split(","):
                 res = _run([f"--child={stage},{size},{kind}", *common, f"--batches={a.batches}"])
                 print(json.dumps(res), flush=True)
                 if a.json:

@@ -212,3 +212,31 @@ def test_prepare_rewrites_a_half_written_store_with_the_same_bytes(prepared, tmp
     prepare.prepare(c, str(other), records=recs, progress=False)  # the ICP part is done; the store is redone
     assert {f: (icp / f).read_bytes() for f in os.listdir(icp)} == before
     assert not [f for f in os.listdir(stores) if ".partial-" in f]
+
+
+def test_sentencepiece_is_trained_on_a_sample_of_the_prepared_corpus(tmp_path):
+    from voltron_jax.data import vocab as vocab_lib
+
+    recs, _ = planted_records(120, 4, 20, seed=1)
+    c = tiny.get_config("test")
+    c.data.corpus, c.data.vocab, c.data.spm_vocab_size = "tfds:c4/en", "sentencepiece", 280
+    c.data.n_clusters, c.data.embed.dim, c.data.icp.knn = 2, 16, 5
+    c.data.seq_len, c.data.batch_size, c.data.ordering = 32, 4, "icp"
+    c.model.vocab_size = 280
+    with pytest.raises(corpus.DataError, match="trained by the data preparation"):
+        vocab_lib.make_vocab(c.data)  # nothing prepared for this corpus yet
+    prepare.prepare(c, str(tmp_path / "run"), records=recs, progress=False)
+    model = tmp_path / "run" / "data" / "spm_280.model"
+    kept = [r["text"] for j in range(2) for r in prepare.read_jsonl(prepare.shard_path(model.parent, j, 2))]
+    # the sample: every kept document's lines (the corpus is below the sample size), in the kept order
+    assert vocab_lib.sample_lines_stream(lambda: iter(kept)) == vocab_lib.sample_lines(kept)
+    v = vocab_lib.make_vocab(c.data)  # the prepared model, found without data.spm_path
+    assert v.vocab_size == 280 and (v.pad_id, v.eos_id, v.unk_id) == (0, 1, 2)
+    assert v.decode(v.encode(kept[3])) == kept[3]
+    b = next(pipeline.make_train_iterator(c, "pretrain", seed=0))
+    stream, _ = pipeline.token_stream("icp", "train", v, c.data)
+    assert len(stream) == sum(len(v.encode(t)) + 1 for t in kept) and b["inputs"].max() < 280
+    # a sample of a corpus above the budget: a deterministic part of the lines, the same from a stream
+    big = [f"line {i} of text\n" * 3 for i in range(2000)]
+    part = vocab_lib.sample_lines_stream(lambda: iter(big), max_chars=5000)
+    assert part == vocab_lib.sample_lines(big, max_chars=5000) and 0 < len(part) < 6000

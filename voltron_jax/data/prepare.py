@@ -451,6 +451,14 @@ def _fill(store: str, out: epath.Path, data_cfg):
     return fill
 
 
+def _needs_own_spm(data_cfg) -> bool:
+    return data_cfg.vocab == "sentencepiece" and not data_cfg.spm_path and data_cfg.corpus != "stdlib"
+
+
+def spm_path(data_cfg, out) -> epath.Path:
+    return epath.Path(out) / f"spm_{int(data_cfg.spm_vocab_size)}.model"
+
+
 def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
     """The vocabulary the token stores use: data.vocab, with a SentencePiece model trained here on a
     deterministic line sample of the kept train documents when none is given and the corpus is not
@@ -459,8 +467,8 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
 
     from voltron_jax.data import vocab as vocab_lib
 
-    if data_cfg.vocab == "sentencepiece" and not data_cfg.spm_path and data_cfg.corpus != "stdlib":
-        path = out / f"spm_{int(data_cfg.spm_vocab_size)}.model"
+    if _needs_own_spm(data_cfg):
+        path = spm_path(data_cfg, out)
         if not path.exists():
             k = int(data_cfg.n_clusters)
             docs = lambda: (r["text"] for j in range(k) for r in iter_jsonl(shard_path(out, j, k)))
@@ -470,9 +478,19 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
                     f"prepare: training SentencePiece ({data_cfg.spm_vocab_size}) on {len(lines)} lines",
                     flush=True,
                 )
-            vocab_lib.train_sentencepiece(
-                lines, int(data_cfg.spm_vocab_size), os.fspath(path), max_chars=1 << 62
-            )
+            if "://" in os.fspath(path):  # the trainer writes a local file; copy it to the bucket
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, path.name)
+                    vocab_lib.train_sentencepiece(
+                        lines, int(data_cfg.spm_vocab_size), local, max_chars=1 << 62
+                    )
+                    epath.Path(local).copy(path, overwrite=True)
+            else:
+                vocab_lib.train_sentencepiece(
+                    lines, int(data_cfg.spm_vocab_size), os.fspath(path), max_chars=1 << 62
+                )
         return seqio.SentencePieceVocabulary(os.fspath(path))
     return vocab_lib.make_vocab(data_cfg)
 
@@ -530,6 +548,14 @@ def register_tasks(config, workdir) -> list[str]:
         )
     from voltron_jax.data import vocab as vocab_lib
 
+    if _needs_own_spm(d):  # the model this preparation trains on the corpus (process 0 trains it)
+        model = spm_path(d, out)
+        if _jax_process()[0] == 0:
+            prepared_vocab(d, out)
+        t0 = time.time()
+        while not model.exists() and time.time() - t0 < WAIT_S:
+            time.sleep(5)
+        vocab_lib.use_prepared_spm(d, os.fspath(model))
     vocab = vocab_lib.make_vocab(d)
     base = token_dir(out, vocab, d)
     o = orderings.get(d.ordering)

@@ -355,7 +355,23 @@ class TokenStore:
 
 def build_store(path, vocab, fill, **kw) -> dict:
     """Write the store at `path` by `fill(writer)`: into a temporary sibling folder, renamed into place
-    once its index is written, so `path` is either absent or complete. Returns the index."""
+    once its index is written, so `path` is either absent or complete. Returns the index.
+
+    A bucket `path` (gs://...: the Beam preparation on Dataflow) is written on local disk first, then
+    copied shard by shard with the index last (the train hosts read it through a gcsfuse mount)."""
+    if "://" in os.fspath(path):
+        import tempfile
+
+        dst = epath.Path(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = epath.Path(tmp) / "store"
+            index = build_store(local, vocab, fill, **kw)
+            remove(dst)
+            dst.mkdir(parents=True, exist_ok=True)
+            for sh in index["shards"]:
+                (local / sh["file"]).copy(dst / sh["file"])
+            (local / INDEX).copy(dst / INDEX)  # last: the store is complete once this exists
+        return index
     p = _local(path)
     tmp = p.parent / f"{p.name}.partial-{os.getpid()}"
     if tmp.exists():
