@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHRINK_DATA = "--config.data.spm_vocab_size=800 --config.data.seq_len=128 --config.data.batch_size=8"
+SHRINK_DATA = "--config.data.spm_vocab_size=800"  # what the preparation and the train loop share
 SHRINK_MODEL = " ".join(
     f"--config.{k}={v}"
     for k, v in dict(
         max_steps=1,
         **{
+            "data.seq_len": 128,
+            "data.batch_size": 8,
             "model.vocab_size": 896,
             "model.d_model": 64,
             "model.n_layers": 2,
@@ -46,8 +48,10 @@ def page_block() -> str:
 def raw_c4(folder, n_files=2, per_file=400):
     """C4-shaped raw files: {"text", "url", "timestamp"} JSON lines, gzipped; topical documents."""
     rng = np.random.default_rng(0)
-    topics = [[f"t{t}w{i}" for i in range(120)] for t in range(8)]
-    common = [f"word{i}" for i in range(400)]
+    letters = list("etaoinshrdlcumwfgypbvkjxqz")
+    word = lambda: "".join(rng.choice(letters, rng.integers(3, 10)))
+    topics = [[word() for _ in range(120)] for _ in range(8)]
+    common = [word() for _ in range(400)]
     os.makedirs(folder)
     for f in range(n_files):
         with gzip.open(os.path.join(folder, f"c4-train.{f:05d}-of-{n_files:05d}.json.gz"), "wt") as out:

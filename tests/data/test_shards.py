@@ -126,6 +126,8 @@ def test_resume_at_any_position_is_exact_with_and_without_prefetch(cfg):
             resumed = mk()
             resumed.set_state(state)
             assert _equal(_take(resumed, total - pos), ref[pos:]), (depth, pos)
+    with pytest.raises(corpus.DataError, match="state version 1 was written by another data pipeline"):
+        mk().set_state(dict(state, version=1))  # the in-memory pipeline's states: another row order
 
 
 def test_two_hosts_read_the_global_rows_of_one_and_their_state_resumes_on_one(cfg):

@@ -34,7 +34,7 @@ from voltron_jax.data import corpus, packing, passkey, shards, streaming, tasks
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.data.corpus import DataError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: rows read from token stores through Grain (1: in-memory streams, numpy shuffle)
 
 
 # --------------------------------------------------------------------------------------------- token stores
@@ -200,6 +200,12 @@ class DataIterator:
         """Continue from a `get_state()` of an iterator with the same mixture, seq_len and batch size."""
         mine = dict(mixture=self.mixture, seq_len=self.seq_len, batch_size=self.batch_size)
         theirs = {k: state.get(k) for k in mine}
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"data iterator state version {state.get('version')} was written by another data pipeline "
+                f"(this one reads version {STATE_VERSION}: token stores through Grain), whose row order "
+                "differs; finish that run with the code that started it, or start the phase afresh."
+            )
         if state.get("version") != STATE_VERSION or theirs != mine or set(state["tasks"]) != set(self.names):
             raise DataError(
                 f"data iterator state {theirs} does not match this iterator {mine}; resume with the "

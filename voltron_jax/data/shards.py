@@ -36,6 +36,7 @@ INDEX = "index.json"
 CHUNK_TOKENS = 16384  # tokens per record: 32 KiB of uint16, one record per random read of a row
 CHUNKS_PER_SHARD = 2048  # records per shard file: 32M tokens (64 MiB of uint16)
 ENCODE_BATCH = 256  # documents tokenised per call (SentencePiece encodes a list at once)
+_PROBE = "The quick brown fox, 1234567890 — déjà vu 中文 def f(x):\n\treturn x  # ok"
 MAX_OPEN = 64  # shard readers kept open per store (LRU): bounds the per-host memory of a big store
 
 
@@ -64,7 +65,8 @@ def vocab_id(vocab) -> str:
     fp = getattr(vocab, "fingerprint", None)  # other kinds may name themselves
     if fp is not None:
         return str(fp() if callable(fp) else fp)
-    return f"{type(vocab).__name__}-{vocab.vocab_size}"
+    probe = hashlib.sha256(repr(list(vocab.encode(_PROBE))).encode()).hexdigest()[:12]
+    return f"{type(vocab).__name__}-{vocab.vocab_size}-{probe}"  # two vocabularies of one size differ
 
 
 def encode_batch(vocab, texts: list[str]) -> list[np.ndarray]:
