@@ -303,3 +303,23 @@ def test_models_import_without_data_or_tensorflow():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
+
+
+def test_orderings_are_one_table(monkeypatch):
+    from voltron_jax import train
+    from voltron_jax.config import validate
+    from voltron_jax.data import orderings
+    from voltron_jax.errors import ConfigError
+
+    c = tiny.get_config("test")
+    c.data.ordering = "nope"
+    with pytest.raises(ConfigError, match=", ".join(repr(n) for n in orderings.ORDERINGS)):
+        validate(c)
+    # a new ordering in the table is known to validation, the 'corpus' name and the train loop at once
+    extra = orderings.Ordering("semantic", True, "icp", "icp", "icp", doc="test")
+    monkeypatch.setitem(orderings.ORDERINGS, "semantic", extra)
+    c.data.ordering = "semantic"
+    validate(c)
+    assert train.needs_prepare(c) and orderings.train_stores("semantic") == ("icp",)
+    tasks.register_document_task("icp", {"train": ["a b"], "validation": ["c"]})
+    assert tasks.ensure_task("corpus", c.data, seqio.ByteVocabulary()) == "voltron_icp"
