@@ -242,3 +242,48 @@ def test_sentencepiece_is_trained_on_a_sample_of_the_prepared_corpus(tmp_path):
     big = [f"line {i} of text\n" * 3 for i in range(2000)]
     part = vocab_lib.sample_lines_stream(lambda: iter(big), max_chars=5000)
     assert part == vocab_lib.sample_lines(big, max_chars=5000) and 0 < len(part) < 6000
+
+
+HOST = """
+import json, sys
+import numpy as np
+from configs import tiny
+from voltron_jax.data import pipeline, tasks
+store, cache, i, n, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+tasks.register_store_task("two_proc", {"train": (store, None)})
+c = tiny.get_config("test")
+c.data.cache_dir, c.data.seq_len, c.data.batch_size = cache, 16, 4
+it = pipeline.make_train_iterator(c, "two_proc:1", seed=4, process_index=i, process_count=n)
+rows = [next(it)["inputs"].tolist() for _ in range(steps)]
+print(json.dumps(dict(rows=rows, state=it.get_state())))
+"""
+
+
+@pytest.mark.heavy  # 3 interpreters importing TensorFlow: ~25 CPU s (87 s wall on the shared host)
+def test_two_real_processes_read_one_process_rows_and_resume_on_one(tmp_path):
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    shards.write_store(store, seqio.ByteVocabulary(), _docs(200, 7), chunk_tokens=50, chunks_per_shard=4)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root)
+
+    def host(i, n, steps):
+        cmd = [sys.executable, "-c", HOST, str(store), str(tmp_path / "c"), str(i), str(n), str(steps)]
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+
+    procs = [host(i, 2, 5) for i in range(2)] + [host(0, 1, 9)]  # 2 hosts side by side, and 1 host
+    two = [json.loads(p.communicate()[0].splitlines()[-1]) for p in procs[:2]]
+    one = json.loads(procs[2].communicate()[0].splitlines()[-1])
+    for step in range(5):
+        assert (
+            two[0]["rows"][step] + two[1]["rows"][step] == one["rows"][step]
+        )  # host 0's half, then host 1's
+    assert two[0]["state"] == two[1]["state"]
+    tasks.register_store_task("two_proc", {"train": (str(store), None)})
+    c = tiny.get_config("test")
+    c.data.cache_dir, c.data.seq_len, c.data.batch_size = str(tmp_path / "c"), 16, 4
+    it = pipeline.make_train_iterator(c, "two_proc:1", seed=4)
+    it.set_state(two[1]["state"])  # the 2-process checkpoint, resumed in this single process
+    assert [next(it)["inputs"].tolist() for _ in range(4)] == one["rows"][5:]
