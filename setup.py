@@ -22,6 +22,9 @@ setup(
         "tensorflow-datasets>=4.9.10,<5",
         # 0.2.0 imports against the protobuf 6.x runtime that apache-beam pins; 0.2.3 does not.
         "sentencepiece==0.2.0",
+        # the train loop reads pre-tokenised ArrayRecord shards through Grain (voltron_jax/data/shards.py)
+        "grain==0.2.18",
+        "array-record==0.8.6",
         "numpy>=2,<3",
         "tqdm>=4.66",
         "matplotlib>=3.8",

@@ -26,10 +26,11 @@ Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
 Parameter counts (launch/aot_compile.py prints them, analytic and from eval_shape): seed 13.0B, MoE 87B
 (23.6B active per token: top-2 of 8 experts in FFN and attention).
 
-Runs (pods only; see docs/pods.md). Real data needs a SentencePiece model and a TFDS corpus:
+Runs (pods only; see docs/pods.md). Real data is prepared first (docs/pods.md section 0: raw text ->
+JSONL -> Beam prepare -> SentencePiece + ArrayRecord token stores), then:
   python launch/tpu.py run --name=v13 --zone=... -- python -m voltron_jax.main --multihost \\
       --config=configs/voltron_13b.py:v4 --workdir=gs://BUCKET/v13 \\
-      --config.data.spm_path=gs://BUCKET/spm32k.model --compilation_cache=gs://BUCKET/xla_cache
+      --config.data.token_dir=/gcs/BUCKET/v13/data/tokens --compilation_cache=gs://BUCKET/xla_cache
 Prove it fits before paying for a pod (docs/results.md, "Pod configs (AOT)"):
   python launch/aot_compile.py --config=configs/voltron_13b.py:moe,v5p --topology=v5p:4x4x4
 """

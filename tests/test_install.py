@@ -19,6 +19,8 @@ MODULES = [
     "tensorflow_datasets",
     "sentencepiece",
     "apache_beam",
+    "grain",
+    "array_record.python.array_record_module",
     "faiss",
     "sklearn",
     "libtpu",
@@ -47,6 +49,8 @@ def test_constraints_pin_the_core_stack():
         "ml-collections",
         "sentencepiece",
         "apache-beam",
+        "grain",
+        "array-record",
         "libtpu",
         "protobuf",
     ):

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from voltron_jax import registry, schedules
+from voltron_jax.data.orderings import ORDERINGS
 from voltron_jax.errors import ConfigError
 from voltron_jax.microbatch import ACC_DTYPES
 from voltron_jax.models import decoder
@@ -118,12 +119,16 @@ def get_default() -> ml_collections.ConfigDict:
     d.tokenizer_path = ""  # vocab=tokenizers: tokenizer.json or a HF checkpoint folder (data/vocab.py)
     d.spm_path = ""  # existing .model file; empty with vocab=sentencepiece trains one locally
     d.spm_vocab_size = 4096
+    # token stores (ArrayRecord shards, data/shards.py): '' = <workdir>/data/tokens. ArrayRecord reads and
+    # writes local files: with a bucket workdir give a local disk or a gcsfuse mount (/gcs/BUCKET/tokens)
+    d.token_dir = ""
     d.granularity = "file"  # file | paragraph
     d.seq_len = 256
     d.batch_size = 16  # global
     d.doc_mask = False  # block attention across documents in a packed row
     # random: corpus order, contexts shuffled | icp: In-Context Pretraining order of the deduplicated corpus
-    # (data/prepare.py) | dedup_random: the same deduplicated documents in a seeded random order (ablation)
+    # (data/prepare.py) | dedup_random: the same deduplicated documents in a seeded random order (ablation);
+    # the table: voltron_jax/data/orderings.py
     d.ordering = "random"
     d.val_fraction = 0.02
     d.shuffle_seed = 0
@@ -451,7 +456,7 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
         _fail(
             "data.vocab='tokenizers' needs data.tokenizer_path (a tokenizer.json or a HF checkpoint folder)."
         )
-    _choice("data.ordering", d.ordering, ("random", "icp", "dedup_random"))
+    _choice("data.ordering", d.ordering, tuple(ORDERINGS))
     _choice("data.embed.kind", d.embed.kind, ("tfidf", "hashing"))
     _choice("data.icp.index", d.icp.index, ("auto", "flat", "ivf", "hnsw"))
     if d.n_clusters < 1 or d.icp.knn < 1 or d.embed.dim < 1 or d.embed.fit_sample < 3:

@@ -31,6 +31,7 @@ from flax import struct
 from voltron_jax import losses, microbatch, optim, schedules, sharding, surgery
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.config import phase_config, validate_mesh
+from voltron_jax.data import orderings
 from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
@@ -785,7 +786,7 @@ def check_data_specs(config) -> None:
 def needs_prepare(config) -> bool:
     """ICP ordering and cluster-routed phases read the outputs of `voltron_jax.data.prepare`."""
     cluster_phases = any(config.recipe[n].mixture == "cluster" for n in config.recipe)
-    return config.data.ordering in ("icp", "dedup_random") or cluster_phases
+    return orderings.get(config.data.ordering).needs_prepare or cluster_phases
 
 
 def run(

@@ -38,7 +38,10 @@ def test_beam_output_equals_in_process_output(tmp_path):
         for d, _, fs in os.walk(local / "data")
         for f in fs
     )
-    assert len(files) == 4 + 4  # 4 shards, validation, marker, embedder, centroids
+    stores = [f for f in files if f.startswith("tokens/")]
+    # 4 shards, validation, marker, embedder, centroids + 3 token stores (random ordering: the per-cluster
+    # shuffled train store, validation, validation by cluster) of one ArrayRecord shard and an index each
+    assert len(files) - len(stores) == 4 + 4 and len(stores) == 3 * 2
     for f in files:
         a, b = (local / "data" / f), (beam / "data" / f)
         if f == prepare.MARKER:

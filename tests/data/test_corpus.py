@@ -88,3 +88,27 @@ def test_manifest_is_written_with_hashes_and_splits(tmp_path):
     val = {d.id for d in corpus.stdlib_source("file", cfg.data.val_fraction).documents("validation")}
     assert {p for p, f in files.items() if f["split"] == "validation"} == val
     assert m["pydoc"]["topics"] == len(corpus.pydoc_topics()) and m["mixtures"]["decay"]
+
+
+def test_to_jsonl_numbers_raw_records_and_splits_by_id(tmp_path):
+    import gzip
+
+    from voltron_jax.data import to_jsonl
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in range(2):
+        with gzip.open(raw / f"c4-train.{f}.json.gz", "wt") as out:
+            for i in range(30):
+                out.write(json.dumps(dict(text=f"doc {f} {i}" if i != 4 else "", url=f"u/{f}/{i}")) + "\n")
+    counts = to_jsonl.convert(
+        to_jsonl.raw_records(str(raw / "c4-train.*.json.gz"), 0.2), str(tmp_path / "o"), 25
+    )
+    recs = [json.loads(x) for p in sorted((tmp_path / "o").iterdir()) for x in p.read_text().splitlines()]
+    assert counts["files"] == 3 and [r["index"] for r in recs] == list(range(58))  # empty texts skipped
+    assert recs[0] == dict(index=0, id="u/0/0", text="doc 0 0", split=recs[0]["split"])
+    assert 0 < counts["validation"] < 25 and counts["train"] + counts["validation"] == 58
+    assert {r["split"] for r in recs if r["id"] == "u/1/7"} == {corpus.split_of("u/1/7", 0.2)}
+    (raw / "bad.json.gz").write_bytes(gzip.compress(b'{"no_text": 1}\n'))
+    with pytest.raises(corpus.DataError, match="bad.json.gz, line 1: not a JSON object with a 'text'"):
+        list(to_jsonl.raw_records(str(raw / "*.json.gz"), 0.0))

@@ -94,7 +94,7 @@ def test_shuffle_is_seeded_and_covers_each_row_once_per_epoch(cfg):
     assert _equal(_take(mk(0), 5), _take(mk(0), 5))
     assert not _equal(_take(mk(0), 5), _take(mk(1), 5))
     got = np.concatenate([np.concatenate([x["inputs"], x["targets"][:, -1:]], 1) for x in _take(it, n)])
-    stream = it.providers[0].stream
+    stream, _ = pipeline.token_stream(it.names[0], "train", seqio.ByteVocabulary(), cfg.data)
     every = packing.gather_rows(stream, np.arange(n), T)
     epoch0 = got[:n]
     assert not np.array_equal(epoch0, every)  # shuffled ...
@@ -306,3 +306,23 @@ def test_models_import_without_data_or_tensorflow():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
+
+
+def test_orderings_are_one_table(monkeypatch):
+    from voltron_jax import train
+    from voltron_jax.config import validate
+    from voltron_jax.data import orderings
+    from voltron_jax.errors import ConfigError
+
+    c = tiny.get_config("test")
+    c.data.ordering = "nope"
+    with pytest.raises(ConfigError, match=", ".join(repr(n) for n in orderings.ORDERINGS)):
+        validate(c)
+    # a new ordering in the table is known to validation, the 'corpus' name and the train loop at once
+    extra = orderings.Ordering("semantic", True, "icp", "icp", "icp", doc="test")
+    monkeypatch.setitem(orderings.ORDERINGS, "semantic", extra)
+    c.data.ordering = "semantic"
+    validate(c)
+    assert train.needs_prepare(c) and orderings.train_stores("semantic") == ("icp",)
+    tasks.register_document_task("icp", {"train": ["a b"], "validation": ["c"]})
+    assert tasks.ensure_task("corpus", c.data, seqio.ByteVocabulary()) == "voltron_icp"

@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from etils import epath
 from planted import planted_records
 
 from configs import tiny
@@ -41,11 +43,26 @@ def _shards(workdir):
     return prepare.prepared_documents(workdir, K)
 
 
+def _stored_docs(task, split, c):
+    """The documents of a task's token store, decoded in stream order (split after each EOS)."""
+    vocab = vocab_lib.make_vocab(c.data)
+    stream, lengths = pipeline.token_stream(tasks.task_name(task), split, vocab, c.data)
+    ends = np.cumsum(lengths)
+    return [vocab.decode(stream[e - n : e - 1].tolist()) for e, n in zip(ends, lengths, strict=True)]
+
+
 def test_layout_stats_and_kept_documents(prepared):
     c, workdir, recs, pairs, stats = prepared
     data = os.path.join(workdir, "data")
     names = sorted(os.listdir(data))
-    assert names == ["centroids.npz", "embedder.joblib", "prepare.json", "train", "validation.jsonl"]
+    assert names == [
+        "centroids.npz",
+        "embedder.joblib",
+        "prepare.json",
+        "tokens",
+        "train",
+        "validation.jsonl",
+    ]
     shards, val = _shards(workdir)
     ids = [r["id"] for shard in shards for r in shard]
     d = stats["docs"]
@@ -92,12 +109,9 @@ def test_prepared_tasks_load_and_pack(prepared):
     c.data.ordering = "icp"
     shards, val = _shards(workdir)
     prepare.register_tasks(c, workdir)
-    icp = tasks.document_source("icp")
-    assert [d.id for d in icp.documents("train")] == [r["id"] for s in shards for r in s]
-    assert [d.id for d in icp.documents("validation")] == [r["id"] for r in val]
-    rand = tasks.document_source("icp_random")
-    assert sorted(d.id for d in rand.documents("train")) == sorted(d.id for d in icp.documents("train"))
-    assert [d.id for d in rand.documents("train")] != [d.id for d in icp.documents("train")]
+    # ICP order survives into the token shards: the stream is the clusters' ICP orders, document by document
+    assert _stored_docs("icp", "train", c) == [r["text"] for s in shards for r in s]
+    assert _stored_docs("icp", "validation", c) == [r["text"] for r in val]
     it = pipeline.make_train_iterator(c, "pretrain", seed=0)
     assert it.names == ["voltron_icp"]
     batch = next(it)
@@ -106,8 +120,7 @@ def test_prepared_tasks_load_and_pack(prepared):
     for j in range(K):
         b = next(pipeline.make_train_iterator(c, "cluster", seed=0, cluster=j))
         assert b["inputs"].shape == (4, 32)
-        train_j = tasks.document_source(f"cluster_{j}").documents("train")
-        assert [d.id for d in train_j] == [r["id"] for r in shards[j]]  # ICP order within the cluster
+        assert _stored_docs(f"cluster_{j}", "train", c) == [r["text"] for r in shards[j]]  # ICP order
     ev = pipeline.make_eval_batches(c, "pretrain", 1)[0]
     assert ev["inputs"].shape == (4, 32)
 
@@ -119,8 +132,13 @@ def test_random_orderings_use_the_same_prepared_documents(prepared):
     c.data.ordering = "dedup_random"
     prepare.register_tasks(c, workdir)
     assert pipeline.make_train_iterator(c, "pretrain", seed=0).names == ["voltron_icp_random"]
-    train_0 = [d.id for d in tasks.document_source("cluster_0").documents("train")]
-    assert sorted(train_0) == sorted(r["id"] for r in shards[0]) and train_0 != [r["id"] for r in shards[0]]
+    icp = [r["text"] for s in shards for r in s]
+    rand = _stored_docs("icp_random", "train", c)
+    assert sorted(rand) == sorted(icp) and rand != icp  # the same documents, another order
+    train_0 = _stored_docs("cluster_0", "train", c)
+    assert sorted(train_0) == sorted(r["text"] for r in shards[0]) and train_0 != [
+        r["text"] for r in shards[0]
+    ]
 
 
 def test_decay_mixture_adds_the_held_out_high_quality_task(prepared):
@@ -136,7 +154,7 @@ def test_decay_mixture_adds_the_held_out_high_quality_task(prepared):
     assert ids and not any("pydoc_data" in i or i.startswith("pydoc:") for i in ids)
 
 
-def test_cluster_eval_uses_only_its_docs_and_skips_a_cluster_without_any(prepared, monkeypatch):
+def test_cluster_eval_uses_only_its_docs_and_skips_a_cluster_without_any(prepared, tmp_path):
     from voltron_jax import train
 
     c, workdir, _, _, _ = prepared
@@ -144,9 +162,17 @@ def test_cluster_eval_uses_only_its_docs_and_skips_a_cluster_without_any(prepare
     c.data.ordering, c.train.eval_clusters, c.train.eval_batches = "icp", True, 2
     shards, val = _shards(workdir)
     val = [r for r in val if r["cluster"] != 0]  # nothing routed to cluster 0
-    monkeypatch.setattr(prepare, "prepared_documents", lambda w, k: (shards, val))
+    workdir = str(tmp_path / "run")  # a copy whose validation file routes nothing to cluster 0
+    shutil.copytree(
+        os.path.join(prepared[1], "data"),
+        os.path.join(workdir, "data"),
+        ignore=shutil.ignore_patterns("tokens"),
+    )
+    prepare.write_jsonl(
+        epath.Path(workdir) / "data" / prepare.VALIDATION, val, ("index", "id", "text", "cluster")
+    )
     prepare.register_tasks(c, workdir)
-    assert "validation" not in tasks.document_source("cluster_0").splits  # no stand-in split
+    assert "validation" not in tasks.store_source("cluster_0").splits  # no stand-in split
     assert pipeline.cluster_validation_rows(c, 0) == 0
     sets = train.eval_sets(c, 0, 1)
     assert "cluster_0/" not in sets  # absent, not the overall split under cluster_0's name
@@ -156,9 +182,7 @@ def test_cluster_eval_uses_only_its_docs_and_skips_a_cluster_without_any(prepare
     T = c.data.seq_len
     for j in measured:
         tn = tasks.task_name(f"cluster_{j}")
-        assert [d.id for d in tasks.document_source(tn).documents("validation")] == [
-            r["id"] for r in val if r["cluster"] == j
-        ]
+        assert _stored_docs(f"cluster_{j}", "validation", c) == [r["text"] for r in val if r["cluster"] == j]
         stream, _ = pipeline.token_stream(tn, "validation", vocab, c.data)
         own = {stream[r * T : r * T + T].tobytes() for r in range(len(stream) // T)}
         rows = np.concatenate([b["inputs"] for b in sets[f"cluster_{j}/"]]).astype(stream.dtype)

@@ -1,10 +1,12 @@
-"""Data: embedded corpora, vocabularies, seqio tasks, packing and the resumable per-host iterator.
+"""Data: embedded corpora, vocabularies, tasks, token stores (ArrayRecord), packing and the resumable,
+host-count-free per-host iterator (Grain).
 
 Public API (what the train loop calls):
   make_train_iterator(config, mixture, *, seed, process_index=0, process_count=1, cluster=None)
   make_eval_batches(config, mixture, n_batches, process_index=0, process_count=1)
   corpus_manifest(config) / write_manifest(workdir, config)
   make_vocab(data_cfg, workdir=None), register_document_task(name, documents, vocab=None)
+  register_store_task(name, {split: (store folder, segment)}), TokenStore(path), ORDERINGS
   Document, DocumentSource, DataError
 
 `corpus` and `packing` need no TensorFlow; the rest imports seqio/TensorFlow on first use (attributes
@@ -24,6 +26,9 @@ _EXPORTS = {
     "resolve_mixture": "pipeline",
     "make_vocab": "vocab",
     "register_document_task": "tasks",
+    "register_store_task": "tasks",
+    "ORDERINGS": "orderings",
+    "TokenStore": "shards",
     "parse_mixture": "tasks",
     "Document": "corpus",
     "DocumentSource": "corpus",

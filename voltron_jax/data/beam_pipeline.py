@@ -5,7 +5,8 @@
     # JSONL records {"index", "id", "text", "split"} on a bucket, on Dataflow (Beam options after `--`):
     python -m voltron_jax.data.beam_pipeline --config=configs/voltron_13b.py --workdir=gs://B/run \\
         --input='gs://B/corpus/*.jsonl' -- --runner=DataflowRunner --project=P --region=R \\
-        --temp_location=gs://B/tmp --requirements_file=requirements.txt
+        --temp_location=gs://B/tmp --setup_file=./setup.py \\
+        --requirements_file=launch/dataflow_requirements.txt
     # Flink / Spark: --runner=FlinkRunner --flink_master=HOST:8081 (or --runner=SparkRunner
     # --spark_master_url=spark://HOST:7077) with --environment_type=DOCKER or PROCESS and an SDK
     # environment that has this package installed (pip install -c constraints.txt -e '.[data]').
@@ -16,7 +17,8 @@ Graph (each step reuses the in-process function of prepare.py, so the outputs ar
     kept -> BatchElements -> embed + nearest centroid (model as a side input)   (map)
          -> GroupByKey(cluster) -> order_cluster + write the cluster's shard  (ICP per cluster, parallel)
     validation -> embed + assign -> one list sorted by index -> validation.jsonl
-    all of the above -> finish: empty shards for empty clusters, stats, prepare.json (the completion mark)
+    all of the above -> finish: empty shards for empty clusters, stats, prepare.json, then the token
+        stores (prepare.tokenize: SentencePiece on a sample if asked, ArrayRecord shards, index last)
 The fit runs on one worker over the sample only (c-BTM fits on one shard too); the kNN + traversal of a
 cluster runs on one worker and needs that cluster's documents and vectors in memory (~N/k * (text +
 4*D bytes)): raise data.n_clusters for a bigger corpus. The result does not depend on the runner: the
@@ -26,7 +28,12 @@ data.icp.flat_max docs per cluster) is the exception: FAISS builds it with threa
 
 Dependency note: apache-beam 2.77 caps protobuf below 7 and sentencepiece 0.2.3 needs a protobuf 7
 runtime, so `import seqio` breaks once Beam is installed; sentencepiece is pinned to 0.2.0 (setup.py,
-constraints.txt), which imports against protobuf 6. This module does not import seqio or TensorFlow.
+constraints.txt), which imports against protobuf 6. Only the finish step imports seqio (its
+vocabularies, to tokenise); the graph's other steps import neither seqio nor TensorFlow.
+
+The token stores are written by one worker in the finish step (tokenising runs at ~1-3 MB/s of text per
+core with SentencePiece): fine up to a few tens of GB of text; a c4-scale corpus wants the stores written
+per cluster in parallel (each cluster is a segment of the 'icp' store), which this graph does not do yet.
 """
 
 from __future__ import annotations
@@ -103,7 +110,9 @@ def _save_model(model: tuple, out: str) -> list[int]:
     return model[1]
 
 
-def _finish(_, s: dict, out: str, stats: list, val_sizes: list, fit_sizes: list, counts: dict) -> dict:
+def _finish(
+    _, s: dict, data_cfg, out: str, stats: list, val_sizes: list, fit_sizes: list, counts: dict
+) -> dict:
     out_p = epath.Path(out)
     k = s["n_clusters"]
     present = {st["cluster"] for st in stats}
@@ -121,6 +130,7 @@ def _finish(_, s: dict, out: str, stats: list, val_sizes: list, fit_sizes: list,
     )
     report["seconds"] = dict(icp_parts=prepare.sum_seconds(stats))
     prepare.write_marker(out_p, prepare.fingerprint(s, counts["digest"]), s, report)
+    prepare.tokenize(data_cfg, out_p)  # the same token stores, bytes and all, as the in-process path
     return report
 
 
@@ -144,7 +154,7 @@ def _counts(records, train, val, kept):
     return [count(train, "train"), count(val, "validation"), count(kept, "kept"), digest] | beam.Flatten()
 
 
-def build(p, records, s: dict, out: str) -> None:
+def build(p, records, s: dict, out: str, data_cfg) -> None:
     """Add the preparation to pipeline `p`, reading PCollection `records` and writing under `out`."""
     import apache_beam as beam
     from apache_beam.pvalue import AsDict, AsList, AsSingleton
@@ -187,7 +197,7 @@ def build(p, records, s: dict, out: str) -> None:
         AsSingleton(fit_sizes),
         AsDict(_counts(records, train, val, kept)),
     )
-    _ = p | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(_finish, s, out, *sides)
+    _ = p | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(_finish, s, data_cfg, out, *sides)
 
 
 def run(
@@ -222,7 +232,7 @@ def run(
             recs = p | "Read" >> read | "Parse" >> beam.Map(_parse)
         else:
             recs = p | "Create" >> beam.Create(records)
-        build(p, recs, s, str(out))
+        build(p, recs, s, str(out), config.data)
     return prepare.read_marker(out)["stats"]
 
 

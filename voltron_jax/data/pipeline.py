@@ -1,123 +1,131 @@
 """What the train loop consumes: packed, shuffled, mixed, per-host batches with an exact resume state.
 
-Embedded and registered document tasks are tokenised once through their seqio Task (cached in memory and
-as .npz under data.cache_dir) and served by index from the token stream (packing.py), so a batch costs
-one numpy gather. Every host computes the same global batch plan and materialises only its slice
-[B / process_count, T], so the global batch does not depend on the host count.
+Every non-streaming task is read from a token store (ArrayRecord shards + index, shards.py) through a
+Grain MapDataset: the store's token stream (documents in their final order, EOS after each) is cut into
+rows of T+1 tokens (packing.py), `grain.MapDataset.shuffle` permutes the rows of each epoch by an index
+shuffle (O(1) memory: no permutation array) and `.repeat()` numbers the rows of all epochs 0, 1, 2, ...
+Prepared tasks ('icp', 'icp_random', 'cluster_<j>') read the stores that prepare wrote under
+<workdir>/data/tokens/; in-memory document tasks (the embedded stdlib / pydoc corpora, tests) are
+tokenised once into a store under data.cache_dir and read the same way, so `make demo` runs the pod path.
 
-TFDS tasks are too big to hold: they stream through seqio with per-host file sharding (streaming.py),
-in blocks of consecutive rows shuffled within the block. Their state (epoch, document, token offset of
-the block, rows taken from it) is exact but per host, and their global batch depends on the host count
-(each host reads only its shard of the files).
+Every host computes the same global batch plan (packing.allocate: a pure function of the rows each task
+has given) and reads only its slice [B / process_count, T] of it: row k of task j is the k-th element of
+j's Grain dataset, whatever the host count. The iterator state is therefore a few integers (rows each
+task has given = epoch * rows + offset, and the step), restoring it costs the same anywhere in the
+corpus, and a state saved on N hosts resumes on M hosts with exactly the rows N would have read.
 
-Iterator state: {'step', 'mixture', 'seq_len', 'batch_size', 'tasks': {seqio task: {'epoch', 'offset'}}}
+TFDS tasks that were not prepared still stream through seqio with per-host file sharding (streaming.py):
+their state is per host and their global batch depends on the host count; prepare the corpus instead.
+
+Iterator state: {'step', 'mixture', 'seq_len', 'batch_size', 'tasks': {task: {'epoch', 'offset'}}}
 (streaming tasks add 'rows', 'doc', 'token', 'in_block'); JSON-serialisable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import zipfile
 
+import grain
 import numpy as np
 import seqio
 
-from voltron_jax.data import corpus, packing, passkey, streaming, tasks
+from voltron_jax.data import corpus, packing, passkey, shards, streaming, tasks
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.data.corpus import DataError
 
-STATE_VERSION = 1
-_STREAMS: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # in-memory cache of tokenised splits
+STATE_VERSION = 2  # 2: rows read from token stores through Grain (1: in-memory streams, numpy shuffle)
 
 
-# --------------------------------------------------------------------------------------------- token streams
+# --------------------------------------------------------------------------------------------- token stores
 
 
-def _tokenize_task(task: str, split: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """All documents of `split` through the seqio task (tokenise + EOS): (stream, per-document lengths)."""
-    ds = seqio.get_mixture_or_task(task).get_dataset(
-        sequence_length=None,
-        split=split,
-        shuffle=False,
-        num_epochs=1,
-        trim_output_features=False,
-        try_in_mem_cache=False,
-    )
-    ds = ds.map(lambda ex: ex["targets"]).ragged_batch(4096)
-    parts, lengths = [], []
-    for rt in ds:
-        parts.append(rt.flat_values.numpy().astype(dtype))
-        lengths.append(rt.row_lengths().numpy())
-    if not parts:
-        return np.zeros(0, dtype), np.zeros(0, np.int64)
-    return np.concatenate(parts), np.concatenate(lengths).astype(np.int64)
-
-
-def token_stream(task: str, split: str, vocab: seqio.Vocabulary, data_cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(stream, document lengths incl. EOS) of an in-memory task's split; cached in memory and on disk."""
+def document_store(task: str, split: str, vocab, data_cfg) -> shards.TokenStore:
+    """The token store of an in-memory document task's split, written under data.cache_dir once."""
     source = tasks.document_source(task)
     if source is None:
         raise DataError(f"task {task!r} is not an in-memory document task.")
-    key = f"{task}.{split}.{vocab_lib.vocab_fingerprint(vocab)}.{source.fingerprint(split)[:20]}"
-    if key in _STREAMS:
-        return _STREAMS[key]
-    path = os.path.join(vocab_lib.cache_dir(data_cfg), "tokens", key + ".npz")
-    out = None
-    if os.path.exists(path):
-        try:
-            with np.load(path) as z:
-                out = (z["stream"], z["lengths"])
-        except (
-            OSError,
-            ValueError,
-            KeyError,
-            EOFError,
-            zipfile.BadZipFile,
-        ) as e:  # a truncated or foreign cache file
-            print(f"token cache {path} is unreadable ({type(e).__name__}); tokenizing again", flush=True)
-    if out is None:
-        out = _tokenize_task(task, split, packing.token_dtype(vocab.vocab_size))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, stream=out[0], lengths=out[1])
-        os.replace(tmp, path)  # atomic: parallel test workers share the cache
-    _STREAMS[key] = out
-    return out
+    key = f"{task}.{split}.{shards.vocab_id(vocab)}.{source.fingerprint(split)[:20]}"
+    path = os.path.join(vocab_lib.cache_dir(data_cfg), "tokens", key)
+    if not shards.is_complete(path):
+        texts = (d.text for d in source.documents(split))
+        shards.build_store(path, vocab, lambda w: w.add(texts))
+    return shards.TokenStore(path)
+
+
+def task_store(task: str, split: str, vocab, data_cfg) -> tuple[shards.TokenStore, int, int]:
+    """(store, first token, end token) of a task's split: a prepared store's segment or a cached store."""
+    stored = tasks.store_source(task)
+    if stored is not None:
+        if split not in stored.splits:
+            raise DataError(f"task {task!r} has no split {split!r}; it has {list(stored.splits)}.")
+        store, start, stop = stored.open(split)
+        if store.vocab != shards.vocab_id(vocab):
+            raise DataError(
+                f"task {task!r} was tokenised with vocabulary {store.vocab} ({store.path}) but this run uses "
+                f"{shards.vocab_id(vocab)}; prepare again with this data.vocab / data.spm_path."
+            )
+        return store, start, stop
+    store = document_store(task, split, vocab, data_cfg)
+    return store, 0, store.n_tokens
+
+
+def token_stream(task: str, split: str, vocab, data_cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, document lengths incl. EOS) of a task's split, read whole: for tests and small tasks."""
+    store, start, stop = task_store(task, split, vocab, data_cfg)
+    stream = store.read(start, stop).astype(packing.token_dtype(vocab.vocab_size))
+    ends = np.flatnonzero(stream == vocab.eos_id) + 1
+    return stream, np.diff(np.concatenate([[0], ends])).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------- row providers
 
 
-class _MemoryRows:
-    """Rows of an in-memory stream: the task's k-th row is perm(epoch)[offset], k = epoch*n_rows + offset."""
+def grain_seed(seed_parts: tuple) -> int:
+    """A 32-bit Grain seed from the seed parts (the same in every process)."""
+    blob = "/".join(str(int(s) & 0xFFFFFFFF) for s in seed_parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
+
+
+class _RowSource:
+    """Grain random-access source: row r = tokens [start + r*T, start + r*T + T + 1) of a store."""
+
+    def __init__(self, store: shards.TokenStore, start: int, n_rows: int, seq_len: int):
+        self.store, self.start, self.n_rows, self.seq_len = store, start, n_rows, seq_len
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, r: int) -> np.ndarray:
+        return self.store.read_many(np.asarray([self.start + int(r) * self.seq_len]), self.seq_len + 1)[0]
+
+
+class StoreRows:
+    """Rows of a token range of a store through a Grain MapDataset: row k (over all epochs) is
+    `dataset[k]`, shuffled per epoch by Grain's index shuffle when `shuffle`."""
 
     streaming = False
 
-    def __init__(self, name: str, stream: np.ndarray, seq_len: int, seed_parts: tuple, shuffle: bool):
-        self.name, self.stream, self.seq_len = name, stream, seq_len
-        self.n_rows = packing.num_rows(len(stream), seq_len)
-        self.seed_parts, self.shuffle = seed_parts, shuffle
+    def __init__(
+        self, name: str, store, start: int, stop: int, seq_len: int, seed_parts: tuple, shuffle: bool
+    ):
+        self.name, self.store, self.seq_len = name, store, seq_len
+        self.n_rows = packing.num_rows(stop - start, seq_len)
         self.spread = 0  # > 0: row k is row k * n_rows // spread (k < spread rows spread over the stream)
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = packing.epoch_permutation(self.n_rows, self.seed_parts, epoch)
-        return self._perms[epoch]
+        ds = grain.MapDataset.source(_RowSource(store, start, self.n_rows, seq_len))
+        self._plain = ds.repeat()
+        self.dataset = (ds.shuffle(seed=grain_seed(seed_parts)) if shuffle else ds).repeat()
 
     def windows(self, ks: np.ndarray) -> np.ndarray:
         """int32[len(ks), T+1] windows of the task's rows number `ks` (global, across epochs)."""
         ks = np.asarray(ks, np.int64)
         if self.spread:
-            ks = ks * self.n_rows // self.spread
-        epochs, offsets = np.divmod(ks, self.n_rows)
-        rows = offsets.copy()
-        if self.shuffle:
-            for e in np.unique(epochs):
-                rows[epochs == e] = self._perm(int(e))[offsets[epochs == e]]
-        return packing.gather_rows(self.stream, rows, self.seq_len)
+            ds, ks = self._plain, ks * self.n_rows // self.spread
+        else:
+            ds = self.dataset
+        if len(ks) == 0:
+            return np.zeros((0, self.seq_len + 1), np.int32)
+        return np.stack([ds[int(k)] for k in ks])
 
 
 # --------------------------------------------------------------------------------------------- iterator
@@ -192,6 +200,12 @@ class DataIterator:
         """Continue from a `get_state()` of an iterator with the same mixture, seq_len and batch size."""
         mine = dict(mixture=self.mixture, seq_len=self.seq_len, batch_size=self.batch_size)
         theirs = {k: state.get(k) for k in mine}
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"data iterator state version {state.get('version')} was written by another data pipeline "
+                f"(this one reads version {STATE_VERSION}: token stores through Grain), whose row order "
+                "differs; finish that run with the code that started it, or start the phase afresh."
+            )
         if state.get("version") != STATE_VERSION or theirs != mine or set(state["tasks"]) != set(self.names):
             raise DataError(
                 f"data iterator state {theirs} does not match this iterator {mine}; resume with the "
@@ -249,17 +263,17 @@ def _provider(name: str, split: str, d, vocab, seed_parts: tuple, shuffle: bool,
     tn = tasks.ensure_task(name, d, vocab)
     seed_parts = (*seed_parts, packing.stable_hash(tn))
     source = tasks.document_source(tn)
-    if source is None:
+    if source is None and tasks.store_source(tn) is None:
         return streaming.StreamRows(
             tn, split, d.seq_len, seed_parts, shuffle, shard, streaming.STREAM_BLOCK_ROWS
         )
-    if split not in source.splits:
+    if source is not None and split not in source.splits:
         raise DataError(f"task {name!r} has no split {split!r}; it has {list(source.splits)}.")
-    stream, _ = token_stream(tn, split, vocab, d)
-    p = _MemoryRows(tn, stream, d.seq_len, seed_parts, shuffle)
+    store, start, stop = task_store(tn, split, vocab, d)
+    p = StoreRows(tn, store, start, stop, d.seq_len, seed_parts, shuffle)
     if p.n_rows == 0:
         raise DataError(
-            f"split {split!r} of task {name!r} has {len(stream)} tokens, fewer than one row of "
+            f"split {split!r} of task {name!r} has {stop - start} tokens, fewer than one row of "
             f"data.seq_len+1={d.seq_len + 1}; add documents, lower data.seq_len or (validation) "
             "raise data.val_fraction."
         )
@@ -353,9 +367,11 @@ def cluster_validation_rows(config, cluster: int) -> int:
     vocab = vocab_lib.make_vocab(d)
     ((name, _),) = resolve_mixture(config, "cluster", cluster)
     tn = tasks.ensure_task(name, d, vocab)
-    if "validation" not in tasks.document_source(tn).splits:
+    source = tasks.store_source(tn) or tasks.document_source(tn)
+    if "validation" not in source.splits:
         return 0
-    return packing.num_rows(len(token_stream(tn, "validation", vocab, d)[0]), d.seq_len)
+    _, start, stop = task_store(tn, "validation", vocab, d)
+    return packing.num_rows(stop - start, d.seq_len)
 
 
 def corpus_manifest(config) -> dict:

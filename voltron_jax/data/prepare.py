@@ -10,19 +10,26 @@ Stages (each shared with the Apache Beam version in voltron_jax/data/beam_pipeli
   3. embed every document and assign it to its nearest centroid (train and validation);
   4. per cluster (the unit of parallelism): kNN, semantic dedup, greedy traversal, adjacent-duplicate
      filter (`order_cluster`, voltron_jax/data/icp.py);
-  5. write <workdir>/data/ (below) and register the seqio tasks (`register_tasks`).
+  5. write <workdir>/data/ (below);
+  6. tokenise the documents in their final order into token stores (ArrayRecord shards + index, one
+     store per order the configured data.ordering reads; voltron_jax/data/orderings.py) under
+     <workdir>/data/tokens/<vocabulary>/ (`tokenize`), then register the tasks (`register_tasks`).
 
 Layout of <workdir>/data/ (docs/design.md):
     prepare.json                         fingerprint, settings and stats; written last (completion mark)
     embedder.joblib, centroids.npz       the fitted clusterer (cbtm.ClusterModel.load(<workdir>/data))
     train/cluster-0000j-of-0000k.jsonl   kept train docs of cluster j in ICP order: {"index","id","text"}
     validation.jsonl                     validation docs in corpus order with their cluster
+    spm_<n>.model                        SentencePiece model trained on a sample of the kept train docs
+                                         (data.vocab='sentencepiece', no data.spm_path, corpus not stdlib)
+    tokens/<vocab>/<store>/              token stores: index.json (written last) + tokens-*.arrayrecord
 
-Registered tasks (mixture names): 'icp' (the clusters' ICP orders concatenated), 'icp_random' (the same
-documents in a seeded random order: the ablation baseline that differs from 'icp' only in order) and
-'cluster_<j>' (cluster j's documents, in ICP order when data.ordering='icp', else shuffled; validation =
-the validation docs routed to cluster j; no validation split if none are). 'icp' and 'icp_random'
-share the corpus validation split, so validation losses compare across orderings. data.ordering='icp'
+Registered tasks (mixture names), read from the token stores: 'icp' (data.ordering='icp': the clusters'
+ICP orders concatenated) or 'icp_random' ('dedup_random': the same documents in a seeded random order,
+the ablation baseline that differs from 'icp' only in order), and 'cluster_<j>' (cluster j's segment of
+the ordering's cluster store: ICP order for 'icp', else shuffled within the cluster; validation = the
+validation docs routed to cluster j; no validation split if none are). 'icp' and 'icp_random' share
+the corpus validation split, so validation losses compare across orderings. data.ordering='icp'
 ('dedup_random') makes the mixture name 'corpus' mean 'icp' ('icp_random'), so the stable and the
 decay mixture (corpus + pydoc, the held-out high-quality set) both read the prepared order.
 
@@ -36,13 +43,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 
 import numpy as np
 from etils import epath
 
-from voltron_jax.data import cbtm, corpus, embed, icp
+from voltron_jax.data import cbtm, corpus, embed, icp, orderings, shards
 from voltron_jax.run import workdir as workdir_lib
 
 FORMAT = 1
@@ -165,12 +173,22 @@ def write_jsonl(path: epath.Path, records: list[dict], fields: tuple[str, ...]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(json.dumps({f: r[f] for f in fields}) + "\n" for r in records))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def read_jsonl(path: epath.Path) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: epath.Path):
+    """Records of a prepared JSONL file, one line at a time (memory: one record); a damaged file is one
+    DataError naming it and the fix."""
+    path = epath.Path(path)
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        with path.open("r") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         data = next((p for p in (path.parent, path.parent.parent) if (p / MARKER).exists()), path.parent)
         raise corpus.DataError(
@@ -310,8 +328,11 @@ def clear(out: epath.Path) -> None:
     for name in (MARKER, VALIDATION, cbtm.EMBEDDER_FILE, cbtm.CENTROIDS_FILE):
         if (out / name).exists():
             (out / name).unlink()
-    if (out / "train").exists():
-        (out / "train").rmtree()
+    for name in ("train", TOKENS):
+        if (out / name).exists():
+            (out / name).rmtree()
+    for f in out.glob("spm_*.model") if out.exists() else ():
+        f.unlink()
 
 
 def read_marker(out: epath.Path) -> dict | None:
@@ -381,8 +402,10 @@ def prepare(
         write_marker(out, fp, s, stats)
         if progress:
             print(format_report(stats), flush=True)
+    if pid == 0:
+        tokenize(config.data, out, progress=progress)
     if register:
-        register_tasks(config, workdir)
+        register_tasks(config, workdir)  # the other processes wait here for process 0's token stores
     return stats
 
 
@@ -402,29 +425,180 @@ def prepared_documents(workdir, n_clusters: int) -> tuple[list[list[dict]], list
     )
 
 
+TOKENS = "tokens"
+VALIDATION_STORES = ("validation", "validation_clusters")
+
+
+def shuffle_key(seed: int, index: int) -> bytes:
+    """Sort key of a document in the seeded random orders: a hash of (seed, corpus index)."""
+    return hashlib.sha256(f"{int(seed)}/{int(index)}".encode()).digest()[:12]
+
+
+def store_name(store: str, data_cfg) -> str:
+    """Folder name of a token store; the seeded orders carry their seed (a new seed, a new store)."""
+    return f"{store}-seed{int(data_cfg.shuffle_seed)}" if store in ("random", "cluster_shuffled") else store
+
+
+def _fill(store: str, out: epath.Path, data_cfg):
+    """`fill(writer)` that writes store `store` from the prepared JSONL files (documents in their order)."""
+    k, seed = int(data_cfg.n_clusters), int(data_cfg.shuffle_seed)
+    texts = lambda rs: (r["text"] for r in rs)
+    cluster = lambda j: iter_jsonl(shard_path(out, j, k))
+
+    def fill(w: shards.StoreWriter) -> None:
+        if store == "icp":  # cluster after cluster, each in ICP order (as written by order_cluster)
+            for j in range(k):
+                w.begin_segment(f"cluster_{j}")
+                w.add(texts(cluster(j)))
+        elif store == "cluster_shuffled":  # one cluster in memory at a time
+            for j in range(k):
+                w.begin_segment(f"cluster_{j}")
+                w.add(texts(sorted(cluster(j), key=lambda r: shuffle_key(seed, r["index"]))))
+        elif store == "random":  # one seeded order over all kept documents: holds the texts in memory
+            recs = [r for j in range(k) for r in cluster(j)]
+            recs.sort(key=lambda r: shuffle_key(seed, r["index"]))
+            w.add(texts(recs))
+        elif store == "validation":
+            w.add(texts(iter_jsonl(out / VALIDATION)))
+        elif store == "validation_clusters":
+            val = read_jsonl(out / VALIDATION)
+            for j in range(k):
+                w.begin_segment(f"cluster_{j}")
+                w.add(texts(r for r in val if r["cluster"] == j))
+        else:
+            raise corpus.DataError(f"unknown token store {store!r}.")
+
+    return fill
+
+
+def _needs_own_spm(data_cfg) -> bool:
+    return data_cfg.vocab == "sentencepiece" and not data_cfg.spm_path and data_cfg.corpus != "stdlib"
+
+
+def spm_path(data_cfg, out) -> epath.Path:
+    return epath.Path(out) / f"spm_{int(data_cfg.spm_vocab_size)}.model"
+
+
+def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
+    """The vocabulary the token stores use: data.vocab, with a SentencePiece model trained here on a
+    deterministic line sample of the kept train documents when none is given and the corpus is not
+    the embedded one (<workdir>/data/spm_<n>.model; pass it as data.spm_path to the train loop)."""
+    import seqio
+
+    from voltron_jax.data import vocab as vocab_lib
+
+    if _needs_own_spm(data_cfg):
+        path = spm_path(data_cfg, out)
+        if not path.exists():
+            k = int(data_cfg.n_clusters)
+            docs = lambda: (r["text"] for j in range(k) for r in iter_jsonl(shard_path(out, j, k)))
+            lines = vocab_lib.sample_lines_stream(docs)
+            if progress:
+                print(
+                    f"prepare: training SentencePiece ({data_cfg.spm_vocab_size}) on {len(lines)} lines",
+                    flush=True,
+                )
+            if "://" in os.fspath(path):  # the trainer writes a local file; copy it to the bucket
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, path.name)
+                    vocab_lib.train_sentencepiece(
+                        lines, int(data_cfg.spm_vocab_size), local, max_chars=1 << 62
+                    )
+                    epath.Path(local).copy(path, overwrite=True)
+            else:
+                vocab_lib.train_sentencepiece(
+                    lines, int(data_cfg.spm_vocab_size), os.fspath(path), max_chars=1 << 62
+                )
+        return seqio.SentencePieceVocabulary(os.fspath(path))
+    return vocab_lib.make_vocab(data_cfg)
+
+
+def token_dir(out: epath.Path, vocab, data_cfg) -> epath.Path:
+    """Where the token stores live: <data.token_dir or <workdir>/data/tokens>/<prepare fingerprint>-<vocab>
+    (a shared data.token_dir never mixes two preparations)."""
+    root = epath.Path(data_cfg.token_dir) if data_cfg.get("token_dir") else epath.Path(out) / TOKENS
+    marker = read_marker(epath.Path(out))
+    if marker is None:
+        raise corpus.DataError(f"{out} holds no finished preparation (no {MARKER}); prepare first.")
+    return root / f"{marker['fingerprint'][:12]}-{shards.vocab_id(vocab)}"
+
+
+def tokenize(data_cfg, out, vocab=None, progress: bool = False) -> dict[str, str]:
+    """Write the token stores data.ordering reads (and the validation stores) that are not complete
+    yet; returns {store: folder}. Same function for the in-process and the Beam preparation."""
+    out = epath.Path(out)
+    vocab = vocab or prepared_vocab(data_cfg, out, progress)
+    base = token_dir(out, vocab, data_cfg)
+    paths = {}
+    for store in (*orderings.train_stores(data_cfg.ordering), *VALIDATION_STORES):
+        path = base / store_name(store, data_cfg)
+        if not shards.is_complete(path):
+            index = shards.build_store(path, vocab, _fill(store, out, data_cfg))
+            if progress:
+                print(
+                    f"prepare: token store {path}: {index['documents']} docs, {index['tokens']} tokens",
+                    flush=True,
+                )
+        paths[store] = os.fspath(path)
+    return paths
+
+
+def _wait_for(paths: list[epath.Path]) -> None:
+    t0 = time.time()
+    while not all(shards.is_complete(p) for p in paths):
+        if time.time() - t0 > WAIT_S:
+            missing = [os.fspath(p) for p in paths if not shards.is_complete(p)]
+            raise TimeoutError(f"token stores {missing} did not appear within {WAIT_S} s; prepare first.")
+        time.sleep(5)
+
+
 def register_tasks(config, workdir) -> list[str]:
-    """Register 'icp', 'icp_random' and 'cluster_<j>' from <workdir>/data; returns their seqio names."""
+    """Register the ordering's corpus task ('icp' | 'icp_random') and 'cluster_<j>' from the token stores
+    under <workdir>/data (tokenising them first if needed); returns their task names."""
     from voltron_jax.data import tasks
 
     d = config.data
-    shards, val = prepared_documents(workdir, d.n_clusters)
-    docs = lambda rs: [corpus.Document(r["id"], r["text"]) for r in rs]
-    rng = np.random.default_rng([int(d.shuffle_seed), 0x1C9])
-    shuffled = lambda rs: [rs[i] for i in rng.permutation(len(rs))]
-    icp_train = [r for shard in shards for r in shard]
-    names = [
-        tasks.register_document_task("icp", {"train": docs(icp_train), "validation": docs(val)}),
-        tasks.register_document_task(
-            "icp_random", {"train": docs(shuffled(icp_train)), "validation": docs(val)}
-        ),
-    ]
-    for j, shard in enumerate(shards):
-        train = shard if d.ordering == "icp" else shuffled(shard)
-        splits = {"train": docs(train)}
-        val_j = [r for r in val if r["cluster"] == j]
-        if val_j:  # no stand-in: a cluster without validation docs has no validation split
-            splits["validation"] = docs(val_j)
-        names.append(tasks.register_document_task(f"cluster_{j}", splits))
+    out = epath.Path(workdir) / "data"
+    if read_marker(out) is None:
+        raise corpus.DataError(
+            f"{out} holds no finished preparation; run `python -m voltron_jax.data.prepare "
+            "--config=... --workdir=...` (or the Beam pipeline) first."
+        )
+    from voltron_jax.data import vocab as vocab_lib
+
+    if _needs_own_spm(d):  # the model this preparation trains on the corpus (process 0 trains it)
+        model = spm_path(d, out)
+        if _jax_process()[0] == 0:
+            prepared_vocab(d, out)
+        t0 = time.time()
+        while not model.exists() and time.time() - t0 < WAIT_S:
+            time.sleep(5)
+        vocab_lib.use_prepared_spm(d, os.fspath(model))
+    vocab = vocab_lib.make_vocab(d)
+    base = token_dir(out, vocab, d)
+    o = orderings.get(d.ordering)
+    stores = (*orderings.train_stores(d.ordering), *VALIDATION_STORES)
+    paths = {s: base / store_name(s, d) for s in stores}
+    if _jax_process()[0] == 0:
+        tokenize(d, out, vocab)
+    else:
+        _wait_for(list(paths.values()))
+    val_clusters = shards.TokenStore(paths["validation_clusters"])
+    names = []
+    if o.corpus_task:
+        names.append(
+            tasks.register_store_task(
+                o.corpus_task,
+                {"train": (paths[o.corpus_store], None), "validation": (paths["validation"], None)},
+            )
+        )
+    for j in range(int(d.n_clusters)):
+        splits = {"train": (paths[o.cluster_store], f"cluster_{j}")}
+        if val_clusters.segments[f"cluster_{j}"][2]:  # no stand-in: no validation docs, no split
+            splits["validation"] = (paths["validation_clusters"], f"cluster_{j}")
+        names.append(tasks.register_store_task(f"cluster_{j}", splits))
     return names
 
 

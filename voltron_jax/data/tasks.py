@@ -9,7 +9,13 @@ Mixture specs are strings "name:rate,name:rate" (rates are normalised). Names:
   'icp_random' task instead;
 * `tfds:<name>[:<version>]` (e.g. `tfds:c4/en`): a seqio.TfdsDataSource on `data.tfds_data_dir`
   (registered on demand; nothing is downloaded: the data must already be in the data_dir);
-* any name given to `register_document_task` (ICP-ordered corpus, c-BTM clusters, ...).
+* any name given to `register_document_task` (documents held in memory, tokenised into a cached token
+  store on first use) or `register_store_task` (token stores written by voltron_jax/data/prepare.py:
+  the ICP-ordered corpus 'icp', its random-order twin 'icp_random', the c-BTM clusters 'cluster_<j>').
+
+seqio is kept for what it still does here: the vocabularies (ByteVocabulary, SentencePieceVocabulary)
+and the TFDS tasks that stream when a corpus was not prepared. Document and store tasks never go through
+seqio's tf.data pipeline: they are tokenised by the vocabulary straight into ArrayRecord shards.
 
 Every task has the same output feature, `targets`, tokenised by the run's vocabulary with EOS appended.
 Registration is idempotent: registering the same documents with the same vocabulary again is a no-op,
@@ -25,17 +31,41 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from voltron_jax.data import corpus
+from voltron_jax.data import corpus, orderings
 from voltron_jax.data import vocab as vocab_lib
 
 TASK_PREFIX = "voltron_"
 BUILTIN = ("stdlib", "pydoc", "corpus")
-# data.ordering -> the task that the mixture name 'corpus' means (registered by voltron_jax/data/prepare.py).
-ORDERED_CORPUS = {"icp": "icp", "dedup_random": "icp_random"}
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
-# seqio task name -> in-memory documents (None for streaming TFDS tasks), and the key it was added with.
-_SOURCES: dict[str, corpus.DocumentSource | None] = {}
+
+class StoreSource:
+    """A task whose splits are (token store folder, segment name or None for the whole stream)."""
+
+    def __init__(self, splits: Mapping[str, tuple[str, str | None]]):
+        self.parts = {k: (str(p), seg) for k, (p, seg) in splits.items()}
+        self.splits = tuple(self.parts)
+
+    def open(self, split: str):
+        """(TokenStore, first token, end token) of `split`."""
+        from voltron_jax.data import shards
+
+        path, seg = self.parts[split]
+        store = shards.TokenStore(path)
+        if seg is None:
+            return store, 0, store.n_tokens
+        if seg not in store.segments:
+            raise corpus.DataError(f"token store {path} has no segment {seg!r}; prepare again.")
+        start, stop, _ = store.segments[seg]
+        return store, start, stop
+
+    def key(self) -> tuple:
+        return tuple(sorted(self.parts.items()))
+
+
+# seqio task name -> in-memory documents | token stores (None for streaming TFDS tasks), and the key it
+# was added with.
+_SOURCES: dict[str, corpus.DocumentSource | StoreSource | None] = {}
 _ADDED: dict[str, tuple] = {}
 
 PREPROCESSORS = (
@@ -79,9 +109,28 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     return [(n, r / total) for n, r in out]
 
 
-def document_source(name: str) -> corpus.DocumentSource | None:
-    """The in-memory documents of a registered task (seqio or mixture name); None for streaming tasks."""
+def _lookup(name: str):
     return _SOURCES.get(name if name.startswith(TASK_PREFIX) else task_name(name))
+
+
+def document_source(name: str) -> corpus.DocumentSource | None:
+    """The in-memory documents of a registered task (seqio or mixture name); None for other tasks."""
+    src = _lookup(name)
+    return src if isinstance(src, corpus.DocumentSource) else None
+
+
+def store_source(name: str) -> StoreSource | None:
+    """The token stores of a prepared task (seqio or mixture name); None for other tasks."""
+    src = _lookup(name)
+    return src if isinstance(src, StoreSource) else None
+
+
+def register_store_task(name: str, splits: Mapping[str, tuple[str, str | None]]) -> str:
+    """Register a task read from token stores: {split: (store folder, segment name | None)}."""
+    tn = task_name(name)
+    _SOURCES[tn] = StoreSource(splits)
+    _ADDED.pop(tn, None)
+    return tn
 
 
 def registered() -> list[str]:
@@ -168,13 +217,15 @@ def _builtin_source(kind: str, granularity: str, val_fraction: float) -> corpus.
 def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
     """Make mixture name `name` a registered seqio task for this config and vocabulary; return its name."""
     if name == "corpus":  # the prepared (deduplicated, reordered) corpus when data.ordering asks for it
-        name = ORDERED_CORPUS.get(data_cfg.ordering, data_cfg.corpus)
+        name = orderings.get(data_cfg.ordering).corpus_task or data_cfg.corpus
     if name.startswith("tfds:"):
         return register_tfds_task(name, data_cfg.tfds_data_dir, vocab)
     if name in ("stdlib", "pydoc"):
         source = _builtin_source(name, data_cfg.granularity, float(data_cfg.val_fraction))
         return register_document_task(name, source, vocab)
     tn = task_name(name)
+    if isinstance(_SOURCES.get(tn), StoreSource):
+        return tn
     if tn not in _SOURCES:
         known = sorted({*BUILTIN, *(n[len(TASK_PREFIX) :] for n in _SOURCES)})
         raise corpus.DataError(

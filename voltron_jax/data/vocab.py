@@ -48,6 +48,17 @@ _SPM_SETTINGS = dict(
 )
 
 
+# (corpus, spm_vocab_size) -> the SentencePiece model the data preparation trained on that corpus
+# (prepare.register_tasks sets it), used when data.spm_path is empty and the corpus is not the embedded one.
+_PREPARED_SPM: dict[tuple[str, int], str] = {}
+
+
+def use_prepared_spm(data_cfg, path: str) -> None:
+    """Make `path` (trained by the data preparation) the model of data.vocab='sentencepiece' runs on
+    data.corpus with data.spm_vocab_size and no data.spm_path."""
+    _PREPARED_SPM[(data_cfg.corpus, int(data_cfg.spm_vocab_size))] = str(path)
+
+
 def cache_dir(data_cfg) -> str:
     """Where tokenised streams and trained vocabularies are cached (data.cache_dir or ~/.cache)."""
     return data_cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "voltron_jax")
@@ -60,10 +71,20 @@ def sample_lines(texts: list[str], max_chars: int = SPM_SAMPLE_CHARS) -> list[st
     if total <= max_chars:
         return lines
     keep = max_chars / total
+    return [ln for ln in lines if _keep_line(ln, keep)]
+
+
+def _keep_line(ln: str, keep: float) -> bool:
+    return int.from_bytes(hashlib.sha256(ln.encode("utf-8")).digest()[:4], "big") < keep * 2**32
+
+
+def sample_lines_stream(texts, max_chars: int = SPM_SAMPLE_CHARS) -> list[str]:
+    """`sample_lines` over a corpus too big to hold: `texts()` gives a fresh iterator of the documents;
+    two passes (count, then keep each line by its hash), so the same corpus gives the same sample."""
+    total = sum(len(ln) for t in texts() for ln in t.split("\n") if ln.strip())
+    keep = 1.0 if total <= max_chars else max_chars / total
     return [
-        ln
-        for ln in lines
-        if int.from_bytes(hashlib.sha256(ln.encode("utf-8")).digest()[:4], "big") < keep * 2**32
+        ln for t in texts() for ln in t.split("\n") if ln.strip() and (keep >= 1.0 or _keep_line(ln, keep))
     ]
 
 
@@ -102,8 +123,10 @@ def train_sentencepiece(
 def _spm_training_texts(data_cfg) -> list[str]:
     if data_cfg.corpus != "stdlib":
         raise corpus.DataError(
-            f"data.corpus={data_cfg.corpus!r}: a SentencePiece model is trained locally only "
-            "on the embedded corpus; pass an existing model with --config.data.spm_path=..."
+            f"data.corpus={data_cfg.corpus!r} with data.vocab='sentencepiece' and no data.spm_path: the "
+            "model is trained by the data preparation on a sample of this corpus (<workdir>/data/"
+            "spm_<n>.model, used once the prepared tasks are registered, as train.run does); or pass an "
+            "existing model with --config.data.spm_path=..."
         )
     return [d.text for d in corpus.stdlib_source("file", data_cfg.val_fraction).documents("train")]
 
@@ -228,6 +251,8 @@ def make_vocab(data_cfg, workdir: str | None = None) -> seqio.Vocabulary:
                 f"data.spm_path={path!r} does not exist; give an existing .model file or "
                 "leave it empty to train one on the embedded corpus."
             )
+    elif (data_cfg.corpus, int(data_cfg.spm_vocab_size)) in _PREPARED_SPM:
+        path = _PREPARED_SPM[(data_cfg.corpus, int(data_cfg.spm_vocab_size))]
     else:
         texts = _spm_training_texts(data_cfg)
         h = hashlib.sha256(

@@ -38,7 +38,7 @@ from voltron_jax.errors import ConfigError
 from voltron_jax.run import workdir as workdir_lib
 
 MODEL_RUNTIME = frozenset({"model.dtype", "model.remat", "model.attention_impl"})  # the backbone's knobs
-DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir"})
+DATA_PATHS = frozenset({"data.cache_dir", "data.tfds_data_dir", "data.token_dir"})
 RECIPE_FIELDS = ("mixture", "fan_out", "init.from_", "init.surgery")
 STEP_DIR = re.compile(r"^\d+$")
 MAX_LISTED = 6

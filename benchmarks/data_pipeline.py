@@ -1,0 +1,217 @@
+"""Token stores + Grain reader at corpus scale: write time, input-pipeline tokens/s, restore time, peak RSS.
+
+    python benchmarks/data_pipeline.py --sizes_mb=200,1000 --vocabs=byte,sentencepiece \
+        --workdir=/tmp/voltron_bench [--json=out.jsonl] [--seq_len=4096 --batch=32 --batches=40]
+
+For each (size, vocabulary): a synthetic corpus of natural-looking documents (Zipf-distributed pseudo
+words in sentences and paragraphs, lognormal document lengths, seeded: the same bytes every run) is
+generated on the fly and written as one token store by the step that ends the data preparation
+(shards.StoreWriter: tokenise in the final order, ArrayRecord shards, index last), in a fresh process
+(its wall time and peak RSS are reported). The SentencePiece model is trained once by the project's
+trainer on a deterministic line sample of the first 20 MB (vocab.sample_lines / train_sentencepiece).
+Then a second fresh process serves the store through the train loop's own iterator
+(pipeline.make_train_iterator over a task registered on the store, Grain MapDataset, shuffled rows)
+and reports: tokens/s of host batches (`--batch` x `--seq_len`, the model step excluded), the time to
+restore the iterator (make the iterator, set_state, first batch) at 1%, 50% and 90% of the corpus, and
+its peak RSS. The ICP/c-BTM stages before the tokenisation are measured by benchmarks/prepare_scaling.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_WORDS = 30_000
+
+
+def _words(rng: np.random.Generator) -> np.ndarray:
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    p = 1.0 / np.arange(1, 27) ** 0.9
+    lens = np.clip(rng.poisson(4.5, N_WORDS), 1, 14)
+    return np.array(["".join(rng.choice(letters, n, p=p / p.sum())) for n in lens])
+
+
+def documents(size_mb: int, seed: int = 0):
+    """Synthetic documents totalling about `size_mb` MB of UTF-8 text (a generator, same text every run)."""
+    rng = np.random.default_rng(seed)
+    words = _words(rng)
+    cap = np.array([w[0].upper() + w[1:] for w in words])
+    end, para = np.char.add(words, "."), np.char.add(words, ".\n\n")
+    cdf = np.cumsum(1.0 / np.arange(1, N_WORDS + 1) ** 1.1)
+    cdf /= cdf[-1]
+    budget = size_mb * 1_000_000
+    while budget > 0:
+        n = int(np.clip(rng.lognormal(6.0, 0.9), 20, 20_000))  # words; median ~400
+        idx = np.searchsorted(cdf, rng.random(n))
+        tok = words[idx].astype(object)
+        ends = np.cumsum(rng.integers(6, 25, n // 6 + 2))
+        ends = ends[ends < n] - 1
+        tok[0] = cap[idx[0]]
+        starts = ends[ends + 1 < n] + 1
+        tok[starts] = cap[idx[starts]]
+        tok[ends] = end[idx[ends]]
+        breaks = ends[rng.random(len(ends)) < 0.2]
+        tok[breaks] = para[idx[breaks]]
+        tok[-1] = end[idx[-1]]
+        text = " ".join(tok).replace("\n\n ", "\n\n")
+        budget -= len(text)
+        yield text
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _vocab(kind: str, workdir: str):
+    import seqio
+
+    if kind == "byte":
+        return seqio.ByteVocabulary()
+    from voltron_jax.data import vocab as vocab_lib
+
+    path = os.path.join(workdir, "spm_8000.model")
+    if not os.path.exists(path):
+        texts = []
+        for t in documents(20, seed=1):
+            texts.append(t)
+        vocab_lib.train_sentencepiece(texts, 8000, path)
+    return seqio.SentencePieceVocabulary(path)
+
+
+def write_child(size_mb: int, kind: str, workdir: str) -> dict:
+    from voltron_jax.data import shards
+
+    vocab = _vocab(kind, workdir)
+    rss0 = _peak_rss_mb()
+    path = os.path.join(workdir, f"{kind}-{size_mb}mb")
+    if shards.is_complete(path):
+        shards.remove(path)
+    gen = [0.0]
+
+    def timed(docs):  # the generator's own time is not the writer's
+        while True:
+            t = time.perf_counter()
+            d = next(docs, None)
+            gen[0] += time.perf_counter() - t
+            if d is None:
+                return
+            yield d
+
+    t0 = time.perf_counter()
+    index = shards.build_store(path, vocab, lambda w: w.add(timed(documents(size_mb))))
+    dt = time.perf_counter() - t0 - gen[0]
+    return dict(
+        stage="write",
+        size_mb=size_mb,
+        vocab=kind,
+        seconds=dt,
+        mb_per_s=size_mb / dt,
+        tokens=index["tokens"],
+        documents=index["documents"],
+        shards=len(index["shards"]),
+        generate_seconds=gen[0],
+        rss_before_mb=rss0,
+        peak_rss_mb=_peak_rss_mb(),
+    )
+
+
+def read_child(size_mb: int, kind: str, workdir: str, seq_len: int, batch: int, batches: int) -> dict:
+    import ml_collections
+
+    from configs import tiny
+    from voltron_jax.data import pipeline, shards, tasks
+
+    rss0 = _peak_rss_mb()
+    path = os.path.join(workdir, f"{kind}-{size_mb}mb")
+    store = shards.TokenStore(path)
+    name = f"bench_{kind}_{size_mb}"
+    tasks.register_store_task(name, {"train": (path, None)})
+    c = tiny.get_config("test")
+    c.data.vocab = "byte" if kind == "byte" else "sentencepiece"
+    c.data.spm_path = "" if kind == "byte" else os.path.join(workdir, "spm_8000.model")
+    c.data.seq_len, c.data.batch_size = seq_len, batch
+    c.model.vocab_size = max(c.model.vocab_size, store.index["vocab_size"])
+    c = ml_collections.ConfigDict(c)
+    mk = lambda: pipeline.make_train_iterator(c, f"{name}:1", seed=0)
+    it = mk()
+    next(it)  # open, first batch
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    tps = batches * batch * seq_len / (time.perf_counter() - t0)
+    n_rows = it.providers[0].n_rows
+    restore = {}
+    for frac in (0.01, 0.5, 0.9):
+        state = it.get_state()
+        rows = int(frac * n_rows) // batch * batch
+        state["tasks"][it.names[0]] = dict(epoch=0, offset=rows)
+        state["step"] = rows // batch
+        t0 = time.perf_counter()
+        fresh = mk()
+        fresh.set_state(json.loads(json.dumps(state)))
+        next(fresh)
+        restore[f"{int(frac * 100)}%"] = time.perf_counter() - t0
+    return dict(
+        stage="read",
+        size_mb=size_mb,
+        vocab=kind,
+        rows=n_rows,
+        tokens_per_s=tps,
+        restore_s=restore,
+        rss_before_mb=rss0,
+        peak_rss_mb=_peak_rss_mb(),
+    )
+
+
+def _run(args: list[str]) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes_mb", default="200,1000")
+    ap.add_argument("--vocabs", default="byte,sentencepiece")
+    ap.add_argument("--workdir", default="/tmp/voltron_data_bench")
+    ap.add_argument("--seq_len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--stages", default="write,read")
+    ap.add_argument("--child", default="")  # internal: write|read,size,vocab
+    a = ap.parse_args()
+    if a.child:
+        stage, size, kind = a.child.split(",")
+        if stage == "write":
+            res = write_child(int(size), kind, a.workdir)
+        else:
+            res = read_child(int(size), kind, a.workdir, a.seq_len, a.batch, a.batches)
+        print(json.dumps(res))
+        return
+    os.makedirs(a.workdir, exist_ok=True)
+    for kind in a.vocabs.split(","):
+        for size in (int(s) for s in a.sizes_mb.split(",")):
+            common = [f"--workdir={a.workdir}", f"--seq_len={a.seq_len}", f"--batch={a.batch}"]
+            for stage in a.stages.split(","):
+                res = _run([f"--child={stage},{size},{kind}", *common, f"--batches={a.batches}"])
+                print(json.dumps(res), flush=True)
+                if a.json:
+                    with open(a.json, "a") as f:
+                        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
