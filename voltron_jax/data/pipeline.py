@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -47,9 +48,17 @@ def document_store(task: str, split: str, vocab, data_cfg) -> shards.TokenStore:
         raise DataError(f"task {task!r} is not an in-memory document task.")
     key = f"{task}.{split}.{shards.vocab_id(vocab)}.{source.fingerprint(split)[:20]}"
     path = os.path.join(vocab_lib.cache_dir(data_cfg), "tokens", key)
-    if not shards.is_complete(path):
-        texts = (d.text for d in source.documents(split))
-        shards.build_store(path, vocab, lambda w: w.add(texts))
+    if shards.is_complete(path):
+        store = shards.TokenStore(path)
+        try:
+            store.verify()  # every shard present, of its size and record count
+            return store
+        except DataError as e:  # a cache is derived from the corpus: rebuild it rather than stop
+            store.close()
+            print(f"token cache {path} is unreadable ({e}); tokenizing again", flush=True)
+            shutil.rmtree(path)
+    texts = (d.text for d in source.documents(split))
+    shards.build_store(path, vocab, lambda w: w.add(texts))
     return shards.TokenStore(path)
 
 
