@@ -20,13 +20,18 @@ With --out, the result is written as an eval record to <out>/00_eval/metrics.jso
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from voltron_jax import cli
+from voltron_jax import cli, train
 from voltron_jax.errors import VoltronError
+from voltron_jax.inference.api import config_from_meta
 from voltron_jax.run import workdir as workdir_lib
 
 MODES = ("cbtm_ensemble", "single")
@@ -38,10 +43,6 @@ class EnsembleError(VoltronError, ValueError):
 
 def token_logprob_fn(rt):
     """Jitted (params, step, batch) -> log p(target) [B, T] for one phase's runtime."""
-    import jax
-    import jax.numpy as jnp
-
-    from voltron_jax import train
 
     dummy = jnp.zeros((1, rt.config.data.seq_len), jnp.int32)
     state_tree = jax.eval_shape(lambda k: rt.model.init(k, dummy), jax.random.key(0)).get("state")
@@ -81,12 +82,9 @@ def evaluate(
 ) -> dict:
     """{'mode', 'loss', 'perplexity', 'tokens', 'step'} on the scored suffix of `n_batches` validation
     batches of the pretraining mixture (the same rows and positions for every mode)."""
-    from etils import epath
 
-    from voltron_jax import train
-    from voltron_jax.data import cbtm, pipeline, prepare
-    from voltron_jax.data import vocab as vocab_lib
-    from voltron_jax.inference.api import config_from_meta
+    from voltron_jax.data import cbtm, pipeline, prepare  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
 
     if mode not in MODES:
         raise EnsembleError(f"--mode={mode!r}: choose one of {MODES}.")
@@ -136,7 +134,6 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)

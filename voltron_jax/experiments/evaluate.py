@@ -18,7 +18,9 @@ import sys
 from absl import flags
 from etils import epath
 
+from voltron_jax import cli, train
 from voltron_jax.errors import VoltronError
+from voltron_jax.inference.api import config_from_meta
 from voltron_jax.run import workdir as workdir_lib
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
@@ -42,9 +44,7 @@ class EvalError(VoltronError, ValueError):
 
 def evaluate_run(workdir: str, n_batches: int) -> dict:
     """{'workdir', 'phase', 'step', 'loss', 'perplexity', 'tokens'} of the run's last phase."""
-    from voltron_jax import train
-    from voltron_jax.data import pipeline
-    from voltron_jax.inference.api import config_from_meta
+    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
 
     root = epath.Path(workdir)
     if not workdir_lib.config_file(root).exists():
@@ -53,7 +53,7 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
     if n_batches < 1:
         raise EvalError(f"--batches={n_batches}: evaluate on at least one batch.")
     if train.needs_prepare(config):
-        from voltron_jax.data import prepare
+        from voltron_jax.data import prepare  # lazy: seqio/TensorFlow (the one seam)
 
         prepare.prepare(config, root)  # registers the prepared tasks; reuses <workdir>/data
     last = train.phases(config, root)[-1]
@@ -67,7 +67,7 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
 
 def run_harness(workdir: str) -> dict:
     """{'workdir', 'tasks': {task: {metric: value}}} of the lm-evaluation-harness tasks in --tasks."""
-    from voltron_jax.interop import lm_eval_adapter
+    from voltron_jax.interop import lm_eval_adapter  # lazy: the optional extra [interop]
 
     limit = _LIMIT.value
     limit = int(limit) if limit is not None and limit >= 1 else limit
@@ -100,7 +100,6 @@ def main(argv) -> None:
             "usage: python -m voltron_jax.experiments.evaluate --workdir=runs/a [--workdir=...] "
             "[--batches=32]"
         )
-    from voltron_jax import cli
 
     for w in _WORKDIRS.value:  # a wrong folder fails before TensorFlow and jax start
         if not workdir_lib.config_file(epath.Path(w)).exists():
@@ -119,6 +118,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from voltron_jax import cli
-
     cli.run(main, doc=__doc__)

@@ -18,8 +18,11 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
+from absl import flags
 
+from voltron_jax import cli, recipe, train
 from voltron_jax.data.passkey import (  # noqa: F401  (re-exported: the data API next to its scoring)
     DEPTHS,
     DIGITS,
@@ -33,6 +36,9 @@ from voltron_jax.data.passkey import (  # noqa: F401  (re-exported: the data API
     make_example,
     min_length,
 )
+from voltron_jax.inference import api
+from voltron_jax.run import report
+from voltron_jax.run import workdir as workdir_lib
 
 # --------------------------------------------------------------------------------------------- evaluation
 
@@ -82,12 +88,6 @@ def train_and_evaluate(
     """Fine-tune `config`'s model through the train loop (`train.run(config, workdir)`: its recipe's
     phases, checkpoints, resume; a finished run is only re-evaluated), load the final checkpoint and
     evaluate it. Returns (results, {'final_loss': last logged train loss, 'seconds', 'gate'})."""
-    import jax
-
-    from voltron_jax import recipe, train
-    from voltron_jax.inference import api
-    from voltron_jax.run import report
-    from voltron_jax.run import workdir as workdir_lib
 
     t0 = time.time()
     train.run(config, workdir)
@@ -116,9 +116,6 @@ def _find(tree, name: str) -> list:
 
 def main(argv) -> None:
     del argv
-    from absl import flags
-
-    from voltron_jax import cli, recipe
 
     f = flags.FLAGS
     config = cli.config_from_argv(_CONFIG.value, cli.overrides())
@@ -144,7 +141,6 @@ def main(argv) -> None:
         lines += [format_table(results, n, title), ""]
         saved[label] = dict(rule=rule, info=info, results={f"{k[0]}/{k[1]}": v for k, v in results.items()})
         print(lines[-2], flush=True)
-    from voltron_jax.run import workdir as workdir_lib
 
     workdir_lib.write_json(os.path.join(f.out, "passkey.json"), saved, sort_keys=False)
     workdir_lib.write_text(os.path.join(f.out, "passkey.md"), "\n".join(lines) + "\n")
@@ -153,10 +149,6 @@ def main(argv) -> None:
 
 _CONFIG = None
 if __name__ == "__main__":
-    from absl import flags
-
-    from voltron_jax import cli
-
     _CONFIG = flags.DEFINE_string("config", None, "configs/passkey_tiny.py")
     flags.DEFINE_string("out", "runs/passkey", "Folder for passkey.json and passkey.md.")
     flags.DEFINE_string("eval_segments", "4,8,16", "Evaluation lengths in segments.")

@@ -23,9 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
+from absl import flags
+from etils import epath
 from flax import traverse_util
 
+from voltron_jax import cli
 from voltron_jax.models import bitlinear, decoder
+from voltron_jax.run import checkpoint
 from voltron_jax.run import workdir as workdir_lib
 
 
@@ -114,9 +119,6 @@ def linear_weight_bytes(config: ml_collections.ConfigDict) -> dict:
 
 def restore_phase(phase_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
     """(params, config) of the latest checkpoint in a phase folder written by the train loop."""
-    from etils import epath
-
-    from voltron_jax.run import checkpoint
 
     ck = checkpoint.Checkpointer(workdir_lib.ckpt_dir(epath.Path(phase_dir)))
     step = ck.latest_step()
@@ -132,7 +134,6 @@ def restore_phase(phase_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
 
 def save_packed(out_dir: str, params: dict, config: ml_collections.ConfigDict) -> None:
     """Write packed params (Orbax) and the packed config (JSON) to `out_dir`."""
-    import orbax.checkpoint as ocp
 
     out = os.path.abspath(out_dir)
     os.makedirs(out, exist_ok=True)
@@ -143,7 +144,6 @@ def save_packed(out_dir: str, params: dict, config: ml_collections.ConfigDict) -
 
 def load_packed(out_dir: str):
     """(model, params, config) of a packed export; `model.apply({'params': params}, ids)` -> logits."""
-    import orbax.checkpoint as ocp
 
     out = os.path.abspath(out_dir)
     with open(os.path.join(out, "config.json")) as f:
@@ -171,11 +171,8 @@ def _format(report: dict) -> str:
     )
 
 
-def cli() -> None:
+def entrypoint() -> None:
     """Command line: export a phase folder, or print the byte report of a config."""
-    from absl import flags
-
-    from voltron_jax import cli
 
     phase_dir = flags.DEFINE_string("phase_dir", "", "A finished phase folder of a BitNet run (holds ckpt/).")
     out = flags.DEFINE_string("out", "", "Output folder for the packed export.")
@@ -197,4 +194,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    entrypoint()
