@@ -21,7 +21,7 @@ from absl import flags
 
 from voltron_jax import cli, train
 from voltron_jax.errors import UsageError
-from voltron_jax.run import plan, resume
+from voltron_jax.run import complete, plan, resume
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file: path/to/file.py[:variant] (a get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or bucket URL).")
@@ -66,7 +66,8 @@ def main(argv) -> int:
     if _DRY.value:  # nothing compiled, nothing written (run/plan.py)
         print(plan.format_plan(plan.build(checked.config, checked.root, checked.only_phase)), flush=True)
         return 0
-    cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
+    if complete.finished(checked.config, checked.root, checked.only_phase, checked.member) is None:
+        cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
 
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)

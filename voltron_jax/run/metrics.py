@@ -168,7 +168,10 @@ class MetricWriter:
             self.step0, self.t0 = step, time.time()
         done = step - self.start
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        if rate > 0:
+            eta = (self.total - done) / rate
+        else:  # the first line: the window's own step time (compile excluded) until a rate is measured
+            eta = (self.total - done) * scalars.get("step_time_s", float("nan"))
         parts = [
             f"[{self.label}] step {done}/{self.total}",
             f"loss {scalars['loss']:.4f}",
