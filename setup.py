@@ -32,6 +32,8 @@ setup(
         # libtpu pinned to the version jax[tpu]==0.10.2 names; used for TPU runs and CPU-host AOT compiles.
         "aot": ["libtpu==0.0.42"],
         "data": ["apache-beam>=2.77,<2.78", "faiss-cpu>=1.9,<2", "scikit-learn>=1.5,<2"],
+        # TensorBoard's Profile tab (xprof) for the traces of train.profile_step / profile_steps
+        "profile": ["tensorboard-plugin-profile>=2.24,<2.25"],
     },
     entry_points={"console_scripts": ["voltron=voltron_jax.main:entrypoint"]},
 )

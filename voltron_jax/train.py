@@ -665,22 +665,23 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
         save(step, force=True)  # e.g. a merge phase: its product is the checkpoint
     window, t_window = [], time.time()
     compiling = console.Stage(phase.label, "compiling the train step") if step < end else None
-    compile_s, untimed = 0.0, 0
+    compile_s, untimed, tracing = 0.0, 0, False
     try:
         with feed, checkpoint.PreemptionGuard() as guard:
             while step < end:
                 batch = next(feed)
-                profiling = step == c.train.profile_step
-                if profiling:  # one step's trace, viewable in TensorBoard's profile tab
+                if step == c.train.profile_step:  # profile_steps steps' trace: TensorBoard's Profile tab
                     jax.profiler.start_trace(str(workdir_lib.tb_dir(phase.directory)))
+                    tracing = True
                 state, m = rt.train_step(state, batch)
                 if compiling is not None:  # the first step's time is its compile: said, not silent
                     jax.block_until_ready(m["loss"])
                     compile_s, compiling = compiling.done(), None
                     t_window, untimed = time.time(), 1  # throughput from the second step on
-                if profiling:
+                if tracing and (step + 1 >= c.train.profile_step + c.train.profile_steps or step + 1 == end):
                     jax.block_until_ready(m["loss"])
                     jax.profiler.stop_trace()
+                    tracing = False
                 step += 1
                 if not ready:  # the first step from scratch ran: the config is proven
                     jax.block_until_ready(m["loss"])
