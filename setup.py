@@ -34,6 +34,8 @@ setup(
         "data": ["apache-beam>=2.77,<2.78", "faiss-cpu>=1.9,<2", "scikit-learn>=1.5,<2"],
         # TensorBoard's Profile tab (xprof) for the traces of train.profile_step / profile_steps
         "profile": ["tensorboard-plugin-profile>=2.24,<2.25"],
+        # optional Weights & Biases logging (train.wandb_project; imported only when set)
+        "track": ["wandb>=0.29,<0.30"],
     },
     entry_points={"console_scripts": ["voltron=voltron_jax.main:entrypoint"]},
 )

@@ -202,6 +202,11 @@ def get_default() -> ml_collections.ConfigDict:
     t.peak_flops = 0.0  # per device; 0: guess from the backend (for MFU)
     t.profile_step = -1  # >= 0: trace global steps [profile_step, profile_step + profile_steps) into tb/
     t.profile_steps = 1  # (xplane; TensorBoard's Profile tab with the `profile` extra installed)
+    # Weights & Biases (run/tracking.py; the `track` extra): off while wandb_project is empty; wandb_mode
+    # online | offline | disabled ('' : WANDB_MODE, else online)
+    t.wandb_project = ""
+    t.wandb_entity = ""
+    t.wandb_mode = ""
     t.eval_clusters = False  # also report validation loss per data cluster (needs data prepare)
     # Gradient accumulation (voltron_jax/microbatch.py): each step scans grad_accum_steps microbatches of
     # data.batch_size / grad_accum_steps rows; accumulator dtype float32 | bfloat16 | moments (that of

@@ -33,7 +33,7 @@ from voltron_jax.config import phase_config, validate_mesh
 from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
-from voltron_jax.run import checkpoint, complete, console, metrics, report, resume, runinfo, runlock
+from voltron_jax.run import checkpoint, complete, console, metrics, report, resume, runinfo, runlock, tracking
 from voltron_jax.run import workdir as workdir_lib
 
 
@@ -631,7 +631,14 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
         eval_batches = eval_sets(c, pid, pcount)
     probe = eval_batches[""][0] if eval_batches[""] else None  # judges a checkpoint's loss before saving
     # records past the restored step (a run killed after its last checkpoint) are dropped: one curve
-    writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start, int(state.step))
+    writer = metrics.MetricWriter(
+        phase.directory,
+        phase.label,
+        phase.steps,
+        phase.start,
+        int(state.step),
+        tracker=tracking.make(c, phase.directory, phase.label),  # W&B when train.wandb_project is set
+    )
     tokens_per_step = c.data.batch_size * c.data.seq_len
     flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
