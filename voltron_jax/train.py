@@ -626,6 +626,8 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
     if ready:
         on_ready()
     meta = {**info, "phase": phase.label, "config": c.to_dict()}
+    # the steps each phase runs beside the configured recipe.<phase>.steps (max_steps caps them)
+    meta["steps_run"] = {n: recipe_lib.phase_steps(config.recipe[n], config.max_steps) for n in config.recipe}
 
     with console.Stage(phase.label, "preparing the validation data"):
         eval_batches = eval_sets(c, pid, pcount)

@@ -164,6 +164,18 @@ class Model:
         self._vocab = None
 
     @property
+    def steps(self) -> dict[str, dict[str, int]]:
+        """{phase: {"run": steps, "configured": steps}} of the recipe this checkpoint was trained in:
+        `max_steps` caps every phase, so a quick run's stored config says 200 where 40 ran."""
+        from voltron_jax import recipe as recipe_lib
+
+        recipe, cap = self.config.recipe, self.config.max_steps
+        return {
+            n: {"run": recipe_lib.phase_steps(recipe[n], cap), "configured": recipe[n].steps}
+            for n in recipe_lib.phase_order(recipe)
+        }
+
+    @property
     def vocab(self):
         """ByteVocab, or the run's seqio SentencePiece vocabulary (loaded on first use)."""
         if self._vocab is None:
