@@ -35,6 +35,9 @@ _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilatio
 _DRY = flags.DEFINE_bool(
     "dry_run", False, "Print the resolved config and the plan (phases, steps, params, FLOPs, mesh) and exit."
 )
+_DRY_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", 0, "With --dry_run: plan for this many devices (a pod's) instead of those JAX sees."
+)
 
 USAGE = "usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo"
 
@@ -64,7 +67,11 @@ def main(argv) -> int:
 
     checked = resume.check_run(config, _WORKDIR.value, _ONLY.value, _MEMBER.value)
     if _DRY.value:  # nothing compiled, nothing written (run/plan.py)
-        print(plan.format_plan(plan.build(checked.config, checked.root, checked.only_phase)), flush=True)
+        devices = _DRY_DEVICES.value or None
+        print(
+            plan.format_plan(plan.build(checked.config, checked.root, checked.only_phase, devices)),
+            flush=True,
+        )
         return 0
     if complete.finished(checked.config, checked.root, checked.only_phase, checked.member) is None:
         cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped

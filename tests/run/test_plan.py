@@ -72,3 +72,17 @@ def test_dry_run_command_writes_nothing(tmp_path):
     assert "params:" in text and "flops/token:" in text and "mesh:" in text and "starts from:" in text
     assert not workdir.exists() and not list(tmp_path.iterdir())
     assert "E0000" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_for_a_pod_from_any_host_and_the_runs_own_device_checks(tmp_path):
+    import pytest
+
+    from voltron_jax.errors import ConfigError
+
+    c = config_lib.load(os.path.join(ROOT, "configs/voltron_13b.py"))
+    p = plan_lib.build(c, tmp_path / "run", n_devices=128)
+    stable = p.phases[0]
+    assert 12e9 < stable.params < 14e9 and stable.batch_per_device == c.data.batch_size // 128
+    assert p.phases[-1].params > 5 * stable.params  # the upcycled MoE
+    with pytest.raises(ConfigError, match="not divisible"):  # 128 rows cannot split over 256 shards
+        plan_lib.build(c, tmp_path / "run", n_devices=256)

@@ -104,6 +104,7 @@ def build(
             continue
         pc = config_lib.phase_config(config, name)
         ph = config.recipe[name]
+        config_lib.validate_mesh(pc, n)  # the run's own device checks: a plan it would refuse fails here
         mesh = sharding.resolve_mesh(pc.mesh, n)
         shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
         key = (repr(pc.model.to_dict()), pc.data.seq_len)
