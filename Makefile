@@ -10,7 +10,7 @@ export JAX_PLATFORMS ?= cpu
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,data,aot,interop]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,data,aot,interop,profile,track]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -44,6 +44,10 @@ setup(
             "lm-eval>=0.4.13,<0.5",
             "torch>=2.13,<2.14",
         ],
+        # TensorBoard's Profile tab (xprof) for the traces of train.profile_step / profile_steps
+        "profile": ["tensorboard-plugin-profile>=2.24,<2.25"],
+        # optional Weights & Biases logging (train.wandb_project; imported only when set)
+        "track": ["wandb>=0.29,<0.30"],
     },
     entry_points={"console_scripts": ["voltron=voltron_jax.main:entrypoint"]},
 )

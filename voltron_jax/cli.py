@@ -77,6 +77,16 @@ def silenced_stderr():
         os.close(saved)
 
 
+def tf_devices_quietly() -> None:
+    """TensorFlow (seqio's input pipeline) on the CPU only, its devices set up now: the first TF op
+    otherwise probes CUDA and prints `E0000 ... failed call to cuInit` on machines without a GPU. The
+    accelerators belong to JAX (big_vision hides them from TF the same way). Call with stderr silenced."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.list_logical_devices()  # the device probe happens here, under the caller's silence
+
+
 def preload(modules: Sequence[str]) -> None:
     """Import `modules` (e.g. tensorflow, which seqio imports later) with their start-up noise dropped.
     An import that fails here is retried where the code needs it, so its error is shown there. With
@@ -92,6 +102,8 @@ def preload(modules: Sequence[str]) -> None:
         with silenced_stderr():
             try:
                 __import__(name)
+                if name == "tensorflow":
+                    tf_devices_quietly()
             except Exception:  # noqa: BLE001 - shown again, loud, at the real import
                 pass
             finally:

@@ -206,7 +206,13 @@ def get_default() -> ml_collections.ConfigDict:
     t.keep = 2
     t.async_save = True
     t.peak_flops = 0.0  # per device; 0: guess from the backend (for MFU)
-    t.profile_step = -1
+    t.profile_step = -1  # >= 0: trace global steps [profile_step, profile_step + profile_steps) into tb/
+    t.profile_steps = 1  # (xplane; TensorBoard's Profile tab with the `profile` extra installed)
+    # Weights & Biases (run/tracking.py; the `track` extra): off while wandb_project is empty; wandb_mode
+    # online | offline | disabled ('' : WANDB_MODE, else online)
+    t.wandb_project = ""
+    t.wandb_entity = ""
+    t.wandb_mode = ""
     t.eval_clusters = False  # also report validation loss per data cluster (needs data prepare)
     # Gradient accumulation (voltron_jax/microbatch.py): each step scans grad_accum_steps microbatches of
     # data.batch_size / grad_accum_steps rows; accumulator dtype float32 | bfloat16 | moments (that of
@@ -506,6 +512,8 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
     for key in ("log_every", "eval_every", "ckpt_every", "eval_batches", "keep"):  # steps and counts
         if t[key] < 1:
             _fail(f"train.{key}={t[key]} must be >= 1 (steps between two events, or a count).")
+    if t.profile_steps < 1:
+        _fail(f"train.profile_steps={t.profile_steps} must be >= 1 (steps traced from train.profile_step).")
     if t.prefetch < 0:
         _fail(f"train.prefetch={t.prefetch} must be >= 0 (batches prepared ahead; 0 turns prefetch off).")
 

@@ -7,7 +7,8 @@
 variant (`file.py:arg`); every field can be overridden as --config.<section>.<field>=value (an unknown
 field fails with the nearest valid name and the list of valid ones). Errors are one line
 (`error: ...`, exit status 2); --debug shows the traceback and every log line, --verbose the libraries'
-INFO logs.
+INFO logs. --dry_run prints the resolved config and the plan (run/plan.py) and exits: nothing compiled,
+nothing written.
 
 Multi-host (TPU pods): the same command on every worker; `--multihost` calls jax.distributed.initialize()
 (auto-detected on TPU VMs; pass --coordinator/--num_processes/--process_id elsewhere).
@@ -20,7 +21,7 @@ from absl import flags
 
 from voltron_jax import cli, train
 from voltron_jax.errors import UsageError
-from voltron_jax.run import resume
+from voltron_jax.run import complete, plan, resume
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file: path/to/file.py[:variant] (a get_config(arg)).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or bucket URL).")
@@ -31,6 +32,12 @@ _PID = flags.DEFINE_integer("process_id", -1, "This process's index (multi-host 
 _ONLY = flags.DEFINE_string("only_phase", "", "Run just this recipe phase (its parents must be finished).")
 _MEMBER = flags.DEFINE_integer("member", -1, "With --only_phase of a fan-out phase: just this member.")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache folder.")
+_DRY = flags.DEFINE_bool(
+    "dry_run", False, "Print the resolved config and the plan (phases, steps, params, FLOPs, mesh) and exit."
+)
+_DRY_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", 0, "With --dry_run: plan for this many devices (a pod's) instead of those JAX sees."
+)
 
 USAGE = "usage: python -m voltron_jax.main --config=configs/tiny.py --workdir=runs/demo"
 
@@ -59,7 +66,15 @@ def main(argv) -> int:
     config = cli.config_from_argv(_CONFIG.value, cli.overrides())
 
     checked = resume.check_run(config, _WORKDIR.value, _ONLY.value, _MEMBER.value)
-    cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
+    if _DRY.value:  # nothing compiled, nothing written (run/plan.py)
+        devices = _DRY_DEVICES.value or None
+        print(
+            plan.format_plan(plan.build(checked.config, checked.root, checked.only_phase, devices)),
+            flush=True,
+        )
+        return 0
+    if complete.finished(checked.config, checked.root, checked.only_phase, checked.member) is None:
+        cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
 
     if _CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)

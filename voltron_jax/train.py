@@ -35,7 +35,7 @@ from voltron_jax.data import orderings
 from voltron_jax.errors import ConfigError, Diverged
 from voltron_jax.losses import cross_entropy  # the reference loss; train.cross_entropy is public
 from voltron_jax.models import decoder
-from voltron_jax.run import checkpoint, metrics, report, resume, runinfo, runlock
+from voltron_jax.run import checkpoint, complete, console, metrics, report, resume, runinfo, runlock, tracking
 from voltron_jax.run import workdir as workdir_lib
 
 
@@ -604,14 +604,15 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
 
     c = phase.config
     pid, pcount = jax.process_index(), jax.process_count()
-    data = pipeline.make_train_iterator(
-        c,
-        config.recipe[phase.name].mixture,
-        seed=data_seed(c, phase.name, phase.member),
-        process_index=pid,
-        process_count=pcount,
-        cluster=phase.member,
-    )
+    with console.Stage(phase.label, "preparing the training data"):
+        data = pipeline.make_train_iterator(
+            c,
+            config.recipe[phase.name].mixture,
+            seed=data_seed(c, phase.name, phase.member),
+            process_index=pid,
+            process_count=pcount,
+            cluster=phase.member,
+        )
     end = phase.start + phase.steps
 
     # ---- init ladder: resume this folder | parents (+ surgery) | Hugging Face checkpoint | scratch
@@ -619,13 +620,15 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
     if ck.latest_step() is not None:
         check_parents(config, all_phases, phase)  # built from parents that changed since: refuse
         # a damaged newest step is moved aside and the newest clean one resumes (checkpoint.py)
-        state, data_state, _ = ck.restore(target=rt.abstract, fallback=True)
+        with console.Stage(phase.label, f"restoring step {ck.latest_step()}"):
+            state, data_state, _ = ck.restore(target=rt.abstract, fallback=True)
         data.set_state(data_state)
         print(f"[{phase.label}] resumed at step {int(state.step) - phase.start}/{phase.steps}", flush=True)
         ready = True
     elif recipe_lib.parents(config.recipe[phase.name]):
         built_from = parent_identity(config, all_phases, phase)  # unfinished parents: refuse
-        state = init_from_parents(rt, config, all_phases, phase)
+        with console.Stage(phase.label, "initialising from " + ", ".join(built_from)):
+            state = init_from_parents(rt, config, all_phases, phase)
         if jax.process_index() == 0:
             workdir_lib.write_json(workdir_lib.parents_file(phase.directory), built_from)
         ready = True
@@ -637,11 +640,21 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
     if ready:
         on_ready()
     meta = {**info, "phase": phase.label, "config": c.to_dict()}
+    # the steps each phase runs beside the configured recipe.<phase>.steps (max_steps caps them)
+    meta["steps_run"] = {n: recipe_lib.phase_steps(config.recipe[n], config.max_steps) for n in config.recipe}
 
-    eval_batches = eval_sets(c, pid, pcount)
+    with console.Stage(phase.label, "preparing the validation data"):
+        eval_batches = eval_sets(c, pid, pcount)
     probe = eval_batches[""][0] if eval_batches[""] else None  # judges a checkpoint's loss before saving
     # records past the restored step (a run killed after its last checkpoint) are dropped: one curve
-    writer = metrics.MetricWriter(phase.directory, phase.label, phase.steps, phase.start, int(state.step))
+    writer = metrics.MetricWriter(
+        phase.directory,
+        phase.label,
+        phase.steps,
+        phase.start,
+        int(state.step),
+        tracker=tracking.make(c, phase.directory, phase.label),  # W&B when train.wandb_project is set
+    )
     tokens_per_step = c.data.batch_size * c.data.seq_len
     flops_per_step = 3 * decoder.flops_per_token(c.model, c.data.seq_len) * tokens_per_step
     peak = metrics.peak_flops_per_device(c.train.peak_flops) * jax.device_count()
@@ -674,17 +687,24 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
     if step == phase.start and phase.steps == 0 and ck.latest_step() is None:
         save(step, force=True)  # e.g. a merge phase: its product is the checkpoint
     window, t_window = [], time.time()
+    compiling = console.Stage(phase.label, "compiling the train step") if step < end else None
+    compile_s, untimed, tracing = 0.0, 0, False
     try:
         with feed, checkpoint.PreemptionGuard() as guard:
             while step < end:
                 batch = next(feed)
-                profiling = step == c.train.profile_step
-                if profiling:  # one step's trace, viewable in TensorBoard's profile tab
+                if step == c.train.profile_step:  # profile_steps steps' trace: TensorBoard's Profile tab
                     jax.profiler.start_trace(str(workdir_lib.tb_dir(phase.directory)))
+                    tracing = True
                 state, m = rt.train_step(state, batch)
-                if profiling:
+                if compiling is not None:  # the first step's time is its compile: said, not silent
+                    jax.block_until_ready(m["loss"])
+                    compile_s, compiling = compiling.done(), None
+                    t_window, untimed = time.time(), 1  # throughput from the second step on
+                if tracing and (step + 1 >= c.train.profile_step + c.train.profile_steps or step + 1 == end):
                     jax.block_until_ready(m["loss"])
                     jax.profiler.stop_trace()
+                    tracing = False
                 step += 1
                 if not ready:  # the first step from scratch ran: the config is proven
                     jax.block_until_ready(m["loss"])
@@ -701,7 +721,9 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
                             f"[{phase.label}] non-finite loss before step {step}; {_last_good(ck)}. "
                             "Lower optim.lr, raise schedule.warmup or check the data."
                         )
-                    dt = (time.time() - t_window) / len(window)
+                    timed = len(window) - untimed
+                    dt = (time.time() - t_window) / timed if timed else compile_s
+                    untimed = 0
                     avg.update(
                         tokens_per_s=tokens_per_step / dt,
                         step_time_s=dt,
@@ -712,7 +734,8 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
                     writer.progress(step, avg)
                     window, t_window = [], time.time()
                 if step % c.train.eval_every == 0 and step < end:
-                    writer.write(step, evaluate_all(rt, state, eval_batches), kind="eval")
+                    with console.Stage(phase.label, f"evaluating at step {step - phase.start}"):
+                        writer.write(step, evaluate_all(rt, state, eval_batches), kind="eval")
                 if saving:
                     save(step)
                 if boundary or saving:
@@ -725,7 +748,8 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
                     )
         if not ready:  # a finished phase with nothing to train (e.g. rerun of a 0-step phase)
             on_ready()
-        final = evaluate_all(rt, state, eval_batches)
+        with console.Stage(phase.label, "final evaluation"):
+            final = evaluate_all(rt, state, eval_batches)
         writer.write(step, final, kind="eval")
     finally:
         writer.close()
@@ -736,7 +760,8 @@ def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
         + drops,
         flush=True,
     )
-    ck.wait()
+    with console.Stage(phase.label, "finishing the last checkpoint save"):
+        ck.wait()
     return final
 
 
@@ -805,9 +830,13 @@ def run_checked(checked: resume.CheckedRun) -> dict[str, dict]:
     config, only_phase, member = checked.config, checked.only_phase, checked.member
     for name in recipe_lib.phase_order(config.recipe):
         validate_mesh(phase_config(config, name), jax.device_count())
+    console.say(console.banner_line(config))
     root = check_workdir(checked.root)
     scope = "" if not only_phase else only_phase if member == -1 else f"{only_phase}.{member}"
     with runlock.RunLock(root, scope):  # fan-out members run side by side: each locks its part
+        done = complete.finished(config, root, only_phase, member)  # a rerun of a finished run: seconds
+        if done is not None:
+            return complete.report_finished(config, root, done, only_phase)
         return _run_locked(config, root, only_phase, member)
 
 
@@ -817,7 +846,8 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
     if needs_prepare(config):
         from voltron_jax.data import prepare  # lazy: seqio/TensorFlow (the one seam)
 
-        prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
+        with console.Stage("run", "preparing data (data/prepare.py)"):
+            prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged
     check_data_specs(config)  # a typo in a later phase's mixture fails before the first step
     written = []
 
@@ -834,6 +864,7 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
     for ph in selected:
         if rt is None or rt.phase.name != ph.name:  # fan-out members reuse one compiled runtime
             rt = Runtime(ph)
+            console.say(console.phase_line(ph.name, rt.config, rt.abstract.params))
         results[ph.label] = run_phase(config, root, ph, todo, info, rt, on_ready)
     if jax.process_index() == 0 and not only_phase:
         report.write(root, results, config.data.n_clusters if config.train.eval_clusters else 0)

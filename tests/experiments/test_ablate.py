@@ -94,3 +94,44 @@ def test_model_stats_of_an_infini_variant_and_of_a_recipe():
     seed, *_ = ablate.model_stats("configs/recipe_tiny.py:continue", {})
     moe, _, _, recipe_comparable = ablate.model_stats("configs/recipe_tiny.py", {})
     assert moe > 2 * seed and not recipe_comparable
+
+
+def test_main_grammar_comma_list_and_list_literal_are_axes_one_value_is_fixed():
+    c = ablate.load_config("configs/tiny.py")
+    flags = [
+        ("model.linear", "dense,bitlinear"),
+        ("model.routing", "[none, mod]"),
+        ("optim.lr", "[1e-3, 3e-3]"),
+        ("max_steps", "5"),
+        ("data.mixtures.decay", "corpus:0.7,pydoc:0.3"),  # a comma inside a mixture spec is its value
+        ("data.mixtures.pretrain", '["corpus:1.0", "corpus:0.5,pydoc:0.5"]'),  # sweep it with a list
+    ]
+    axes, fixed = ablate.split_config_flags(c, flags)
+    assert axes == [
+        ("model.linear", ["dense", "bitlinear"]),
+        ("model.routing", ["none", "mod"]),
+        ("optim.lr", ["0.001", "0.003"]),
+        ("data.mixtures.pretrain", ["corpus:1.0", "corpus:0.5,pydoc:0.5"]),
+    ]
+    assert fixed == {"max_steps": "5", "data.mixtures.decay": "corpus:0.7,pydoc:0.3"}
+    variants = ablate.parse_sweeps(c, [], seeds=1, axes=axes)
+    assert len(variants) == 16 and variants[0].overrides["model.linear"] == "dense"
+    with pytest.raises(cfglib.ConfigError, match="valid fields"):
+        ablate.split_config_flags(c, [("model.lineer", "dense,bitlinear")])
+
+
+def test_emit_with_main_grammar(capsys, tmp_path):
+    ablate.main(
+        [
+            "--config=configs/tiny.py",
+            "--config.model.linear=dense,bitlinear",
+            "--config.max_steps=5",
+            f"--workdir={tmp_path}",
+            "--emit",
+        ]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("--config.max_steps=5" in x for x in lines)
+    assert sorted(x.split("--config.model.linear=")[1].split()[0] for x in lines) == ["bitlinear", "dense"]
+    with pytest.raises(cfglib.ConfigError, match="not a config section|valid"):
+        ablate.main(["--config=configs/tiny.py", "--config.modl.x=1,2", f"--workdir={tmp_path}", "--emit"])

@@ -43,3 +43,46 @@ def test_report_puts_the_moe_drop_rate_beside_the_moe_phase_only(tmp_path):
     (tmp_path / "01_moe_ft" / "metrics.jsonl").unlink()
     report.write(epath.Path(tmp_path), {"stable": results["stable"]})
     assert "drop" not in (tmp_path / "report.md").read_text()
+
+
+def test_losses_png_has_train_and_validation_of_every_phase_on_one_step_axis(tmp_path):
+    import json
+
+    from etils import epath
+
+    def phase(folder, recs, parents=None):
+        d = tmp_path / folder
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        if parents:
+            (d / "parents.json").write_text(json.dumps({p: {"step": 4} for p in parents}))
+
+    phase(
+        "00_stable",
+        [
+            {"kind": "train", "step": 2, "loss": 5.0},
+            {"kind": "eval", "step": 2, "loss": 4.9},
+            {"kind": "train", "step": 4, "loss": 4.0},
+            {"kind": "eval", "step": 4, "loss": 3.9},
+        ],
+    )
+    phase(
+        "01_decay",
+        [
+            {"kind": "train", "step": 6, "loss": 3.5},
+            {"kind": "train", "step": 8, "loss": 3.0},
+            {"kind": "eval", "step": 8, "loss": 3.1},
+        ],
+        parents=["stable"],
+    )
+    fig = report.plot_losses(epath.Path(tmp_path))
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].lines}
+    assert lines == {
+        "stable train": ([2, 4], [5.0, 4.0]),
+        "stable validation": ([2, 4], [4.9, 3.9]),
+        # the decay curve starts where stable ended: no gap at the phase boundary
+        "decay train": ([4, 6, 8], [4.0, 3.5, 3.0]),
+        "decay validation": ([8], [3.1]),
+    }
+    assert fig.axes[0].get_xlabel() == "global step"
+    assert (tmp_path / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

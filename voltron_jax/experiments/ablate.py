@@ -1,12 +1,19 @@
 """Ablations: sweep config fields, run (or emit) every variant x seed, collect one comparable table.
 
-    python -m voltron_jax.experiments.ablate --config=configs/tiny.py --sweep model.linear=dense,bitlinear \
-        --sweep model.routing=none,mod --seeds 3 --workdir=runs/abl [--emit] [--set max_steps=50]
+    python -m voltron_jax.experiments.ablate --config=configs/tiny.py --config.model.linear=dense,bitlinear \
+        --config.model.routing='[none, mod]' --config.max_steps=50 --seeds 3 --workdir=runs/abl [--emit]
     python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py \
         --workdir=runs/claims [--claims]
         [--claims_out=docs/claims.md]
 
-Sweeps are a grid (every combination of the `--sweep` lists) or listed variants from a sweep file
+The config flags are `voltron_jax.main`'s: `--config.<field>=v1,v2` (a comma list) or
+`--config.<field>=[v1, v2]` (a list literal) is a sweep axis, `--config.<field>=v` a setting every run
+gets. A comma inside a free-form string field (a mixture spec `data.mixtures.*`, anything under `recipe.`)
+is part of its value; sweep those with a list literal (`--config.data.mixtures.decay='["corpus:1.0",
+"corpus:0.7,pydoc:0.3"]'`). The older `--sweep field=v1,v2` and `--set field=v` (commands recorded in
+docs/results.md) still work.
+
+Sweeps are a grid (every combination of the sweep axes) or listed variants from a sweep file
 (`get_sweep() -> {"base": "configs/x.py[:arg]", "variants": {name: {field: value}}, "set": {...}}`).
 Each variant x seed trains in its own workdir `<workdir>/<variant>/seed_<s>` through the same command a
 pod would run (`python -m voltron_jax.main ...`); finished runs (a `done.json` there) are skipped, so a
@@ -21,6 +28,7 @@ curves against steps and against training FLOPs.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import importlib.util
@@ -84,9 +92,55 @@ def check_field(config, key: str) -> None:
         )
 
 
-def parse_sweeps(config, sweeps: list[str], seeds: int) -> list[Variant]:
-    """Grid over `field=v1,v2` specs; each field checked against the config."""
-    axes = []
+def split_config_flags(config, flags: list[tuple[str, str]]) -> tuple[list[tuple[str, list[str]]], dict]:
+    """(sweep axes [(field, [value texts])], fixed {field: text}) of `--config.<field>=text` flags (main's
+    grammar, collected by cli.split_overrides): a list literal `[a, b]` or a comma list is an axis (not for a
+    list/tuple-valued field, whose literal is its value, nor a comma in a free-form string field, see the
+    module doc); one value is a fixed setting. Every field is checked against the config."""
+    axes, fixed = [], {}
+    for key, text in flags:
+        check_field(config, key)
+        values = sweep_values(config, key, text.strip())
+        if values is None:
+            fixed[key] = text
+        elif len(values) == 1:
+            fixed[key] = values[0]
+        else:
+            axes.append((key, values))
+    return axes, fixed
+
+
+def sweep_values(config, key: str, text: str) -> list[str] | None:
+    """The values of sweep text `text` for `key`, or None when it is one value."""
+    node = config
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    current = node[key.split(".")[-1]]
+    if isinstance(current, list | tuple):
+        return None  # `[1, 2]` is the value of a tuple field
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            items = ast.literal_eval(text)
+        except (ValueError, SyntaxError):  # bare words: [dense, bitlinear]
+            items = [x.strip().strip("'\"") for x in text[1:-1].split(",")]
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"--config.{key}={text}: a sweep list needs at least one value, e.g. [a, b].")
+        return [str(x).lower() if isinstance(x, bool) else str(x) for x in items]
+    free_form = isinstance(current, str) and any(p in config_lib.FREE_FORM for p in key.split("."))
+    if "," in text and not free_form:
+        values = [v.strip() for v in text.split(",")]
+        if not all(values):
+            raise ConfigError(f"--config.{key}={text}: an empty value in the comma list.")
+        return values
+    return None
+
+
+def parse_sweeps(
+    config, sweeps: list[str], seeds: int, axes: list[tuple[str, list[str]]] = ()
+) -> list[Variant]:
+    """Grid over `field=v1,v2` specs (the old --sweep flags) and `axes` [(field, [values])] (the
+    `--config.` grammar, split_config_flags); each field checked against the config."""
+    axes = [[(k, v) for v in values] for k, values in axes]
     for s in sweeps:
         key, eq, values = s.partition("=")
         if not eq or not values:
@@ -644,14 +698,17 @@ def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", note
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, config_flags = cli.split_overrides(argv)  # --config.<field>=... : main's grammar
+
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--config", default="configs/tiny.py")
-    p.add_argument("--sweep", action="append", default=[], help="field=v1,v2 (repeatable; grid)")
+    p.add_argument("--sweep", action="append", default=[], help="old form of --config.field=v1,v2")
     p.add_argument("--sweep_file", default="")
     p.add_argument("--seeds", type=int, default=0, help="seeds per variant (default 1, or the sweep file's)")
-    p.add_argument("--set", action="append", default=[], help="field=value applied to every variant")
+    p.add_argument("--set", action="append", default=[], help="old form of --config.field=value")
     p.add_argument("--workdir", required=True)
     p.add_argument("--emit", action="store_true", help="print one launch command per run instead of running")
     p.add_argument("--collect_only", action="store_true")
@@ -660,7 +717,8 @@ def main(argv: list[str] | None = None) -> None:
         "--claims", action="store_true", help="write the verified-claims section to <workdir>/claims.md"
     )
     p.add_argument("--claims_out", default="", help="write the verified-claims section to this markdown file")
-    a = p.parse_args(argv)
+    a = p.parse_args(rest)
+    a.config_flags = config_flags
     STOP.clear()
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -676,10 +734,18 @@ def _main(a, argv) -> None:
     claims, notes = {}, ""
     if a.sweep_file:
         base, variants, fixed, claims, notes = load_sweep_file(a.sweep_file, a.seeds)
+        axes, flag_fixed = split_config_flags(load_config(base), a.config_flags)
+        if axes:
+            raise UsageError(
+                f"--config.{axes[0][0]}: a sweep axis on the command line cannot be combined with "
+                "--sweep_file (its variants are the sweep); give one value, or add the axis to the file."
+            )
     else:
         base = a.config
-        variants = parse_sweeps(load_config(base), a.sweep, a.seeds or 1)
+        axes, flag_fixed = split_config_flags(load_config(base), a.config_flags)
+        variants = parse_sweeps(load_config(base), a.sweep, a.seeds or 1, axes)
         fixed = {}
+    fixed.update(flag_fixed)
     if (a.claims or a.claims_out) and not claims:
         raise UsageError(
             "--claims needs a --sweep_file whose get_sweep() has 'claims' (configs/sweeps/claims.py)."

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -148,6 +149,50 @@ class ByteVocab:
         return data.decode("utf-8", errors="replace")
 
 
+class UndertrainedWarning(UserWarning):
+    """Generated text from a checkpoint whose validation loss is too high for readable text."""
+
+
+# Above this fraction of the uniform loss ln(vocab) a model has learned little beyond token frequencies:
+# 0.45 x ln(259) = 2.5 nats/byte for the byte vocabulary (the tiny demo ends near 2 nats/byte).
+UNDERTRAINED_FRACTION = 0.45
+
+
+def checkpoint_validation_loss(ckpt: epath.Path, step: int) -> float | None:
+    """The last validation loss recorded at or before `step` in the metrics.jsonl of the phase folder
+    holding checkpoint folder `ckpt` (None when the run's metrics are not beside it)."""
+    from voltron_jax.run import report
+
+    try:
+        recs = report.read_metrics(epath.Path(ckpt).parent)
+    except (OSError, VoltronError):
+        return None
+    evals = [r for r in recs if r.get("kind") == "eval" and r.get("step", 0) <= step and "loss" in r]
+    return float(evals[-1]["loss"]) if evals else None
+
+
+def undertrained_hint(texts: Sequence[str], loss: float | None, vocab_size: int) -> str:
+    """One line saying what blank output or a high validation loss means ('' when neither)."""
+    blank = bool(texts) and all(not t.strip() for t in texts)
+    uniform = math.log(vocab_size)
+    high = loss is not None and loss > UNDERTRAINED_FRACTION * uniform
+    if not (blank or high):
+        return ""
+    what = "the generated text is only whitespace; " if blank else ""
+    if loss is None:
+        return (
+            what + "the model is probably undertrained (no validation loss was found beside its checkpoint): "
+            "train it longer."
+        )
+    return (
+        f"{what}this checkpoint's validation loss is {loss:.2f} nats/token (perplexity {math.exp(loss):.1f}; "
+        f"uniform guessing over {vocab_size} tokens is {uniform:.2f}): at that loss a model has learned "
+        "mostly which tokens are frequent (spaces, newlines), not words. Train longer (more steps, or the "
+        f"full recipe without max_steps) to below ~{UNDERTRAINED_FRACTION * uniform:.1f} before expecting "
+        "readable text."
+    )
+
+
 class Model:
     """A loaded checkpoint: `config`, `params`, `generate`, `score`, `encode`/`decode`."""
 
@@ -162,6 +207,18 @@ class Model:
         except NotImplementedError as e:  # a slot that cannot stream: recompute the prefix instead
             self.decode_model, self.cache_note = None, f"no KV cache ({e})"
         self._vocab = None
+
+    @property
+    def steps(self) -> dict[str, dict[str, int]]:
+        """{phase: {"run": steps, "configured": steps}} of the recipe this checkpoint was trained in:
+        `max_steps` caps every phase, so a quick run's stored config says 200 where 40 ran."""
+        from voltron_jax import recipe as recipe_lib
+
+        recipe, cap = self.config.recipe, self.config.max_steps
+        return {
+            n: {"run": recipe_lib.phase_steps(recipe[n], cap), "configured": recipe[n].steps}
+            for n in recipe_lib.phase_order(recipe)
+        }
 
     @property
     def vocab(self):
@@ -253,6 +310,11 @@ class Model:
             stop_ids=[i for i in [getattr(self.vocab, "hf_eos_id", None)] if i is not None],
         )
         res = [self.decode(ids) for ids in out]
+        hint = undertrained_hint(
+            res, checkpoint_validation_loss(self.path, self.step), self.config.model.vocab_size
+        )
+        if hint:  # blank text from a model at a loss that explains it: say so, once per call site
+            warnings.warn(hint, UndertrainedWarning, stacklevel=2)
         return res[0] if single else res
 
     def score(self, texts: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:

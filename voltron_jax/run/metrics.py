@@ -127,12 +127,19 @@ class MetricWriter:
     """Writes scalars to the console, TensorBoard (tb/) and metrics.jsonl of one phase folder.
 
     `resume_step`: the step the phase starts (or resumes) at; records past it are dropped first.
+    `tracker`: optional experiment tracker (run/tracking.py: log(step, scalars, kind), close()).
     """
 
     def __init__(
-        self, phase_dir, label: str, total_steps: int, start_step: int, resume_step: int | None = None
+        self,
+        phase_dir,
+        label: str,
+        total_steps: int,
+        start_step: int,
+        resume_step: int | None = None,
+        tracker=None,
     ):
-        self.label, self.total, self.start = label, total_steps, start_step
+        self.label, self.total, self.start, self.tracker = label, total_steps, start_step, tracker
         self.enabled = jax.process_index() == 0
         self.t0, self.step0 = time.time(), None
         self._tb = None
@@ -158,6 +165,8 @@ class MetricWriter:
             self._tb.scalar(f"{kind}/{k}", v, step)
         self._tb.flush()
         self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(step, scalars, kind)
         self._jsonl.flush()
 
     def progress(self, step: int, scalars: dict[str, float]):
@@ -168,7 +177,10 @@ class MetricWriter:
             self.step0, self.t0 = step, time.time()
         done = step - self.start
         rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        if rate > 0:
+            eta = (self.total - done) / rate
+        else:  # the first line: the window's own step time (compile excluded) until a rate is measured
+            eta = (self.total - done) * scalars.get("step_time_s", float("nan"))
         parts = [
             f"[{self.label}] step {done}/{self.total}",
             f"loss {scalars['loss']:.4f}",
@@ -185,3 +197,5 @@ class MetricWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+        if self.tracker is not None:
+            self.tracker.close()

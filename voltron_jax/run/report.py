@@ -1,7 +1,9 @@
-"""End-of-run report: a per-phase table (report.md) and the loss curves of every phase (losses.png)."""
+"""End-of-run report: a per-phase table (report.md) and the train and validation loss of every phase on
+one global-step axis (losses.png)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from etils import epath
@@ -96,11 +98,10 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
     """report.md (phase, steps, final train loss, validation loss and perplexity, and the MoE drop rate
     when a phase has an MoE; per-cluster perplexity for n_clusters clusters) and losses.png."""
     head = "| phase | global step | final train loss | val loss | val perplexity | tokens/s |"
-    rows, curves, drops = [], {}, {}
+    rows, drops = [], {}
     for label, d in workdir_lib.run_dirs(workdir).items():
         recs = read_metrics(d)
         train = [r for r in recs if r["kind"] == "train"]
-        curves[label] = ([r["step"] for r in train], [r["loss"] for r in train])
         res = results.get(label, {})
         last = train[-1] if train else {}
         drops[label] = drop_rates(train, res)
@@ -115,21 +116,58 @@ def write(workdir: epath.Path, results: dict[str, dict], n_clusters: int = 0) ->
     rows = [head, "| --- " * (head.count("|") - 1) + "|", *rows]
     text = "# Run report\n\n" + "\n".join(rows) + "\n" + cluster_table(results, n_clusters)
     workdir_lib.write_text(workdir_lib.report_file(workdir), text)
+    plot_losses(workdir)
+    print("\n".join(rows), flush=True)
+
+
+def loss_series(workdir: epath.Path) -> dict[str, dict[str, tuple[list, list]]]:
+    """{label: {"train": (steps, losses), "validation": (steps, losses)}} of every phase folder, on the
+    global step axis. A phase built from a parent (parents.json) starts its train curve at the parent's
+    last point, so the curves of a recipe join up instead of leaving a gap at each phase boundary."""
+    out = {}
+    for label, d in workdir_lib.run_dirs(workdir).items():
+        recs = read_metrics(d)
+        out[label] = {
+            kind: ([r["step"] for r in rs], [r["loss"] for r in rs])
+            for kind, rs in (
+                ("train", [r for r in recs if r["kind"] == "train"]),
+                ("validation", [r for r in recs if r["kind"] == "eval" and "loss" in r]),
+            )
+        }
+        parents_file = workdir_lib.parents_file(d)
+        with contextlib.suppress(OSError, ValueError):
+            parents = list(json.loads(parents_file.read_text())) if parents_file.exists() else []
+            first = parents[0] if parents else None
+            if first in out and out[first]["train"][0] and out[label]["train"][0]:
+                (px, py), (x, y) = out[first]["train"], out[label]["train"]
+                out[label]["train"] = ([px[-1], *x], [py[-1], *y])
+    return out
+
+
+def plot_losses(workdir: epath.Path):
+    """losses.png: train (solid) and validation (dashed, markers) loss of every phase against the global
+    step, one colour per phase. Returns the matplotlib Figure (closed; its lines hold the plotted data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for label, (x, y) in curves.items():
+    for i, (label, series) in enumerate(loss_series(workdir).items()):
+        colour = f"C{i % 10}"
+        x, y = series["train"]
         if x:
-            ax.plot(x, y, label=label)
+            ax.plot(x, y, color=colour, label=f"{label} train")
+        x, y = series["validation"]
+        if x:
+            ax.plot(x, y, color=colour, linestyle="--", marker="o", markersize=3, label=f"{label} validation")
     ax.set_xlabel("global step")
-    ax.set_ylabel("train loss (nats/token)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("loss (nats/token)")
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with workdir_lib.losses_file(workdir).open("wb") as f:
         fig.savefig(f, dpi=110)
     plt.close(fig)
-    print("\n".join(rows), flush=True)
+    return fig
