@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install demo test test-heavy test-fast lint clean
+.PHONY: install demo test test-heavy test-fast golden lint clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-heavy: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=10 -m "not slow" tests
+
+# Rewrite tests/golden/curves.json when a change is meant to move the golden loss curves (say so in the commit).
+golden: $(STAMP)
+	VOLTRON_UPDATE_GOLDEN=1 $(PY) -m pytest -q -p no:xdist tests/test_golden_curves.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check voltron_jax configs launch benchmarks tests
