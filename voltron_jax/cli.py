@@ -27,6 +27,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from absl import flags
+from absl import logging as absl_logging
+from absl.flags import Error as FlagsError
+
+from voltron_jax import config as config_lib
 from voltron_jax.errors import ConfigError, UsageError, VoltronError
 
 DEBUG_FLAGS = ("--debug", "--verbose")
@@ -51,10 +56,7 @@ def quiet_env(verbose: bool = False) -> None:
 def quiet_logging(verbose: bool = False) -> None:
     """absl and Python loggers of the libraries at WARNING (INFO with --verbose/--debug)."""
     level = logging.INFO if verbose else logging.WARNING
-    with contextlib.suppress(ImportError):
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(level)
     # Beam logs a failing step's traceback at ERROR, then re-raises it: the one line below says it.
@@ -81,7 +83,7 @@ def tf_devices_quietly() -> None:
     """TensorFlow (seqio's input pipeline) on the CPU only, its devices set up now: the first TF op
     otherwise probes CUDA and prints `E0000 ... failed call to cuInit` on machines without a GPU. The
     accelerators belong to JAX (big_vision hides them from TF the same way). Call with stderr silenced."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow (preloaded here, quietly, before anything else imports it)
 
     tf.config.set_visible_devices([], "GPU")
     tf.config.list_logical_devices()  # the device probe happens here, under the caller's silence
@@ -144,8 +146,6 @@ def split_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str
 def load_config(spec: str, overrides: Sequence[tuple[str, str]] = ()):
     """The ConfigDict of `spec` ("file.py[:arg]") with command-line `overrides` applied, each parsed as
     its field's own type. Unknown fields and bad values raise ConfigError naming the valid ones."""
-    from voltron_jax import config as config_lib
-
     c = config_lib.load(spec)
     for key, text in overrides:
         value = config_lib.parse_value(c, key, text)
@@ -184,10 +184,6 @@ def one_line(e: BaseException) -> str:
 
 def describe(e: BaseException) -> tuple[str, int]:
     """(the line to print, exit status) for an exception that ends a command."""
-    try:
-        from absl.flags import Error as FlagsError
-    except ImportError:  # pragma: no cover - absl is a dependency
-        FlagsError = ()  # noqa: N806
     if isinstance(e, VoltronError):
         return f"error: {one_line(e)}", getattr(e, "exit_status", 2)
     if "RESOURCE_EXHAUSTED" in str(e):  # XLA's out-of-memory, raised as a plain runtime error
@@ -255,8 +251,6 @@ def run(
 
 
 def _parse_absl(argv: list[str], doc: str) -> list[str]:
-    from absl import flags
-
     if any(a in HELP_FLAGS for a in argv[1:]):
         # absl's own --help lists only the flags of the script named in argv[0] (a console-script wrapper
         # has none), so print the caller's doc and the flags of the module that defined them.

@@ -28,22 +28,29 @@ curves against steps and against training FLOPs.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import csv
+import datetime
 import importlib.util
 import io
 import itertools
 import json
 import math
+import os
+import platform
 import shlex
 import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from voltron_jax import cli
@@ -51,6 +58,7 @@ from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
 from voltron_jax.errors import DIVERGED_EXIT, ConfigError, UsageError, VoltronError
 from voltron_jax.experiments import claims as claims_lib
+from voltron_jax.models import decoder
 from voltron_jax.run import report
 from voltron_jax.run import workdir as workdir_lib
 
@@ -349,8 +357,6 @@ def run_all(
                 break
             failed += _run_one(*job, lr_sweep=lr_sweep, log=None)
     else:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(jobs) as pool:
             futures = [pool.submit(_run_one, *job, lr_sweep=lr_sweep, log="ablate.log") for job in todo]
             for f in futures:
@@ -463,10 +469,6 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
     """(parameter count, forward FLOPs per token, tokens per step, comparable) of a variant's config, for
     the model of its last recipe phase. `comparable` is False when FLOPs do not follow from steps alone:
     a fan-out phase (its members' tokens share the global steps) or a phase that changes the model."""
-    import jax
-    import jax.numpy as jnp
-
-    from voltron_jax.models import decoder
 
     c = variant_config(base, overrides)
     names = recipe_lib.phase_order(c.recipe)
@@ -600,10 +602,10 @@ def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: d
 
 
 def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib's backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, v in enumerate(variants):
@@ -635,11 +637,6 @@ def plot(base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
 
 def provenance() -> str:
     """Commit, date and machine lines for a generated report."""
-    import datetime
-    import os
-    import platform
-
-    import jax
 
     def git(*args):
         r = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
@@ -696,7 +693,6 @@ def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", note
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, config_flags = cli.split_overrides(argv)  # --config.<field>=... : main's grammar

@@ -22,13 +22,23 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from voltron_jax import config
+from voltron_jax import recipe as recipe_lib
 from voltron_jax.errors import VoltronError
+from voltron_jax.inference import generate
+from voltron_jax.models import decoder
+from voltron_jax.run import checkpoint, report
 from voltron_jax.run import workdir as workdir_lib
+from voltron_jax.run.checkpoint import COMMIT_MARKER, CheckpointError, short_error
 
 
 class LoadError(VoltronError, ValueError):
@@ -39,7 +49,6 @@ class LoadError(VoltronError, ValueError):
 
 
 def _committed_steps(ckpt: epath.Path) -> list[int]:
-    from voltron_jax.run.checkpoint import COMMIT_MARKER
 
     if not ckpt.is_dir():
         return []
@@ -90,19 +99,15 @@ def find_checkpoint(path: str | epath.Path, step: int | None = None) -> tuple[ep
 
 def config_from_meta(stored: dict) -> ml_collections.ConfigDict:
     """The run's resolved config from checkpoint metadata (missing newer fields take their defaults)."""
-    from voltron_jax import config
 
     return config.complete(stored)
 
 
 def _checkpoint_params_meta(ckpt: epath.Path, step: int) -> dict:
-    import orbax.checkpoint as ocp
 
     md = ocp.PyTreeCheckpointer().metadata(ckpt / str(step) / "state").item_metadata
     tree = getattr(md, "tree", md)
     if not isinstance(tree, dict):  # unreadable metadata: a damaged step (load falls back past it)
-        from voltron_jax.run.checkpoint import CheckpointError
-
         raise CheckpointError(f"{ckpt / str(step)}: its state metadata is unreadable (damaged files?).")
     if "params" not in tree:
         raise LoadError(f"{ckpt / str(step)} holds no 'params'; it is not a voltron_jax train checkpoint.")
@@ -161,7 +166,6 @@ UNDERTRAINED_FRACTION = 0.45
 def checkpoint_validation_loss(ckpt: epath.Path, step: int) -> float | None:
     """The last validation loss recorded at or before `step` in the metrics.jsonl of the phase folder
     holding checkpoint folder `ckpt` (None when the run's metrics are not beside it)."""
-    from voltron_jax.run import report
 
     try:
         recs = report.read_metrics(epath.Path(ckpt).parent)
@@ -197,7 +201,6 @@ class Model:
     """A loaded checkpoint: `config`, `params`, `generate`, `score`, `encode`/`decode`."""
 
     def __init__(self, config: ml_collections.ConfigDict, params: Any, path: epath.Path, step: int):
-        from voltron_jax.models import decoder
 
         self.config, self.params, self.path, self.step = config, params, path, step
         self.train_model = decoder.build_model(config.model)
@@ -212,7 +215,6 @@ class Model:
     def steps(self) -> dict[str, dict[str, int]]:
         """{phase: {"run": steps, "configured": steps}} of the recipe this checkpoint was trained in:
         `max_steps` caps every phase, so a quick run's stored config says 200 where 40 ran."""
-        from voltron_jax import recipe as recipe_lib
 
         recipe, cap = self.config.recipe, self.config.max_steps
         return {
@@ -281,7 +283,6 @@ class Model:
         """Continue each prompt; one string in, one string out. temperature=0 is greedy. Prompt plus new
         tokens may not exceed `max_length` (default `max_length_factor` x data.seq_len): the decode cache
         is allocated at that length up front."""
-        from voltron_jax.inference import generate
 
         single, texts = self._texts(prompts, "generate")
         ids = [self.encode(t) for t in texts]
@@ -319,7 +320,6 @@ class Model:
 
     def score(self, texts: str | Sequence[str]) -> np.ndarray | list[np.ndarray]:
         """Per-token negative log-likelihood (nats) of each text's tokens, the first conditioned on EOS."""
-        from voltron_jax.inference import generate
 
         single, items = self._texts(texts, "score")
         ids = [self.encode(t) for t in items]
@@ -373,7 +373,7 @@ def _sentencepiece(data_cfg, ckpt: epath.Path):
             data = workdir_lib.data_dir(root)
             copies = sorted(data.glob("spm_*.model")) if data.is_dir() else []
             if copies:
-                import seqio
+                import seqio  # lazy: seqio/TensorFlow (the one seam)
 
                 return seqio.SentencePieceVocabulary(str(copies[-1]))
     return vocab_lib.make_vocab(data_cfg)
@@ -383,7 +383,6 @@ def read_curves(workdir: str) -> dict[str, dict[str, tuple[list[int], list[float
     """{phase label: {tag: (steps, values)}} of a run, from each phase's TensorBoard events (tb/), or from
     its metrics.jsonl when TensorBoard is not installed or wrote nothing. Tags look like 'train/loss',
     'eval/loss'; labels like 'stable', 'branch/3'."""
-    from voltron_jax.run import report
 
     out = {}
     for label, folder in workdir_lib.run_dirs(workdir_lib.path(workdir)).items():
@@ -402,8 +401,10 @@ def read_curves(workdir: str) -> dict[str, dict[str, tuple[list[int], list[float
 
 def _tensorboard_curves(tb: epath.Path) -> dict[str, tuple[list[int], list[float]]]:
     try:
-        from tensorboard.backend.event_processing import event_accumulator as ea
-        from tensorboard.util import tensor_util
+        from tensorboard.backend.event_processing import (
+            event_accumulator as ea,  # lazy: TensorFlow-backed event reader
+        )
+        from tensorboard.util import tensor_util  # lazy: TensorFlow-backed event reader
     except ImportError:
         return {}
     acc = ea.EventAccumulator(str(tb), size_guidance={ea.TENSORS: 0, ea.SCALARS: 0})
@@ -441,8 +442,6 @@ def load(
         except LoadError:
             raise  # another architecture: no older step fixes that
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-            from voltron_jax.run.checkpoint import short_error
-
             errors.append(f"step {s}: {short_error(e)}")
             continue
         if errors:
@@ -456,13 +455,6 @@ def load(
 
 def _load_step(ckpt: epath.Path, step: int, config, devices) -> Model:
     """The Model of one committed step (the body of `load`)."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from voltron_jax.models import decoder
-    from voltron_jax.run import checkpoint
 
     meta = checkpoint.Checkpointer(ckpt, async_save=False).restore_meta(step)
     if config is None:

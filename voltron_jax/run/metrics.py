@@ -95,7 +95,7 @@ def truncate_jsonl(path: epath.Path, resume: int, end: int) -> int:
 def truncate_events(tb_dir: epath.Path, resume: int, end: int) -> int:
     """Rewrite the TensorBoard event files of `tb_dir` without the summaries a run resuming at `resume`
     writes again (the effect of a summary writer's purge_step, for every reader); returns how many."""
-    import tensorflow as tf  # only here and in the writer
+    import tensorflow as tf  # lazy: TensorFlow (only here and in the writer)
 
     total = 0
     for name in tf.io.gfile.listdir(str(tb_dir)) if tf.io.gfile.isdir(str(tb_dir)) else []:
@@ -144,7 +144,7 @@ class MetricWriter:
         self.t0, self.step0 = time.time(), None
         self._tb = None
         if self.enabled:
-            from flax.metrics import tensorboard  # imports TensorFlow: only in the loop
+            from flax.metrics import tensorboard  # lazy: imports TensorFlow, only in the loop
 
             if resume_step is not None:
                 phase_dir = epath.Path(phase_dir)

@@ -147,10 +147,10 @@ def loss_series(workdir: epath.Path) -> dict[str, dict[str, tuple[list, list]]]:
 def plot_losses(workdir: epath.Path):
     """losses.png: train (solid) and validation (dashed, markers) loss of every phase against the global
     step, one colour per phase. Returns the matplotlib Figure (closed; its lines hold the plotted data)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib's backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (label, series) in enumerate(loss_series(workdir).items()):

@@ -26,6 +26,8 @@ from typing import Any
 
 from etils import epath
 
+from voltron_jax.errors import UsageError
+
 CONFIG = "config.json"
 RUN_INFO = "run_info.json"
 DATA = "data"
@@ -142,7 +144,6 @@ def is_workdir(p: epath.Path) -> bool:
 def require_new_folder(target: str | os.PathLike, flag: str = "--out") -> epath.Path:
     """`target` as an absolute path, refusing (UsageError, nothing written) a folder that exists and is
     not empty: a tool writes only into a folder it creates, never over a user's checkpoints or run."""
-    from voltron_jax.errors import UsageError
 
     out = path(target)
     if out.exists() and not out.is_dir():
