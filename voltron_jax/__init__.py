@@ -13,8 +13,6 @@ def load(path_or_workdir, step=None, **kwargs):
     Accepts a run folder (the last phase with a checkpoint), a phase folder, its ckpt/ folder or a step
     folder; see voltron_jax/inference/api.py. JAX, Flax and Orbax are imported on the first call, not on
     import."""
-    from voltron_jax.inference import (
-        api,  # lazy: `import voltron_jax` stays light; JAX loads on the first load()
-    )
+    from voltron_jax.inference import api  # lazy: `import voltron_jax` stays light
 
     return api.load(path_or_workdir, step, **kwargs)

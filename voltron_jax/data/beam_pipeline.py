@@ -41,9 +41,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from absl import flags
 from etils import epath
 
-from voltron_jax.data import cbtm, prepare
+from voltron_jax import cli
+from voltron_jax.config import validate
+from voltron_jax.data import cbtm, embed, prepare
 from voltron_jax.data.corpus import DataError
 
 
@@ -64,7 +67,7 @@ def _parse(item: tuple[str, bytes]) -> dict:
 
 def check_input(pattern: str) -> list[str]:
     """The files matching `pattern` (local or bucket); DataError when none match or all are empty."""
-    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.filesystems import FileSystems  # lazy: the optional extra [data] (Apache Beam)
 
     found = [m for r in FileSystems.match([pattern]) for m in r.metadata_list]
     if not found:
@@ -136,7 +139,7 @@ def _finish(
 
 def _counts(records, train, val, kept):
     """PCollection of (name, value): document counts and the order-free digest of the input records."""
-    import apache_beam as beam
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
 
     def count(pcoll, name):
         return (
@@ -156,10 +159,12 @@ def _counts(records, train, val, kept):
 
 def build(p, records, s: dict, out: str, data_cfg) -> None:
     """Add the preparation to pipeline `p`, reading PCollection `records` and writing under `out`."""
-    import apache_beam as beam
-    from apache_beam.pvalue import AsDict, AsList, AsSingleton
-
-    from voltron_jax.data import embed
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.pvalue import (  # lazy: the optional extra [data] (Apache Beam)
+        AsDict,
+        AsList,
+        AsSingleton,
+    )
 
     train = records | "Train" >> beam.Filter(lambda r: r["split"] == "train")
     val = records | "Validation" >> beam.Filter(lambda r: r["split"] != "train")
@@ -213,9 +218,9 @@ def run(
     Reads `records` (in memory, beam.Create) or the JSONL files matching `input_pattern`, or else the
     configured corpus. Runs the DirectRunner unless `beam_args` name another runner.
     """
-    import apache_beam as beam
-    from apache_beam.coders import BytesCoder
-    from apache_beam.options.pipeline_options import PipelineOptions
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.coders import BytesCoder  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.options.pipeline_options import PipelineOptions  # lazy: extra [data]
 
     out = epath.Path(workdir) / "data"
     s = prepare.settings(config)
@@ -237,8 +242,6 @@ def run(
 
 
 def main(argv) -> None:
-    from voltron_jax import cli
-    from voltron_jax.config import validate
 
     config = validate(cli.config_from_argv(_CONFIG.value, cli.overrides()))
     stats = run(config, _WORKDIR.value, input_pattern=_INPUT.value, beam_args=list(argv[1:]) or None)
@@ -246,10 +249,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    from voltron_jax import cli
-
     _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py[:variant]).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
     _INPUT = flags.DEFINE_string(

@@ -32,6 +32,8 @@ import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
 
+from etils import epath  # light; handles gs:// and local paths alike
+
 from voltron_jax.errors import VoltronError
 
 SPLITS = ("train", "validation")
@@ -192,7 +194,7 @@ def stdlib_source(
 def pydoc_topics() -> dict[str, str]:
     """The reference-documentation topics of `pydoc_data/topics.py` (topic -> text), sorted by topic."""
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # lazy: some interpreters lack pydoc_data (the error below)
     except ImportError as e:
         raise DataError(
             "pydoc_data.topics is missing from this interpreter; drop 'pydoc' from "
@@ -257,7 +259,6 @@ def manifest(data_cfg=None) -> dict:
 
 def write_manifest(workdir: str, data_cfg=None) -> str:
     """Write `manifest(data_cfg)` to `<workdir>/corpus_manifest.json` (local path or bucket URL)."""
-    from etils import epath  # light; handles gs:// and local paths alike
 
     path = epath.Path(workdir) / "corpus_manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer, TfidfVectorizer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer
+from tqdm.auto import tqdm
 
 KINDS = ("tfidf", "hashing")
 # Words of >= 2 characters that do not start with a digit (c-BTM folds numbers into one token).
@@ -129,7 +130,6 @@ def embed_in_batches(
     desc: str = "embed",
 ) -> np.ndarray:
     """`embedder.transform` over bounded-memory batches, with an optional tqdm bar. Returns [N, D]."""
-    from tqdm.auto import tqdm
 
     out = np.empty((len(texts), embedder.dim), np.float32)
     starts = range(0, len(texts), batch_size)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from voltron_jax.data.corpus import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class Ordering:
@@ -63,8 +65,6 @@ ORDERINGS: dict[str, Ordering] = {
 def get(name: str) -> Ordering:
     """The ordering named `name`; KeyError-free: unknown names raise a DataError listing the known ones."""
     if name not in ORDERINGS:
-        from voltron_jax.data.corpus import DataError
-
         raise DataError(f"data.ordering={name!r} is not one of {sorted(ORDERINGS)}.")
     return ORDERINGS[name]
 

@@ -45,11 +45,16 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
+from absl import flags
 from etils import epath
+from tqdm.auto import tqdm
 
+from voltron_jax import cli
+from voltron_jax.config import validate
 from voltron_jax.data import cbtm, corpus, embed, icp, orderings, shards
 from voltron_jax.run import workdir as workdir_lib
 
@@ -304,7 +309,6 @@ def _order_all(
     kept: list[dict], x: np.ndarray, labels: np.ndarray, s: dict, out: epath.Path, progress: bool
 ) -> list[dict]:
     """ICP order and shard of every cluster, one after the other (Beam runs them in parallel)."""
-    from tqdm.auto import tqdm
 
     k, stats = s["n_clusters"], []
     for j in tqdm(range(k), desc="icp", unit="cluster", disable=not progress):
@@ -483,9 +487,9 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
     """The vocabulary the token stores use: data.vocab, with a SentencePiece model trained here on a
     deterministic line sample of the kept train documents when none is given and the corpus is not
     the embedded one (<workdir>/data/spm_<n>.model; pass it as data.spm_path to the train loop)."""
-    import seqio
+    import seqio  # lazy: seqio/TensorFlow (the one seam)
 
-    from voltron_jax.data import vocab as vocab_lib
+    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
 
     if _needs_own_spm(data_cfg):
         path = spm_path(data_cfg, out)
@@ -499,8 +503,6 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
                     flush=True,
                 )
             if "://" in os.fspath(path):  # the trainer writes a local file; copy it to the bucket
-                import tempfile
-
                 with tempfile.TemporaryDirectory() as tmp:
                     local = os.path.join(tmp, path.name)
                     vocab_lib.train_sentencepiece(
@@ -557,7 +559,7 @@ def _wait_for(paths: list[epath.Path]) -> None:
 def register_tasks(config, workdir) -> list[str]:
     """Register the ordering's corpus task ('icp' | 'icp_random') and 'cluster_<j>' from the token stores
     under <workdir>/data (tokenising them first if needed); returns their task names."""
-    from voltron_jax.data import tasks
+    from voltron_jax.data import tasks  # lazy: seqio/TensorFlow (the one seam)
 
     d = config.data
     out = epath.Path(workdir) / "data"
@@ -566,7 +568,7 @@ def register_tasks(config, workdir) -> list[str]:
             f"{out} holds no finished preparation; run `python -m voltron_jax.data.prepare "
             "--config=... --workdir=...` (or the Beam pipeline) first."
         )
-    from voltron_jax.data import vocab as vocab_lib
+    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
 
     if _needs_own_spm(d):  # the model this preparation trains on the corpus (process 0 trains it)
         model = spm_path(d, out)
@@ -625,18 +627,12 @@ def format_report(stats: dict) -> str:
 
 def main(argv) -> None:
     del argv
-    from voltron_jax import cli
-    from voltron_jax.config import validate
 
     config = validate(cli.config_from_argv(_CONFIG.value, cli.overrides()))
     prepare(config, _WORKDIR.value, progress=True, register=False)
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    from voltron_jax import cli
-
     _CONFIG = flags.DEFINE_string("config", None, "Config file (configs/*.py[:variant]).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
     flags.mark_flags_as_required(["config", "workdir"])

@@ -23,12 +23,15 @@ import collections
 import hashlib
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Iterable
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
+from voltron_jax.data import packing
 from voltron_jax.data.corpus import DataError
 
 FORMAT = 1
@@ -84,7 +87,6 @@ class StoreWriter:
     """Append documents to a new store at `path`; `close()` writes the index (the completion mark)."""
 
     def __init__(self, path, vocab, *, chunk_tokens: int | None = None, chunks_per_shard: int | None = None):
-        from voltron_jax.data import packing
 
         self.path = _local(path)
         if (self.path / INDEX).exists():
@@ -129,7 +131,6 @@ class StoreWriter:
             self._add_encoded(encode_batch(self.vocab, batch))
 
     def _add_encoded(self, docs: list[np.ndarray]) -> None:
-        from voltron_jax.data import packing
 
         stream, _ = packing.pack_stream(docs, self.eos, self.dtype)
         self.n_documents += len(docs)
@@ -142,8 +143,6 @@ class StoreWriter:
 
     def _write(self, chunk: np.ndarray) -> None:
         if self._writer is None:
-            from array_record.python.array_record_module import ArrayRecordWriter
-
             tmp = self.path / f"tokens-{len(self._shards):05d}.tmp"
             self._writer = (ArrayRecordWriter(os.fspath(tmp), "group_size:1,uncompressed"), tmp)
         self._writer[0].write(chunk.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
@@ -289,7 +288,6 @@ class TokenStore:
         size = f.stat().length
         if size != sh["bytes"]:
             raise self._damaged(f, f"{size} bytes but the index says {sh['bytes']}")
-        from array_record.python.array_record_module import ArrayRecordReader
 
         try:
             r = ArrayRecordReader(os.fspath(f), "readahead_buffer_size:0")
@@ -362,8 +360,6 @@ def build_store(path, vocab, fill, **kw) -> dict:
     A bucket `path` (gs://...: the Beam preparation on Dataflow) is written on local disk first, then
     copied shard by shard with the index last (the train hosts read it through a gcsfuse mount)."""
     if "://" in os.fspath(path):
-        import tempfile
-
         dst = epath.Path(path)
         with tempfile.TemporaryDirectory() as tmp:
             local = epath.Path(tmp) / "store"

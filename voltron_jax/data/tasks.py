@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from voltron_jax.data import corpus, orderings
+from voltron_jax.data import corpus, orderings, shards
 from voltron_jax.data import vocab as vocab_lib
 
 TASK_PREFIX = "voltron_"
@@ -48,7 +48,6 @@ class StoreSource:
 
     def open(self, split: str):
         """(TokenStore, first token, end token) of `split`."""
-        from voltron_jax.data import shards
 
         path, seg = self.parts[split]
         store = shards.TokenStore(path)

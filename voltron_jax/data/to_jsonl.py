@@ -23,8 +23,10 @@ import io
 import json
 import os
 
+from absl import flags
 from etils import epath
 
+from voltron_jax import cli
 from voltron_jax.data import corpus
 
 
@@ -62,7 +64,7 @@ def raw_records(pattern: str, val_fraction: float):
 
 def tfds_records(name: str, data_dir: str):
     """(id, text, split) of a TFDS dataset's train and validation splits ('text' feature)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: TensorFlow, only for a TFDS source
 
     builder = tfds.builder(name, data_dir=data_dir or None)
     for split in ("train", "validation"):
@@ -115,10 +117,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    from voltron_jax import cli
-
     _INPUT = flags.DEFINE_string("input", None, "Raw JSON lines (glob) or tfds:<name>[:<version>].")
     _OUTPUT = flags.DEFINE_string("output", None, "Folder for records-*.jsonl (local or bucket).")
     _VAL = flags.DEFINE_float("val_fraction", 0.001, "Raw input: share of records for validation.")

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 
 import numpy as np
+import sentencepiece as spm
 import seqio
+import tensorflow as tf
 
 from voltron_jax.data import corpus
 
@@ -92,7 +95,6 @@ def train_sentencepiece(
     texts: list[str], vocab_size: int, path: str, max_chars: int = SPM_SAMPLE_CHARS
 ) -> str:
     """Train a SentencePiece model on a line sample of `texts` and write it to `path`. Returns `path`."""
-    import sentencepiece as spm
 
     lines = sample_lines(texts, max_chars)
     if not lines:
@@ -138,7 +140,7 @@ class TokenizersVocabulary(seqio.Vocabulary):
     tokenizer_config.json beside it, else from config.json's bos_token_id / eos_token_id."""
 
     def __init__(self, path: str):
-        import tokenizers  # the optional extra 'interop'; only this vocabulary needs it
+        import tokenizers  # lazy: the optional extra [interop]; only this vocabulary needs it
 
         folder, file = (
             (path, os.path.join(path, "tokenizer.json"))
@@ -187,14 +189,12 @@ class TokenizersVocabulary(seqio.Vocabulary):
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def _encode_tf(self, s):
-        import tensorflow as tf
 
         enc = lambda x: np.asarray(self._encode(np.asarray(x).item().decode("utf-8")), np.int32)
         out = tf.numpy_function(enc, [s], tf.int32, stateful=False)
         return tf.ensure_shape(out, [None])
 
     def _decode_tf(self, ids):
-        import tensorflow as tf
 
         return tf.numpy_function(lambda x: self._decode(x.tolist()).encode("utf-8"), [ids], tf.string)
 
@@ -210,7 +210,6 @@ class TokenizersVocabulary(seqio.Vocabulary):
 
 def _special_ids(folder: str, tok) -> tuple[int | None, int | None]:
     """(BOS id, EOS id) of the tokenizer in `folder` (None where it has none)."""
-    import json
 
     def token_id(t):
         t = t.get("content") if isinstance(t, dict) else t
@@ -244,8 +243,6 @@ def make_vocab(data_cfg, workdir: str | None = None) -> seqio.Vocabulary:
         raise corpus.DataError(f"data.vocab={data_cfg.vocab!r}; use 'byte', 'sentencepiece' or 'tokenizers'.")
     path = data_cfg.spm_path
     if path:
-        import tensorflow as tf
-
         if not tf.io.gfile.exists(path):
             raise corpus.DataError(
                 f"data.spm_path={path!r} does not exist; give an existing .model file or "

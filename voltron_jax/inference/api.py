@@ -401,10 +401,8 @@ def read_curves(workdir: str) -> dict[str, dict[str, tuple[list[int], list[float
 
 def _tensorboard_curves(tb: epath.Path) -> dict[str, tuple[list[int], list[float]]]:
     try:
-        from tensorboard.backend.event_processing import (
-            event_accumulator as ea,  # lazy: TensorFlow-backed event reader
-        )
-        from tensorboard.util import tensor_util  # lazy: TensorFlow-backed event reader
+        from tensorboard.backend.event_processing import event_accumulator as ea  # lazy: TensorFlow
+        from tensorboard.util import tensor_util  # lazy: TensorFlow
     except ImportError:
         return {}
     acc = ea.EventAccumulator(str(tb), size_guidance={ea.TENSORS: 0, ea.SCALARS: 0})

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import sys
 
+import jax
+from absl import flags
+
+from voltron_jax import cli as cli_lib
+from voltron_jax.inference import api
+from voltron_jax.interop import hf_export
+
 
 def export_run(workdir: str, out: str, step: int | None = None, tokenizer: bool = True) -> str:
     """Export the checkpoint `voltron_jax.load(workdir, step)` finds to `out`; returns a one-line summary."""
-    import jax
-
-    from voltron_jax.inference import api
-    from voltron_jax.interop import hf_export
 
     hf_export.check_out(out)  # before anything is read
     lm = api.load(workdir, step=step)
@@ -31,9 +34,6 @@ def export_run(workdir: str, out: str, step: int | None = None, tokenizer: bool 
 
 def cli() -> None:
     """Command line (flags defined here, not at import: main and evaluate define --workdir too)."""
-    from absl import flags
-
-    from voltron_jax import cli as cli_lib
 
     workdir = flags.DEFINE_string("workdir", "", "A run, phase, ckpt/ or step folder (as voltron_jax.load).")
     out = flags.DEFINE_string("out", "", "New or empty output folder for the Hugging Face checkpoint.")

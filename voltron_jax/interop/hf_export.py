@@ -48,6 +48,7 @@ import shutil
 
 import numpy as np
 
+from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.errors import ConfigError
 
 JETMOE_BLOCK_EPS = 1e-6  # transformers' JetMoeRMSNorm default, used by every block norm
@@ -226,9 +227,9 @@ def to_tensors(params: dict, m) -> dict[str, np.ndarray]:
 
 def byte_tokenizer():
     """seqio.ByteVocabulary as a transformers fast tokenizer (ids identical; EOS prepended as BOS)."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    import tokenizers  # lazy: optional [interop] package
+    from tokenizers import decoders, models, pre_tokenizers, processors  # lazy: optional [interop] package
+    from transformers import PreTrainedTokenizerFast  # lazy: optional [interop] package
 
     alphabet = _bytes_to_unicode()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{alphabet[b]: b + 3 for b in range(256)}}
@@ -266,8 +267,6 @@ def write_tokenizer(data_cfg, out: str) -> dict:
         byte_tokenizer().save_pretrained(out)
         return dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)
     if data_cfg.vocab == "tokenizers":
-        from voltron_jax.data import vocab as vocab_lib
-
         v = vocab_lib.TokenizersVocabulary(data_cfg.tokenizer_path)
         src = os.path.dirname(v.path)
         for f in TOKENIZER_FILES:
@@ -297,7 +296,7 @@ def check_out(out: str) -> None:
 
 def export(params, config, out: str, tokenizer: bool = True) -> str:
     """Write project `params` of run `config` to `out` as a Hugging Face checkpoint; returns `out`."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # lazy: optional [interop] package
 
     m = config.model
     check_out(out)

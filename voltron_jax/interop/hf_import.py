@@ -47,10 +47,13 @@ import glob
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
+from voltron_jax import config as config_lib
 from voltron_jax.errors import ConfigError
+from voltron_jax.inference.api import _shapes
 
 HF_PREFIX = "hf:"
 ARCHITECTURES = {
@@ -91,7 +94,6 @@ def rope_theta(hf: dict) -> float:
 def model_config(hf: dict) -> ml_collections.ConfigDict:
     """The voltron_jax `config.model` of HF config `hf`: the exact architecture, every project technique
     that would change its math off."""
-    from voltron_jax import config as config_lib
 
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
@@ -171,7 +173,7 @@ def configure(config: ml_collections.ConfigDict, path: str) -> ml_collections.Co
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint folder's *.safetensors files (sharded or not) as fp32 numpy."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: optional [interop] package
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -253,7 +255,6 @@ def _jetmoe_attention(t: dict, p: str) -> dict:
 
 def to_params(tensors: dict[str, np.ndarray], m) -> dict:
     """Project params (nested dict of fp32 numpy) of model config `m` from HF `tensors` (see the mapping)."""
-    import jax
 
     try:
         layers = [_layer_tensors(tensors, i, m.ffn, m.moe.n_experts) for i in range(m.n_layers)]
@@ -297,8 +298,6 @@ def load_params(path: str, m, target=None) -> dict:
             )
     params = to_params(read_tensors(path), m)
     if target is not None:
-        from voltron_jax.inference.api import _shapes
-
         want, have = _shapes(target), _shapes(params)
         diffs = sorted(set(want) ^ set(have))
         diffs += [k for k in sorted(set(want) & set(have)) if want[k] != have[k]]

@@ -34,7 +34,7 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from voltron_jax.inference import generate
+from voltron_jax.inference import api, generate
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -65,7 +65,6 @@ class VoltronLM(LM):
         if model is None:
             if not workdir:
                 raise ValueError("model 'voltron' needs model_args workdir=<run folder>.")
-            from voltron_jax.inference import api
 
             model = api.load(workdir, step=None if step in (None, "") else int(step))
         self.model = model
@@ -117,7 +116,10 @@ class VoltronLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Disjoint windows as lm-eval's HF model scores them: the first starts with the boundary id (the
         prefix token), later ones with the preceding tokens as context, each row at most max_length + 1."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        from lm_eval.utils import (  # lazy: optional [interop] package
+            get_rolling_token_windows,
+            make_disjoint_window,
+        )
 
         rows, n_cont, owner = [], [], []
         for n, r in enumerate(requests):
@@ -184,8 +186,8 @@ def run_tasks(
 ) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} of lm_eval.simple_evaluate over `model` (a loaded voltron_jax Model or
     anything voltron_jax.load accepts); `include_path`: a folder of local task YAMLs."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # lazy: optional [interop] package
+    from lm_eval.tasks import TaskManager  # lazy: optional [interop] package
 
     lm = VoltronLM(
         model=model if not isinstance(model, str) else None,
@@ -214,6 +216,6 @@ if __name__ == "__main__":
     # `lm_eval ...` with the model 'voltron' registered (lm_eval's own command imports no plugins):
     #   python -m voltron_jax.interop.lm_eval_adapter run --model voltron --model_args workdir=runs/x \
     #       --tasks hellaswag
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # lazy: optional [interop] package
 
     cli_evaluate()
