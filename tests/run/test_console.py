@@ -108,3 +108,24 @@ def test_stage_says_only_long_stretches(capsys):
         time.sleep(0.1)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[p] slow ..." and re.fullmatch(r"\[p\] slow: 0\.\d s", out[1]) and len(out) == 2
+
+
+def test_a_final_checkpoint_changed_since_the_run_finished_is_not_complete(finished_run, tmp_path):
+    """A damaged (or rewritten) final checkpoint sends the rerun the normal way, which restores with
+    fallback and trains the lost steps again, instead of answering 'already complete'."""
+    import shutil
+
+    from voltron_jax import config as config_lib
+    from voltron_jax.run import complete
+
+    workdir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)  # copytree keeps modification times: still complete
+    c = config_lib.load(os.path.join(ROOT, "configs/tiny.py:test"))
+    c.max_steps, c.train.log_every = 2, 1
+    assert set(complete.finished(c, copy)) == {"stable", "decay"}
+    final = workdir_lib.ckpt_dir(copy / "00_stable") / "2"
+    victim = max((p for p in final.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated
+    assert complete.finished(c, copy) is None
+    assert set(complete.finished(c, copy, only_phase="decay")) == {"decay"}  # the other phase is intact

@@ -1,8 +1,11 @@
 """A finished workdir: rerunning its command answers in seconds ("already complete" and the report)
 instead of building the model, compiling and evaluating every phase again.
 
-A phase (or fan-out member) is finished when its newest committed checkpoint is its last step and its
-metrics.jsonl holds the final validation record at that step (train.py writes it after the last save).
+A phase (or fan-out member) is finished when its newest committed checkpoint is its last step, its
+metrics.jsonl holds the final validation record at that step (train.py writes it after the last save),
+and that checkpoint's files are the ones `seal` recorded when the phase finished (names, sizes and
+modification times, in complete.json): a checkpoint damaged or rewritten since sends the rerun the
+normal way, which restores with fallback (checkpoint.py) and trains the lost steps again.
 Only a rerun with the same config counts: one that changes a field a finished run may take (say
 optim.lr) goes the normal way, so config.json records it. The steps compared are those of the command
 being rerun: a raised `max_steps` or more steps in a phase make it unfinished.
@@ -11,6 +14,7 @@ being rerun: a raised `max_steps` or more steps in a phase make it unfinished.
 from __future__ import annotations
 
 import json
+import os
 
 from etils import epath
 
@@ -34,6 +38,40 @@ def latest_committed(phase_dir: epath.Path) -> int | None:
         int(p.name) for p in ck.iterdir() if p.name.isdigit() and (p / checkpoint.COMMIT_MARKER).exists()
     ]
     return max(steps, default=None)
+
+
+def _files(step_dir: epath.Path) -> dict[str, list[int]] | None:
+    """{relative path: [size, mtime_ns]} of a local checkpoint step folder; None for a bucket URL (no
+    cheap modification times there: such a rerun takes the normal path)."""
+    root = os.fspath(step_dir)
+    if "://" in root or not os.path.isdir(root):
+        return None
+    out = {}
+    for folder, _, names in os.walk(root):
+        for n in names:
+            full = os.path.join(folder, n)
+            st = os.stat(full)
+            out[os.path.relpath(full, root)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def seal(phase_dir: epath.Path, step: int) -> None:
+    """Record that the phase finished at global `step` with the files its final checkpoint has now."""
+    files = _files(workdir_lib.ckpt_dir(phase_dir) / str(step))
+    if files is not None:
+        workdir_lib.write_json(workdir_lib.complete_file(phase_dir), {"step": step, "files": files})
+
+
+def sealed(phase_dir: epath.Path, step: int) -> bool:
+    """True when complete.json says the phase finished at `step` and that checkpoint is unchanged."""
+    f = workdir_lib.complete_file(phase_dir)
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("step") != step:
+        return False
+    return record.get("files") == _files(workdir_lib.ckpt_dir(phase_dir) / str(step))
 
 
 def final_record(phase_dir: epath.Path, step: int) -> dict | None:
@@ -63,7 +101,7 @@ def finished(config, root: epath.Path, only_phase: str = "", member: int = -1) -
             if member not in (-1, mem):
                 continue
             d = workdir_lib.member_dir(root / folder, mem)
-            final = final_record(d, end) if latest_committed(d) == end else None
+            final = final_record(d, end) if latest_committed(d) == end and sealed(d, end) else None
             if final is None:
                 return None
             results[name if mem is None else f"{name}/{mem}"] = final

@@ -11,6 +11,8 @@
           tb/                       TensorBoard events
           metrics.jsonl             one JSON record per log/eval (metrics.py)
           parents.json              the identity (step, checkpoint) of the parents it was built from
+          complete.json             written when the phase finished: its final step and the files of
+                                    that checkpoint (run/complete.py: the seconds-long rerun)
 
 Every other module asks this one for a path; none spells a folder name. `write_text`/`write_json` write
 a file whole or not at all (a temporary file renamed over it), so a killed process never leaves a
@@ -37,6 +39,7 @@ CKPT = "ckpt"
 TB = "tb"
 METRICS = "metrics.jsonl"
 PARENTS = "parents.json"
+COMPLETE = "complete.json"
 MEMBER_PREFIX = "cluster_"
 PHASE_DIR = re.compile(r"^(\d\d)_(\w+)$")  # not "01_decay.stale": a folder moved aside is no phase
 
@@ -102,6 +105,10 @@ def metrics_file(phase_dir: epath.Path) -> epath.Path:
 
 def parents_file(phase_dir: epath.Path) -> epath.Path:
     return phase_dir / PARENTS
+
+
+def complete_file(phase_dir: epath.Path) -> epath.Path:
+    return phase_dir / COMPLETE
 
 
 def is_phase_dir(p: epath.Path) -> bool:
