@@ -26,7 +26,7 @@ test-heavy: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=5 -m heavy tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=10 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --durations=10 -m "not slow and not heavy" tests
 
 # Rewrite tests/golden/curves.json when a change is meant to move the golden loss curves (say so in the commit).
 golden: $(STAMP)

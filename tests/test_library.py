@@ -116,6 +116,7 @@ def test_the_library_never_imports_configs(tmp_path):
         assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_core_never_imports_the_interop_packages(tmp_path):
     """train, config, the models and the data pipeline run without the optional extra 'interop': importing
     them loads none of transformers, torch, safetensors, tokenizers or lm_eval (only voltron_jax/interop/

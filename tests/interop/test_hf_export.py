@@ -148,6 +148,7 @@ def test_models_transformers_cannot_express_are_refused(field, value, match, tmp
     assert not (tmp_path / "x").exists()  # a refused export writes nothing
 
 
+@pytest.mark.slow
 def test_cli_exports_a_run_and_never_overwrites(tmp_path):
     from transformers import AutoModelForCausalLM
 

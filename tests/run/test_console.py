@@ -46,6 +46,7 @@ def finished_run(tmp_path_factory):
     return workdir, text
 
 
+@pytest.mark.slow
 def test_banner_and_status_lines(finished_run):
     _, text = finished_run
     lines = text.splitlines()
@@ -72,6 +73,7 @@ def test_banner_and_status_lines(finished_run):
     assert "E0000" not in text and "cuInit" not in text
 
 
+@pytest.mark.slow
 def test_finished_workdir_reruns_without_work(finished_run):
     workdir, _ = finished_run
     files = {d: workdir_lib.metrics_file(d).read_text() for d in workdir_lib.run_dirs(workdir).values()}
@@ -85,6 +87,7 @@ def test_finished_workdir_reruns_without_work(finished_run):
     print(f"rerun of a finished workdir: {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_more_steps_is_not_complete(finished_run, tmp_path):
     from voltron_jax import config as config_lib
     from voltron_jax.run import complete
@@ -110,6 +113,7 @@ def test_stage_says_only_long_stretches(capsys):
     assert out[0] == "[p] slow ..." and re.fullmatch(r"\[p\] slow: 0\.\d s", out[1]) and len(out) == 2
 
 
+@pytest.mark.slow
 def test_a_final_checkpoint_changed_since_the_run_finished_is_not_complete(finished_run, tmp_path):
     """A damaged (or rewritten) final checkpoint sends the rerun the normal way, which restores with
     fallback and trains the lost steps again, instead of answering 'already complete'."""
