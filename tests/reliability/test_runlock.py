@@ -106,13 +106,20 @@ def test_fresh_unreadable_lock_is_held_old_one_is_stale(tmp_path):
         pass
 
 
-def test_sigterm_before_the_loop_releases_the_lock(tmp_path):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_sigterm_before_the_loop_releases_the_lock(tmp_path, inherited):
+    """Also when the process starts with SIGTERM ignored (exec inherits SIG_IGN from a job runner: CI's)."""
     code = (
         "import time; from voltron_jax.run import runlock\n"
         f"with runlock.RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(600)\n"
     )
     p = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, env=env(quiet=True), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env(quiet=True),
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, inherited),
     )
     assert p.stdout.readline().strip() == "held"
     p.send_signal(signal.SIGTERM)

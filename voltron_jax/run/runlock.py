@@ -269,10 +269,14 @@ class RunLock:
                 logging.warning("run lock %s: heartbeat failed (%s)", self.path, e)
 
     def _install_sigterm(self) -> None:
-        """SIGTERM before the train loop (which saves on SIGTERM) unwinds through release()."""
+        """SIGTERM before the train loop (which saves on SIGTERM) unwinds through release().
+
+        A Python handler already there is kept. SIG_IGN is replaced like SIG_DFL: a job runner that starts
+        its children with SIGTERM ignored (CI's does; exec inherits it) must still be able to stop a run
+        before its loop, as the loop's own save-on-SIGTERM handler lets it afterwards."""
         if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
             return  # multi-host: JAX's preemption notifier owns SIGTERM
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN):
 
             def stop(signum, frame):
                 del frame
