@@ -292,3 +292,47 @@ def test_validate_rejects_bad_bitlinear_settings():
         c.model.bitlinear[field] = value
         with pytest.raises(cfglib.ConfigError, match=word):
             cfglib.validate(c)
+
+
+def test_sub_norm_puts_a_gain_only_inside_o_and_down():
+    """norm='sub' (transformers' BitNet layout): an RMSNorm gain inside the projections that read an inner
+    activation (o: attn_sub_norm, down: ffn_sub_norm), none inside q, k, v, gate, up."""
+    c = _tiny_bitnet()
+    c.model.bitlinear.norm = "sub"
+    tree = jax.eval_shape(decoder.build_model(c.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    norms = {
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(tree["params"]))
+        if p[-2:] == (jax.tree_util.DictKey("norm"), jax.tree_util.DictKey("scale"))
+    }
+    assert len(norms) == 2 * c.model.n_layers
+    assert all(("['o']" in k) != ("['down']" in k) for k in norms)
+
+
+def test_sub_norm_relu2_mlp_equals_the_subln_reference():
+    """MLP(linear=BitLinear norm 'sub', activation relu2) = down(rms(relu(gate x)^2 * up x) * gain) with
+    gate/up quantising x itself (no inner norm), as transformers' BitNetMLP."""
+    from functools import partial
+
+    from voltron_jax.models.layers import MLP
+
+    lin = partial(bl.BitLinear, norm="sub", norm_eps=1e-5)
+    mlp = MLP(d_ff=12, linear=lin, activation="relu2")
+    x = _normal(7, (2, 5, 8))
+    params = nn.unbox(mlp.init(jax.random.key(1), x))["params"]
+    params["down"]["norm"]["scale"] = 1.0 + _normal(8, (12,), 0.3)
+    y = np.asarray(jax.jit(mlp.apply)({"params": params}, x))
+    gate = bitlinear_apply(x, params["gate"]["kernel"])
+    up = bitlinear_apply(x, params["up"]["kernel"])
+    h = np.square(np.maximum(np.asarray(gate), 0.0)) * np.asarray(up)
+    h = h / np.sqrt(np.mean(h * h, -1, keepdims=True) + 1e-5) * params["down"]["norm"]["scale"]
+    want = np.asarray(bitlinear_apply(h.astype(np.float32), params["down"]["kernel"]))
+    assert set(params["gate"]) == {"kernel"} and set(params["down"]) == {"kernel", "norm"}
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_validate_rejects_an_unknown_mlp_activation():
+    c = _tiny_bitnet()
+    c.model.mlp.activation = "gelu"
+    with pytest.raises(cfglib.ConfigError, match="model.mlp.activation='gelu'.*relu2"):
+        cfglib.validate(c)

@@ -7,7 +7,13 @@ Tips, Code and FAQ" for it. Spec: docs/specs/techniques-a.md section 1.
 Implemented (linear slot 'bitlinear'; same call and param name 'kernel' [in, out] as layers.Dense):
   y = Q_w(W) . Q_x(norm(x)) with
   - norm inside every BitLinear, before quantisation: 'rms' (RMSNorm with a learned gain, the FAQ),
-    'layer' (non-affine LayerNorm = b1's SubLN), 'none' (ablation; an exact start for warm-in).
+    'layer' (non-affine LayerNorm = b1's SubLN), 'none' (ablation; an exact start for warm-in), or
+    'sub': BitNet b1.58 2B4T's SubLN layout, which transformers' BitNetForCausalLM implements (spec 1.2):
+    an RMSNorm with a learned gain only inside the projections that read an inner activation (kernel
+    axis 0 not 'embed': the attention output into o, attn_sub_norm; the FFN hidden into down,
+    ffn_sub_norm) and none inside q, k, v, gate, up, whose input is the block's pre-normed residual
+    stream. With model.mlp.activation='relu2' this is exactly transformers' BitNet architecture
+    (voltron_jax/interop/hf_export.py exports it, hf_import.py imports it).
   - Q_x: per-token absmax to 8 bits, s_x = 127 / max(max|x|, eps), x_int = clip(round(x s_x), -128, 127).
   - Q_w 'ternary': beta = max(mean|W|, eps), W_int = clip(round(W / beta), -1, 1) (RoundClip).
     Q_w 'binary': W_int = sign(W - mean W) with sign(0) = -1, beta = max(mean|W|, eps) of the uncentred W.
@@ -61,7 +67,7 @@ from voltron_jax.models.layers import RMSNorm, param_with_axes
 
 Dtype = Any
 WEIGHTS = ("ternary", "binary")
-NORMS = ("rms", "layer", "none")
+NORMS = ("rms", "layer", "none", "sub")
 STATE = "state"  # collection the train loop fills with the global step
 
 
@@ -100,7 +106,7 @@ def quantize_act(x: jax.Array, eps: float = 1e-5) -> tuple[jax.Array, jax.Array]
 
 def normalize(x: jax.Array, kind: str, gain: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
     """The norm inside BitLinear over the last axis, in fp32: 'rms' (times `gain`), 'layer'
-    (non-affine, SubLN) or 'none'."""
+    (non-affine, SubLN) or 'none' (a 'sub' BitLinear applies 'rms' or 'none': `BitLinear.inner_norm`)."""
     x = x.astype(jnp.float32)
     if kind == "rms":
         y = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
@@ -221,7 +227,8 @@ def packed_apply(x: jax.Array, packed: jax.Array, scale: jax.Array, eps: float =
 class BitLinear(nn.Module):
     """Linear slot 'bitlinear': norm -> 8-bit activations x ternary/binary weights (see module doc)."""
 
-    # config.model.bitlinear: weights ternary | binary; norm inside each BitLinear rms | layer | none;
+    # config.model.bitlinear: weights ternary | binary; norm inside each BitLinear rms | layer | none |
+    # sub (rms inside o and down only: transformers' BitNet);
     # warm-in lam ramps 0 -> 1 over warmin_steps global steps from warmin_start (0 steps: off); eps floors
     # mean|W| and the token absmax; packed: inference params written by inference/export_bitnet.py.
     CONFIG_KEY = "bitlinear"
@@ -241,10 +248,10 @@ class BitLinear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1]
-        if self.norm == "rms":
+        if self.inner_norm == "rms":
             h = RMSNorm(self.norm_eps, jnp.float32, name="norm")(x)  # [..., in] fp32
         else:
-            h = normalize(x, self.norm, eps=self.norm_eps)
+            h = normalize(x, self.inner_norm, eps=self.norm_eps)
         if self.packed:
             shape = (packed_rows(n_in), self.features)  # [ceil(in/4), out]
             zeros = nn.initializers.zeros
@@ -256,6 +263,14 @@ class BitLinear(nn.Module):
         )
         y = bitlinear_apply(h, w, weights=self.weights, eps=self.eps, lam=self._lambda(), dtype=self.dtype)
         return y.astype(self.dtype)
+
+    @property
+    def inner_norm(self) -> str:
+        """The norm this projection applies: `norm`; for 'sub', 'rms' where the input is an inner
+        activation (kernel_axes[0] != 'embed': o, down) and 'none' where it is the block's normed input."""
+        if self.norm != "sub":
+            return self.norm
+        return "rms" if self.kernel_axes[0] != "embed" else "none"
 
     def _lambda(self) -> float | jax.Array:
         """Warm-in mix from the global step in the 'state' collection; 1 without warm-in or step."""
@@ -274,11 +289,11 @@ class BitLinear(nn.Module):
         if self.packed:
             return None
         p, lam = variables["params"], warmin_lambda(self.warmin, variables.get(STATE, {}).get("step"))
-        if self.norm == "rms":
+        if self.inner_norm == "rms":
             gain = sharding.gather_whole(p["norm"]["scale"], specs["norm"]["scale"], jnp.float32)  # [E,in]
             h = normalize(x, "rms", gain[:, None, :], self.norm_eps)
         else:
-            h = normalize(x, self.norm, eps=self.norm_eps)
+            h = normalize(x, self.inner_norm, eps=self.norm_eps)
         spec = specs["kernel"]
         mean = lambda v: sharding.shard_mean(v, spec, (-2, -1))  # noqa: E731
         w_s, beta = weight_operand(p["kernel"], weights=self.weights, eps=self.eps, lam=lam, mean=mean)

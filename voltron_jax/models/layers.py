@@ -1,4 +1,4 @@
-"""Dense building blocks: Dense, RMSNorm, Embed, RoPE and the SwiGLU MLP.
+"""Dense building blocks: Dense, RMSNorm, Embed, RoPE and the gated MLP (SwiGLU, or ReLU^2 as BitNet's).
 
 Every projection in the model is built through the *linear slot*: a callable `linear(features,
 kernel_axes, name=...)` that returns a module mapping [..., in] -> [..., features]. `Dense` is the
@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from voltron_jax import sharding
+from voltron_jax.errors import ConfigError
 
 Dtype = Any
+MLP_ACTIVATIONS = ("silu", "relu2")
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
@@ -121,28 +123,39 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
 
 
 class MLP(nn.Module):
-    """SwiGLU FFN: down(silu(gate(x)) * up(x)). The `linear` slot builds all three projections."""
+    """Gated FFN: down(act(gate(x)) * up(x)), act SiLU (SwiGLU, the default) or ReLU^2 (relu(x)^2: the FFN
+    of BitNet b1.58 2B4T and of transformers' BitNetForCausalLM). The `linear` slot builds all three
+    projections."""
+
+    # config.model.mlp: activation silu | relu2
+    CONFIG_KEY = "mlp"
+    DEFAULTS = dict(activation="silu")
 
     d_ff: int
     linear: Any = Dense  # callable(features, kernel_axes, name=...) -> module
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         gate = self.linear(self.d_ff, ("embed", "mlp"), name="gate")(x)  # [B,T,F]
         up = self.linear(self.d_ff, ("embed", "mlp"), name="up")(x)  # [B,T,F]
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+        act = jnp.square(jax.nn.relu(gate)) if self.activation == "relu2" else jax.nn.silu(gate)
+        h = nn.with_logical_constraint(act * up, ("act_batch", "act_seq", "act_mlp"))
         return self.linear(d, ("mlp", "embed"), name="down")(h)  # [B,T,D]
 
     # ------------------------------------------------------------------ ffn slot (registry.FFNSlot)
 
     @staticmethod
     def from_config(m) -> dict:
-        return {}
+        return dict(activation=m.mlp.activation)
 
     @staticmethod
     def validate(config) -> None:
-        del config
+        """Reject an unknown activation name."""
+        act = config.model.mlp.activation
+        if act not in MLP_ACTIVATIONS:
+            raise ConfigError(f"model.mlp.activation={act!r} is not valid; choose one of {MLP_ACTIVATIONS}.")
 
     @staticmethod
     def flops_per_token(m, seq_len: int) -> float:
