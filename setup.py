@@ -3,6 +3,7 @@
 Install for development with the exact known-good set:
     pip install -c constraints.txt -e '.[test,data,aot,interop]'
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -31,23 +32,38 @@ setup(
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "nbformat>=5.10",
+            "nbclient>=0.10",
+            "ipykernel>=6",
+        ],
         # libtpu pinned to the version jax[tpu]==0.10.2 names; used for TPU runs and CPU-host AOT compiles.
         "aot": ["libtpu==0.0.42"],
         "data": ["apache-beam>=2.77,<2.78", "faiss-cpu>=1.9,<2", "scikit-learn>=1.5,<2"],
         # Hugging Face checkpoints in/out and the lm-evaluation-harness model (voltron_jax/interop/); never
-        # imported by the core. torch runs transformers' forward in the interop tests (the CPU wheel).
+        # imported by the core. torch runs transformers' forward in the interop tests (the CPU wheel);
+        # transformers' BitNet quantizer refuses to load a packed BitNet without accelerate.
         "interop": [
             "transformers>=5.25,<6",
             "safetensors>=0.8,<0.9",
             "tokenizers>=0.23,<0.24",
             "lm-eval>=0.4.13,<0.5",
             "torch>=2.13,<2.14",
+            "accelerate>=1.16,<2",
         ],
         # TensorBoard's Profile tab (xprof) for the traces of train.profile_step / profile_steps
         "profile": ["tensorboard-plugin-profile>=2.24,<2.25"],
         # optional Weights & Biases logging (train.wandb_project; imported only when set)
         "track": ["wandb>=0.29,<0.30"],
     },
-    entry_points={"console_scripts": ["voltron=voltron_jax.main:entrypoint"]},
+    entry_points={
+        "console_scripts": [
+            "voltron=voltron_jax.main:entrypoint",
+            # lm_eval's command line with the 'voltron' model registered (needs the interop extra)
+            "voltron-lm-eval=voltron_jax.interop.lm_eval_adapter:main",
+        ]
+    },
 )

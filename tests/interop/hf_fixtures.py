@@ -1,9 +1,18 @@
 """Tiny random Hugging Face models and a byte-level BPE tokenizer, made locally (no network), shared by the
-interop tests. Weights are drawn with a large std so that logits differ by far more than the tolerances."""
+interop tests. Weights are drawn with a large std so that logits differ by far more than the tolerances.
+
+torch.compile is switched off: transformers' BitLinear decorates its quantisers and unpacking with it,
+which costs ~40 s of C++ compilation per shape on the 2-core host; eager runs the same functions (their
+outputs were identical on the tiny BitNet, docs/results.md)."""
 
 from __future__ import annotations
 
+import json
 import os
+
+import torch
+
+torch._dynamo.config.disable = True
 
 TEXT = (
     "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
@@ -62,6 +71,10 @@ def hf_config(kind: str, vocab_size: int = 320, **kw):
         return transformers.MixtralConfig(
             sliding_window=None, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, **common
         )
+    if kind == "bitnet":  # BitNet b1.58 2B4T's layout: ReLU^2 FFN, sub-norms; every output size % 4 == 0
+        return transformers.BitNetConfig(
+            rope_parameters={"rope_type": "default", "rope_theta": 20000.0}, **common
+        )
     if kind == "jetmoe":  # one query head per KV head in each attention expert; block norms' eps 1e-6
         for k in ("num_attention_heads", "max_position_embeddings"):
             common.pop(k)
@@ -96,6 +109,42 @@ def make_hf_model(kind: str, path: str, seed: int = 0):
     model.save_pretrained(path)
     save_tokenizer(path)
     return model
+
+
+def make_hf_bitnet(path: str, seed: int = 0):
+    """A random tiny BitNetForCausalLM quantised and packed as microsoft/bitnet-b1.58-2B-4T ships (each
+    projection's ternary weights by transformers' `pack_weights`, weight_scale = 1 / mean|W|,
+    quantization_config bitnet / bitlinear / offline), saved to `path`; returns it reloaded by
+    AutoModelForCausalLM (transformers' own BitLinear forward)."""
+    import transformers
+    from safetensors.torch import save_file
+    from transformers.integrations.bitnet import pack_weights
+
+    torch.manual_seed(seed)
+    config = hf_config("bitnet")
+    model = transformers.BitNetForCausalLM(config).eval()
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("norm.weight"):  # gains away from 1, so a swapped norm would show
+            p = 1.0 + 0.3 * torch.randn_like(p)
+        if name.endswith("_proj.weight"):  # transformers' WeightQuant, then its packer
+            scale = 1.0 / p.abs().mean().clamp(min=1e-5)
+            tensors[name] = pack_weights((p * scale).round().clamp(-1, 1))
+            tensors[name.replace(".weight", ".weight_scale")] = scale.reshape(1).float()
+        else:
+            tensors[name] = p.contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(config.to_dict(), architectures=["BitNetForCausalLM"])
+    cfg["quantization_config"] = {
+        "quant_method": "bitnet",
+        "linear_class": "bitlinear",
+        "quantization_mode": "offline",
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    save_tokenizer(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def hf_logits(model, ids):

@@ -121,7 +121,7 @@ def test_import_then_export_is_the_identity_on_tensors(kind, tmp_path):
         ("memory", "infini", "model.memory='infini'.*nearest exportable model is model.memory='none'"),
         ("residual", "denseformer", "model.residual='denseformer'.*model.residual='plain'"),
         ("routing", "mod", "model.routing='mod'.*model.routing='none'"),
-        ("linear", "bitlinear", "model.linear='bitlinear'.*model.linear='dense'"),
+        ("linear", "bitlinear", "model.bitlinear.norm='rms'.*model.bitlinear.norm='sub'"),
     ],
 )
 def test_models_transformers_cannot_express_are_refused(field, value, match, tmp_path):

@@ -8,6 +8,8 @@ Which transformers class (`architecture`):
     ffn 'mlp', attention 'mha'                     -> LlamaForCausalLM
     ffn 'moe', attention 'mha'                     -> MixtralForCausalLM
     ffn 'moe', attention 'moa' (JetMoE's MoA)      -> JetMoeForCausalLM
+    linear 'bitlinear' with bitlinear.norm 'sub'   -> BitNetForCausalLM, packed (quantization_config
+                                                      bitnet / bitlinear / offline)
 The exported function is the project's (tests/interop/test_hf_export.py compares logits and greedy
 generations), with two documented differences: an MoE/MoA trained with `impl='capacity'` ran with
 token dropping, which transformers' Mixtral/JetMoE never do (the export is the dropless function, as the
@@ -17,11 +19,26 @@ MiniCPM scaling is folded into the weights, exactly: scale_emb into the embeddin
 scale scale_depth / sqrt(L) into every attention output and FFN down projection, and the logit division
 d_model / dim_model_base into the LM head; with tied embeddings only the residual scale folds.
 
+BitNet: transformers' BitNetForCausalLM is the SubLN layout (attn_sub_norm before o_proj, ffn_sub_norm
+before down_proj, no norm inside q/k/v/gate/up; ReLU^2 gated FFN in BitNet b1.58 2B4T), which the
+project's BitLinear computes with model.bitlinear.norm='sub' (and model.mlp.activation='relu2' for
+2B4T's FFN; 'silu' is written as hidden_act='silu'). Each projection is written as its deployed ternary
+weights: W_int = RoundClip(W / beta, -1, 1), beta = max(mean|W|, eps), exactly the project's quantiser
+(models/bitlinear.py), packed 4 per uint8 along the output axis as transformers' `pack_weights` does
+(value + 1 in bits 2j..2j+1 of packed row i for output row j * out/4 + i), `weight` [out/4, in] uint8,
+and `weight_scale` [1] = 1 / beta (transformers' BitLinear *divides* by weight_scale: y = (x_int .
+W_int) / (s_x * weight_scale)), beta the exact mean|W| (float64 sum; the project's fp32 forward reduction
+differs by ~1e-6 relative); the residual scale folds into o/down's weight_scale. Activations are
+quantised the same way on both sides (per token, 127 / max(|x|, 1e-5), round half to even, clip to
+[-128, 127]), so only float rounding outside the integer matmuls differs (docs/interop.md bounds it).
+transformers needs every projection's output size divisible by 4 and `accelerate` installed to load it.
+
 Refused with one ConfigError naming the field and the nearest exportable setting (`check_exportable`):
-Infini memory, DenseFormer, Mixture-of-Depths, BitLinear (transformers' BitNet is another architecture:
-ReLU^2 FFN and sub-norms before the output projections, not a norm inside every linear), MoA over a dense
-FFN, MoA with n_heads != n_kv_heads, MoE/MoA with top_k=1 (Switch gate, which Mixtral/JetMoE renormalise
-to 1), JetMoE with differing MoE/MoA expert counts or norm_eps != 1e-6 (JetMoE's block norms fix it).
+Infini memory, DenseFormer, Mixture-of-Depths, a BitLinear other than ternary 'sub' (a norm inside every
+linear has no transformers BitNet equivalent), a BitNet with an MoE/MoA, head_dim * n_heads != d_model,
+eps != 1e-5 or an output size not divisible by 4, MoA over a dense FFN, MoA with n_heads != n_kv_heads,
+MoE/MoA with top_k=1 (Switch gate, which Mixtral/JetMoE renormalise to 1), JetMoE with differing MoE/MoA
+expert counts or norm_eps != 1e-6 (JetMoE's block norms fix it).
 
 Tokenizer: the run's vocabulary as tokenizer.json (+ tokenizer_config.json). 'byte': a byte-level BPE
 without merges whose ids are seqio.ByteVocabulary's (PAD 0, EOS 1, UNK 2, byte b -> b + 3), with EOS
@@ -46,16 +63,23 @@ import math
 import os
 import shutil
 
+import jax
 import numpy as np
 
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.errors import ConfigError
+from voltron_jax.models import bitlinear
 
 JETMOE_BLOCK_EPS = 1e-6  # transformers' JetMoeRMSNorm default, used by every block norm
+HF_BITNET_EPS = 1e-5  # transformers' BitLinear floors the per-token absmax at 1e-5 (fixed)
+BITNET_QUANTIZATION = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
+_quantize_weight = jax.jit(bitlinear.quantize_weight, static_argnums=(1, 2))  # the forward's own quantiser
 
 
 def architecture(m) -> str:
     """The transformers class that expresses model config `m` (after `check_exportable`)."""
+    if m.linear == "bitlinear":
+        return "BitNetForCausalLM"
     if m.attention == "moa":
         return "JetMoeForCausalLM"
     return "MixtralForCausalLM" if m.ffn == "moe" else "LlamaForCausalLM"
@@ -67,7 +91,6 @@ def check_exportable(m) -> None:
         ("memory", "none", "Infini-attention's compressive memory"),
         ("residual", "plain", "DenseFormer's depth-weighted averages"),
         ("routing", "none", "Mixture-of-Depths routing"),
-        ("linear", "dense", "BitLinear (transformers' BitNet has ReLU^2 FFNs and sub-norms instead)"),
     ]
     for field, ok, what in blockers:
         if m[field] != ok:
@@ -77,6 +100,12 @@ def check_exportable(m) -> None:
             )
     if m.ffn not in ("mlp", "moe") or m.attention not in ("mha", "moa"):
         raise ConfigError(f"model.ffn={m.ffn!r} / model.attention={m.attention!r} cannot be exported.")
+    if m.linear == "bitlinear":
+        check_bitnet(m)
+    elif m.linear != "dense":
+        raise ConfigError(
+            f"model.linear={m.linear!r} cannot be exported; the nearest is model.linear='dense'."
+        )
     if m.tie_embeddings and (m.scale_emb != 1.0 or m.dim_model_base > 0):
         field = "scale_emb" if m.scale_emb != 1.0 else "dim_model_base"
         raise ConfigError(
@@ -112,6 +141,46 @@ def check_exportable(m) -> None:
             raise ConfigError(
                 f"model.norm_eps={m.norm_eps}: transformers' JetMoE block norms use eps={JETMOE_BLOCK_EPS}; "
                 f"set model.norm_eps={JETMOE_BLOCK_EPS}."
+            )
+
+
+def check_bitnet(m) -> None:
+    """Raise ConfigError unless BitLinear model `m` is transformers' BitNetForCausalLM exactly."""
+    b = m.bitlinear
+    if b.norm != "sub":
+        raise ConfigError(
+            f"model.bitlinear.norm={b.norm!r}: a norm inside every BitLinear has no transformers BitNet "
+            "equivalent (its BitNetForCausalLM normalises only before o_proj and down_proj, SubLN); the "
+            "nearest exportable setting is model.bitlinear.norm='sub' (with model.mlp.activation='relu2' "
+            "for BitNet b1.58 2B4T's FFN)."
+        )
+    if b.weights != "ternary":
+        raise ConfigError(
+            f"model.bitlinear.weights={b.weights!r}: transformers' BitNet stores ternary weights; set "
+            "model.bitlinear.weights='ternary'."
+        )
+    if m.ffn != "mlp" or m.attention != "mha":
+        field = "ffn" if m.ffn != "mlp" else "attention"
+        raise ConfigError(
+            f"model.{field}={m[field]!r} with BitLinear: transformers' BitNet is a dense model; the nearest "
+            f"exportable setting is model.{field}={'mlp' if field == 'ffn' else 'mha'!r}."
+        )
+    if b.eps != HF_BITNET_EPS:
+        raise ConfigError(
+            f"model.bitlinear.eps={b.eps}: transformers' BitLinear floors the activation absmax at "
+            f"{HF_BITNET_EPS}; set model.bitlinear.eps={HF_BITNET_EPS}."
+        )
+    if _head_dim(m) * m.n_heads != m.d_model:
+        raise ConfigError(
+            f"model.head_dim={m.head_dim}: transformers' BitNet attn_sub_norm has d_model features, so "
+            "n_heads * head_dim must equal d_model; set model.head_dim=0."
+        )
+    sizes = dict(d_model=m.d_model, d_ff=m.d_ff, n_kv_heads=m.n_kv_heads * _head_dim(m))
+    for name, n in sizes.items():
+        if n % 4:
+            raise ConfigError(
+                f"model.{name}: a projection with {n} outputs cannot be packed 4 per byte as "
+                "transformers' BitLinear needs (its packed rows are out // 4); use a multiple of 4."
             )
 
 
@@ -153,6 +222,14 @@ def hf_config(m, max_len: int, special: dict) -> dict:
         hidden_act="silu",
         attention_bias=False,
     )
+    if arch == "BitNetForCausalLM":
+        out.pop("head_dim")
+        return dict(
+            out,
+            model_type="bitnet",
+            hidden_act=m.mlp.activation,
+            quantization_config=dict(BITNET_QUANTIZATION),
+        )
     if arch == "MixtralForCausalLM":
         return dict(
             out,
@@ -162,7 +239,7 @@ def hf_config(m, max_len: int, special: dict) -> dict:
             sliding_window=None,
             router_jitter_noise=0.0,
         )
-    return dict(out, model_type="llama", mlp_bias=False)
+    return dict(out, model_type="llama", mlp_bias=False, hidden_act=m.mlp.activation)
 
 
 def _layers(params: dict, n_layers: int) -> list[dict]:
@@ -179,7 +256,8 @@ def _index(tree, i: int):
 
 
 def to_tensors(params: dict, m) -> dict[str, np.ndarray]:
-    """HF tensors (fp32 numpy, the checkpoint's saved names) of project params for model config `m`."""
+    """HF tensors (numpy, the checkpoint's saved names: fp32, BitNet's packed weights uint8) of project
+    params for model config `m`."""
     check_exportable(m)
     a = lambda x: np.asarray(x, np.float32)
     rs = m.scale_depth / math.sqrt(m.n_layers) if m.scale_depth > 0 else 1.0
@@ -194,6 +272,9 @@ def to_tensors(params: dict, m) -> dict[str, np.ndarray]:
         at, ff = layer["attn"], layer["ffn"]
         t[p + "input_layernorm.weight"] = a(layer["attn_norm"]["scale"])
         t[p + "post_attention_layernorm.weight"] = a(layer["ffn_norm"]["scale"])
+        if arch == "BitNetForCausalLM":
+            t.update(_bitnet_layer(at, ff, p, rs, m))
+            continue
         if arch == "JetMoeForCausalLM":
             q = p + "self_attention."
             t[q + "kv_proj.weight"] = np.concatenate([a(at["k"]["kernel"]).T, a(at["v"]["kernel"]).T])
@@ -219,6 +300,49 @@ def to_tensors(params: dict, m) -> dict[str, np.ndarray]:
                 t[x + "w1.weight"] = a(ff["gate"]["kernel"][e]).T
                 t[x + "w3.weight"] = a(ff["up"]["kernel"][e]).T
                 t[x + "w2.weight"] = a(ff["down"]["kernel"][e]).T * rs
+    return t
+
+
+def ternary(proj: dict, eps: float, n_in: int) -> tuple[np.ndarray, float]:
+    """(W_int [in, out] int8, beta) of one BitLinear's params. A latent kernel: W_int from the project's
+    forward quantiser, beta = max(mean|W|, eps) summed exactly (float64; the forward's fp32 reduction
+    differs from it by its rounding, ~1e-6 relative); packed inference params (inference/export_bitnet.py,
+    `n_in` input features): their codes and scale."""
+    if "packed" in proj:
+        w_int = bitlinear.unpack_ternary(np.asarray(proj["packed"]), n_in)
+        return np.asarray(w_int, np.int8), float(np.asarray(proj["scale"], np.float32).reshape(()))
+    kernel = np.asarray(proj["kernel"], np.float32)
+    w_int, _ = _quantize_weight(kernel, "ternary", eps)
+    return np.asarray(w_int, np.int8), max(float(np.mean(np.abs(kernel), dtype=np.float64)), eps)
+
+
+def weight_scale(beta: float, rs: float = 1.0) -> np.ndarray:
+    """transformers' `weight_scale` [1] fp32 of scale beta (times a folded residual scale rs): 1 / (beta
+    rs), since its BitLinear divides by it."""
+    return np.array([1.0 / (beta * rs)], np.float32)
+
+
+def pack_hf(w_int: np.ndarray) -> np.ndarray:
+    """transformers' packed BitLinear weight [out/4, in] uint8 of ternary W_int [in, out]: its
+    `pack_weights` layout, which is `bitlinear.pack_ternary`'s along the output axis."""
+    return np.asarray(bitlinear.pack_ternary(np.ascontiguousarray(w_int.T)))
+
+
+def _bitnet_layer(at: dict, ff: dict, p: str, rs: float, m) -> dict[str, np.ndarray]:
+    """One BitNet layer's HF tensors: packed weights + weight_scale per projection, the two sub-norms."""
+    t = {
+        p + "self_attn.attn_sub_norm.weight": np.asarray(at["o"]["norm"]["scale"], np.float32),
+        p + "mlp.ffn_sub_norm.weight": np.asarray(ff["down"]["norm"]["scale"], np.float32),
+    }
+    projs = [(f"self_attn.{n}_proj", at[n], n == "o", m.d_model) for n in ("q", "k", "v", "o")]
+    projs += [
+        (f"mlp.{n}_proj", ff[n], n == "down", m.d_ff if n == "down" else m.d_model)
+        for n in ("gate", "up", "down")
+    ]
+    for name, proj, residual, n_in in projs:
+        w_int, beta = ternary(proj, m.bitlinear.eps, n_in)
+        t[f"{p}{name}.weight"] = pack_hf(w_int)
+        t[f"{p}{name}.weight_scale"] = weight_scale(beta, rs if residual else 1.0)
     return t
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in: a Llama / Mistral / Mixtral / JetMoE folder -> voltron_jax config and params.
+"""Hugging Face checkpoints in: a Llama / Mistral / Mixtral / JetMoE / BitNet folder -> voltron_jax config and
+params.
 
     from voltron_jax.interop import hf_import
     model_cfg, params = hf_import.load("path/to/hf_model")     # folder: config.json + *.safetensors
@@ -35,6 +36,15 @@ Key mapping (layer i; `.T` = transpose):
     (transformers 5's fused in-memory names mlp.gate.weight, mlp.experts.gate_up_proj [E,2F,D] (gate rows
     first) and mlp.experts.down_proj [E,D,F] are read as well.)
     JetMoE: the inverse of hf_export.py's JetMoE mapping (kv_proj = [k; v], input_linear = [gate; up]).
+    BitNet (packed, quantization_config bitnet/bitlinear/offline; hf_export.py's docstring has the format):
+    model.layers.i.self_attn.attn_sub_norm.weight -> layer i attn/o/norm/scale
+    model.layers.i.mlp.ffn_sub_norm.weight        -> layer i ffn/down/norm/scale
+    {q,k,v,o,gate,up,down}_proj.{weight, weight_scale} -> .../kernel = W_int * beta / mean|W_int|, W_int
+        unpacked, beta = 1 / weight_scale: a latent kernel whose project quantisation (beta' = mean|kernel|,
+        RoundClip(kernel / beta')) gives back W_int and beta (to the fp32 mean's rounding), so the imported
+        model computes the checkpoint's function and trains on with the STE; c's last ulp is chosen so
+        that hf_export writes weight_scale back bit for bit (import -> export is the identity).
+    The model is model.linear='bitlinear', bitlinear.norm='sub', mlp.activation = hidden_act.
 Layer i is params/stack/block_i/layer_0 (scan_layers=False) or row i of params/stack/blocks/layer_0.
 
 Not imported (ConfigError naming the field): rope scaling other than 'default', attention or MLP
@@ -54,6 +64,8 @@ import numpy as np
 from voltron_jax import config as config_lib
 from voltron_jax.errors import ConfigError
 from voltron_jax.inference.api import _shapes
+from voltron_jax.interop import hf_export
+from voltron_jax.models import bitlinear
 
 HF_PREFIX = "hf:"
 ARCHITECTURES = {
@@ -61,6 +73,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mlp",
     "MixtralForCausalLM": "moe",
     "JetMoeForCausalLM": "moe",  # with attention 'moa'
+    "BitNetForCausalLM": "mlp",  # with linear 'bitlinear', bitlinear.norm 'sub'
 }
 JETMOE_BLOCK_EPS = 1e-6  # transformers' JetMoeRMSNorm default, used by every JetMoE block norm
 
@@ -105,8 +118,10 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
         if hf.get(key):
             raise ConfigError(f"the checkpoint has {key}=true; voltron_jax models have no biases.")
     act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ConfigError(f"hidden_act={act!r}: only SiLU (SwiGLU) MLPs import.")
+    if act not in ("silu", "swish", "relu2") or (
+        act == "relu2" and arch in ("MixtralForCausalLM", "JetMoeForCausalLM")
+    ):
+        raise ConfigError(f"hidden_act={act!r}: only SiLU (SwiGLU) and ReLU^2 (gated) MLPs import.")
     m = config_lib.get_default().model
     jetmoe = arch == "JetMoeForCausalLM"
     if jetmoe and float(hf.get("rms_norm_eps", 1e-6)) != JETMOE_BLOCK_EPS:
@@ -133,6 +148,11 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
     m.linear, m.attention, m.memory, m.residual, m.routing = "dense", "mha", "none", "plain", "none"
     m.scale_emb, m.scale_depth, m.dim_model_base = 1.0, 0.0, 0
     m.ffn = ARCHITECTURES[arch]
+    m.mlp.activation = "relu2" if act == "relu2" else "silu"
+    if arch == "BitNetForCausalLM":
+        _check_bitnet_quantization(hf)
+        m.linear = "bitlinear"
+        m.bitlinear.norm, m.bitlinear.weights, m.bitlinear.eps = "sub", "ternary", 1e-5
     if m.ffn == "moe":
         e, k = hf["num_local_experts"], hf["num_experts_per_tok"]
         if k == 1:
@@ -147,6 +167,18 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
             m.moa.n_experts, m.moa.top_k = e, k
             m.moa.impl, m.moa.capacity_factor = "capacity", e / k
     return m
+
+
+def _check_bitnet_quantization(hf: dict) -> None:
+    """Only transformers' packed offline BitLinear format imports (what BitNet b1.58 2B4T ships)."""
+    q = hf.get("quantization_config") or {}
+    got = (q.get("quant_method"), q.get("linear_class", "bitlinear"), q.get("quantization_mode", "offline"))
+    if got != ("bitnet", "bitlinear", "offline") or q.get("use_rms_norm"):
+        raise ConfigError(
+            f"BitNetForCausalLM with quantization_config={q or None}: only the packed ternary format imports "
+            "(quant_method 'bitnet', linear_class 'bitlinear', quantization_mode 'offline', no use_rms_norm, "
+            "as microsoft/bitnet-b1.58-2B-4T ships); a full-precision BitNet has no ternary weights."
+        )
 
 
 def sliding_window(hf: dict) -> int:
@@ -172,7 +204,8 @@ def configure(config: ml_collections.ConfigDict, path: str) -> ml_collections.Co
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint folder's *.safetensors files (sharded or not) as fp32 numpy."""
+    """Every tensor of the checkpoint folder's *.safetensors files (sharded or not) as fp32 numpy (uint8
+    BitNet packed weights stay uint8)."""
     from safetensors import safe_open  # lazy: optional [interop] package
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -185,13 +218,16 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     for f in files:
         with safe_open(f, framework="flax") as fh:  # flax: bf16 tensors read too
             for k in fh.keys():
-                out[k] = np.asarray(fh.get_tensor(k), np.float32)
+                x = np.asarray(fh.get_tensor(k))
+                out[k] = x if x.dtype == np.uint8 else x.astype(np.float32)
     return out
 
 
 def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
     """The project params of layer i (nested dict, numpy fp32) from HF tensors `t`."""
     p = f"model.layers.{i}."
+    if f"{p}self_attn.attn_sub_norm.weight" in t:
+        return _bitnet_layer(t, p)
     attn = None
     if f"{p}self_attn.q_proj.weight" in t or f"{p}self_attention.kv_proj.weight" not in t:
         attn = {n: {"kernel": t[f"{p}self_attn.{n}_proj.weight"].T} for n in ("q", "k", "v", "o")}
@@ -231,6 +267,42 @@ def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
         "ffn": ffn_p,
         "ffn_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
     }
+
+
+def _bitnet_layer(t: dict, p: str) -> dict:
+    """A BitNet layer: latent kernels from the packed weights (see the key mapping), the sub-norms inside
+    o and down."""
+    attn = {n: {"kernel": latent_kernel(t, f"{p}self_attn.{n}_proj")} for n in ("q", "k", "v", "o")}
+    ffn = {n: {"kernel": latent_kernel(t, f"{p}mlp.{n}_proj")} for n in ("gate", "up", "down")}
+    attn["o"]["norm"] = {"scale": t[f"{p}self_attn.attn_sub_norm.weight"]}
+    ffn["down"]["norm"] = {"scale": t[f"{p}mlp.ffn_sub_norm.weight"]}
+    return {
+        "attn": attn,
+        "attn_norm": {"scale": t[f"{p}input_layernorm.weight"]},
+        "ffn": ffn,
+        "ffn_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
+    }
+
+
+def latent_kernel(t: dict, name: str, max_ulps: int = 8) -> np.ndarray:
+    """[in, out] fp32 latent kernel of packed BitLinear `name` (`name.weight` uint8 [out/4, in] and
+    `name.weight_scale`): W_int * c with c = beta / mean|W_int|, moved by single ulps until hf_export's
+    scale (1 / exact mean|kernel|, monotone in c) is weight_scale bit for bit."""
+    packed, ws = t[f"{name}.weight"], np.float32(np.asarray(t[f"{name}.weight_scale"]).reshape(-1)[0])
+    w_int = np.asarray(bitlinear.unpack_ternary(packed, 4 * packed.shape[0])).T.astype(np.float32)  # [in,out]
+    frac = float(np.mean(np.abs(w_int)))
+    if frac == 0.0:
+        return np.zeros_like(w_int)
+    c = np.float32(1.0 / (float(ws) * frac))
+    for _ in range(max_ulps):
+        got = hf_export.weight_scale(float(np.mean(np.abs(w_int * c), dtype=np.float64)))[0]
+        if got == ws:
+            break
+        c = np.nextafter(c, np.float32(np.inf) if got > ws else np.float32(0.0))  # larger c: smaller scale
+    kernel = w_int * c
+    got_int, _ = hf_export.ternary({"kernel": kernel}, hf_export.HF_BITNET_EPS, w_int.shape[0])
+    assert np.array_equal(got_int, w_int), name  # |W_int / mean|W_int|| >= 1: RoundClip gives W_int back
+    return kernel
 
 
 def _no_bias(t: dict, name: str) -> None:
@@ -306,7 +378,8 @@ def load_params(path: str, m, target=None) -> dict:
                 f"the phase's model has other parameters than the Hugging Face checkpoint {path!r} gives "
                 f"({', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}): a phase starting from it needs "
                 "the checkpoint's architecture with every technique slot at its plain choice (linear "
-                "'dense', memory 'none', residual 'plain', routing 'none'); build the config with "
+                "'dense', or 'bitlinear' with bitlinear.norm='sub' for a BitNet; memory 'none', residual "
+                "'plain', routing 'none'); build the config with "
                 "voltron_jax.interop.hf_import.configure."
             )
     return params
