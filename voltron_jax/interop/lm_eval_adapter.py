@@ -4,8 +4,9 @@
     lm_eval.simple_evaluate(model="voltron", model_args="workdir=runs/demo,batch_size=16",
                             tasks=["hellaswag"], num_fewshot=5)
     python -m voltron_jax.experiments.evaluate --workdir=runs/demo --tasks=hellaswag --num_fewshot=5
-    python -m voltron_jax.interop.lm_eval_adapter run --model voltron --model_args workdir=runs/demo \
-        --tasks hellaswag --num_fewshot 5        # lm_eval's own command line, 'voltron' registered
+    voltron-lm-eval --model voltron --model_args workdir=runs/demo --tasks hellaswag --num_fewshot 5
+        # lm_eval's own command line with 'voltron' registered (console script; `main` says why plain
+        # `lm_eval` cannot find it); the same: python -m voltron_jax.interop.lm_eval_adapter run ...
 
 `workdir` is anything `voltron_jax.load` accepts (model_args also: step, batch_size, max_length). The three
 request kinds, each in batches of `batch_size` rows sorted by length (one compile per padded width: rows
@@ -212,10 +213,17 @@ def run_tasks(
     }
 
 
-if __name__ == "__main__":
-    # `lm_eval ...` with the model 'voltron' registered (lm_eval's own command imports no plugins):
-    #   python -m voltron_jax.interop.lm_eval_adapter run --model voltron --model_args workdir=runs/x \
-    #       --tasks hellaswag
+def main() -> None:
+    """`voltron-lm-eval` (console script): lm_eval's own command line, the same arguments as `lm_eval`,
+    with the model 'voltron' registered. Plain `lm_eval --model voltron` cannot find it: lm-eval 0.4.13
+    resolves a model name only through its registry, which holds its own table (lm_eval/models/__init__.py
+    MODEL_MAPPING) and the classes of modules already imported; it reads no entry-point group, takes no
+    module path as a model name and imports no plugin modules, so only a process that imported this
+    module first (this command, or `python -m voltron_jax.interop.lm_eval_adapter`) knows 'voltron'."""
     from lm_eval.__main__ import cli_evaluate  # lazy: optional [interop] package
 
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
