@@ -165,3 +165,33 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None
         )
     return out[0, len(prompt) :].tolist()
+
+
+def spm_training_texts() -> list[str]:
+    """Python sources of a few standard-library modules (code, prose, digits): an SPM training sample."""
+    import inspect
+    import json as json_mod
+    import string
+    import textwrap
+
+    return [inspect.getsource(mod) for mod in (json_mod.encoder, json_mod.decoder, string, textwrap)]
+
+
+def train_spm(path: str, vocab_size: int = 600) -> str:
+    """A SentencePiece model trained with the project's own settings (data/vocab.py) at `path`."""
+    from voltron_jax.data import vocab
+
+    return vocab.train_sentencepiece(spm_training_texts(), vocab_size, path)
+
+
+def nfkc_spm(path: str) -> str:
+    """A SentencePiece model (the project's settings) whose normaliser says NFKC: it cannot be written as an
+    exact tokenizer.json, so an export refuses it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(train_spm(path), "rb").read())
+    proto.normalizer_spec.name = "nmt_nfkc"
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return path

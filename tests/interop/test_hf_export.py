@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from hf_fixtures import hf_greedy, hf_logits, make_hf_model  # noqa: E402
+from hf_fixtures import hf_greedy, hf_logits, make_hf_model, nfkc_spm  # noqa: E402
 
 from voltron_jax import config as cfglib  # noqa: E402
 from voltron_jax.errors import ConfigError  # noqa: E402
@@ -142,8 +142,8 @@ def test_models_transformers_cannot_express_are_refused(field, value, match, tmp
     with pytest.raises(ConfigError, match="model.moe.top_k=2"):
         hf_export.check_exportable(c.model)
     c = tiny_config("dense_tied")
-    c.data.vocab = "sentencepiece"
-    with pytest.raises(ConfigError, match="--notokenizer"):
+    c.data.vocab, c.data.spm_path = "sentencepiece", nfkc_spm(str(tmp_path / "nfkc.model"))
+    with pytest.raises(ConfigError, match="nmt_nfkc.*--notokenizer"):
         hf_export.export(random_params(c.model), c, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # a refused export writes nothing
 

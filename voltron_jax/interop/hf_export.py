@@ -43,8 +43,9 @@ expert counts or norm_eps != 1e-6 (JetMoE's block norms fix it).
 Tokenizer: the run's vocabulary as tokenizer.json (+ tokenizer_config.json). 'byte': a byte-level BPE
 without merges whose ids are seqio.ByteVocabulary's (PAD 0, EOS 1, UNK 2, byte b -> b + 3), with EOS
 prepended to every encoded text as BOS (the document boundary the model saw before every document);
-'tokenizers': the files of data.tokenizer_path, copied; 'sentencepiece' is refused (export with
-tokenizer=False / --notokenizer and convert the .model file with transformers' own converters).
+'tokenizers': the files of data.tokenizer_path, copied; 'sentencepiece': a Unigram tokenizer.json with the
+same ids, EOS prepended as BOS (interop/spm_tokenizer.py; a model it cannot convert exactly is refused:
+export with tokenizer=False / --notokenizer and use transformers' converters).
 
 Key mapping: the inverse of hf_import.py's (its docstring), plus JetMoE's (layer i, prefix
 model.layers.i.):
@@ -62,12 +63,14 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.errors import ConfigError
+from voltron_jax.interop import spm_tokenizer
 from voltron_jax.models import bitlinear
 
 JETMOE_BLOCK_EPS = 1e-6  # transformers' JetMoeRMSNorm default, used by every block norm
@@ -385,26 +388,35 @@ def _bytes_to_unicode() -> dict[int, str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_tokenizer(data_cfg, out: str) -> dict:
-    """The run's vocabulary written to `out`; returns config.json's bos/eos/pad token ids."""
+BOUNDARY_IDS = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)  # byte and SentencePiece: EOS as BOS
+
+
+def tokenizer_writer(data_cfg) -> tuple[Callable[[str], None], dict]:
+    """(write(out), config.json's bos/eos/pad token ids) of the run's vocabulary. Everything that can be
+    refused (a SentencePiece model that does not convert exactly) is refused here, before any write."""
     if data_cfg.vocab == "byte":
-        byte_tokenizer().save_pretrained(out)
-        return dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)
+        return byte_tokenizer().save_pretrained, dict(BOUNDARY_IDS)
+    if data_cfg.vocab == "sentencepiece":
+        tok = spm_tokenizer.from_model(vocab_lib.make_vocab(data_cfg).sp_model)
+        return tok.save_pretrained, dict(BOUNDARY_IDS)
     if data_cfg.vocab == "tokenizers":
         v = vocab_lib.TokenizersVocabulary(data_cfg.tokenizer_path)
         src = os.path.dirname(v.path)
-        for f in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(src, f)):
-                shutil.copyfile(os.path.join(src, f), os.path.join(out, f))
-        return dict(bos_token_id=v.bos_token_id, eos_token_id=v.hf_eos_id, pad_token_id=None)
-    raise _no_tokenizer(data_cfg)
+
+        def copy(out: str) -> None:
+            for f in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(src, f)):
+                    shutil.copyfile(os.path.join(src, f), os.path.join(out, f))
+
+        return copy, dict(bos_token_id=v.bos_token_id, eos_token_id=v.hf_eos_id, pad_token_id=None)
+    raise ConfigError(f"data.vocab={data_cfg.vocab!r} has no tokenizer.json form; export with --notokenizer.")
 
 
-def _no_tokenizer(data_cfg) -> ConfigError:
-    return ConfigError(
-        f"data.vocab={data_cfg.vocab!r}: the tokenizer cannot be written as tokenizer.json here; export "
-        "with tokenizer=False (--notokenizer) and convert the SentencePiece .model with transformers."
-    )
+def write_tokenizer(data_cfg, out: str) -> dict:
+    """The run's vocabulary written to `out`; returns config.json's bos/eos/pad token ids."""
+    write, special = tokenizer_writer(data_cfg)
+    write(out)
+    return special
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -425,15 +437,12 @@ def export(params, config, out: str, tokenizer: bool = True) -> str:
     m = config.model
     check_out(out)
     tensors = to_tensors(params, m)  # check_exportable first: a refused model writes nothing
-    if tokenizer and config.data.vocab not in ("byte", "tokenizers"):
-        raise _no_tokenizer(config.data)
-    if not tokenizer and config.data.vocab == "byte":
-        special = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0)
-    elif not tokenizer:
-        special = {}
+    write_tok, special = tokenizer_writer(config.data) if tokenizer else (None, {})
+    if not tokenizer and config.data.vocab in ("byte", "sentencepiece"):
+        special = dict(BOUNDARY_IDS)
     os.makedirs(out, exist_ok=True)
-    if tokenizer:
-        special = write_tokenizer(config.data, out)
+    if write_tok is not None:
+        write_tok(out)
     cfg = hf_config(m, config.data.seq_len, special)
     save_file(
         {k: np.ascontiguousarray(v) for k, v in tensors.items()},
