@@ -7,10 +7,11 @@ transformers BitLinear, fed its own captured input, gives the project's per-toke
 (127 * (1 / max|x|) there, 127 / max|x| here), the same int8 activations away from a rounding boundary
 and the same output up to the fp32 rescale (1e-5 relative). End to end, the float work outside the
 integer matmuls (norms, RoPE, softmax, residual adds) differs by ~1e-6 relative between torch and XLA;
-where an activation sits that close to a rounding boundary of x * 127 / max|x| (a .5), one int8 value
-differs by 1 and that position's logits move by up to ~0.05 (docs/interop.md). So the logits are
-compared as: at least 90% of positions within 1e-4 (max abs), every position within 0.1, and the
-greedy generations identical."""
+an activation within ~1e-4 of a rounding boundary of x * 127 / max|x| (a .5) could round the other way
+on one side, moving that position's logits (and, through attention, later ones) by up to ~0.1. That is
+rare (no position of benchmarks/interop_parity.py's 256 either way, docs/results.md), so the logits are
+compared as: at least 95% of positions within 1e-4 (max abs), every position within 0.1, and the greedy
+generations identical."""
 
 import os
 
@@ -79,10 +80,10 @@ def _assert_quantisers_agree(calls, params, rs: float = 1.0) -> None:
 
 
 def _assert_logits_close(ours, theirs) -> None:
-    """The end-to-end bound of the module docstring: >= 90% of positions within 1e-4, all within 0.1."""
+    """The end-to-end bound of the module docstring: >= 95% of positions within 1e-4, all within 0.1."""
     assert theirs.std() > 0.3  # far from uniform: the tolerances mean something
     per_position = np.abs(ours - theirs).max(-1)  # [B,T]
-    assert np.mean(per_position <= 1e-4) >= 0.9, per_position
+    assert np.mean(per_position <= 1e-4) >= 0.95, per_position
     assert per_position.max() <= 0.1, per_position
 
 
@@ -201,3 +202,21 @@ def test_a_full_precision_hf_bitnet_is_refused(tmp_path):
         json.dump(cfg, f)
     with pytest.raises(ConfigError, match="only the packed ternary format imports"):
         hf_import.load(str(tmp_path))
+
+
+def test_packed_project_params_export_the_same_codes():
+    """A BitNet packed by inference/export_bitnet.py exports the latent model's ternary codes; its scales
+    are the forward's fp32 beta, the latent export's the exact mean (equal to ~1e-6 relative)."""
+    from voltron_jax.inference import export_bitnet
+
+    c = bitnet_config()
+    params = random_params(c.model)
+    packed = export_bitnet.pack_params(params, c)
+    latent_t = hf_export.to_tensors(params, c.model)
+    packed_t = hf_export.to_tensors(packed, export_bitnet.packed_config(c).model)
+    assert sorted(latent_t) == sorted(packed_t)
+    for k in latent_t:
+        if k.endswith("weight_scale"):
+            np.testing.assert_allclose(packed_t[k], latent_t[k], rtol=1e-5, err_msg=k)
+        else:
+            np.testing.assert_array_equal(packed_t[k], latent_t[k], err_msg=k)

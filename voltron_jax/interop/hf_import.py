@@ -39,11 +39,12 @@ Key mapping (layer i; `.T` = transpose):
     BitNet (packed, quantization_config bitnet/bitlinear/offline; hf_export.py's docstring has the format):
     model.layers.i.self_attn.attn_sub_norm.weight -> layer i attn/o/norm/scale
     model.layers.i.mlp.ffn_sub_norm.weight        -> layer i ffn/down/norm/scale
-    {q,k,v,o,gate,up,down}_proj.{weight, weight_scale} -> .../kernel = W_int * beta / mean|W_int|, W_int
-        unpacked, beta = 1 / weight_scale: a latent kernel whose project quantisation (beta' = mean|kernel|,
-        RoundClip(kernel / beta')) gives back W_int and beta (to the fp32 mean's rounding), so the imported
-        model computes the checkpoint's function and trains on with the STE; c's last ulp is chosen so
-        that hf_export writes weight_scale back bit for bit (import -> export is the identity).
+    {q,k,v,o,gate,up,down}_proj.{weight, weight_scale} -> .../kernel = W_int * u * beta / mean|W_int u|,
+        W_int unpacked, beta = 1 / weight_scale, magnitudes u in [0.75, 1.25] (`latent_kernel`): a latent
+        kernel whose project quantisation (beta' = mean|kernel|, RoundClip(kernel / beta')) gives back
+        W_int and beta (to the fp32 mean's rounding, ~1e-7), so the imported model computes the
+        checkpoint's function and trains on with the STE; the last ulp is chosen so that hf_export writes
+        weight_scale back bit for bit (import -> export is the identity).
     The model is model.linear='bitlinear', bitlinear.norm='sub', mlp.activation = hidden_act.
 Layer i is params/stack/block_i/layer_0 (scan_layers=False) or row i of params/stack/blocks/layer_0.
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 
 import jax
 import ml_collections
@@ -284,24 +286,30 @@ def _bitnet_layer(t: dict, p: str) -> dict:
     }
 
 
-def latent_kernel(t: dict, name: str, max_ulps: int = 8) -> np.ndarray:
+def latent_kernel(t: dict, name: str, max_ulps: int = 16) -> np.ndarray:
     """[in, out] fp32 latent kernel of packed BitLinear `name` (`name.weight` uint8 [out/4, in] and
-    `name.weight_scale`): W_int * c with c = beta / mean|W_int|, moved by single ulps until hf_export's
-    scale (1 / exact mean|kernel|, monotone in c) is weight_scale bit for bit."""
+    `name.weight_scale`): W_int * u * c, with magnitudes u spread uniformly over [0.75, 1.25] (seeded by
+    the name: reproducible) and c = beta / mean|W_int u|, moved by single ulps until hf_export's scale
+    (1 / exact mean|kernel|, monotone in c) is weight_scale bit for bit. Every |kernel| / beta >= 0.75 /
+    mean|W_int| >= 0.75, so RoundClip gives W_int back. The spread keeps the forward's fp32 mean|kernel|
+    within ~1e-7 of beta: a sum of equal magnitudes rounds with a bias (~5e-6 relative on a 48 x 32 matrix),
+    which would move every activation scale after it and make int8 roundings differ from transformers'."""
     packed, ws = t[f"{name}.weight"], np.float32(np.asarray(t[f"{name}.weight_scale"]).reshape(-1)[0])
     w_int = np.asarray(bitlinear.unpack_ternary(packed, 4 * packed.shape[0])).T.astype(np.float32)  # [in,out]
-    frac = float(np.mean(np.abs(w_int)))
+    spread = np.random.default_rng(zlib.crc32(name.encode())).uniform(0.75, 1.25, w_int.shape)
+    base = (w_int * spread).astype(np.float32)
+    frac = float(np.mean(np.abs(base), dtype=np.float64))
     if frac == 0.0:
         return np.zeros_like(w_int)
     c = np.float32(1.0 / (float(ws) * frac))
     for _ in range(max_ulps):
-        got = hf_export.weight_scale(float(np.mean(np.abs(w_int * c), dtype=np.float64)))[0]
+        got = hf_export.weight_scale(float(np.mean(np.abs(base * c), dtype=np.float64)))[0]
         if got == ws:
             break
         c = np.nextafter(c, np.float32(np.inf) if got > ws else np.float32(0.0))  # larger c: smaller scale
-    kernel = w_int * c
+    kernel = base * c
     got_int, _ = hf_export.ternary({"kernel": kernel}, hf_export.HF_BITNET_EPS, w_int.shape[0])
-    assert np.array_equal(got_int, w_int), name  # |W_int / mean|W_int|| >= 1: RoundClip gives W_int back
+    assert np.array_equal(got_int, w_int), name
     return kernel
 
 
