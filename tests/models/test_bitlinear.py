@@ -236,11 +236,14 @@ def _tiny_bitnet(**model):
 
 
 @pytest.mark.slow
-def test_tiny_bitnet_model_builds_with_finite_logits_and_gradients():
+@pytest.mark.parametrize("norm", ["rms", "sub"])
+def test_tiny_bitnet_model_builds_with_finite_logits_and_gradients(norm):
     """Scanned layers with warm-in: the 'state' step collection is stacked like params. (The unscanned
-    model runs in tests/test_export_bitnet.py.)"""
+    model runs in tests/test_export_bitnet.py.) 'sub' with ReLU^2: transformers' BitNet layout."""
     c = _tiny_bitnet(scan_layers=True)
     c.model.bitlinear.warmin_steps = 10
+    c.model.bitlinear.norm = norm
+    c.model.mlp.activation = "relu2" if norm == "sub" else "silu"
     model = decoder.build_model(c.model)
     ids = np.random.default_rng(4).integers(0, c.model.vocab_size, (2, 16)).astype(np.int32)
     v = nn.unbox(jax.jit(model.init)(jax.random.key(5), ids))
