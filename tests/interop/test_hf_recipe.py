@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from hf_fixtures import make_hf_model  # noqa: E402
+from hf_fixtures import make_hf_bitnet, make_hf_model  # noqa: E402
 
 import voltron_jax  # noqa: E402
 from voltron_jax import config as cfglib  # noqa: E402
@@ -61,11 +61,15 @@ def _seed_only_config(path: str) -> ml_collections.ConfigDict:
     return c
 
 
-def test_a_phase_starts_from_the_hf_checkpoint_and_scores_like_transformers(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "bitnet"])
+def test_a_phase_starts_from_the_hf_checkpoint_and_scores_like_transformers(kind, tmp_path):
     hf_dir = str(tmp_path / "hf")
-    hf = make_hf_model("llama", hf_dir)
+    hf = make_hf_bitnet(hf_dir) if kind == "bitnet" else make_hf_model(kind, hf_dir)
     c = _seed_only_config(hf_dir)
     cfglib.validate(c)
+    assert (c.model.linear, c.model.mlp.activation) == (
+        ("bitlinear", "relu2") if kind == "bitnet" else ("dense", "silu")
+    )
     assert recipe.parents(c.recipe.seed) == [] and recipe.hf_source(c.recipe.seed) == hf_dir
     assert c.data.vocab == "tokenizers" and c.model.n_kv_heads == 2
     train.run(c, str(tmp_path / "run"))
