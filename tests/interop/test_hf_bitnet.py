@@ -204,6 +204,7 @@ def test_a_full_precision_hf_bitnet_is_refused(tmp_path):
         hf_import.load(str(tmp_path))
 
 
+@pytest.mark.slow  # packs through jit and builds the packed model: ~20 s on the shared host
 def test_packed_project_params_export_the_same_codes():
     """A BitNet packed by inference/export_bitnet.py exports the latent model's ternary codes; its scales
     are the forward's fp32 beta, the latent export's the exact mean (equal to ~1e-6 relative)."""
