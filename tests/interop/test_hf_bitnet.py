@@ -29,7 +29,7 @@ from test_hf_export import random_params, tiny_config  # noqa: E402
 from voltron_jax import config as cfglib  # noqa: E402
 from voltron_jax.errors import ConfigError  # noqa: E402
 from voltron_jax.inference import generate  # noqa: E402
-from voltron_jax.interop import hf_export, hf_import  # noqa: E402
+from voltron_jax.interop import hf_bitnet, hf_export, hf_import  # noqa: E402
 from voltron_jax.models import bitlinear as bl  # noqa: E402
 from voltron_jax.models import decoder  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_packed_layout_is_transformers_pack_weights():
     from transformers.integrations.bitnet import pack_weights, unpack_weights
 
     w_int = np.random.default_rng(3).integers(-1, 2, (12, 8)).astype(np.int8)  # [in, out]
-    ours = hf_export.pack_hf(w_int)  # [out/4, in]
+    ours = hf_bitnet.pack_hf(w_int)  # [out/4, in]
     theirs = pack_weights(torch.tensor(w_int.T, dtype=torch.float32)).numpy()
     np.testing.assert_array_equal(ours, theirs)
     back = unpack_weights(torch.tensor(ours), torch.float32)  # eager: hf_fixtures switches compile off

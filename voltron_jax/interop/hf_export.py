@@ -65,18 +65,13 @@ import os
 import shutil
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
 from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.errors import ConfigError
-from voltron_jax.interop import spm_tokenizer
-from voltron_jax.models import bitlinear
+from voltron_jax.interop import hf_bitnet, spm_tokenizer
 
 JETMOE_BLOCK_EPS = 1e-6  # transformers' JetMoeRMSNorm default, used by every block norm
-HF_BITNET_EPS = 1e-5  # transformers' BitLinear floors the per-token absmax at 1e-5 (fixed)
-BITNET_QUANTIZATION = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
-_quantize_weight = jax.jit(bitlinear.quantize_weight, static_argnums=(1, 2))  # the forward's own quantiser
 
 
 def architecture(m) -> str:
@@ -104,7 +99,7 @@ def check_exportable(m) -> None:
     if m.ffn not in ("mlp", "moe") or m.attention not in ("mha", "moa"):
         raise ConfigError(f"model.ffn={m.ffn!r} / model.attention={m.attention!r} cannot be exported.")
     if m.linear == "bitlinear":
-        check_bitnet(m)
+        hf_bitnet.check_bitnet(m)
     elif m.linear != "dense":
         raise ConfigError(
             f"model.linear={m.linear!r} cannot be exported; the nearest is model.linear='dense'."
@@ -144,46 +139,6 @@ def check_exportable(m) -> None:
             raise ConfigError(
                 f"model.norm_eps={m.norm_eps}: transformers' JetMoE block norms use eps={JETMOE_BLOCK_EPS}; "
                 f"set model.norm_eps={JETMOE_BLOCK_EPS}."
-            )
-
-
-def check_bitnet(m) -> None:
-    """Raise ConfigError unless BitLinear model `m` is transformers' BitNetForCausalLM exactly."""
-    b = m.bitlinear
-    if b.norm != "sub":
-        raise ConfigError(
-            f"model.bitlinear.norm={b.norm!r}: a norm inside every BitLinear has no transformers BitNet "
-            "equivalent (its BitNetForCausalLM normalises only before o_proj and down_proj, SubLN); the "
-            "nearest exportable setting is model.bitlinear.norm='sub' (with model.mlp.activation='relu2' "
-            "for BitNet b1.58 2B4T's FFN)."
-        )
-    if b.weights != "ternary":
-        raise ConfigError(
-            f"model.bitlinear.weights={b.weights!r}: transformers' BitNet stores ternary weights; set "
-            "model.bitlinear.weights='ternary'."
-        )
-    if m.ffn != "mlp" or m.attention != "mha":
-        field = "ffn" if m.ffn != "mlp" else "attention"
-        raise ConfigError(
-            f"model.{field}={m[field]!r} with BitLinear: transformers' BitNet is a dense model; the nearest "
-            f"exportable setting is model.{field}={'mlp' if field == 'ffn' else 'mha'!r}."
-        )
-    if b.eps != HF_BITNET_EPS:
-        raise ConfigError(
-            f"model.bitlinear.eps={b.eps}: transformers' BitLinear floors the activation absmax at "
-            f"{HF_BITNET_EPS}; set model.bitlinear.eps={HF_BITNET_EPS}."
-        )
-    if _head_dim(m) * m.n_heads != m.d_model:
-        raise ConfigError(
-            f"model.head_dim={m.head_dim}: transformers' BitNet attn_sub_norm has d_model features, so "
-            "n_heads * head_dim must equal d_model; set model.head_dim=0."
-        )
-    sizes = dict(d_model=m.d_model, d_ff=m.d_ff, n_kv_heads=m.n_kv_heads * _head_dim(m))
-    for name, n in sizes.items():
-        if n % 4:
-            raise ConfigError(
-                f"model.{name}: a projection with {n} outputs cannot be packed 4 per byte as "
-                "transformers' BitLinear needs (its packed rows are out // 4); use a multiple of 4."
             )
 
 
@@ -231,7 +186,7 @@ def hf_config(m, max_len: int, special: dict) -> dict:
             out,
             model_type="bitnet",
             hidden_act=m.mlp.activation,
-            quantization_config=dict(BITNET_QUANTIZATION),
+            quantization_config=dict(hf_bitnet.BITNET_QUANTIZATION),
         )
     if arch == "MixtralForCausalLM":
         return dict(
@@ -276,7 +231,7 @@ def to_tensors(params: dict, m) -> dict[str, np.ndarray]:
         t[p + "input_layernorm.weight"] = a(layer["attn_norm"]["scale"])
         t[p + "post_attention_layernorm.weight"] = a(layer["ffn_norm"]["scale"])
         if arch == "BitNetForCausalLM":
-            t.update(_bitnet_layer(at, ff, p, rs, m))
+            t.update(hf_bitnet.layer_tensors(at, ff, p, rs, m))
             continue
         if arch == "JetMoeForCausalLM":
             q = p + "self_attention."
@@ -303,49 +258,6 @@ def to_tensors(params: dict, m) -> dict[str, np.ndarray]:
                 t[x + "w1.weight"] = a(ff["gate"]["kernel"][e]).T
                 t[x + "w3.weight"] = a(ff["up"]["kernel"][e]).T
                 t[x + "w2.weight"] = a(ff["down"]["kernel"][e]).T * rs
-    return t
-
-
-def ternary(proj: dict, eps: float, n_in: int) -> tuple[np.ndarray, float]:
-    """(W_int [in, out] int8, beta) of one BitLinear's params. A latent kernel: W_int from the project's
-    forward quantiser, beta = max(mean|W|, eps) summed exactly (float64; the forward's fp32 reduction
-    differs from it by its rounding, ~1e-6 relative); packed inference params (inference/export_bitnet.py,
-    `n_in` input features): their codes and scale."""
-    if "packed" in proj:
-        w_int = bitlinear.unpack_ternary(np.asarray(proj["packed"]), n_in)
-        return np.asarray(w_int, np.int8), float(np.asarray(proj["scale"], np.float32).reshape(()))
-    kernel = np.asarray(proj["kernel"], np.float32)
-    w_int, _ = _quantize_weight(kernel, "ternary", eps)
-    return np.asarray(w_int, np.int8), max(float(np.mean(np.abs(kernel), dtype=np.float64)), eps)
-
-
-def weight_scale(beta: float, rs: float = 1.0) -> np.ndarray:
-    """transformers' `weight_scale` [1] fp32 of scale beta (times a folded residual scale rs): 1 / (beta
-    rs), since its BitLinear divides by it."""
-    return np.array([1.0 / (beta * rs)], np.float32)
-
-
-def pack_hf(w_int: np.ndarray) -> np.ndarray:
-    """transformers' packed BitLinear weight [out/4, in] uint8 of ternary W_int [in, out]: its
-    `pack_weights` layout, which is `bitlinear.pack_ternary`'s along the output axis."""
-    return np.asarray(bitlinear.pack_ternary(np.ascontiguousarray(w_int.T)))
-
-
-def _bitnet_layer(at: dict, ff: dict, p: str, rs: float, m) -> dict[str, np.ndarray]:
-    """One BitNet layer's HF tensors: packed weights + weight_scale per projection, the two sub-norms."""
-    t = {
-        p + "self_attn.attn_sub_norm.weight": np.asarray(at["o"]["norm"]["scale"], np.float32),
-        p + "mlp.ffn_sub_norm.weight": np.asarray(ff["down"]["norm"]["scale"], np.float32),
-    }
-    projs = [(f"self_attn.{n}_proj", at[n], n == "o", m.d_model) for n in ("q", "k", "v", "o")]
-    projs += [
-        (f"mlp.{n}_proj", ff[n], n == "down", m.d_ff if n == "down" else m.d_model)
-        for n in ("gate", "up", "down")
-    ]
-    for name, proj, residual, n_in in projs:
-        w_int, beta = ternary(proj, m.bitlinear.eps, n_in)
-        t[f"{p}{name}.weight"] = pack_hf(w_int)
-        t[f"{p}{name}.weight_scale"] = weight_scale(beta, rs if residual else 1.0)
     return t
 
 

@@ -40,11 +40,11 @@ Key mapping (layer i; `.T` = transpose):
     model.layers.i.self_attn.attn_sub_norm.weight -> layer i attn/o/norm/scale
     model.layers.i.mlp.ffn_sub_norm.weight        -> layer i ffn/down/norm/scale
     {q,k,v,o,gate,up,down}_proj.{weight, weight_scale} -> .../kernel = W_int * u * beta / mean|W_int u|,
-        W_int unpacked, beta = 1 / weight_scale, magnitudes u in [0.75, 1.25] (`latent_kernel`): a latent
-        kernel whose project quantisation (beta' = mean|kernel|, RoundClip(kernel / beta')) gives back
-        W_int and beta (to the fp32 mean's rounding, ~1e-7), so the imported model computes the
-        checkpoint's function and trains on with the STE; the last ulp is chosen so that hf_export writes
-        weight_scale back bit for bit (import -> export is the identity).
+        W_int unpacked, beta = 1 / weight_scale, magnitudes u in [0.75, 1.25] (hf_bitnet.latent_kernel):
+        a latent kernel whose project quantisation (beta' = mean|kernel|, RoundClip(kernel / beta'))
+        gives back W_int and beta (to the fp32 mean's rounding, ~1e-7), so the imported model computes
+        the checkpoint's function and trains on with the STE; the last ulp is chosen so that hf_export
+        writes weight_scale back bit for bit (import -> export is the identity).
     The model is model.linear='bitlinear', bitlinear.norm='sub', mlp.activation = hidden_act.
 Layer i is params/stack/block_i/layer_0 (scan_layers=False) or row i of params/stack/blocks/layer_0.
 
@@ -57,7 +57,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import zlib
 
 import jax
 import ml_collections
@@ -66,8 +65,7 @@ import numpy as np
 from voltron_jax import config as config_lib
 from voltron_jax.errors import ConfigError
 from voltron_jax.inference.api import _shapes
-from voltron_jax.interop import hf_export
-from voltron_jax.models import bitlinear
+from voltron_jax.interop import hf_bitnet
 
 HF_PREFIX = "hf:"
 ARCHITECTURES = {
@@ -152,7 +150,7 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
     m.ffn = ARCHITECTURES[arch]
     m.mlp.activation = "relu2" if act == "relu2" else "silu"
     if arch == "BitNetForCausalLM":
-        _check_bitnet_quantization(hf)
+        hf_bitnet.check_quantization(hf)
         m.linear = "bitlinear"
         m.bitlinear.norm, m.bitlinear.weights, m.bitlinear.eps = "sub", "ternary", 1e-5
     if m.ffn == "moe":
@@ -169,18 +167,6 @@ def model_config(hf: dict) -> ml_collections.ConfigDict:
             m.moa.n_experts, m.moa.top_k = e, k
             m.moa.impl, m.moa.capacity_factor = "capacity", e / k
     return m
-
-
-def _check_bitnet_quantization(hf: dict) -> None:
-    """Only transformers' packed offline BitLinear format imports (what BitNet b1.58 2B4T ships)."""
-    q = hf.get("quantization_config") or {}
-    got = (q.get("quant_method"), q.get("linear_class", "bitlinear"), q.get("quantization_mode", "offline"))
-    if got != ("bitnet", "bitlinear", "offline") or q.get("use_rms_norm"):
-        raise ConfigError(
-            f"BitNetForCausalLM with quantization_config={q or None}: only the packed ternary format imports "
-            "(quant_method 'bitnet', linear_class 'bitlinear', quantization_mode 'offline', no use_rms_norm, "
-            "as microsoft/bitnet-b1.58-2B-4T ships); a full-precision BitNet has no ternary weights."
-        )
 
 
 def sliding_window(hf: dict) -> int:
@@ -229,7 +215,7 @@ def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
     """The project params of layer i (nested dict, numpy fp32) from HF tensors `t`."""
     p = f"model.layers.{i}."
     if f"{p}self_attn.attn_sub_norm.weight" in t:
-        return _bitnet_layer(t, p)
+        return hf_bitnet.layer_params(t, p)
     attn = None
     if f"{p}self_attn.q_proj.weight" in t or f"{p}self_attention.kv_proj.weight" not in t:
         attn = {n: {"kernel": t[f"{p}self_attn.{n}_proj.weight"].T} for n in ("q", "k", "v", "o")}
@@ -269,48 +255,6 @@ def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
         "ffn": ffn_p,
         "ffn_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
     }
-
-
-def _bitnet_layer(t: dict, p: str) -> dict:
-    """A BitNet layer: latent kernels from the packed weights (see the key mapping), the sub-norms inside
-    o and down."""
-    attn = {n: {"kernel": latent_kernel(t, f"{p}self_attn.{n}_proj")} for n in ("q", "k", "v", "o")}
-    ffn = {n: {"kernel": latent_kernel(t, f"{p}mlp.{n}_proj")} for n in ("gate", "up", "down")}
-    attn["o"]["norm"] = {"scale": t[f"{p}self_attn.attn_sub_norm.weight"]}
-    ffn["down"]["norm"] = {"scale": t[f"{p}mlp.ffn_sub_norm.weight"]}
-    return {
-        "attn": attn,
-        "attn_norm": {"scale": t[f"{p}input_layernorm.weight"]},
-        "ffn": ffn,
-        "ffn_norm": {"scale": t[f"{p}post_attention_layernorm.weight"]},
-    }
-
-
-def latent_kernel(t: dict, name: str, max_ulps: int = 16) -> np.ndarray:
-    """[in, out] fp32 latent kernel of packed BitLinear `name` (`name.weight` uint8 [out/4, in] and
-    `name.weight_scale`): W_int * u * c, with magnitudes u spread uniformly over [0.75, 1.25] (seeded by
-    the name: reproducible) and c = beta / mean|W_int u|, moved by single ulps until hf_export's scale
-    (1 / exact mean|kernel|, monotone in c) is weight_scale bit for bit. Every |kernel| / beta >= 0.75 /
-    mean|W_int| >= 0.75, so RoundClip gives W_int back. The spread keeps the forward's fp32 mean|kernel|
-    within ~1e-7 of beta: a sum of equal magnitudes rounds with a bias (~5e-6 relative on a 48 x 32 matrix),
-    which would move every activation scale after it and make int8 roundings differ from transformers'."""
-    packed, ws = t[f"{name}.weight"], np.float32(np.asarray(t[f"{name}.weight_scale"]).reshape(-1)[0])
-    w_int = np.asarray(bitlinear.unpack_ternary(packed, 4 * packed.shape[0])).T.astype(np.float32)  # [in,out]
-    spread = np.random.default_rng(zlib.crc32(name.encode())).uniform(0.75, 1.25, w_int.shape)
-    base = (w_int * spread).astype(np.float32)
-    frac = float(np.mean(np.abs(base), dtype=np.float64))
-    if frac == 0.0:
-        return np.zeros_like(w_int)
-    c = np.float32(1.0 / (float(ws) * frac))
-    for _ in range(max_ulps):
-        got = hf_export.weight_scale(float(np.mean(np.abs(base * c), dtype=np.float64)))[0]
-        if got == ws:
-            break
-        c = np.nextafter(c, np.float32(np.inf) if got > ws else np.float32(0.0))  # larger c: smaller scale
-    kernel = base * c
-    got_int, _ = hf_export.ternary({"kernel": kernel}, hf_export.HF_BITNET_EPS, w_int.shape[0])
-    assert np.array_equal(got_int, w_int), name
-    return kernel
 
 
 def _no_bias(t: dict, name: str) -> None:
