@@ -3,7 +3,9 @@ the report that `ablate --claims_out` writes (fabricated runs for speed; one slo
 
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 
 from voltron_jax.errors import UsageError
@@ -22,8 +24,8 @@ def test_paired_comparison_is_a_perplexity_ratio_with_a_t_interval():
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
     assert c.seeds == (0, 1, 2)
     assert c.ratio == pytest.approx(math.exp(mean))
-    assert c.high == pytest.approx(math.exp(mean + 4.303 * sd / math.sqrt(3)))
-    assert c.low == pytest.approx(math.exp(mean - 4.303 * sd / math.sqrt(3)))
+    assert c.high == pytest.approx(math.exp(mean + 4.302653 * sd / math.sqrt(3)))
+    assert c.low == pytest.approx(math.exp(mean - 4.302653 * sd / math.sqrt(3)))
     assert (c.min, c.max) == pytest.approx((math.exp(-0.11), math.exp(-0.08)))
     assert c.baseline_ppl == pytest.approx(math.exp(2.0)) and c.variant_ppl == pytest.approx(
         math.exp(1.9033333)
@@ -71,6 +73,128 @@ def test_best_lr_flags_an_unbracketed_optimum_and_lr_transfer_counts_grid_steps(
     assert cl.lr_transfer({"a": 1e-3}, grid)[0] == cl.NOT_TESTABLE
 
 
+def test_minimal_detectable_effect_matches_a_hand_computation():
+    """MDE = (t_{0.975, n-1} + t_{0.80, n-1}) * sd / sqrt(n): n=3, sd=0.05 -> (4.303 + 1.061) * 0.0289."""
+    assert cl.mde(0.05 / math.sqrt(3), 2) == pytest.approx((4.3027 + 1.0607) * 0.05 / math.sqrt(3), rel=1e-4)
+    assert cl.mde(0.05 / math.sqrt(5), 4) == pytest.approx((2.7764 + 0.9410) * 0.05 / math.sqrt(5), rel=1e-4)
+    c = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.9, 1: 2.02, 2: 1.79})
+    sd = math.sqrt(sum((x + 0.09667) ** 2 for x in (-0.10, -0.08, -0.11)) / 2)
+    assert c.se == pytest.approx(sd / math.sqrt(3), rel=1e-3) and c.df == 2
+    assert c.mde == pytest.approx((4.3027 + 1.0607) * sd / math.sqrt(3), rel=1e-3)
+    assert f"MDE x{math.exp(c.mde):.3f} at 80% power" in c.describe()
+    more = cl.compare({s: 2.0 + 0.01 * s for s in range(5)}, {s: 1.9 + 0.012 * s for s in range(5)})
+    assert more.df == 4 and more.mde < (2.7765 + 0.9410) * 0.02  # 5 seeds: t quantiles shrink
+
+
+def test_power_note_says_when_an_equal_arm_cannot_pass_non_inferiority():
+    wide = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.05, 1: 2.05, 2: 1.95})  # sd of d ~ 0.06
+    assert "an equal arm cannot pass" in cl.power_note({"rule": "parity", "margin": 0.01}, wide)
+    tight = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.001, 1: 2.1005, 2: 1.9012})
+    note = cl.power_note({"rule": "parity", "margin": 0.05}, tight)
+    assert "passes with 80% power" in note
+    bound = math.exp(math.log(1.05) - tight.mde)
+    assert f"x{bound:.3f}" in note and 1 < bound < 1.05
+
+
+def _batches(seed_shift, batch_effect, n_batches, noise_seed):
+    """{seed: {fingerprint: loss}} for 3 seeds: a per-seed offset plus a per-batch term plus noise."""
+    rng = np.random.default_rng(noise_seed)
+    return {
+        s: {
+            f"b{b:03d}": 2.0 + seed_shift[s] + batch_effect[b] + 0.001 * rng.normal()
+            for b in range(n_batches)
+        }
+        for s in range(3)
+    }
+
+
+def test_per_batch_pairing_and_the_seed_plus_eval_interval():
+    """The interval over seed and evaluation noise: hand-computed v_seed, v_eval and Welch df."""
+    rng = np.random.default_rng(0)
+    hard = rng.normal(0, 0.3, 128)  # batch difficulty: shared by both arms, cancels in the pairing
+    gain = rng.normal(-0.02, 0.018, 128)  # the per-batch difference the variant makes
+    base = _batches([0.0, 0.03, -0.02], hard, 128, 1)
+    var = _batches([0.0, 0.03, -0.02], hard + gain, 128, 2)
+    var = {s: {k: x + (0.004, -0.003, 0.001)[s] for k, x in b.items()} for s, b in var.items()}
+    c = cl.compare({s: 0.0 for s in range(3)}, {s: 0.0 for s in range(3)}, base, var)
+    keys = sorted(base[0])
+    d = np.array([[var[s][k] - base[s][k] for k in keys] for s in range(3)])
+    v_seed = d.mean(1).var(ddof=1) / 3
+    v_eval = d.mean(0).var(ddof=1) / 128
+    df = (v_seed + v_eval) ** 2 / (v_seed**2 / 2 + v_eval**2 / 127)
+    assert c.batches == 128 and c.ratio == pytest.approx(math.exp(d.mean()))
+    assert c.se == pytest.approx(math.sqrt(v_seed + v_eval)) and c.df == pytest.approx(df)
+    assert c.se_eval == pytest.approx(math.sqrt(v_eval)) and c.se_eval > 0.001  # the eval set's own noise
+    assert c.high == pytest.approx(math.exp(d.mean() + cl.t95(df) * c.se))
+    assert "seed + eval noise over 128 paired batches" in c.describe()
+    # batch difficulty (sd 0.3) cancels in the pairing: unpaired, se would be ~0.3 / sqrt(128) ~ 0.027
+    assert c.se < 0.01
+    # seed noise alone (the final-loss comparison) misses the evaluation set's noise
+    alone = cl.compare(
+        {s: float(np.mean(list(base[s].values()))) for s in range(3)},
+        {s: float(np.mean(list(var[s].values()))) for s in range(3)},
+    )
+    assert alone.ratio == pytest.approx(c.ratio) and alone.se < c.se
+
+
+def test_arms_scored_on_different_tokens_are_refused():
+    base = {s: {"a": 2.0, "b": 2.1} for s in range(3)}
+    var = {s: {"a": 1.9, "c": 2.0} for s in range(3)}
+    with pytest.raises(cl.PairingError, match="different evaluation batches"):
+        cl.compare({s: 2.0 for s in range(3)}, {s: 2.0 for s in range(3)}, base, var)
+
+
+def test_every_seed_showing_harm_is_said_even_inside_the_interval():
+    hurt = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.05, 1: 2.25, 2: 1.92})
+    assert hurt.low < 1 < hurt.high and hurt.min > 1
+    status, why = cl.verdict({"why_not": "short rows"}, hurt)
+    assert status == cl.NOT_HELD and "Every seed (3) shows higher perplexity" in why and "hurt" in why
+
+
+def _lr_curve(opt_log2, grid, curvature=0.05, level=2.0):
+    return {lr: level + curvature * (math.log2(lr) - opt_log2) ** 2 for lr in grid}
+
+
+GRID = [2.0**k for k in range(-12, -3)]  # 2.4e-4 .. 6.3e-2
+
+
+def test_optimum_log2_lr_is_the_parabola_vertex_and_none_at_an_edge():
+    assert cl.optimum_log2_lr(_lr_curve(-7.3, GRID)) == pytest.approx(-7.3)
+    assert cl.optimum_log2_lr(_lr_curve(-13.0, GRID)) is None  # below the grid
+    assert cl.width_slope({32: -6.0, 64: -7.0, 128: -8.0, 256: -9.0}) == pytest.approx(-1.0)
+
+
+def _widths(slope, jitter, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        w: _lr_curve(-7 + slope * math.log2(w / 32) + jitter * rng.normal(), GRID) for w in (32, 64, 128, 256)
+    }
+
+
+def test_width_transfer_holds_only_when_mup_moves_less_than_sp_beyond_noise():
+    mup = {s: _widths(0.0, 0.1, s) for s in range(2)}
+    sp = {s: _widths(-1.0, 0.1, 10 + s) for s in range(2)}
+    status, why = cl.width_transfer(mup, sp)
+    m = re.search(r"muP ([-+][\d.]+) .*SP ([-+][\d.]+) ", why)
+    assert status == cl.HELD and abs(float(m[1])) < 0.1 and abs(float(m[2]) + 1) < 0.1
+    # muP moving as much as SP: not held
+    assert cl.width_transfer({s: _widths(-1.0, 0.1, s) for s in range(2)}, sp)[0] == cl.NOT_HELD
+    # a control that does not move: this regime cannot test muP
+    flat = {s: _widths(0.0, 0.1, 20 + s) for s in range(2)}
+    assert cl.width_transfer(mup, flat) == (cl.NOT_TESTABLE, cl.width_transfer(mup, flat)[1])
+    assert "SP control's optimum does not move" in cl.width_transfer(mup, flat)[1]
+    # noisy optima: the same mean gap is not beyond noise
+    noisy_m = {s: _widths((-0.1, -0.9)[s], 0.0, s) for s in range(2)}  # muP's seeds disagree
+    noisy_s = {s: _widths((-1.0, -1.1)[s], 0.0, s) for s in range(2)}
+    assert cl.width_transfer(noisy_m, noisy_s)[0] == cl.NOT_HELD
+    # design limits: one seed, a 4x range, an optimum off the grid
+    assert cl.width_transfer({0: mup[0]}, sp)[0] == cl.NOT_TESTABLE
+    narrow = {s: {w: c for w, c in m.items() if w <= 128} for s, m in mup.items()}
+    assert "over >= 8x" in cl.width_transfer(narrow, sp)[1]
+    off = {s: {**m, 256: _lr_curve(-2.0, GRID)} for s, m in mup.items()}
+    assert "grid edge for width(s) [256]" in cl.width_transfer(off, sp)[1]
+
+
 def _fake_run(d, losses, train_extra=None, eval_extra=None):
     """A finished run's metrics as train.run writes them (eval records per phase)."""
     p = d / "00_stable" / "metrics.jsonl"
@@ -100,7 +224,10 @@ def test_claims_report_from_runs_each_arm_at_its_own_best_lr(tmp_path, capsys):
     text = out.read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "dense (0.003), denseformer (0.001)" in rows["DenseFormer"]
-    assert rows["DenseFormer"].endswith("held: lower perplexity across the whole 95% interval |")
+    assert "| held: lower perplexity across the whole 95% interval. Power: an effect beyond x0." in rows[
+        "DenseFormer"
+    ]
+    assert "95% CI [" in rows["DenseFormer"] and "seed noise only" in rows["DenseFormer"]
     assert "x0.905" in rows["DenseFormer"]  # exp(mean(-0.10, -0.11, -0.09))
     assert "non-inferiority, margin x1.05" in rows["DenseFormer parity"]
     assert "| held" in rows["DenseFormer parity"]
