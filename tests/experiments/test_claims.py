@@ -224,9 +224,10 @@ def test_claims_report_from_runs_each_arm_at_its_own_best_lr(tmp_path, capsys):
     text = out.read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "dense (0.003), denseformer (0.001)" in rows["DenseFormer"]
-    assert "| held: lower perplexity across the whole 95% interval. Power: an effect beyond x0." in rows[
-        "DenseFormer"
-    ]
+    assert (
+        "| held: lower perplexity across the whole 95% interval. Power: an effect beyond x0."
+        in rows["DenseFormer"]
+    )
     assert "95% CI [" in rows["DenseFormer"] and "seed noise only" in rows["DenseFormer"]
     assert "x0.905" in rows["DenseFormer"]  # exp(mean(-0.10, -0.11, -0.09))
     assert "non-inferiority, margin x1.05" in rows["DenseFormer parity"]
