@@ -4,6 +4,7 @@ the report that `ablate --claims_out` writes (fabricated runs for speed; one slo
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,3 +361,121 @@ def test_quick_claims_sweep_runs_end_to_end(tmp_path):
     assert (
         sum((tmp_path / "dense@lr=0.001").exists() + (tmp_path / "dense@lr=0.003").exists() for _ in [0]) == 2
     )
+
+
+def test_equal_flops_column_interpolates_only_inside_each_arms_measured_range():
+    evals = [{"step": 16, "loss": 3.0}, {"step": 32, "loss": 2.6}, {"step": 48, "loss": 2.4}]
+    assert ablate.loss_at_flops(evals, 10.0, 240.0) == pytest.approx(2.8)  # between steps 16 and 32
+    assert ablate.loss_at_flops(evals, 10.0, 160.0) == pytest.approx(3.0)  # at the first evaluation
+    assert math.isnan(ablate.loss_at_flops(evals, 10.0, 90.0))  # before the first eval: n/a, no clamp
+    assert math.isnan(ablate.loss_at_flops(evals, 10.0, 500.0))  # past the end
+    assert math.isnan(ablate.loss_at_flops([], 10.0, 100.0))
+
+
+def _sweep_file(tmp_path, variants: str, claims: str, extra: str = "") -> str:
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(
+        "def get_sweep():\n"
+        f"    return {{'base': 'configs/tiny.py:test', 'seeds': 3, {extra}\n"
+        f"            'variants': {{{variants}}}, 'claims': {{{claims}}}}}\n"
+    )
+    return str(sweep)
+
+
+def _fake_final_eval(d, batches: dict[str, float]):
+    loss = float(np.mean(list(batches.values())))
+    (d / "final_eval.json").write_text(json.dumps({"loss": loss, "batches": batches}))
+
+
+@pytest.mark.slow
+def test_final_scores_on_the_fixed_set_pair_per_batch_with_ddof1_std(tmp_path, monkeypatch, capsys):
+    """final_eval_batches: ablate scores each final run per batch (evaluate.py --per_batch), the report's
+    final loss is that score, the interval combines seed and eval noise, and std is the sample std."""
+    sweep = _sweep_file(
+        tmp_path / "..",
+        "'dense': {}, 'denseformer': {'model.residual': 'denseformer'}",
+        "'DenseFormer': dict(baseline='dense', variant='denseformer', claim='lower')",
+        "'final_eval_batches': 4,",
+    )
+    root = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        for arm in ("dense", "denseformer"):
+            _fake_run(root / arm / f"seed_{s}", [3.0, 9.0])  # the loop's own (ignored) final loss: 9.0
+    emitted = []
+
+    def fake_eval(cmd, stdout=None):
+        emitted.append(cmd)
+        d = Path(cmd[3].split("=", 1)[1])
+        shift = -0.05 if d.parent.name == "denseformer" else 0.0
+        batches = {f"b{k}": 2.0 + 0.1 * k + shift + 0.01 * rng.normal() for k in range(4)}
+        Path(cmd[-1].split("=", 1)[1]).write_text(
+            json.dumps({"loss": np.mean(list(batches.values())), "batches": batches}) + "\n"
+        )
+        return 0
+
+    monkeypatch.setattr(ablate, "_train", fake_eval)
+    out = tmp_path / "claims.md"
+    ablate.main([f"--sweep_file={sweep}", f"--workdir={root}", f"--claims_out={out}"])
+    assert len(emitted) == 6 and all("--per_batch" in c and "--batches=4" in c for c in emitted)
+    assert all(
+        (root / a / f"seed_{s}" / "final_eval.json").exists()
+        for a in ("dense", "denseformer")
+        for s in range(3)
+    )
+    ablate.main([f"--sweep_file={sweep}", f"--workdir={root}", f"--claims_out={out}"])
+    assert len(emitted) == 6  # scored runs are not scored again
+    rows = ablate.collect("configs/tiny.py:test", ablate.load_sweep_file(sweep, None)[1], {}, root)
+    dense = rows[0]
+    finals = [
+        json.loads((root / "dense" / f"seed_{s}" / "final_eval.json").read_text())["loss"] for s in range(3)
+    ]
+    assert dense["final_loss"] == pytest.approx(np.mean(finals)) and dense["final_eval_batches"] == 4
+    assert dense["final_loss_std"] == pytest.approx(np.std(finals, ddof=1))
+    text = out.read_text()
+    assert (
+        "seed + eval noise over 4 paired batches" in text
+        and "Final-score evaluation batches per arm: 4" in text
+    )
+    assert "| 4 | - |" in text  # the final-score batches column
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_isoflop_and_width_transfer_rows_from_runs(tmp_path, capsys):
+    """The isoFLOP row compares MoD with the best dense size at each budget; the width row applies the
+    muP-vs-SP decision rule to each arm's per-seed lr curves (lr_seeds=2); the isoFLOP plot is written."""
+    grid = tuple(2.0**k for k in range(-10, -3))
+    arm = f"{{'lrs': {grid}, 'lr_seeds': 2, 'seeds': 2}}"
+    widths = "".join(f"'mup_{w}': {arm}, 'sp_{w}': {arm}," for w in (16, 32, 64, 128))
+    sweep = _sweep_file(
+        tmp_path / "..",
+        "'d1': {'model.n_layers': 1}, 'd2': {}, 'mod': {'model.routing': 'mod'}, " + widths,
+        "'MoD': dict(rule='isoflop', margin=0.01, claim='parity', budgets={'B1': {'variant': 'mod', "
+        "'dense': ['d1', 'd2']}}), "
+        "'width': dict(rule='width_transfer', claim='transfer', "
+        "mup={w: f'mup_{w}' for w in (16, 32, 64, 128)}, sp={w: f'sp_{w}' for w in (16, 32, 64, 128)})",
+        "'equal_flops_of': 'mod',",
+    )
+    root = tmp_path / "runs"
+    for s in range(3):
+        _fake_run(root / "d1" / f"seed_{s}", [3.0, 2.50 + 0.01 * s])
+        _fake_run(root / "d2" / f"seed_{s}", [3.0, 2.40 + 0.01 * s])  # the best dense size
+        _fake_run(root / "mod" / f"seed_{s}", [3.0, 2.30 + 0.012 * s])
+    for w in (16, 32, 64, 128):
+        for s in range(2):
+            for name, opt in (("mup", -7.0 + 0.05 * s), ("sp", -5.3 - math.log2(w / 16) + 0.05 * s)):
+                for lr, x in _lr_curve(opt, grid).items():
+                    _fake_run(root / f"{name}_{w}@lr={lr:g}" / f"seed_{s}", [3.0, x])
+    out = tmp_path / "claims.md"
+    ablate.main([f"--sweep_file={sweep}", f"--workdir={root}", "--collect_only", f"--claims_out={out}"])
+    text = out.read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "B1: mod vs best dense d2 (of d1 2.5100, d2 2.4100)" in rows["MoD"]
+    assert "isoFLOP non-inferiority, margin x1.01" in rows["MoD"] and rows["MoD"].endswith(
+        "held: held at every budget |"
+    )
+    assert "| held: muP's optimum moves less than SP's beyond noise" in rows["width"]
+    assert "SP: d=16 0.03125/0.03125" in rows["width"] and "muP: d=16 0.0078125/0.0078125" in rows["width"]
+    assert "isoFLOP curves" in text and (tmp_path / "claims_isoflop.png").stat().st_size > 1000
+    capsys.readouterr()
