@@ -479,3 +479,83 @@ def test_isoflop_and_width_transfer_rows_from_runs(tmp_path, capsys):
     assert "SP: d=16 0.03125/0.03125" in rows["width"] and "muP: d=16 0.0078125/0.0078125" in rows["width"]
     assert "isoFLOP curves" in text and (tmp_path / "claims_isoflop.png").stat().st_size > 1000
     capsys.readouterr()
+
+
+def test_the_claims_sweep_is_the_protocol_the_report_describes():
+    """configs/sweeps/claims.py: isoFLOP dense sizes trained to each budget, a width range >= 8x with an SP
+    control and 2 seeds at every lr, 5 seeds for the cheap rows, a reason for every margin, 128 fixed
+    final-score batches, and the rows the data cannot show declared not testable."""
+    from configs.sweeps import claims as sweep
+
+    sw = sweep.get_sweep()
+    v, claims = sw["variants"], sw["claims"]
+    assert sw["seeds"] == 5 and sw["final_eval_batches"] >= 128 and sw["equal_flops_of"] == "mod"
+    for label, steps in sweep.ISO_BUDGETS.items():
+        budget = steps * sweep.flops_per_token(sweep.MOD)
+        for n in sweep.ISO_DEPTHS:
+            arm = v[f"iso{label}_L{n}"]
+            total = arm["recipe.stable.steps"] + arm["recipe.decay.steps"]
+            used = total * sweep.flops_per_token({"model.n_layers": n})
+            assert used == pytest.approx(budget, rel=0.03) and arm["recipe.decay.steps"] >= 1
+    iso = claims["Mixture-of-Depths isoFLOP"]
+    assert iso["rule"] == "isoflop" and len(iso["budgets"]) >= 2
+    assert all(len(b["dense"]) >= 3 for b in iso["budgets"].values())
+    width = claims["MiniCPM width scaling"]
+    assert width["rule"] == "width_transfer" and max(width["sp"]) >= 8 * min(width["sp"])
+    for arm in [*width["mup"].values(), *width["sp"].values()]:
+        assert v[arm]["lr_seeds"] >= 2 and v[arm]["seeds"] >= 2
+    assert "model.dim_model_base" in v["mup_32"] and "model.dim_model_base" not in v["sp_32"]
+    for name, claim in claims.items():
+        if claim.get("rule") in ("parity", "isoflop"):
+            assert "techniques-" in claim["margin_why"], name  # the paper's parity statement, cited
+    for name in ("Infini-attention vs full attention", "In-Context Pretraining"):
+        assert claims[name]["testable"] is False and len(claims[name]["why"]) > 40
+    assert v["cbtx_dense"]["base"].endswith("continue,flops_matched") and v["cbtm"]["base"].endswith("cbtm")
+    assert v["cbtm_ensemble"]["evaluate"]["of"] == "cbtm"
+
+
+def test_cbtx_controls_match_training_flops():
+    """recipe_tiny.py: the dense continuation with flops_matched and the c-BTM control's branch decays
+    cost c-BTX's training FLOPs (within a step's rounding); the ensemble row counts its own 8 branches."""
+    base = "configs/recipe_tiny.py"
+    cbtx = ablate.training_flops(base, {})
+    dense = ablate.training_flops(base + ":continue,flops_matched", {})
+    same_tokens = ablate.training_flops(base + ":continue", {})
+    cbtm = ablate.training_flops(base + ":cbtm", {})
+    assert same_tokens < 0.95 * cbtx  # the audit's ~10% gap without the match
+    assert dense == pytest.approx(cbtx, rel=0.01) and cbtm == pytest.approx(cbtx, rel=0.03)
+    params, fpt, _, _ = ablate.model_stats(base + ":cbtm", {})
+    n, f = ablate.ensemble_stats(base + ":cbtm", {}, {"mode": "cbtm_ensemble", "top_k": 2}, params, fpt)
+    assert (n, f) == (8 * params, 2 * fpt)
+    assert ablate.ensemble_stats(base, {}, {"mode": "single"}, 5, 7.0) == (5, 7.0)
+
+
+def test_gpu_preset_is_ten_seeds_of_the_cheap_rows_without_an_lr_sweep():
+    from configs.sweeps import claims as sweep
+
+    gpu, smoke = sweep.get_sweep("gpu"), sweep.get_sweep("gpu_smoke")
+    assert (
+        gpu["seeds"] == 10 and gpu["final_eval_batches"] == 128 and set(gpu["claims"]) == set(smoke["claims"])
+    )
+    assert not any("lrs" in a for a in gpu["variants"].values())
+    assert smoke["base"] == "configs/tiny.py:test" and smoke["final_eval_batches"] < 8
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # 18 short processes: make test-heavy
+def test_gpu_preset_smoke_runs_on_cpu_and_reports_both_rows(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "benchmarks/claims_gpu.py", "--smoke", f"--workdir={tmp_path}", "--jobs=2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["runs"] == 9 and result["backend"] == "cpu" and result["final_eval_batches"] == 4
+    text = (tmp_path / "claims_gpu.md").read_text()
+    assert "| MiniCPM WSD |" in text and "| MiniCPM two-stage data |" in text
+    assert text.count("seed + eval noise over 4 paired batches") == 2

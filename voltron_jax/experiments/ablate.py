@@ -514,6 +514,36 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
     return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len, comparable
 
 
+def training_flops(base: str, overrides: dict) -> float:
+    """Training FLOPs of a variant's whole recipe: the sum over phases of 3 x the forward FLOPs per token
+    of that phase's model x tokens per step x steps x members (fan-out phases train every member)."""
+    c = variant_config(base, overrides)
+    total = 0.0
+    for name in recipe_lib.phase_order(c.recipe):
+        pc = config_lib.phase_config(c, name)
+        steps = recipe_lib.phase_steps(c.recipe[name], c.max_steps) * max(int(c.recipe[name].fan_out), 1)
+        fpt = decoder.flops_per_token(pc.model, pc.data.seq_len)
+        total += 3 * fpt * pc.data.batch_size * pc.data.seq_len * steps
+    return total
+
+
+def ensemble_stats(base: str, overrides: dict, evaluate: dict, params: int, fpt: float) -> tuple[int, float]:
+    """(parameters, forward FLOPs per token) of what an evaluation arm scores: a c-BTM ensemble holds
+    every branch of the recipe's last fan-out phase and runs `top_k` of them per row; 'single' is the run's
+    own final model."""
+    if evaluate.get("mode") != "cbtm_ensemble":
+        return params, fpt
+    c = variant_config(base, overrides)
+    fanned = [n for n in recipe_lib.phase_order(c.recipe) if c.recipe[n].fan_out]
+    branch = config_lib.phase_config(c, fanned[-1])
+    shapes = jax.eval_shape(
+        decoder.build_model(branch.model).init, jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32)
+    )
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+    per = decoder.flops_per_token(branch.model, branch.data.seq_len)
+    return n * int(c.recipe[fanned[-1]].fan_out), per * int(evaluate.get("top_k", 2))
+
+
 def _median(xs: list[float]) -> float:
     """Median, nan for none (an evaluation-only arm has no training records)."""
     return float(np.median(xs)) if xs else float("nan")
@@ -599,6 +629,7 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
     runs, rows = {}, []
     for v in variants:
         params, fpt, tps, comparable = model_stats(v.base or base, {**fixed, **v.overrides})
+        params, fpt = ensemble_stats(v.base or base, {**fixed, **v.overrides}, v.evaluate, params, fpt)
         done = [(s, r) for s in v.seeds if (r := read_run(run_dir(root, v, s)))["eval"]]
         recs = [r for _, r in done]
         runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable, v.flops_budget)
@@ -621,9 +652,7 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
                 "tokens_per_s": _median([t["tokens_per_s"] for r in recs for t in r["train"]]),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
-                "train_flops": 3 * fpt * tps * recs[0]["eval"][-1]["step"]
-                if recs and comparable
-                else math.nan,
+                "train_flops": training_flops(v.base or base, {**fixed, **v.overrides}),
                 **{
                     f"drop_rate_{kind}_{name.lower()}": drop_rate(trained, kind).get(name, math.nan)
                     for kind in ("train", "eval")
@@ -673,15 +702,17 @@ def drops(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
-        "val loss at equal FLOPs | final-score batches | MoE/MoA drop rate, worst seed | tokens/s |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| variant | seeds | params | FLOPs/token | steps | training FLOPs | final val loss | "
+        "best val loss | final ppl | val loss at equal FLOPs | final-score batches | "
+        "MoE/MoA drop rate, worst seed | tokens/s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
-            f"{r['steps']} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | {r['final_ppl']:.3f} | "
+            f"{r['steps']} | {r['train_flops']:.3g} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | "
+            f"{r['final_ppl']:.3f} | "
             f"{spread(r, 'loss_at_equal_flops')} | {r['final_eval_batches'] or 'loop'} | {drops(r) or '-'} | "
             f"{r['tokens_per_s']:,.0f} |"
         )

@@ -102,9 +102,11 @@ def evaluate(
     if mode == "single":
         models = [todo[-1]]
     else:
-        models = [p for p in todo if p.member is not None]  # the fan-out branches, cluster order
-        if not models:
+        fanned = [p for p in todo if p.member is not None]
+        if not fanned:
             raise EnsembleError(f"{workdir}: its recipe has no fan-out (branch) phase to ensemble.")
+        # the last fan-out phase's members, cluster order (the decayed branches when they were decayed)
+        models = [p for p in fanned if p.name == fanned[-1].name]
     batches = pipeline.make_eval_batches(models[0].config, "pretrain", n_batches)
     masks = [scored_mask(b, prefix) for b in batches]
     logps, step, rt = [], 0, None
