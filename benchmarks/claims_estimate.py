@@ -106,7 +106,8 @@ def measure(workdir: Path) -> dict:
     c = config_lib.load("configs/tiny.py")
     fpt = decoder.flops_per_token(c.model, c.data.seq_len)
     tokens = 8 * c.data.seq_len
-    flags = ["--config.data.batch_size=8", "--config.train.eval_every=1000", "--config.recipe.decay.steps=1"]
+    flags = ["--config.data.batch_size=8", "--config.train.eval_every=1000", "--config.recipe.decay.steps=1",
+             "--config.schedule.warmup=2"]  # fmt: skip
     t = {}
     for n in (8, 24):
         d = workdir / f"d256_{n}"

@@ -8,6 +8,8 @@ Quick machinery check (a few steps of configs/tiny.py:test; proves the pipeline,
         --workdir=runs/claims_quick \
         --claims_out=runs/claims_quick/claims.md
 One H100 in <= 12 minutes (10 seeds of the cheap rows): `python benchmarks/claims_gpu.py` (`:gpu` here).
+The two-stage row alone, 5 seeds at dense's lr from the 2026-12-03 lr sweep (the subset rerun on the 2-core
+host): `--sweep_file=configs/sweeps/claims.py:two_stage`.
 
 Protocol (decision rules and their formulas: voltron_jax/experiments/claims.py). Every arm with `lrs`
 first trains its first seed at each learning rate of a grid meant to bracket its optimum; the remaining
@@ -248,9 +250,16 @@ def get_sweep(arg: str = ""):
         return _quick()
     if arg in ("gpu", "gpu_smoke"):
         return _gpu(smoke=arg == "gpu_smoke")
+    if arg == "two_stage":  # the cheap subset rerun on the 2-core host (docs/claims.md says which rows)
+        sw = _gpu(smoke=False)
+        sw["seeds"] = SEEDS
+        sw["variants"] = {k: sw["variants"][k] for k in ("dense", "decay_same_mix")}
+        sw["claims"] = {"MiniCPM two-stage data": CLAIMS["MiniCPM two-stage data"]}
+        return sw
     if arg:
         raise ValueError(
-            f"configs/sweeps/claims.py: unknown variant {arg!r}; use '', 'quick', 'gpu' or 'gpu_smoke'."
+            f"configs/sweeps/claims.py: unknown variant {arg!r}; use '', 'quick', 'gpu', 'gpu_smoke' or "
+            "'two_stage'."
         )
     variants = {
         "dense": _tiny(lrs=DENSE_LRS),

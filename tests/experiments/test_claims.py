@@ -87,6 +87,13 @@ def test_minimal_detectable_effect_matches_a_hand_computation():
     assert more.df == 4 and more.mde < (2.7765 + 0.9410) * 0.02  # 5 seeds: t quantiles shrink
 
 
+def test_seeds_needed_is_the_fewest_seeds_whose_mde_reaches_the_effect():
+    # sd 0.05, effect 0.1 nats: n=3 gives (4.303 + 1.061) * 0.05 / 1.732 = 0.155 > 0.1; n=4 gives
+    # (3.182 + 0.978) * 0.025 = 0.104 > 0.1; n=5 gives (2.776 + 0.941) * 0.05 / 2.236 = 0.0831 <= 0.1
+    assert cl.seeds_needed(0.05, 0.1) == 5
+    assert cl.seeds_needed(0.05, 1e-6, limit=50) is None
+
+
 def test_power_note_says_when_an_equal_arm_cannot_pass_non_inferiority():
     wide = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.05, 1: 2.05, 2: 1.95})  # sd of d ~ 0.06
     assert "an equal arm cannot pass" in cl.power_note({"rule": "parity", "margin": 0.01}, wide)

@@ -570,32 +570,42 @@ def final_eval_command(d: Path, batches: int) -> list[str]:
     ]  # fmt: skip
 
 
-def run_final_evals(variants: list[Variant], root: Path, emit: bool) -> None:
+def run_final_evals(variants: list[Variant], root: Path, emit: bool, jobs: int = 1) -> None:
     """Score each finished final run of an arm with `final_eval` on that many fixed validation batches,
-    per batch (skipping runs already scored); <run>/final_eval.json is written whole when it succeeds."""
-    failed = []
+    per batch (skipping runs already scored), `jobs` at once; <run>/final_eval.json is written whole when
+    it succeeds."""
+    todo = []
     for v in variants:
         for s in v.seeds if v.final_eval else []:
             d = run_dir(root, v, s)
             cmd = final_eval_command(d, v.final_eval)
             if emit:
                 print(shlex.join(cmd))
-                continue
-            if (d / FINAL_EVAL).exists() or STOP.is_set() or not (d / "done.json").exists():
-                continue
-            part = d / (FINAL_EVAL + ".part")
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()  # a killed earlier try: evaluate.py appends
-            _say(f"[ablate] {v.name} seed {s}: final evaluation on {v.final_eval} batches")
-            with open(d / "final_eval.log", "w") as f:
-                status = _train(cmd, f)
-            if status or not part.exists():
-                failed.append(f"{v.name} seed {s} (see {d / 'final_eval.log'})")
-                continue
-            workdir_lib.write_text(d / FINAL_EVAL, part.read_text().strip().splitlines()[-1] + "\n")
-            part.unlink()
+            elif not (d / FINAL_EVAL).exists() and (d / "done.json").exists():
+                todo.append((v, s, d, cmd))
+    with ThreadPoolExecutor(max(jobs, 1)) as pool:
+        failed = [x for x in pool.map(lambda job: _final_eval_one(*job), todo) if x]
     if failed:
         raise VoltronError(f"final evaluation failed: {'; '.join(failed)}; fix and rerun the same command.")
+
+
+def _final_eval_one(v: Variant, s: int, d: Path, cmd: list[str]) -> str:
+    """Score one run; '' on success, else where its message is."""
+    if STOP.is_set():
+        return ""
+    part = d / (FINAL_EVAL + ".part")
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()  # a killed earlier try: evaluate.py appends
+    _say(f"[ablate] {v.name} seed {s}: final evaluation on {v.final_eval} batches")
+    with open(d / "final_eval.log", "w") as f:
+        status = _train(cmd, f)
+    if STOP.is_set():
+        return ""
+    if status or not part.exists():
+        return f"{v.name} seed {s} (see {d / 'final_eval.log'})"
+    workdir_lib.write_text(d / FINAL_EVAL, part.read_text().strip().splitlines()[-1] + "\n")
+    part.unlink()
+    return ""
 
 
 def final_score(d: Path, evals: list[dict]) -> tuple[float, dict[str, float] | None]:
@@ -1044,7 +1054,7 @@ def _main(a, argv) -> None:
     finals, pending = final_runs(variants, root)
     if not a.collect_only:
         run_all(base, finals, fixed, root, a.emit, jobs=a.jobs)
-        run_final_evals(finals, root, a.emit)
+        run_final_evals(finals, root, a.emit, a.jobs)
     if pending and a.emit:
         print(
             f"# then every seed of {', '.join(pending)} at its best lr (rerun without --emit once these ran)"

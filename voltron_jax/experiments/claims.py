@@ -69,6 +69,15 @@ def mde(se: float, df: float, alpha: float = ALPHA, power: float = POWER) -> flo
     return (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se
 
 
+def seeds_needed(sd: float, effect: float, limit: int = 1000) -> int | None:
+    """Fewest paired seeds n with mde(sd / sqrt(n), n - 1) <= effect (nats): how many seeds a design with
+    paired-difference sd `sd` needs to detect `effect` (None beyond `limit`)."""
+    for n in range(2, limit + 1):
+        if mde(sd / math.sqrt(n), n - 1) <= effect:
+            return n
+    return None
+
+
 class PairingError(ValueError):
     """Two arms' per-batch scores are not on the same evaluation tokens."""
 
