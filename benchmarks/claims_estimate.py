@@ -11,9 +11,10 @@ the final scoring, a c-BTM ensemble's every branch) and its number of steps. Sec
     overhead_s + steps * max(step_floor_s, train FLOPs per step / train_flops_s) + eval FLOPs / eval_flops_s
 (a process's start and compiles; the training steps, where a small model is bound by the per-step floor
 rather than by FLOPs; forward passes), and the sweep takes their sum / jobs (2 runs at once on the 2-core
-host share its cores, so `--measure` measures with the CPU as it is). `--measure` trains configs/tiny.py
-for 8 and 24 steps and configs/tiny.py at d=32 for 24 steps, and scores one run on 8 and 32 batches,
-to fit the four rates. Prints a table per arm and one JSON line.
+host share its cores; `--measure` measures with the CPU as it is, other users' load included). `--measure`
+trains configs/tiny.py for 8 and 24 steps and at d=32 for 24 steps (per-step times: each run's median
+logged tokens/s; overhead: the rest of its wall time) and scores one run on 8 and 32 batches. Prints a
+table per arm and one JSON line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from voltron_jax import config as config_lib
 from voltron_jax import recipe as recipe_lib
@@ -100,37 +103,47 @@ def _timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def _median_tokens_per_s(d: Path) -> float:
+    """Median training tokens/s of a finished run's log records, leaving out the last one (the one-step
+    decay phase, whose time is mostly its compile)."""
+    from voltron_jax.experiments.ablate import read_run  # lazy: keeps --rates from importing twice
+
+    return float(np.median([r["tokens_per_s"] for r in read_run(d)["train"] if "tokens_per_s" in r][:-1]))
+
+
 def measure(workdir: Path) -> dict:
-    """Fit overhead_s, train_flops_s, step_floor_s and eval_flops_s from five short real runs."""
+    """The four rates from three short real runs (configs/tiny.py for 8 and 24 steps, at d=32 for 24) and
+    two scorings (8 and 32 batches): the per-step time is the runs' own median tokens/s (what the loop
+    logs), the overhead what remains of each run's wall time, the eval rate the difference of the two
+    scorings."""
     py = [sys.executable, "-m", "voltron_jax.main", "--config=configs/tiny.py"]
     c = config_lib.load("configs/tiny.py")
     fpt = decoder.flops_per_token(c.model, c.data.seq_len)
     tokens = 8 * c.data.seq_len
     flags = ["--config.data.batch_size=8", "--config.train.eval_every=1000", "--config.recipe.decay.steps=1",
              "--config.schedule.warmup=2"]  # fmt: skip
-    t = {}
-    for n in (8, 24):
-        d = workdir / f"d256_{n}"
-        t[n] = _timed([*py, f"--workdir={d}", f"--config.recipe.stable.steps={n - 1}", *flags])
-    per_step = (t[24] - t[8]) / 16
-    overhead = max(t[8] - 8 * per_step, 0.0)
-    narrow = ["--config.model.d_model=32", "--config.model.n_heads=1", "--config.model.n_kv_heads=1"]
-    t32 = _timed([*py, f"--workdir={workdir / 'd32'}", "--config.recipe.stable.steps=23", *flags, *narrow,
-                  "--config.model.d_ff=96"])  # fmt: skip
+    narrow = ["--config.model.d_model=32", "--config.model.n_heads=1", "--config.model.n_kv_heads=1",
+              "--config.model.d_ff=96"]  # fmt: skip
+    walls, per_step = {}, {}
+    for name, steps, extra in (("d256_8", 8, []), ("d256_24", 24, []), ("d32", 24, narrow)):
+        d = workdir / name
+        walls[name] = (_timed([*py, f"--workdir={d}", f"--config.recipe.stable.steps={steps - 1}", *flags,
+                               *extra]), steps)  # fmt: skip
+        per_step[name] = tokens / _median_tokens_per_s(d)
+    overhead = float(np.mean([w - n * per_step[k] for k, (w, n) in walls.items()]))
     ev = [sys.executable, "-m", "voltron_jax.experiments.evaluate", f"--workdir={workdir / 'd256_24'}"]
     e = {b: _timed([*ev, f"--batches={b}"]) for b in (8, 32)}
     return {
         "overhead_s": overhead,
-        "train_flops_s": 3 * fpt * tokens / per_step,
-        "step_floor_s": max((t32 - overhead) / 24, 0.0),
+        "train_flops_s": 3 * fpt * tokens / per_step["d256_24"],
+        "step_floor_s": per_step["d32"],
         "eval_flops_s": 24 * tokens * fpt / max(e[32] - e[8], 1e-3),
         "measured": {
-            "d256_8_s": t[8],
-            "d256_24_s": t[24],
-            "d32_24_s": t32,
+            "wall_s": {k: w for k, (w, _) in walls.items()},
+            "step_s": per_step,
             "eval_8_s": e[8],
             "eval_32_s": e[32],
-        },
+        },  # fmt: skip
     }
 
 
