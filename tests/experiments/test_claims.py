@@ -566,3 +566,32 @@ def test_gpu_preset_smoke_runs_on_cpu_and_reports_both_rows(tmp_path):
     text = (tmp_path / "claims_gpu.md").read_text()
     assert "| MiniCPM WSD |" in text and "| MiniCPM two-stage data |" in text
     assert text.count("seed + eval noise over 4 paired batches") == 2
+
+
+def _estimator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("claims_estimate", "benchmarks/claims_estimate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow  # builds every config of the full sweep (~280)
+def test_claims_estimate_counts_every_process_and_prices_it_from_the_rates():
+    ce = _estimator()
+    small = ce.enumerate_runs("configs/sweeps/claims.py:two_stage")
+    assert sum(r["kind"] == "train" for r in small) == 10 and sum(r["kind"] == "score" for r in small) == 10
+    assert sum(r["steps"] for r in small) == 10 * 64
+    runs = ce.enumerate_runs("configs/sweeps/claims.py")
+    per = {}
+    for r in runs:
+        per.setdefault((r["arm"], r["kind"]), []).append(r)
+    assert len(per["dense", "train"]) == 5 + 4 and len(per["dense", "score"]) == 5  # lr sweep + 4 more seeds
+    assert len(per["sp_32", "train"]) == 6 * 2 and ("sp_32", "score") not in per  # 2 seeds at every lr
+    assert len(per["cbtm_ensemble", "score"]) == 3 and len(per["decay_same_mix", "train"]) == 5
+    dense = per["dense", "train"][0]
+    rates = {"overhead_s": 10.0, "train_flops_s": 1e10, "step_floor_s": 0.5, "eval_flops_s": 2e10}
+    by_hand = 10.0 + 64 * max(0.5, dense["train_flops"] / 64 / 1e10) + dense["eval_flops"] / 2e10
+    assert ce.seconds(dense, rates) == pytest.approx(by_hand)
+    assert dense["train_flops"] == pytest.approx(3 * 7.47e6 * 2048 * 64, rel=0.01)
