@@ -417,7 +417,8 @@ def test_final_scores_on_the_fixed_set_pair_per_batch_with_ddof1_std(tmp_path, m
         shift = -0.05 if d.parent.name == "denseformer" else 0.0
         batches = {f"b{k}": 2.0 + 0.1 * k + shift + 0.01 * rng.normal() for k in range(4)}
         Path(cmd[-1].split("=", 1)[1]).write_text(
-            json.dumps({"loss": np.mean(list(batches.values())), "batches": batches}) + "\n"
+            json.dumps({"loss": np.mean(list(batches.values())), "batches": batches, "distinct_rows": 32})
+            + "\n"
         )
         return 0
 
@@ -444,7 +445,7 @@ def test_final_scores_on_the_fixed_set_pair_per_batch_with_ddof1_std(tmp_path, m
         "seed + eval noise over 4 paired batches" in text
         and "Final-score evaluation batches per arm: 4" in text
     )
-    assert "| 4 | - |" in text  # the final-score batches column
+    assert "| 4 (32 distinct rows) | - |" in text  # the final-score batches column
     capsys.readouterr()
 
 
@@ -497,6 +498,7 @@ def test_the_claims_sweep_is_the_protocol_the_report_describes():
     sw = sweep.get_sweep()
     v, claims = sw["variants"], sw["claims"]
     assert sw["seeds"] == 5 and sw["final_eval_batches"] >= 128 and sw["equal_flops_of"] == "mod"
+    assert v["dense"]["data.val_fraction"] == 0.03  # 128 x 8 validation rows, all distinct (measured)
     for label, steps in sweep.ISO_BUDGETS.items():
         budget = steps * sweep.flops_per_token(sweep.MOD)
         for n in sweep.ISO_DEPTHS:

@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from voltron_jax import train
-from voltron_jax.experiments import evaluate
+from voltron_jax.experiments import claims, evaluate
 
 
 @pytest.mark.slow
@@ -42,6 +42,7 @@ def test_batch_fingerprint_is_equal_only_for_equal_tokens():
     masked = {**a, "weights": np.zeros((3, 4), np.float32)}
     assert evaluate.batch_fingerprint(masked) != evaluate.batch_fingerprint(a)
     assert len(evaluate.row_fingerprints(a)) == 3
+    assert claims.batch_fingerprint(a, prefix=128) != claims.batch_fingerprint(a)  # c-BTM suffix scoring
 
 
 @pytest.mark.slow

@@ -581,12 +581,20 @@ def run_final_evals(variants: list[Variant], root: Path, emit: bool, jobs: int =
             cmd = final_eval_command(d, v.final_eval)
             if emit:
                 print(shlex.join(cmd))
-            elif not (d / FINAL_EVAL).exists() and (d / "done.json").exists():
+            elif (d / "done.json").exists() and not _scored(d):
                 todo.append((v, s, d, cmd))
     with ThreadPoolExecutor(max(jobs, 1)) as pool:
         failed = [x for x in pool.map(lambda job: _final_eval_one(*job), todo) if x]
+    if STOP.is_set():
+        raise Stopped("ablate stopped by a signal during the final evaluations; rerun the same command.")
     if failed:
         raise VoltronError(f"final evaluation failed: {'; '.join(failed)}; fix and rerun the same command.")
+
+
+def _scored(d: Path) -> bool:
+    """Whether run `d` has a final score newer than its training (a retrained run is scored again)."""
+    f, done = d / FINAL_EVAL, d / "done.json"
+    return f.exists() and (not done.exists() or f.stat().st_mtime >= done.stat().st_mtime)
 
 
 def _final_eval_one(v: Variant, s: int, d: Path, cmd: list[str]) -> str:
@@ -608,16 +616,16 @@ def _final_eval_one(v: Variant, s: int, d: Path, cmd: list[str]) -> str:
     return ""
 
 
-def final_score(d: Path, evals: list[dict]) -> tuple[float, dict[str, float] | None]:
-    """(final validation loss, {batch fingerprint: loss} or None) of one run: its large fixed-set score
+def final_score(d: Path, evals: list[dict]) -> tuple[float, dict[str, float] | None, int | None]:
+    """(final validation loss, {batch fingerprint: loss} or None, distinct rows or None) of one run: its
+    large fixed-set score
     when it has one (final_eval.json, or an evaluation record carrying `batches`), else the loop's last
     evaluation."""
-    f = d / FINAL_EVAL
-    if f.exists():
-        r = json.loads(f.read_text())
-        return r["loss"], r["batches"]
+    if _scored(d):
+        r = json.loads((d / FINAL_EVAL).read_text())
+        return r["loss"], r["batches"], r.get("distinct_rows")
     last = evals[-1]
-    return last["loss"], last.get("batches")
+    return last["loss"], last.get("batches"), last.get("distinct_rows")
 
 
 def drop_rate(recs: list[dict], kind: str) -> dict[str, float]:
@@ -644,6 +652,8 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
         recs = [r for _, r in done]
         runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable, v.flops_budget)
         scores = [final_score(run_dir(root, v, s), r["eval"]) for s, r in done]
+        if any(b is None for _, b, _ in scores):  # one score for every seed: the loop's when some lack one
+            scores = [(r["eval"][-1]["loss"], None, None) for _, r in done]
         trained = recs  # an evaluation-only arm's MoE drop rates are those of the runs it re-scores
         if v.evaluate:
             trained = [read_run(root / v.evaluate["source"] / f"seed_{s}") for s, _ in done]
@@ -656,9 +666,10 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "_seeds": [s for s, _ in done],
                 "params": params,
                 "flops_per_token": fpt,
-                "_final": [x for x, _ in scores],
-                "final_eval_batches": min((len(b) if b else 0 for _, b in scores), default=0),
-                "by_batch": {int(s): b for (s, _), (_, b) in zip(done, scores) if b},
+                "_final": [x for x, _, _ in scores],
+                "final_eval_batches": min((len(b) if b else 0 for _, b, _ in scores), default=0),
+                "final_eval_rows": min((n for _, _, n in scores if n), default=0),
+                "by_batch": {int(s): b for (s, _), (_, b, _) in zip(done, scores) if b},
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
                 "tokens_per_s": _median([t["tokens_per_s"] for r in recs for t in r["train"]]),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
@@ -723,10 +734,18 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
             f"{r['steps']} | {r['train_flops']:.3g} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | "
             f"{r['final_ppl']:.3f} | "
-            f"{spread(r, 'loss_at_equal_flops')} | {r['final_eval_batches'] or 'loop'} | {drops(r) or '-'} | "
+            f"{spread(r, 'loss_at_equal_flops')} | {_scored_on(r)} | {drops(r) or '-'} | "
             f"{r['tokens_per_s']:,.0f} |"
         )
     return "\n".join(lines)
+
+
+def _scored_on(row: dict) -> str:
+    """'128 (1,024 distinct rows)', or 'loop' for the loop's own last evaluation."""
+    if not row["final_eval_batches"]:
+        return "loop"
+    rows = f" ({row['final_eval_rows']:,} distinct rows)" if row.get("final_eval_rows") else ""
+    return f"{row['final_eval_batches']}{rows}"
 
 
 def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: dict, root: Path) -> None:

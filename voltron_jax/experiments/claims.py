@@ -41,6 +41,7 @@ design cannot show non-inferiority of an equal arm, and the row says so.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -76,6 +77,16 @@ def seeds_needed(sd: float, effect: float, limit: int = 1000) -> int | None:
         if mde(sd / math.sqrt(n), n - 1) <= effect:
             return n
     return None
+
+
+def batch_fingerprint(batch: dict, prefix: int = 0) -> str:
+    """A hash of a batch's scored tokens (inputs, targets, weights; `prefix`: the unscored leading
+    positions of a c-BTM scoring): equal only for the same tokens scored the same way."""
+    h = hashlib.sha1(f"prefix={prefix}".encode())
+    for k in ("inputs", "targets", "weights"):
+        if k in batch:
+            h.update(k.encode() + np.ascontiguousarray(batch[k]).tobytes())
+    return h.hexdigest()[:16]
 
 
 class PairingError(ValueError):

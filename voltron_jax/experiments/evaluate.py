@@ -17,7 +17,6 @@ number of different rows among them (a small validation split repeats rows; see 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -27,6 +26,7 @@ from etils import epath
 
 from voltron_jax import cli, train
 from voltron_jax.errors import VoltronError
+from voltron_jax.experiments.claims import batch_fingerprint
 from voltron_jax.inference.api import config_from_meta
 from voltron_jax.run import workdir as workdir_lib
 
@@ -48,15 +48,6 @@ _MAXLEN = flags.DEFINE_integer("max_length", None, "Harness: context tokens (def
 
 class EvalError(VoltronError, ValueError):
     pass
-
-
-def batch_fingerprint(batch: dict) -> str:
-    """A hash of a batch's scored tokens (inputs, targets, weights): equal only for the same tokens."""
-    h = hashlib.sha1()
-    for k in ("inputs", "targets", "weights"):
-        if k in batch:
-            h.update(k.encode() + np.ascontiguousarray(batch[k]).tobytes())
-    return h.hexdigest()[:16]
 
 
 def row_fingerprints(batch: dict) -> set[bytes]:
