@@ -97,3 +97,4 @@ def test_cbtm_control_decays_each_branch_from_its_own_branch_and_ensembles_the_d
     ens = ensemble.evaluate(str(tmp_path), mode="cbtm_ensemble", n_batches=2, prefix=32)
     assert ens["step"] == decayed[0].start + decayed[0].steps and math.isfinite(ens["loss"])
     assert len(ens["batches"]) == 2 and np.mean(list(ens["batches"].values())) == pytest.approx(ens["loss"])
+    assert 1 <= ens["distinct_rows"] <= 2 * c.data.batch_size

@@ -141,6 +141,7 @@ def evaluate(
     return dict(
         mode=mode, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(tokens), step=step,
         batches=scores if len(scores) == len(per_batch) else None,  # None: a batch repeated exactly
+        distinct_rows=len({r.tobytes() for b in batches for r in np.ascontiguousarray(b["inputs"])}),
     )  # fmt: skip
 
 
