@@ -124,7 +124,7 @@ class Comparison:
         if self.batches:
             noise = (
                 f"seed + eval noise over {self.batches} paired batches "
-                f"(se {self.se_seed:.4f} + {self.se_eval:.4f} nats)"
+                f"(se: seed {self.se_seed:.4f}, eval {self.se_eval:.4f} nats, in quadrature)"
             )
         return (
             f"ppl {self.baseline_ppl:.3f} -> {self.variant_ppl:.3f}: x{self.ratio:.3f} ({pct}), "
@@ -211,7 +211,10 @@ def power_note(claim: dict, cmp: Comparison | None) -> str:
                 f"x{bound:.3f}, i.e. an equal arm cannot pass; a 'not held' says little."
             )
         return f"Power: a true ratio below x{bound:.3f} passes with {POWER:.0%} power."
-    return f"Power: an effect beyond x{math.exp(-cmp.mde):.3f} / x{math.exp(cmp.mde):.3f} is detected."
+    return (
+        f"Power: an effect beyond x{math.exp(-cmp.mde):.3f} / x{math.exp(cmp.mde):.3f} is detected with "
+        f"{POWER:.0%} power."
+    )
 
 
 def _all_seeds(cmp: Comparison) -> str:
