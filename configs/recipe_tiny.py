@@ -18,24 +18,35 @@ losses.png. About 2-5 minutes on 2 CPU cores (docs/results.md).
 
 Variants (comma-separated, e.g. `:test,seed_expert`): `:continue` is the dense baseline for the c-BTX
 comparison: the seed continued for the same tokens as the branches plus the fine-tune, with the same
-decay. `:seed_expert` merges the stable checkpoint as a 9th, generalist expert (BTX; 9 MoE and 9 MoA
-experts, the seed also averaged into the shared params). `:test` is a seconds-long smoke size.
+decay; `:continue,flops_matched` continues it longer, so that its training FLOPs equal c-BTX's (the
+top-2 MoE fine-tune costs more per token than the dense model). `:cbtm` is the c-BTM control: the same
+stable seed and branches, then each branch decayed (WSD decay stage, a fan-out phase continuing member i
+from branch i, on its own cluster) for as many steps as make the eight decays' FLOPs equal the MoE
+fine-tune's; no merge (experiments/ensemble.py mixes the decayed branches). `:seed_expert` merges the
+stable checkpoint as a 9th, generalist expert (BTX; 9 MoE and 9 MoA experts, the seed also averaged into
+the shared params). `:test` is a seconds-long smoke size.
 """
 
 import ml_collections
 
 from voltron_jax import config
+from voltron_jax.models import decoder
 
 MOE_MODEL = {"model.ffn": "moe", "model.attention": "moa"}
-VARIANTS = ("", "continue", "test", "seed_expert", "test,seed_expert")
+VARIANTS = (
+    "", "continue", "test", "seed_expert", "test,seed_expert", "continue,flops_matched", "cbtm", "test,cbtm",
+    "test,continue,flops_matched",
+)  # fmt: skip
+OPTIONS = {"continue", "test", "seed_expert", "flops_matched", "cbtm"}
 
 
 def get_config(arg: str = ""):
     opts = set(filter(None, arg.split(",")))
-    if not opts <= {"continue", "test", "seed_expert"} or {"continue", "seed_expert"} <= opts:
+    exclusive = len(opts & {"continue", "seed_expert", "cbtm"}) > 1
+    if not opts <= OPTIONS or exclusive or ("flops_matched" in opts and "continue" not in opts):
         raise ValueError(
-            f"configs/recipe_tiny.py: unknown variant {arg!r}; use '', 'continue', 'test', 'seed_expert' "
-            "or 'test' with one of the others (e.g. 'test,seed_expert')."
+            f"configs/recipe_tiny.py: unknown variant {arg!r}; use '', 'continue', 'continue,flops_matched', "
+            "'cbtm', 'seed_expert', or 'test' with one of them (e.g. 'test,seed_expert')."
         )
     c = config.get_default()
     m = c.model
@@ -64,11 +75,22 @@ def get_config(arg: str = ""):
         c.surgery.centroid_batches = 1
     c.recipe = ml_collections.ConfigDict()
     c.recipe.stable = config.phase(stable, mixture="pretrain")
+    # the MoE fine-tune's FLOPs per token over the dense model's (top-2 of 8 FFN and attention experts)
+    moe_cost = _flops(config.apply_overrides(c, MOE_MODEL)) / _flops(c)
     if "continue" in opts:  # same tokens as 8 branches + fine-tune, same decay, dense all along
-        c.recipe.cont = config.phase(branch * c.data.n_clusters, mixture="pretrain", init_from=["stable"])
+        cont = branch * c.data.n_clusters
+        if "flops_matched" in opts:  # + the fine-tune's extra FLOPs, as dense steps
+            cont += round(ft * (moe_cost - 1))
+        c.recipe.cont = config.phase(cont, mixture="pretrain", init_from=["stable"])
         c.recipe.decay = config.phase(ft, mixture="decay", stage="decay", init_from=["cont"])
         return c
     c.recipe.branch = config.phase(branch, mixture="cluster", init_from=["stable"], fan_out=c.data.n_clusters)
+    if "cbtm" in opts:  # each branch decayed; the eight decays together cost the MoE fine-tune's FLOPs
+        decay = max(1, round(ft * moe_cost / c.data.n_clusters))
+        c.recipe.branch_decay = config.phase(
+            decay, mixture="cluster", stage="decay", init_from=["branch"], fan_out=c.data.n_clusters
+        )
+        return c
     c.recipe.mix = config.phase(
         0,
         mixture="decay",
@@ -79,3 +101,7 @@ def get_config(arg: str = ""):
     )
     c.recipe.moe_ft = config.phase(ft, mixture="decay", stage="decay", init_from=["mix"], overrides=MOE_MODEL)
     return c
+
+
+def _flops(c) -> float:
+    return decoder.flops_per_token(c.model, c.data.seq_len)

@@ -573,6 +573,13 @@ def _validate_recipe(c):
         _validate_hf_init(name, ph)
         if len(parents(ph)) > 1 and not ph.init.surgery:
             _fail(f"recipe.{name} has several parents {parents(ph)} but no init.surgery to merge them.")
+        fanned = [p for p in parents(ph) if p in recipe and recipe[p].fan_out]
+        if fanned and not ph.init.surgery and ph.fan_out != recipe[fanned[0]].fan_out:
+            _fail(
+                f"recipe.{name} starts from the fan-out phase {fanned[0]!r} ({recipe[fanned[0]].fan_out} "
+                f"members) without init.surgery: give it fan_out={recipe[fanned[0]].fan_out} (member i "
+                "continues member i) or a surgery that merges the members (e.g. 'btx_merge')."
+            )
         if ph.stage == "decay":
             decay_phases.append(name)
         pc = apply_overrides(c, ph.overrides)

@@ -467,9 +467,12 @@ def init_from_parents(rt: Runtime, config, all_phases: list[Phase], phase: Phase
     """A phase's first state from its parents' final checkpoints: resharded onto this phase's mesh, or
     (with `init.surgery`) mapped on the host by the named surgery function first. Sources keep the
     recipe's order (fan-out members 0..N-1: branch i -> expert i); with surgery.seed_expert the phase
-    the branches started from (recipe_lib.seed_phase) comes last."""
+    the branches started from (recipe_lib.seed_phase) comes last. A fan-out phase whose parent is a
+    fan-out phase continues it member by member (e.g. each c-BTM branch's own decay)."""
     ph = config.recipe[phase.name]
     sources = [p for p in all_phases if p.name in recipe_lib.parents(ph)]
+    if phase.member is not None and all(p.member is not None for p in sources):
+        sources = [p for p in sources if p.member == phase.member]  # fan-out from fan-out: member i from i
     if not ph.init.surgery:
         ((src_state, _),) = [restore_final(p, rt.abstract) for p in sources]
         return rt.place(src_state.params, src_state.opt_state if ph.init.keep_optimizer else None)

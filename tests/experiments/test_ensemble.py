@@ -69,3 +69,32 @@ def test_top1_ensemble_uses_the_routed_branch_on_the_same_tokens(tmp_path):
         len(set(clusterer.predict([vocab.decode(r[:100].tolist()) for b in batches for r in b["inputs"]])))
         > 1
     )
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # a whole recipe_tiny:test,cbtm run (~1 min): make test-heavy
+def test_cbtm_control_decays_each_branch_from_its_own_branch_and_ensembles_the_decayed_ones(tmp_path):
+    """recipe_tiny.py:cbtm: branch_decay member i starts from branch member i's final params (a fan-out
+    phase from a fan-out phase), and the ensemble mixes the decayed branches (their final step)."""
+    import jax
+
+    from configs import recipe_tiny
+    from voltron_jax import train
+
+    c = recipe_tiny.get_config("test,cbtm")
+    train.run(c, str(tmp_path))
+    phases = train.phases(c, tmp_path)
+    branch = [p for p in phases if p.name == "branch"]
+    decayed = [p for p in phases if p.name == "branch_decay"]
+    assert len(branch) == len(decayed) == c.data.n_clusters
+    rt = train.Runtime(decayed[3])
+    start = jax.device_get(train.init_from_parents(rt, c, phases, decayed[3]).params)
+    own = jax.device_get(train.restore_final(branch[3], rt.abstract)[0].params)
+    other = jax.device_get(train.restore_final(branch[2], rt.abstract)[0].params)
+    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), start, own))
+    differ = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), start, other))
+    assert all(same) and not all(differ)
+    ens = ensemble.evaluate(str(tmp_path), mode="cbtm_ensemble", n_batches=2, prefix=32)
+    assert ens["step"] == decayed[0].start + decayed[0].steps and math.isfinite(ens["loss"])
+    assert len(ens["batches"]) == 2 and np.mean(list(ens["batches"].values())) == pytest.approx(ens["loss"])
+    assert 1 <= ens["distinct_rows"] <= 2 * c.data.batch_size

@@ -3,11 +3,12 @@ batches."""
 
 import json
 
+import numpy as np
 import pytest
 
 from configs import tiny
 from voltron_jax import train
-from voltron_jax.experiments import evaluate
+from voltron_jax.experiments import claims, evaluate
 
 
 @pytest.mark.slow
@@ -31,3 +32,30 @@ def test_reevaluation_reproduces_the_loops_final_validation_loss(tmp_path):
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(evaluate.EvalError, match="no config.json"):
         evaluate.evaluate_run(str(tmp_path), 4)
+
+
+def test_batch_fingerprint_is_equal_only_for_equal_tokens():
+    a = {"inputs": np.arange(12).reshape(3, 4), "weights": np.ones((3, 4), np.float32)}
+    b = {"inputs": np.arange(12).reshape(3, 4), "weights": np.ones((3, 4), np.float32)}
+    c = {"inputs": np.arange(12).reshape(3, 4) + (np.arange(12).reshape(3, 4) == 11), "weights": a["weights"]}
+    assert evaluate.batch_fingerprint(a) == evaluate.batch_fingerprint(b) != evaluate.batch_fingerprint(c)
+    masked = {**a, "weights": np.zeros((3, 4), np.float32)}
+    assert evaluate.batch_fingerprint(masked) != evaluate.batch_fingerprint(a)
+    assert len(evaluate.row_fingerprints(a)) == 3
+    assert claims.batch_fingerprint(a, prefix=128) != claims.batch_fingerprint(a)  # c-BTM suffix scoring
+
+
+@pytest.mark.slow
+def test_per_batch_scores_pair_two_seeds_on_the_same_tokens(tmp_path):
+    """Two seeds of a run are scored on the same fixed batches (equal fingerprints); the batch mean of the
+    per-batch losses is the run's loss (every batch has the same number of scored tokens)."""
+    out = {}
+    for seed in (0, 1):
+        c = tiny.get_config("test")
+        c.recipe.stable.steps, c.recipe.decay.steps, c.seed = 2, 1, seed
+        train.run(c, str(tmp_path / f"s{seed}"))
+        out[seed] = evaluate.evaluate_run(str(tmp_path / f"s{seed}"), 6, per_batch=True)
+    assert len(out[0]["batches"]) == 6 and sorted(out[0]["batches"]) == sorted(out[1]["batches"])
+    assert out[0]["batches"] != out[1]["batches"]  # different models, same tokens
+    assert np.mean(list(out[0]["batches"].values())) == pytest.approx(out[0]["loss"], rel=1e-5)
+    assert 1 <= out[0]["distinct_rows"] <= 6 * c.data.batch_size

@@ -74,6 +74,9 @@ class Variant:
     lr: float | None = None
     evaluate: dict = field(default_factory=dict)  # {'of': arm, 'mode': ...}: re-score that arm's runs
     lr_from: str = ""  # train at the best lr of this other arm's lr sweep (sweep files only)
+    lr_seeds: int = 1  # seeds trained at every lr of the sweep (the first seed picks the best lr)
+    final_eval: int = 0  # > 0: score every final seed on that many fixed batches, per batch (evaluate.py)
+    flops_budget: bool = False  # this arm's training FLOPs are the "val loss at equal FLOPs" budget
 
 
 # ============================================================================ sweep definition
@@ -167,7 +170,11 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
     (`get_sweep()` or `get_sweep(arg)`). A variant's `lrs` list asks for a learning-rate sweep first;
     `lr_from: arm` trains it at that arm's best lr instead (a control that changes only the data, whose
     comparison with the arm is then at one shared lr); its `seeds` overrides the sweep's seed count.
-    `notes` (markdown, e.g. what the scale can show) heads the claims report."""
+    `notes` (markdown, e.g. what the scale can show) heads the claims report. `lr_seeds: n` trains the
+    first n seeds at every lr (a width-transfer rule needs the lr curve of several seeds). The sweep's
+    `final_eval_batches: N` scores every final run's last checkpoint on N fixed validation batches, per
+    batch (an arm may opt out with `final_eval: 0`); `equal_flops_of: arm` sets the budget of the "val
+    loss at equal FLOPs" column to that arm's training FLOPs."""
     file, _, arg = path.partition(":")
     if not Path(file).is_file():
         raise ConfigError(f"sweep file {file!r} does not exist (e.g. configs/sweeps/claims.py).")
@@ -179,13 +186,18 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
     variants = [
         Variant(
             name,
-            {k: str(v) for k, v in ov.items() if k not in ("base", "lrs", "seeds", "evaluate", "lr_from")},
+            {k: str(v) for k, v in ov.items() if k not in _SWEEP_KEYS},
             list(range(ov.get("seeds", n))),
             ov.get("base", ""),
             [float(x) for x in ov.get("lrs", ())],
             name,
             evaluate=dict(ov.get("evaluate", {})),
             lr_from=ov.get("lr_from", ""),
+            lr_seeds=int(ov.get("lr_seeds", 1)),
+            final_eval=0
+            if ov.get("evaluate")
+            else int(ov.get("final_eval", sw.get("final_eval_batches", 0))),
+            flops_budget=name == sw.get("equal_flops_of"),
         )
         for name, ov in sw["variants"].items()
     ]
@@ -212,6 +224,9 @@ def load_sweep_file(path: str, seeds: int | None) -> tuple[str, list[Variant], d
 
 
 # ============================================================================ run / emit
+
+
+_SWEEP_KEYS = ("base", "lrs", "seeds", "evaluate", "lr_from", "lr_seeds", "final_eval")
 
 
 def variant_config(base: str, overrides: dict):
@@ -257,16 +272,32 @@ def run_dir(root: Path, variant: Variant, seed: int) -> Path:
     return root / variant.name / f"seed_{seed}"
 
 
-def at_lr(v: Variant, lr: float, seeds: list[int]) -> Variant:
+def at_lr(v: Variant, lr: float, seeds: list[int], final_eval: int = 0) -> Variant:
     """Arm `v` trained at learning rate `lr`: the run directory is named by both."""
     return Variant(
-        f"{v.name}@lr={lr:g}", {**v.overrides, "optim.lr": repr(lr)}, seeds, v.base, [], v.name, lr
-    )
+        f"{v.name}@lr={lr:g}", {**v.overrides, "optim.lr": repr(lr)}, seeds, v.base, [], v.name, lr,
+        final_eval=final_eval, flops_budget=v.flops_budget,
+    )  # fmt: skip
 
 
 def lr_sweep_runs(variants: list[Variant]) -> list[Variant]:
-    """The first seed of every arm at every learning rate of its `lrs` (arms without `lrs`: nothing)."""
-    return [at_lr(v, lr, v.seeds[:1]) for v in variants for lr in v.lrs]
+    """The first `lr_seeds` seeds of every arm at every learning rate of its `lrs` (arms without `lrs`:
+    nothing)."""
+    return [at_lr(v, lr, v.seeds[: v.lr_seeds]) for v in variants for lr in v.lrs]
+
+
+def lr_finals_by_seed(v: Variant, root: Path) -> dict[int, dict[float, float]]:
+    """{seed: {lr: final validation loss}} of every finished lr-sweep run of arm `v` (inf: diverged)."""
+    out: dict[int, dict[float, float]] = {}
+    for lv in lr_sweep_runs([v]):
+        for s in lv.seeds:
+            d = run_dir(root, lv, s)
+            if (d / "done.json").exists():
+                ev = read_run(d)["eval"]
+                out.setdefault(s, {})[lv.lr] = (
+                    math.inf if _diverged(d) else ev[-1]["loss"] if ev else math.nan
+                )
+    return out
 
 
 def _lr_finals(v: Variant, root: Path) -> dict[float, float]:
@@ -299,13 +330,13 @@ def final_runs(variants: list[Variant], root: Path) -> tuple[list[Variant], list
         elif any(math.isnan(x) for x in finals.values()):
             pending.append(v.name)
         else:
-            out.append(at_lr(v, claims_lib.best_lr(finals)[0], v.seeds))
+            out.append(at_lr(v, claims_lib.best_lr(finals)[0], v.seeds, v.final_eval))
     resolved = {v.arm or v.name: v for v in out}
     for v in variants:  # re-scoring arms run after the runs they read, on the same seeds
         if v.evaluate and v.evaluate["of"] in resolved:
             src = resolved[v.evaluate["of"]]
             ev = {**v.evaluate, "source": src.name}
-            out.append(Variant(v.name, {}, src.seeds, src.base, [], v.name, src.lr, ev))
+            out.append(Variant(v.name, {}, src.seeds, src.base, [], v.name, src.lr, ev, final_eval=0))
     return out, pending
 
 
@@ -483,16 +514,118 @@ def model_stats(base: str, overrides: dict) -> tuple[int, float, int, bool]:
     return n, decoder.flops_per_token(c.model, c.data.seq_len), c.data.batch_size * c.data.seq_len, comparable
 
 
+def training_flops(base: str, overrides: dict) -> float:
+    """Training FLOPs of a variant's whole recipe: the sum over phases of 3 x the forward FLOPs per token
+    of that phase's model x tokens per step x steps x members (fan-out phases train every member)."""
+    c = variant_config(base, overrides)
+    total = 0.0
+    for name in recipe_lib.phase_order(c.recipe):
+        pc = config_lib.phase_config(c, name)
+        steps = recipe_lib.phase_steps(c.recipe[name], c.max_steps) * max(int(c.recipe[name].fan_out), 1)
+        fpt = decoder.flops_per_token(pc.model, pc.data.seq_len)
+        total += 3 * fpt * pc.data.batch_size * pc.data.seq_len * steps
+    return total
+
+
+def ensemble_stats(base: str, overrides: dict, evaluate: dict, params: int, fpt: float) -> tuple[int, float]:
+    """(parameters, forward FLOPs per token) of what an evaluation arm scores: a c-BTM ensemble holds
+    every branch of the recipe's last fan-out phase and runs `top_k` of them per row; 'single' is the run's
+    own final model."""
+    if evaluate.get("mode") != "cbtm_ensemble":
+        return params, fpt
+    c = variant_config(base, overrides)
+    fanned = [n for n in recipe_lib.phase_order(c.recipe) if c.recipe[n].fan_out]
+    branch = config_lib.phase_config(c, fanned[-1])
+    shapes = jax.eval_shape(
+        decoder.build_model(branch.model).init, jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32)
+    )
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+    per = decoder.flops_per_token(branch.model, branch.data.seq_len)
+    return n * int(c.recipe[fanned[-1]].fan_out), per * int(evaluate.get("top_k", 2))
+
+
 def _median(xs: list[float]) -> float:
     """Median, nan for none (an evaluation-only arm has no training records)."""
     return float(np.median(xs)) if xs else float("nan")
 
 
 def loss_at_flops(evals: list[dict], flops_per_step: float, budget: float) -> float:
-    """Validation loss interpolated at a training-FLOPs budget (nan past the run's end)."""
+    """Validation loss interpolated at a training-FLOPs budget, only inside the run's measured range:
+    nan (n/a) when the budget lies past its last evaluation or before its first (no clamp to the first
+    evaluation's loss)."""
     x = np.array([r["step"] * flops_per_step for r in evals])
     y = np.array([r["loss"] for r in evals])
-    return float(np.interp(budget, x, y)) if len(x) and budget <= x[-1] * (1 + 1e-9) else float("nan")
+    if not len(x) or not x[0] * (1 - 1e-9) <= budget <= x[-1] * (1 + 1e-9):
+        return float("nan")
+    return float(np.interp(budget, x, y))
+
+
+FINAL_EVAL = "final_eval.json"  # in a run's folder: its last checkpoint scored per batch (evaluate.py)
+
+
+def final_eval_command(d: Path, batches: int) -> list[str]:
+    return [
+        sys.executable, "-m", "voltron_jax.experiments.evaluate", f"--workdir={d}", f"--batches={batches}",
+        "--per_batch", f"--json={d / (FINAL_EVAL + '.part')}",
+    ]  # fmt: skip
+
+
+def run_final_evals(variants: list[Variant], root: Path, emit: bool, jobs: int = 1) -> None:
+    """Score each finished final run of an arm with `final_eval` on that many fixed validation batches,
+    per batch (skipping runs already scored), `jobs` at once; <run>/final_eval.json is written whole when
+    it succeeds."""
+    todo = []
+    for v in variants:
+        for s in v.seeds if v.final_eval else []:
+            d = run_dir(root, v, s)
+            cmd = final_eval_command(d, v.final_eval)
+            if emit:
+                print(shlex.join(cmd))
+            elif (d / "done.json").exists() and not _scored(d):
+                todo.append((v, s, d, cmd))
+    with ThreadPoolExecutor(max(jobs, 1)) as pool:
+        failed = [x for x in pool.map(lambda job: _final_eval_one(*job), todo) if x]
+    if STOP.is_set():
+        raise Stopped("ablate stopped by a signal during the final evaluations; rerun the same command.")
+    if failed:
+        raise VoltronError(f"final evaluation failed: {'; '.join(failed)}; fix and rerun the same command.")
+
+
+def _scored(d: Path) -> bool:
+    """Whether run `d` has a final score newer than its training (a retrained run is scored again)."""
+    f, done = d / FINAL_EVAL, d / "done.json"
+    return f.exists() and (not done.exists() or f.stat().st_mtime >= done.stat().st_mtime)
+
+
+def _final_eval_one(v: Variant, s: int, d: Path, cmd: list[str]) -> str:
+    """Score one run; '' on success, else where its message is."""
+    if STOP.is_set():
+        return ""
+    part = d / (FINAL_EVAL + ".part")
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()  # a killed earlier try: evaluate.py appends
+    _say(f"[ablate] {v.name} seed {s}: final evaluation on {v.final_eval} batches")
+    with open(d / "final_eval.log", "w") as f:
+        status = _train(cmd, f)
+    if STOP.is_set():
+        return ""
+    if status or not part.exists():
+        return f"{v.name} seed {s} (see {d / 'final_eval.log'})"
+    workdir_lib.write_text(d / FINAL_EVAL, part.read_text().strip().splitlines()[-1] + "\n")
+    part.unlink()
+    return ""
+
+
+def final_score(d: Path, evals: list[dict]) -> tuple[float, dict[str, float] | None, int | None]:
+    """(final validation loss, {batch fingerprint: loss} or None, distinct rows or None) of one run: its
+    large fixed-set score
+    when it has one (final_eval.json, or an evaluation record carrying `batches`), else the loop's last
+    evaluation."""
+    if _scored(d):
+        r = json.loads((d / FINAL_EVAL).read_text())
+        return r["loss"], r["batches"], r.get("distinct_rows")
+    last = evals[-1]
+    return last["loss"], last.get("batches"), last.get("distinct_rows")
 
 
 def drop_rate(recs: list[dict], kind: str) -> dict[str, float]:
@@ -506,15 +639,21 @@ def drop_rate(recs: list[dict], kind: str) -> dict[str, float]:
 
 
 def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list[dict]:
-    """One row per variant: mean and spread over seeds of final/best validation loss, and the rest.
-    Loss at equal FLOPs: at the smallest training-FLOPs total among the variants that share a base config
-    (nan for recipes whose FLOPs do not follow from their steps, see model_stats)."""
+    """One row per variant: mean and sample std (ddof=1) over seeds of final/best validation loss, and the
+    rest. The final loss is the large fixed-set score where a run has one (final_score). Loss at equal
+    FLOPs: at the training-FLOPs total of the arm marked `flops_budget` (the sweep's `equal_flops_of`), else
+    the smallest total among the variants that share a base config; n/a (nan) for an arm whose evaluations
+    do not span the budget, and for recipes whose FLOPs do not follow from their steps (model_stats)."""
     runs, rows = {}, []
     for v in variants:
         params, fpt, tps, comparable = model_stats(v.base or base, {**fixed, **v.overrides})
+        params, fpt = ensemble_stats(v.base or base, {**fixed, **v.overrides}, v.evaluate, params, fpt)
         done = [(s, r) for s in v.seeds if (r := read_run(run_dir(root, v, s)))["eval"]]
         recs = [r for _, r in done]
-        runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable)
+        runs[v.name] = (recs, 3 * fpt * tps, v.base or base, comparable, v.flops_budget)
+        scores = [final_score(run_dir(root, v, s), r["eval"]) for s, r in done]
+        if any(b is None for _, b, _ in scores):  # one score for every seed: the loop's when some lack one
+            scores = [(r["eval"][-1]["loss"], None, None) for _, r in done]
         trained = recs  # an evaluation-only arm's MoE drop rates are those of the runs it re-scores
         if v.evaluate:
             trained = [read_run(root / v.evaluate["source"] / f"seed_{s}") for s, _ in done]
@@ -527,10 +666,14 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
                 "_seeds": [s for s, _ in done],
                 "params": params,
                 "flops_per_token": fpt,
-                "_final": [r["eval"][-1]["loss"] for r in recs],
+                "_final": [x for x, _, _ in scores],
+                "final_eval_batches": min((len(b) if b else 0 for _, b, _ in scores), default=0),
+                "final_eval_rows": min((n for _, _, n in scores if n), default=0),
+                "by_batch": {int(s): b for (s, _), (_, b, _) in zip(done, scores) if b},
                 "_best": [min(e["loss"] for e in r["eval"]) for r in recs],
                 "tokens_per_s": _median([t["tokens_per_s"] for r in recs for t in r["train"]]),
                 "steps": recs[0]["eval"][-1]["step"] if recs else 0,
+                "train_flops": training_flops(v.base or base, {**fixed, **v.overrides}),
                 **{
                     f"drop_rate_{kind}_{name.lower()}": drop_rate(trained, kind).get(name, math.nan)
                     for kind in ("train", "eval")
@@ -539,17 +682,18 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
             }
         )
     budgets: dict[str, float] = {}
-    for recs, fps, b, comparable in runs.values():
-        if recs and comparable:
+    chosen = {b for recs, _, b, comparable, mark in runs.values() if recs and comparable and mark}
+    for recs, fps, b, comparable, mark in runs.values():
+        if recs and comparable and (mark or b not in chosen):
             budgets[b] = min(budgets.get(b, math.inf), recs[0]["eval"][-1]["step"] * fps)
     for row in rows:
-        recs, fps, b, comparable = runs[row["variant"]]
+        recs, fps, b, comparable, _ = runs[row["variant"]]
         final, best = np.array(row.pop("_final")), np.array(row.pop("_best"))
         at = np.array([loss_at_flops(r["eval"], fps, budgets[b]) if comparable else math.nan for r in recs])
         seeds, by_seed = row.pop("_seeds"), {}
         for key, vals in (("final_loss", final), ("best_loss", best), ("loss_at_equal_flops", at)):
             row[key] = float(np.mean(vals)) if len(vals) else float("nan")
-            row[key + "_std"] = float(np.std(vals)) if len(vals) else float("nan")
+            row[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
             by_seed[key] = {int(s): float(x) for s, x in zip(seeds, vals)}
         row["by_seed"] = by_seed
         row["final_ppl"] = math.exp(row["final_loss"]) if math.isfinite(row["final_loss"]) else float("nan")
@@ -559,7 +703,9 @@ def collect(base: str, variants: list[Variant], fixed: dict, root: Path) -> list
 def spread(row: dict, key: str) -> str:
     """'mean ± std' over seeds; the mean alone for one seed."""
     m = row[key]
-    return f"{m:.4f}" if row["seeds"] < 2 or not math.isfinite(m) else f"{m:.4f} ± {row[key + '_std']:.4f}"
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:.4f}" if row["seeds"] < 2 else f"{m:.4f} ± {row[key + '_std']:.4f}"
 
 
 def drops(row: dict) -> str:
@@ -577,18 +723,29 @@ def drops(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| variant | seeds | params | FLOPs/token | steps | final val loss | best val loss | final ppl | "
-        "val loss at equal FLOPs | MoE/MoA drop rate, worst seed | tokens/s |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| variant | seeds | params | FLOPs/token | steps | training FLOPs | final val loss | "
+        "best val loss | final ppl | val loss at equal FLOPs | final-score batches | "
+        "MoE/MoA drop rate, worst seed | tokens/s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {r['params']:,} | {r['flops_per_token']:.3g} | "
-            f"{r['steps']} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | {r['final_ppl']:.3f} | "
-            f"{spread(r, 'loss_at_equal_flops')} | {drops(r) or '-'} | {r['tokens_per_s']:,.0f} |"
+            f"{r['steps']} | {r['train_flops']:.3g} | {spread(r, 'final_loss')} | {spread(r, 'best_loss')} | "
+            f"{r['final_ppl']:.3f} | "
+            f"{spread(r, 'loss_at_equal_flops')} | {_scored_on(r)} | {drops(r) or '-'} | "
+            f"{r['tokens_per_s']:,.0f} |"
         )
     return "\n".join(lines)
+
+
+def _scored_on(row: dict) -> str:
+    """'128 (1,024 distinct rows)', or 'loop' for the loop's own last evaluation."""
+    if not row["final_eval_batches"]:
+        return "loop"
+    rows = f" ({row['final_eval_rows']:,} distinct rows)" if row.get("final_eval_rows") else ""
+    return f"{row['final_eval_batches']}{rows}"
 
 
 def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: dict, root: Path) -> None:
@@ -596,7 +753,9 @@ def write_outputs(rows: list[dict], base: str, variants: list[Variant], fixed: d
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=list(rows[0]))
     w.writeheader()
-    w.writerows({**r, "by_seed": json.dumps(r["by_seed"])} for r in rows)
+    w.writerows(
+        {**r, "by_seed": json.dumps(r["by_seed"]), "by_batch": json.dumps(r["by_batch"])} for r in rows
+    )
     workdir_lib.write_text(root / "results.csv", table.getvalue())
     plot(base, variants, fixed, root)
 
@@ -650,10 +809,156 @@ def provenance() -> str:
     return f"Commit: {commit}. Date: {today}. Machine: {machine}."
 
 
-def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", notes: str = "") -> str:
+def _paired(cl: dict, base: dict | None, var: dict | None) -> tuple[claims_lib.Comparison | None, str]:
+    """The paired comparison of two arms' rows (per batch on the large fixed set when both have it) and
+    '' or the reason it could not be paired."""
+    if not (base and var):
+        return None, ""
+    metric = cl.get("metric", "final_loss")
+    batches = (base["by_batch"], var["by_batch"]) if metric == "final_loss" else (None, None)
+    try:
+        return claims_lib.compare(base["by_seed"][metric], var["by_seed"][metric], *batches), ""
+    except claims_lib.PairingError as e:
+        return None, str(e)
+
+
+def _measure(cl: dict, cmp, base, var, unpaired: str) -> tuple[str, str, str]:
+    """(measured text, status, reason) of a 'better'/'parity' claim."""
+    status, why = claims_lib.verdict(cl, cmp)
+    if unpaired:
+        status, why = claims_lib.NOT_TESTABLE, unpaired
+    metric = cl.get("metric", "final_loss")
+    measured = f"{metric.replace('_', ' ')}: {cmp.describe()}" if cmp else "not run"
+    moe = [f"{r['arm']} {d}" for r in (base, var) if r and (d := drops(r))]
+    if moe:
+        measured += "; MoE/MoA drop rate (worst seed): " + ", ".join(moe)
+    if (note := claims_lib.power_note(cl, cmp)) and cl.get("testable", True):
+        why = f"{why.strip().rstrip('.')}. {note}"
+    return measured, status, why
+
+
+def _isoflop(cl: dict, by: dict) -> tuple[str, str, str, str]:
+    """(arms, measured, status, reason) of an 'isoflop' claim: at each budget the variant against the best
+    dense size trained to that budget (lowest mean final loss), as a non-inferiority comparison."""
+    parts, statuses, arms = [], [], []
+    for label, b in cl["budgets"].items():
+        dense = [by[a] for a in b["dense"] if a in by and by[a]["seeds"]]
+        var = by.get(b["variant"])
+        if not dense or not var:
+            parts.append(f"{label}: not run")
+            statuses.append(claims_lib.NOT_TESTABLE)
+            continue
+        best = min(dense, key=lambda r: r["final_loss"])
+        cmp, unpaired = _paired(cl, best, var)
+        measured, status, why = _measure({**cl, "rule": "parity"}, cmp, best, var, unpaired)
+        sizes = ", ".join(f"{r['arm']} {r['final_loss']:.4f}" for r in dense)
+        parts.append(
+            f"{label}: {var['arm']} vs best dense {best['arm']} (of {sizes}): {measured}; {status}: {why}"
+        )
+        statuses.append(status)
+        arms.append(f"{label}: {var['arm']} ({var['lr']:g}) vs {len(dense)} dense sizes")
+    if claims_lib.NOT_TESTABLE in statuses:
+        status = claims_lib.NOT_TESTABLE
+    else:
+        status = claims_lib.HELD if all(s == claims_lib.HELD for s in statuses) else claims_lib.NOT_HELD
+    why = "held at every budget" if status == claims_lib.HELD else "not held at every budget"
+    return "; ".join(arms) or "not run", " / ".join(parts), status, why
+
+
+def _width_transfer(cl: dict, curves: dict) -> tuple[str, str, str, str]:
+    """(arms, measured, status, reason) of a 'width_transfer' claim from the arms' per-seed lr curves."""
+    per = {}
+    for name in ("mup", "sp"):
+        seeds: dict[int, dict[int, dict[float, float]]] = {}
+        for width, arm in cl[name].items():
+            for seed, lrs in curves.get(arm, {}).items():
+                seeds.setdefault(seed, {})[int(width)] = lrs
+        per[name] = seeds
+    status, why = claims_lib.width_transfer(per["mup"], per["sp"])
+    best = []
+    for name in ("mup", "sp"):
+        cells = []
+        for width, arm in cl[name].items():
+            by_seed = curves.get(arm, {})
+            got = [f"{claims_lib.best_lr(by_seed[s])[0]:g}" for s in sorted(by_seed) if by_seed[s]]
+            cells.append(f"d={width} {'/'.join(got) or '-'}")
+        best.append(f"{'muP' if name == 'mup' else 'SP'}: " + ", ".join(cells))
+    arms = ", ".join([*cl["mup"].values(), *cl["sp"].values()])
+    return arms, "best lr per seed: " + "; ".join(best), status, why
+
+
+def isoflop_table(rows: list[dict], claims: dict) -> str:
+    """Markdown: every arm of each 'isoflop' claim with its training FLOPs and final loss (the isoFLOP
+    curves as a table)."""
+    by = {r["arm"]: r for r in rows}
+    lines = [
+        "| budget | arm | params | FLOPs/token | steps | training FLOPs | final val loss |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cl in claims.values():
+        for label, b in cl.get("budgets", {}).items() if cl.get("rule") == "isoflop" else ():
+            for a in [*b["dense"], b["variant"]]:
+                if (r := by.get(a)) and r["seeds"]:
+                    lines.append(
+                        f"| {label} | {a} | {r['params']:,} | {r['flops_per_token']:.3g} | {r['steps']} | "
+                        f"{r['train_flops']:.3g} | {spread(r, 'final_loss')} |"
+                    )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def isoflop_plot(rows: list[dict], claims: dict, path: Path) -> bool:
+    """Final loss against training FLOPs: each dense size across the budgets, the best dense size per
+    budget (the isoFLOP minimum) and the routed variant. False when there is nothing to plot."""
+    import matplotlib  # lazy: matplotlib's backend is chosen before pyplot loads
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use
+
+    by = {r["arm"]: r for r in rows}
+    iso = [cl for cl in claims.values() if cl.get("rule") == "isoflop"]
+    if not iso:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for cl in iso:
+        budgets = [b for b in cl["budgets"].values() if any(by.get(a, {}).get("seeds") for a in b["dense"])]
+        best_x, best_y, var_x, var_y = [], [], [], []
+        for b in budgets:
+            dense = [by[a] for a in b["dense"] if a in by and by[a]["seeds"]]
+            for r in dense:
+                ax.scatter(r["train_flops"], r["final_loss"], color="0.6", s=14)
+                ax.annotate(r["arm"], (r["train_flops"], r["final_loss"]), fontsize=6, color="0.4")
+            best = min(dense, key=lambda r: r["final_loss"])
+            best_x.append(best["train_flops"])
+            best_y.append(best["final_loss"])
+            if (v := by.get(b["variant"])) and v["seeds"]:
+                var_x.append(v["train_flops"])
+                var_y.append(v["final_loss"])
+        ax.plot(best_x, best_y, "o-", color="C0", label="best dense size per budget")
+        ax.plot(var_x, var_y, "s-", color="C3", label="MoD")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def claims_section(
+    rows: list[dict],
+    claims: dict,
+    cmd: str,
+    lrs: str = "",
+    notes: str = "",
+    curves: dict | None = None,
+    plot_name: str = "",
+) -> str:
     """Markdown: one row per claim with the arms (each at its own lr), the rule, the paired-seed perplexity
-    comparison and the verdict (voltron_jax/experiments/claims.py); then the sweep's notes, the lr sweep
-    and every arm's numbers."""
+    comparison, its minimal detectable effect and the verdict (voltron_jax/experiments/claims.py); then
+    the sweep's notes, the isoFLOP curves (`plot_name`: the PNG beside the report), the lr sweep and every
+    arm's numbers. `curves`: {arm: {seed: {lr: final loss}}} for 'width_transfer' rows."""
     by = {r["arm"]: r for r in rows}
     out = [
         "| technique | paper's claim | arms (lr) | rule | our measurement | verdict |",
@@ -666,29 +971,37 @@ def claims_section(rows: list[dict], claims: dict, cmd: str, lrs: str = "", note
             status, why = claims_lib.lr_transfer(got, cl["grid"])
             arms = ", ".join(cl["arms"])
             measured = "best lr: " + ", ".join(f"{a} {lr:g}" for a, lr in got.items())
+        elif rule == "width_transfer":
+            arms, measured, status, why = _width_transfer(cl, curves or {})
+        elif rule == "isoflop":
+            arms, measured, status, why = _isoflop(cl, by)
+            rule = f"isoFLOP non-inferiority, margin x{1 + cl.get('margin', 0.01):g}"
         else:
             base, var = by.get(cl["baseline"]), by.get(cl["variant"])
-            metric = cl.get("metric", "final_loss")
-            cmp = (
-                claims_lib.compare(base["by_seed"][metric], var["by_seed"][metric]) if base and var else None
-            )
-            status, why = claims_lib.verdict(cl, cmp)
+            cmp, unpaired = _paired(cl, base, var)
+            measured, status, why = _measure(cl, cmp, base, var, unpaired)
             arms = ", ".join(f"{r['arm']} ({r['lr']:g})" for r in (base, var) if r) or "not run"
-            measured = f"{metric.replace('_', ' ')}: {cmp.describe()}" if cmp else "not run"
-            moe = [f"{r['arm']} {d}" for r in (base, var) if r and (d := drops(r))]
-            if moe:
-                measured += "; MoE/MoA drop rate (worst seed): " + ", ".join(moe)
             if rule == "parity":
                 rule = f"non-inferiority, margin x{1 + cl.get('margin', 0.01):g}"
+        if cl.get("margin_why"):
+            rule += f" ({cl['margin_why']})"
+        if not cl.get("testable", True):
+            status, why = claims_lib.NOT_TESTABLE, cl.get("why", "declared not testable")
         out.append(f"| {tech} | {cl['claim']} | {arms} | {rule} | {measured} | {status}: {why.strip()} |")
     seeds = sorted({r["seeds"] for r in rows})
-    head = f"Command: `{cmd}`\n\n{provenance()} Seeds per arm: {', '.join(map(str, seeds))}.\n\n"
+    n_eval = sorted({r["final_eval_batches"] for r in rows if r["seeds"]})
+    head = f"Command: `{cmd}`\n\n{provenance()} Seeds per arm: {', '.join(map(str, seeds))}. "
+    head += f"Final-score evaluation batches per arm: {', '.join(map(str, n_eval))} (0: the loop's own).\n\n"
     tail = f"\n\n{notes.strip()}" if notes.strip() else ""
+    if table := isoflop_table(rows, claims):
+        tail += f"\n\nisoFLOP curves (final loss against training FLOPs):\n\n{table}"
+        if plot_name:
+            tail += f"\n\n![isoFLOP curves]({plot_name})"
     if lrs:
         tail += (
             f"\n\nLearning-rate sweep (each arm's first seed; the table above uses the starred lr):\n\n{lrs}"
         )
-    tail += f"\n\nEvery arm at its lr (mean ± std over seeds):\n\n{markdown(rows)}"
+    tail += f"\n\nEvery arm at its lr (mean ± sample std over seeds):\n\n{markdown(rows)}"
     return head + "\n".join(out) + tail
 
 
@@ -760,6 +1073,7 @@ def _main(a, argv) -> None:
     finals, pending = final_runs(variants, root)
     if not a.collect_only:
         run_all(base, finals, fixed, root, a.emit, jobs=a.jobs)
+        run_final_evals(finals, root, a.emit, a.jobs)
     if pending and a.emit:
         print(
             f"# then every seed of {', '.join(pending)} at its best lr (rerun without --emit once these ran)"
@@ -782,7 +1096,12 @@ def _main(a, argv) -> None:
         cmd = "python -m voltron_jax.experiments.ablate " + " ".join(
             shlex.quote(x) for x in (argv or sys.argv[1:])
         )
-        text = claims_section(rows, claims, cmd, lr_table(variants, root), notes)
+        curves = {v.name: lr_finals_by_seed(v, root) for v in variants if v.lrs}
+        png = Path(claims_out).with_name(Path(claims_out).stem + "_isoflop.png")
+        plotted = isoflop_plot(rows, claims, png)
+        text = claims_section(
+            rows, claims, cmd, lr_table(variants, root), notes, curves, png.name if plotted else ""
+        )
         workdir_lib.write_text(claims_out, text + "\n")
         print(f"[ablate] verified claims written to {claims_out}")
 

@@ -31,6 +31,7 @@ from etils import epath
 
 from voltron_jax import cli, train
 from voltron_jax.errors import VoltronError
+from voltron_jax.experiments import claims
 from voltron_jax.inference.api import config_from_meta
 from voltron_jax.run import workdir as workdir_lib
 
@@ -80,8 +81,10 @@ def evaluate(
     top_k: int = 2,
     temperature: float = 0.1,
 ) -> dict:
-    """{'mode', 'loss', 'perplexity', 'tokens', 'step'} on the scored suffix of `n_batches` validation
-    batches of the pretraining mixture (the same rows and positions for every mode)."""
+    """{'mode', 'loss', 'perplexity', 'tokens', 'step', 'batches'} on the scored suffix of `n_batches`
+    validation batches of the pretraining mixture (the same rows and positions for every mode); `batches`
+    is each batch's mean loss keyed by its token fingerprint (claims.batch_fingerprint), for the per-batch
+    pairing of voltron_jax/experiments/claims.py."""
 
     from voltron_jax.data import cbtm, pipeline, prepare  # lazy: seqio/TensorFlow (the one seam)
     from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
@@ -102,9 +105,11 @@ def evaluate(
     if mode == "single":
         models = [todo[-1]]
     else:
-        models = [p for p in todo if p.member is not None]  # the fan-out branches, cluster order
-        if not models:
+        fanned = [p for p in todo if p.member is not None]
+        if not fanned:
             raise EnsembleError(f"{workdir}: its recipe has no fan-out (branch) phase to ensemble.")
+        # the last fan-out phase's members, cluster order (the decayed branches when they were decayed)
+        models = [p for p in fanned if p.name == fanned[-1].name]
     batches = pipeline.make_eval_batches(models[0].config, "pretrain", n_batches)
     masks = [scored_mask(b, prefix) for b in batches]
     logps, step, rt = [], 0, None
@@ -115,22 +120,29 @@ def evaluate(
         state, _ = train.restore_final(ph, rt.abstract)
         logps.append([np.asarray(fn(state.params, state.step, b)) for b in batches])
         step = max(step, int(state.step))
+    per_batch = []  # [(fingerprint, summed loss, scored tokens)]
     if mode == "single":
-        total = sum(float(-(lp * m).sum()) for lp, m in zip(logps[0], masks, strict=True))
+        for b, lp, m in zip(batches, logps[0], masks, strict=True):
+            per_batch.append((claims.batch_fingerprint(b, prefix), float(-(lp * m).sum()), float(m.sum())))
     else:
         clusterer = cbtm.ClusterModel.load(str(workdir_lib.data_dir(root)))
         if clusterer.n_clusters != len(models):
             raise EnsembleError(f"{clusterer.n_clusters} clusters but {len(models)} branches in {workdir}.")
         vocab = vocab_lib.make_vocab(config.data, str(root))
-        total = 0.0
         for i, (b, m) in enumerate(zip(batches, masks, strict=True)):
             texts = [vocab.decode(row[:prefix].tolist()) for row in b["inputs"]]
             prior = clusterer.weights(texts, temperature, top_k)  # [B, K]
             lp = mix(np.stack([lps[i] for lps in logps]), prior)
-            total += float(-(lp * m).sum())
+            per_batch.append((claims.batch_fingerprint(b, prefix), float(-(lp * m).sum()), float(m.sum())))
+    total = sum(x for _, x, _ in per_batch)
     tokens = float(sum(m.sum() for m in masks))
     loss = total / max(tokens, 1.0)
-    return dict(mode=mode, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(tokens), step=step)
+    scores = {k: x / max(n, 1.0) for k, x, n in per_batch}
+    return dict(
+        mode=mode, loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(tokens), step=step,
+        batches=scores if len(scores) == len(per_batch) else None,  # None: a batch repeated exactly
+        distinct_rows=len({r.tobytes() for b in batches for r in np.ascontiguousarray(b["inputs"])}),
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

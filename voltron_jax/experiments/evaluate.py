@@ -1,13 +1,18 @@
 """Re-evaluate finished runs: the final checkpoint of each run's last phase on N validation batches.
 
     python -m voltron_jax.experiments.evaluate --workdir=runs/a --workdir=runs/b [--batches=32] \
-        [--json=out.jsonl]
+        [--json=out.jsonl] [--per_batch]
 
 The loop evaluates on `train.eval_batches` batches, which is cheap but noisy and depends on the code
 version that ran; comparing runs (seeds, learning rates, techniques) on one larger fixed validation set
 taken by this code is the fair read-out. Each workdir's `config.json` (written by the loop) gives the
 model and data; the set is `data.pipeline.make_eval_batches(config, 'pretrain', N)`: N fixed batches of
 the pretraining mixture's validation split, spread over the whole split. Prints one line per run.
+
+`--per_batch` adds `batches` {fingerprint: loss} to each JSON line: every batch's mean loss keyed by a
+hash of its tokens (`batch_fingerprint`), so two runs' scores pair per batch on provably the same tokens
+(the seed + evaluation noise interval of voltron_jax/experiments/claims.py), and `distinct_rows`, the
+number of different rows among them (a small validation split repeats rows; see make_eval_batches).
 """
 
 from __future__ import annotations
@@ -15,17 +20,20 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 from absl import flags
 from etils import epath
 
 from voltron_jax import cli, train
 from voltron_jax.errors import VoltronError
+from voltron_jax.experiments.claims import batch_fingerprint
 from voltron_jax.inference.api import config_from_meta
 from voltron_jax.run import workdir as workdir_lib
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A finished run's workdir (repeatable).")
 _BATCHES = flags.DEFINE_integer("batches", 32, "Validation batches (of data.batch_size x seq_len).")
 _JSON = flags.DEFINE_string("json", "", "Append one JSON line per run to this file.")
+_PER_BATCH = flags.DEFINE_bool("per_batch", False, "Also record each batch's loss keyed by its tokens' hash.")
 _TASKS = flags.DEFINE_list(
     "tasks", [], "lm-evaluation-harness tasks (comma-separated) instead of perplexity."
 )
@@ -42,8 +50,13 @@ class EvalError(VoltronError, ValueError):
     pass
 
 
-def evaluate_run(workdir: str, n_batches: int) -> dict:
-    """{'workdir', 'phase', 'step', 'loss', 'perplexity', 'tokens'} of the run's last phase."""
+def row_fingerprints(batch: dict) -> set[bytes]:
+    return {np.ascontiguousarray(r).tobytes() for r in np.asarray(batch["inputs"])}
+
+
+def evaluate_run(workdir: str, n_batches: int, per_batch: bool = False) -> dict:
+    """{'workdir', 'phase', 'step', 'loss', 'perplexity', 'tokens'} of the run's last phase; with
+    `per_batch` also {'batches': {fingerprint: loss}, 'distinct_rows'} (module docstring)."""
     from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
 
     root = epath.Path(workdir)
@@ -62,7 +75,16 @@ def evaluate_run(workdir: str, n_batches: int) -> dict:
     batches = pipeline.make_eval_batches(last.config, "pretrain", n_batches)
     metrics = train.evaluate(rt, state, batches)
     tokens = int(sum(float(b["weights"].sum()) for b in batches))
-    return dict(workdir=workdir, phase=last.label, step=int(state.step), tokens=tokens, **metrics)
+    out = dict(workdir=workdir, phase=last.label, step=int(state.step), tokens=tokens, **metrics)
+    if per_batch:
+        out["batches"] = {batch_fingerprint(b): train.evaluate(rt, state, [b])["loss"] for b in batches}
+        if len(out["batches"]) < len(batches):
+            raise EvalError(
+                f"{workdir}: {len(batches) - len(out['batches'])} of {n_batches} validation batches repeat "
+                "another exactly; per-batch pairing needs distinct batches: lower --batches."
+            )
+        out["distinct_rows"] = len(set().union(*(row_fingerprints(b) for b in batches)))
+    return out
 
 
 def run_harness(workdir: str) -> dict:
@@ -106,7 +128,7 @@ def main(argv) -> None:
             raise EvalError(f"{w}: no config.json; pass the workdir of a run started by voltron_jax.main.")
     cli.preload(("tensorflow",))
     for w in _WORKDIRS.value:
-        r = evaluate_run(w, _BATCHES.value)  # EvalError etc.: one line from voltron_jax.cli
+        r = evaluate_run(w, _BATCHES.value, _PER_BATCH.value)  # EvalError etc.: one line from voltron_jax.cli
         print(
             f"{w}: {r['phase']} step {r['step']}  val loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  "
             f"({r['tokens']:,} tokens)",
