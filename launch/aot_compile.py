@@ -617,17 +617,17 @@ def _bytes_of(shape: str) -> int:
     return total
 
 
-def op_label(line: str) -> str:
-    """The op's source path from its metadata, layer indices and jit wrappers dropped, e.g.
-    'bwd stack/layer/attn/q/dot_general' (bwd: inside a transpose, i.e. the backward pass)."""
+def op_label(shape: str, line: str) -> str:
+    """An op's identity that two codebases' programs share: its pass (fwd, remat = the forward that full
+    remat recomputes in the backward, bwd) and result type without layout, e.g. 'bwd bf16[2,4096,5120]';
+    a Mosaic kernel adds its name (splash attention's fwd/dq/dkv)."""
     m = re.search(r'op_name="([^"]*)"', line)
-    if not m:
-        return "?"
-    name = m.group(1)
-    bwd = "transpose(" in name
-    name = re.sub(r"\b(?:jit|jvp|transpose|remat|checkpoint|vmap|shard_map)\(([^()]*)\)/?", "", name)
-    name = re.sub(r"_\d+\b", "", name).strip("/")
-    return ("bwd " if bwd else "fwd ") + "/".join(name.split("/")[-4:])
+    name = m.group(1) if m else ""
+    phase = "remat" if "rematted_computation" in name or "remat" in name.split("/")[-2:-1] else ""
+    phase = phase or ("bwd" if "transpose(" in name else "fwd")
+    kernel = re.search(r'kernel_name\s*=\s*\\?"([\w-]+)', line)
+    types = re.findall(r"\b([a-z]+\d*\[[\d,]*\])", shape)
+    return f"{phase} {' '.join(types[:3]) or '?'}" + (f" {kernel.group(1)}" if kernel else "")
 
 
 def op_breakdown(dump_dir: str) -> dict:
@@ -656,7 +656,7 @@ def op_breakdown(dump_dir: str) -> dict:
                 continue
             cls, cycles = op_class(opcode, line), float(c.group(1))
             classes[cls] = classes.get(cls, 0.0) + cycles
-            key = (cls, op_label(line))
+            key = (cls, op_label(shape, line))
             labels[key] = labels.get(key, 0.0) + cycles
     return dict(classes=classes, labels={f"{k[0]} | {k[1]}": v for k, v in labels.items()}, collectives=coll)
 
