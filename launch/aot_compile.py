@@ -17,7 +17,10 @@ unrolled (scan_layers=False) at two small depths of whole super-blocks (--estima
 2: minutes each on a 2-core host, where the 40-layer unrolled step would take far longer); the per-block
 cost is their difference, extrapolated to model.n_layers. Prints the estimated step time, tokens/s per
 chip and the implied MFU (analytic FLOPs / chip peak / estimated time); refuses to print a number when
-the compiler's figures cannot be extrapolated (negative, or not growing with depth).
+the compiler's figures cannot be extrapolated (negative, or not growing with depth). It also prints, per
+slice (one device's program), the flops and bytes accessed of each depth and of one block, and the cost
+model's per-op breakdown of one block (each scheduled op's estimated_cycles from XLA's dump, by op class
+and by pass and result type; the collectives' payload bytes).
 
 Memory, two figures (`judge`): libtpu's heap, from the compile's buffer assignment (parameters + the one
 preallocated block of temporaries a TPU program runs in; libtpu refuses a program whose heap exceeds the
@@ -29,7 +32,10 @@ status: 0 fits, 1 does not fit, 2 bad input.
 Topologies are libtpu names TYPE:AxB[xC] (chips): v4:2x2x1 (v4-8), v4:4x4x4 (v4-128, 64 chips), v5p:4x4x4
 (v5p-128, 64 chips), v5e:2x2, v5e:16x16 (v5e-256), v6e:4x4 ... Devices are what a TPU VM of that type
 shows JAX (--chip_config=auto): v4 runs megacore, one device per chip with its 32 GiB (libtpu's own default
-for v4 topologies, one device per TensorCore with 16 GiB, is --chip_config=default).
+for v4 topologies, one device per TensorCore with 16 GiB, is --chip_config=default). The slice is built as
+the TPU runtime presents it (`describe`): wraparound links where the pod has them (v4/v5p slices of whole
+4x4x4 cubes on every axis, v5e/v6e axes of 16 chips; libtpu alone builds none), 2x2x1 chips per host, and
+with --num_slices=N, N slices joined by DCN (the mesh's data axis spans them: --config.mesh.dcn_data=N).
 """
 
 from __future__ import annotations
