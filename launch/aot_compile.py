@@ -576,7 +576,10 @@ def render_breakdown(e: dict, top: int = 12) -> list[str]:
     lines.append(
         "  per block, collective payload: " + (", ".join(f"{k} {v / GIB:.3f} GiB" for k, v in coll) or "none")
     )
-    lines.append(f"  per block, the {top} costliest ops (cycles, class | pass and source path):")
+    deep = e["ops"][str(max(int(k) for k in e["ops"]))]
+    if deep.get("unpriced"):
+        lines.append(f"  ops priced at a sentinel (left out of the cycles): {deep['unpriced']}")
+    lines.append(f"  per block, the {top} costliest ops (cycles, class | pass and result type):")
     for k, v in sorted(per["labels"].items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {v:12,.0f}  {k}")
     return lines
@@ -640,13 +643,15 @@ def op_breakdown(dump_dir: str) -> dict:
     """The TPU compiler's per-op cost model of a compiled program, from XLA's dump (after codegen): each
     scheduled op's estimated_cycles (fusions, copies, kernels), summed by class and by source path, and
     the payload bytes of each kind of collective. The cycles are the cost model's, per op, before the
-    overlap the schedule gives; they do not add up to optimal_seconds."""
+    overlap the schedule gives; they do not add up to optimal_seconds. Ops priced at a sentinel (2^63
+    cycles: libtpu's custom fusions such as the MoE dispatch's sorts) are counted under 'unpriced'."""
     paths = sorted(glob.glob(os.path.join(dump_dir, "*after_codegen.txt")), key=os.path.getsize)
     if not paths:
         return {}
     classes: dict[str, float] = {}
     labels: dict[tuple[str, str], float] = {}
     coll: dict[str, float] = {}
+    unpriced: dict[str, int] = {}
     with open(paths[-1]) as f:  # the largest: the train step (not a small helper program)
         for line in f:
             m = _INSTR.match(line)
@@ -661,10 +666,16 @@ def op_breakdown(dump_dir: str) -> dict:
             if not c:
                 continue
             cls, cycles = op_class(opcode, line), float(c.group(1))
+            if cycles >= 2**50:  # a sentinel (2^63 ...), not a cost: counted apart, never summed
+                unpriced[f"{cls} | {op_label(shape, line)}"] = (
+                    unpriced.get(f"{cls} | {op_label(shape, line)}", 0) + 1
+                )
+                continue
             classes[cls] = classes.get(cls, 0.0) + cycles
             key = (cls, op_label(shape, line))
             labels[key] = labels.get(key, 0.0) + cycles
-    return dict(classes=classes, labels={f"{k[0]} | {k[1]}": v for k, v in labels.items()}, collectives=coll)
+    labels_ = {f"{k[0]} | {k[1]}": v for k, v in labels.items()}
+    return dict(classes=classes, labels=labels_, collectives=coll, unpriced=unpriced)
 
 
 def breakdown_diff(deep: dict, shallow: dict, blocks: float) -> dict:

@@ -89,6 +89,7 @@ def test_op_breakdown_reads_cycles_by_class_and_collective_bytes(tmp_path):
         op("fusion.1", "bf16[2,4096,5120]", "kOutput", "jit(f)/dot_general", 100),
         op("fusion.2", "bf16[2,4096,5120]", "kOutput", "jit(f)/transpose(jvp())/dot_general", 300),
         op("fusion.3", "f32[8]", "kLoop", "jit(f)/add", 7),
+        op("fusion.4", "s32[64]", "kCustom", "jit(f)/sort", 2**63),  # a sentinel, not a cost
         "  %all-gather-start.1 = (f32[80,5120]{1,0}, f32[5120,5120]{1,0}) all-gather-start(%x)",
         "  %all-reduce.2 = bf16[1024]{0} all-reduce(%y), to_apply=%add",
         "  %param.1 = f32[8]{0} parameter(0)",
@@ -102,6 +103,7 @@ def test_op_breakdown_reads_cycles_by_class_and_collective_bytes(tmp_path):
         "elementwise | fwd f32[8]": 7.0,
     }
     assert b["collectives"] == {"all-gather": 4 * (80 + 5120) * 5120, "all-reduce": 2 * 1024}
+    assert b["unpriced"] == {"fusion kCustom | fwd s32[64]": 1}
     one = dict(classes={"matmul": 100.0}, labels={}, collectives={})
     per = aot.breakdown_diff(b, one, 2)
     assert per["classes"] == {"matmul": 150.0, "elementwise": 3.5}
