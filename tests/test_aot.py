@@ -110,6 +110,70 @@ def test_chip_configs():
         aot.topology_devices("v4:2x2x1", "mega")
 
 
+# (name, slices) -> (wraparound per axis, chips per host, host bounds) of the slice a TPU VM presents:
+# whole 4x4x4 cubes of v4/v5p are tori on every axis, smaller slices are not; a v5e axis wraps at 16 chips.
+SLICES = {
+    ("v4:2x2x1", 1): ((False, False, False), (2, 2, 1), (1, 1, 1)),
+    ("v4:2x4x4", 1): ((False, False, False), (2, 2, 1), (1, 2, 4)),
+    ("v4:4x4x4", 1): ((True, True, True), (2, 2, 1), (2, 2, 4)),
+    ("v5p:2x2x1", 1): ((False, False, False), (2, 2, 1), (1, 1, 1)),
+    ("v5p:4x4x4", 1): ((True, True, True), (2, 2, 1), (2, 2, 4)),
+    ("v5p:4x4x8", 1): ((True, True, True), (2, 2, 1), (2, 2, 8)),
+    ("v5e:2x2", 1): ((False, False, False), (2, 2, 1), (1, 1, 1)),
+    ("v5e:8x16", 1): ((False, True, False), (2, 2, 1), (4, 8, 1)),
+    ("v5e:16x16", 1): ((True, True, False), (2, 2, 1), (8, 8, 1)),
+    ("v5p:4x4x4", 2): ((True, True, True), (2, 2, 1), (2, 2, 4)),
+    ("v4:4x4x4", 2): ((True, True, True), (2, 2, 1), (2, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("name,slices", sorted(SLICES))
+def test_topology_descriptor_matches_what_libtpu_compiles_for(name, slices):
+    """The descriptor of each named slice (wraparound links, chips per host, slices) is what libtpu's own
+    topology description holds when it compiles for the devices (the TpuPjRtTopologyDescriptionProto it
+    dumps), and what the devices report (chip coordinates, processes, slice_index)."""
+    wrap, per_host, hosts = SLICES[name, slices]
+    topo = aot.describe(name, num_slices=slices)
+    assert (topo.wrap, topo.chips_per_host_bounds, topo.host_bounds) == (wrap, per_host, hosts)
+    devices = aot.topology_devices(name, num_slices=slices)
+    libtpu = aot.libtpu_topology(devices)
+    assert libtpu == dict(
+        chip_config=topo.chip_config, chips_per_host_bounds=per_host, host_bounds=hosts, wrap=wrap
+    )
+    q = aot.query(devices)
+    assert q["chip_bounds"] == topo.shape and q["chips_per_host_bounds"] == per_host
+    assert q["slices"] == slices and q["processes"] == slices * math.prod(hosts)
+    assert q["chips"] == slices * aot.chips(name) and q["devices_per_chip"] == 1
+
+
+def test_libtpu_alone_builds_a_torus_slice_without_wraparound():
+    """Why the descriptor passes wrap: given only the name, libtpu compiles for v5p-128 and v4-128 as
+    meshes without wraparound links, which no TPU VM of those slices is."""
+    from jax.experimental import topologies
+
+    for name, kw in (("v5p:4x4x4", {}), ("v4:4x4x4", dict(chip_config_name="megacore"))):
+        bare = topologies.get_topology_desc(platform="tpu", topology_name=name, **kw).devices
+        assert aot.libtpu_topology(list(bare))["wrap"] == (False, False, False)
+        assert aot.libtpu_topology(aot.topology_devices(name))["wrap"] == (True, True, True)
+
+
+def test_a_two_slice_mesh_puts_only_data_across_slices():
+    """With mesh.dcn_data=2 over two v5p-128 slices, each slice holds a whole fsdp sub-mesh and only the
+    data axis crosses slices; a mismatch between dcn_data and the devices' slices is one clear error."""
+    from voltron_jax import sharding
+    from voltron_jax.config import ConfigError
+
+    devices = aot.topology_devices("v5p:4x4x4", num_slices=2)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=-1, tensor=1, expert=1, dcn_data=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 64, "tensor": 1, "expert": 1}
+    for i in range(2):
+        assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+    with pytest.raises(ConfigError, match="mesh.dcn_data=1 but the devices span 2 slice"):
+        sharding.make_mesh(dict(data=2, fsdp=-1, tensor=1, expert=1), devices)
+    with pytest.raises(ConfigError, match="must be >= 1 and divide mesh.data=1"):
+        sharding.resolve_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=2), 128)
+
+
 @pytest.mark.slow
 def test_unknown_topology_is_one_clear_error():
     with pytest.raises(aot.TopologyError, match="unknown TPU topology 'v9:2x2'"):
@@ -214,3 +278,9 @@ def test_estimate_runs_on_a_tiny_config(tmp_path):
     assert e["mfu"] == pytest.approx(3 * decoder.flops_per_token(c.model, 32) * 4 * 32 / t2 / (4 * 275e12))
     text = aot.render_estimate(e)
     assert text.startswith("COMPILER COST-MODEL ESTIMATE") and "not a measurement" in text
+    # the per-slice cost model: flops and bytes per depth and per block, the block's ops by class
+    assert 0 < e["cost"]["1"]["flops"] < e["cost"]["2"]["flops"]
+    assert e["cost_per_block"]["flops"] == pytest.approx(e["cost"]["2"]["flops"] - e["cost"]["1"]["flops"])
+    per = e["ops_per_block"]
+    assert per["classes"]["matmul"] > 0 and any(k.startswith("matmul | bwd") for k in per["labels"])
+    assert "cycles by op class: " in text and "costliest ops" in text

@@ -195,7 +195,8 @@ def get_default() -> ml_collections.ConfigDict:
     c.aux_weights = ml_collections.ConfigDict(dict(z_loss=1e-4, **registry.aux_loss_defaults()))
 
     # ---------------------------------------------------------------- mesh
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    # dcn_data: slices the data axis spans (multislice: data = dcn_data x data per slice); 1 = one slice.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1))
 
     # ---------------------------------------------------------------- loop
     t = c.train = ml_collections.ConfigDict()

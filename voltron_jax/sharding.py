@@ -78,7 +78,20 @@ def resolve_mesh(mesh, n_devices: int) -> dict[str, int]:
             f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
             f"set the axis sizes so their product is {n_devices}, or one axis to -1."
         )
+    dcn = dcn_data(mesh)
+    if dcn < 1 or sizes["data"] % dcn:
+        raise ConfigError(
+            f"mesh.dcn_data={dcn} must be >= 1 and divide mesh.data={sizes['data']} (the data axis spans the "
+            f"slices); e.g. --config.mesh.data={max(dcn, 1)} --config.mesh.dcn_data={max(dcn, 1)}."
+        )
     return sizes
+
+
+def dcn_data(mesh) -> int:
+    """How many slices (joined by the data-center network) the 'data' axis spans: `config.mesh.dcn_data`;
+    1 (one slice) for a mesh dict without it. Only 'data' crosses slices: its gradient all-reduce is the
+    one collective per step that goes over DCN, while fsdp/tensor/expert stay on each slice's ICI."""
+    return int(mesh["dcn_data"]) if "dcn_data" in mesh else 1
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -86,6 +99,18 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = resolve_mesh(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    slices = len({getattr(d, "slice_index", None) or 0 for d in devices})
+    dcn = dcn_data(mesh_cfg)
+    if dcn != slices:
+        raise ConfigError(
+            f"mesh.dcn_data={dcn} but the devices span {slices} slice(s); set "
+            f"--config.mesh.dcn_data={slices} (and mesh.data a multiple of it): only the data axis "
+            "crosses slices."
+        )
+    if slices > 1:  # data = dcn x (data / dcn): each slice holds a whole fsdp/tensor/expert sub-mesh
+        ici = (sizes["data"] // dcn, *shape[1:])
+        arr = jax.experimental.mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1, 1), devices)
+        return Mesh(arr, MESH_AXES)
     try:
         arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # CPU and odd topologies: plain reshape in device order

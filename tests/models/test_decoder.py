@@ -196,3 +196,29 @@ def test_final_norm_uses_model_norm_eps():
         y = np.asarray(inter["final_norm"]["__call__"][0], np.float64)
         want = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps)  # gain is 1 at init
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_head_shaped_dense_is_the_reshaped_plain_product():
+    """Dense(heads_out=H) / Dense(heads_in=H): the same [in, features] parameter and the same values as
+    x @ W reshaped to (or from) heads, in fp32; attention with them equals the plain projections."""
+    from voltron_jax.models.layers import Dense
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    plain = Dense(8 * 3, ("embed", "heads"))
+    v = plain.init(jax.random.key(1), x)
+    split = Dense(8 * 3, ("embed", "heads"), heads_out=8)
+    assert jax.tree.map(jnp.shape, split.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
+    want = plain.apply(v, x).reshape(2, 5, 8, 3)
+    np.testing.assert_allclose(split.apply(v, x), want, atol=1e-5, rtol=1e-5)
+    o = Dense(12, ("heads", "embed"))
+    vo = o.init(jax.random.key(2), want.reshape(2, 5, 24))
+    merged = Dense(12, ("heads", "embed"), heads_in=8).apply(vo, want)
+    np.testing.assert_allclose(merged, o.apply(vo, want.reshape(2, 5, 24)), atol=1e-5, rtol=1e-5)
+    # attention (GQA) with the dense slot uses them; a linear that is not Dense takes the reshape path
+    b, t, d = 2, 16, 32
+    h = jax.random.normal(jax.random.key(3), (b, t, d))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    att = attention.Attention(4, 2, d // 4)
+    va = att.init(jax.random.key(4), h, pos)
+    ref = attention.Attention(4, 2, d // 4, linear=lambda *a, **k: Dense(*a, **k))
+    np.testing.assert_allclose(att.apply(va, h, pos), ref.apply(va, h, pos), atol=1e-5, rtol=1e-5)

@@ -132,12 +132,18 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids=None, valid=None):
         b, t, d = x.shape
         h, g, k = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.linear(h * k, ("embed", "heads"), name="q")(x).reshape(b, t, h, k)  # [B,T,H,K]
-        kk = self.linear(g * k, ("embed", "kv_heads"), name="k")(x).reshape(b, t, g, k)  # [B,T,G,K]
-        v = self.linear(g * k, ("embed", "kv_heads"), name="v")(x).reshape(b, t, g, k)  # [B,T,G,K]
+        if getattr(self.linear, "func", self.linear) is Dense:  # head-shaped matmuls, no relayout copies
+            q = self.linear(h * k, ("embed", "heads"), name="q", heads_out=h)(x)  # [B,T,H,K]
+            kk = self.linear(g * k, ("embed", "kv_heads"), name="k", heads_out=g)(x)  # [B,T,G,K]
+            v = self.linear(g * k, ("embed", "kv_heads"), name="v", heads_out=g)(x)  # [B,T,G,K]
+            out = lambda o: self.linear(d, ("heads", "embed"), name="o", heads_in=h)(o)  # [B,T,D]
+        else:  # other linear slots (BitLinear) take and give [..., features]
+            q = self.linear(h * k, ("embed", "heads"), name="q")(x).reshape(b, t, h, k)  # [B,T,H,K]
+            kk = self.linear(g * k, ("embed", "kv_heads"), name="k")(x).reshape(b, t, g, k)  # [B,T,G,K]
+            v = self.linear(g * k, ("embed", "kv_heads"), name="v")(x).reshape(b, t, g, k)  # [B,T,G,K]
+            out = lambda o: self.linear(d, ("heads", "embed"), name="o")(o.reshape(b, t, h * k))  # [B,T,D]
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
-        o = self.core(name="core")(q, kk, v, positions, segment_ids, valid)  # [B,T,H,K]
-        return self.linear(d, ("heads", "embed"), name="o")(o.reshape(b, t, h * k))  # [B,T,D]
+        return out(self.core(name="core")(q, kk, v, positions, segment_ids, valid))  # [B,T,H,K] -> [B,T,D]
 
     # ----------------------------------------------------------- attention slot (registry.AttentionSlot)
 

@@ -27,23 +27,35 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.f
 
 
 class Dense(nn.Module):
-    """y = x @ W, W: [in, features] fp32, computed in `dtype`. No bias (LLaMA style)."""
+    """y = x @ W, W: [in, features] fp32, computed in `dtype`. No bias (LLaMA style).
+
+    Head-shaped projections (attention): `heads_out=H` returns [..., H, features / H] and `heads_in=H`
+    takes x [..., H, in / H], each one contraction with the kernel viewed as [in, H, K] or [H, K, out].
+    The parameter is the same [in, features] matrix and the values are the reshaped plain product's, but
+    the TPU matmul then writes (or reads) the head layout itself: as x @ W plus a reshape, the 13B step
+    relaid [B,T,H,K] q/k/v out of [B,T,H*K] in three copies per layer (docs/results.md, issue 27)."""
 
     features: int
     kernel_axes: tuple[str, str] = ("embed", "mlp")
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
+    heads_out: int = 0
+    heads_in: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = x.shape[-1] * max(self.heads_in, 1)
         w = param_with_axes(
-            self,
-            "kernel",
-            nn.initializers.normal(self.init_std),
-            (x.shape[-1], self.features),
-            self.kernel_axes,
+            self, "kernel", nn.initializers.normal(self.init_std), (n_in, self.features), self.kernel_axes
         )
-        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        if self.heads_out:
+            w = w.reshape(n_in, self.heads_out, self.features // self.heads_out)  # [D,H,K]
+            return jnp.einsum("...d,dhk->...hk", x, w)  # [...,H,K]
+        if self.heads_in:
+            w = w.reshape(self.heads_in, x.shape[-1], self.features)  # [H,K,D]
+            return jnp.einsum("...hk,hkd->...d", x, w)  # [...,D]
+        return jnp.dot(x, w)
 
     def expert_shards(self, variables: dict, specs: dict, x: jax.Array) -> jax.Array:
         """E stacked experts on x [E,R,in] inside the expert-parallel shard_map (moe_groups), from the local
