@@ -332,7 +332,7 @@ def clear(out: epath.Path) -> None:
     for name in (MARKER, VALIDATION, cbtm.EMBEDDER_FILE, cbtm.CENTROIDS_FILE):
         if (out / name).exists():
             (out / name).unlink()
-    for name in ("train", TOKENS):
+    for name in ("train", TOKENS, "tokenize-tmp"):  # tokenize-tmp: ranges.py's range files
         if (out / name).exists():
             (out / name).rmtree()
     for f in out.glob("spm_*.model") if out.exists() else ():
