@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -193,8 +194,9 @@ def read_child(size_mb: int, kind: str, workdir: str, seq_len: int, batch: int, 
 
 def corpus_files(size_mb: int, workdir: str) -> str:
     """The synthetic corpus as JSONL records in ~64 MB files (written once); returns their glob."""
-    folder = os.path.join(workdir, f"corpus-{size_mb}mb")
-    if not os.path.exists(os.path.join(folder, "DONE")):
+    final = os.path.join(workdir, f"corpus-{size_mb}mb")
+    if not os.path.exists(os.path.join(final, "DONE")):
+        folder = f"{final}.partial-{os.getpid()}"  # renamed into place when whole (runs may overlap)
         os.makedirs(folder, exist_ok=True)
         part, f, written = 0, None, 0
         for i, text in enumerate(documents(size_mb)):
@@ -208,7 +210,11 @@ def corpus_files(size_mb: int, workdir: str) -> str:
             written += len(line)
         f.close()
         open(os.path.join(folder, "DONE"), "w").close()
-    return os.path.join(folder, "*.jsonl")
+        try:
+            os.rename(folder, final)
+        except OSError:  # another run wrote it first: the same bytes
+            shutil.rmtree(folder)
+    return os.path.join(final, "*.jsonl")
 
 
 class _Load:
@@ -244,7 +250,6 @@ def _prep_config(kind: str):
 
 def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> list[dict]:
     import glob
-    import shutil
 
     from voltron_jax.data import prepare
 
