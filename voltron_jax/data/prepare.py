@@ -458,17 +458,16 @@ def _fill(store: str, out: epath.Path, data_cfg):
             for j in range(k):
                 w.begin_segment(f"cluster_{j}")
                 w.add(texts(sorted(cluster(j), key=lambda r: shuffle_key(seed, r["index"]))))
-        elif store == "random":  # one seeded order over all kept documents: holds the texts in memory
-            recs = [r for j in range(k) for r in cluster(j)]
-            recs.sort(key=lambda r: shuffle_key(seed, r["index"]))
-            w.add(texts(recs))
+        elif store in ("random", "validation_clusters"):  # streamed: texts read back by byte offset
+            from voltron_jax.data import ranges  # lazy: ranges.py imports this module
+
+            files, docs = ranges.layout(store, data_cfg, out)  # three integers per document in memory
+            for seg, refs in docs:
+                if seg is not None:
+                    w.begin_segment(seg)
+                w.add(ranges.texts(out, files, refs))
         elif store == "validation":
             w.add(texts(iter_jsonl(out / VALIDATION)))
-        elif store == "validation_clusters":
-            val = read_jsonl(out / VALIDATION)
-            for j in range(k):
-                w.begin_segment(f"cluster_{j}")
-                w.add(texts(r for r in val if r["cluster"] == j))
         else:
             raise corpus.DataError(f"unknown token store {store!r}.")
 

@@ -69,10 +69,32 @@ def _shuffled(seed: int, index: np.ndarray) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+def layout(store: str, data_cfg, out) -> tuple[list[str], list[tuple[str | None, np.ndarray]]]:
+    """(files, [(segment or None, refs int64[N, 3] = (file, offset, length))]): store `store`'s documents
+    in their order (prepare._fill), as byte ranges of the prepared JSONL files (paths relative to `out`).
+    Memory: three integers per document (and a 12-byte sort key while a seeded order is sorted)."""
+    files: list[str] = []
+    return files, _store_docs(store, data_cfg, epath.Path(out), files)
+
+
+def texts(out, files: list[str], refs: np.ndarray):
+    """The texts at `refs` (rows (file, offset, length) into `files` under `out`), in order, one at a time."""
+    out, handles = epath.Path(out), {}
+    try:
+        for fid, off, ln in refs:
+            f = handles.get(int(fid))
+            if f is None:
+                f = handles[int(fid)] = (out / files[int(fid)]).open("rb")
+            f.seek(int(off))
+            yield json.loads(f.read(int(ln)))["text"]
+    finally:
+        for f in handles.values():
+            f.close()
+
+
 def _store_docs(
     store: str, data_cfg, out: epath.Path, files: list[str]
 ) -> list[tuple[str | None, np.ndarray]]:
-    """[(segment or None, refs int64[N, 3] = (file, offset, length))] in the order prepare._fill writes."""
     k, seed = int(data_cfg.n_clusters), int(data_cfg.shuffle_seed)
 
     def refs(rel: str, fields=()):
@@ -126,9 +148,9 @@ def plan(data_cfg, out, vocab, range_bytes: int = RANGE_BYTES) -> list[dict]:
         name = prepare.store_name(store, data_cfg)
         if shards.is_complete(base / name):
             continue
-        files: list[str] = []
+        files, docs = layout(store, data_cfg, out)
         segments, tasks = [], []
-        for seg, refs in _store_docs(store, data_cfg, out, files):
+        for seg, refs in docs:
             ids = []
             for piece in _cut(refs, int(range_bytes)):
                 ids.append(len(tasks))
@@ -152,24 +174,12 @@ def range_file(tmp: str, i: int) -> epath.Path:
 
 def tokenize_range(task: dict, tmp: str, vocab, out) -> dict:
     """Tokenise one range into its .npy file (atomically); returns {store, i, tokens, documents}."""
-    out = epath.Path(out)
-    texts = []
-    handles = {}
-    try:
-        for fid, off, ln in task["refs"]:
-            f = handles.get(int(fid))
-            if f is None:
-                f = handles[int(fid)] = (out / task["files"][int(fid)]).open("rb")
-            f.seek(int(off))
-            texts.append(json.loads(f.read(int(ln)))["text"])
-    finally:
-        for f in handles.values():
-            f.close()
+    docs_text = list(texts(out, task["files"], task["refs"]))
     dtype = packing.token_dtype(int(vocab.vocab_size))
     docs = [
         d
-        for i in range(0, len(texts), shards.ENCODE_BATCH)
-        for d in shards.encode_batch(vocab, texts[i : i + shards.ENCODE_BATCH])
+        for i in range(0, len(docs_text), shards.ENCODE_BATCH)
+        for d in shards.encode_batch(vocab, docs_text[i : i + shards.ENCODE_BATCH])
     ]
     stream, _ = packing.pack_stream(docs, int(vocab.eos_id), dtype)
     buf = io.BytesIO()
