@@ -32,6 +32,9 @@ line sample of the kept documents), in a fresh process per row:
   beam    the Beam pipeline on the JSONL files (beam_pipeline.run, --input), DirectRunner in
           multi_processing mode with 2 workers, token stores tokenised in parallel ranges; one run per
           vocabulary.
+  tokenize  (--modes=tokenize) the tokenisation alone, on one in-process preparation: the sequential
+          `prepare.tokenize` against `beam_pipeline.tokenize` (ranges of 16 MB, 2 workers), checking
+          that both wrote the same bytes.
 Each row carries the 1-minute load average sampled every 10 s during it (the host is shared), the peak
 RSS of the process and (Beam) of its largest worker process.
 """
@@ -248,6 +251,13 @@ def _prep_config(kind: str):
     return validate(c)
 
 
+BEAM_ARGS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def _folder_bytes(folder: str) -> dict[str, bytes]:
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
 def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> list[dict]:
     import glob
 
@@ -277,11 +287,32 @@ def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> li
             row = dict(common, vocab=kind, seconds=t_load + stages + tok, load_seconds=t_load)
             row.update(stage_seconds=stages, tokenize_seconds=tok, kept=stats["docs"]["kept"])
             rows.append(dict(row, peak_rss_mb=_peak_rss_mb(), **load.done()))
+    elif mode == "tokenize":  # the tokenisation alone: sequential in process vs Beam ranges, same bytes
+        from voltron_jax.data import beam_pipeline
+
+        recs = [json.loads(line) for f in sorted(glob.glob(pattern)) for line in open(f)]
+        prepare.prepare(_prep_config("byte"), run, records=recs, progress=False, register=False)
+        del recs
+        for kind in kinds:
+            cfg = _prep_config(kind)
+            prepare.prepared_vocab(cfg.data, os.path.join(run, "data"))  # SentencePiece trained once, here
+            cfg.data.token_dir = os.path.join(run, "seq")
+            load, t0 = _Load(), time.perf_counter()
+            seq = prepare.tokenize(cfg.data, os.path.join(run, "data"))
+            t_seq, l_seq = time.perf_counter() - t0, load.done()
+            cfg.data.token_dir = os.path.join(run, "beam")
+            load, t0 = _Load(), time.perf_counter()
+            par = beam_pipeline.tokenize(cfg, run, beam_args=BEAM_ARGS, range_bytes=16 << 20)
+            t_par, l_par = time.perf_counter() - t0, load.done()
+            same = all(_folder_bytes(seq[st]) == _folder_bytes(par[st]) for st in seq)
+            tokens = sum(json.load(open(os.path.join(p, "index.json")))["tokens"] for p in seq.values())
+            row = dict(common, vocab=kind, sequential_s=t_seq, beam_2_workers_s=t_par, identical=same)
+            rows.append(dict(row, tokens=tokens, load_sequential=l_seq, load_beam=l_par, range_mb=16))
     else:
         from voltron_jax.data import beam_pipeline
 
         (kind,) = kinds
-        args = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+        args = BEAM_ARGS
         t0 = time.perf_counter()
         stats = beam_pipeline.run(_prep_config(kind), run, input_pattern=pattern, beam_args=args)
         total = time.perf_counter() - t0
@@ -343,7 +374,8 @@ def main() -> None:
         for size in (int(s) for s in a.sizes_mb.split(",")):
             for mode in a.modes.split(","):
                 # in process: one run gives every vocabulary's row; Beam: one pipeline per vocabulary
-                groups = [a.vocabs.replace(",", "+")] if mode == "inproc" else a.vocabs.split(",")
+                one = mode in ("inproc", "tokenize")
+                groups = [a.vocabs.replace(",", "+")] if one else a.vocabs.split(",")
                 for kinds in groups:
                     for res in _run_rows(
                         [f"--child=prepare,{size},{kinds},{mode}", f"--workdir={a.workdir}"]

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import seqio
+from etils import epath
 from planted import planted_records
 
 from configs import tiny
@@ -87,3 +88,9 @@ def test_beam_tokenises_in_small_ranges_and_writes_the_in_process_stores(tmp_pat
     c.data.token_dir = str(tmp_path / "replan")
     n = {s["store"]: len(s["ranges"]) for s in ranges.plan(c.data, beam / "data", vocab, 700)}
     assert min(n.values()) > 3, n
+    # only the tokenisation, on Beam, of the in-process preparation: the same stores again
+    paths = beam_pipeline.tokenize(c, str(local), range_bytes=700)
+    for store, path in paths.items():
+        mine = local / "data" / "tokens" / os.path.relpath(path, c.data.token_dir)
+        got = {f: (epath.Path(path) / f).read_bytes() for f in os.listdir(path)}
+        assert got == {f: (mine / f).read_bytes() for f in os.listdir(mine)}, store

@@ -43,6 +43,7 @@ worker (~10 GB at c4's ~365M documents: not sharded yet, see ranges.py).
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from absl import flags
@@ -50,7 +51,7 @@ from etils import epath
 
 from voltron_jax import cli
 from voltron_jax.config import validate
-from voltron_jax.data import cbtm, embed, prepare, ranges
+from voltron_jax.data import cbtm, embed, orderings, prepare, ranges
 from voltron_jax.data.corpus import DataError
 
 
@@ -232,7 +233,16 @@ def build(p, records, s: dict, out: str, data_cfg, range_bytes: int = ranges.RAN
         AsDict(_counts(records, train, val, kept)),
     )
     report = p | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(_finish, s, data_cfg, out, *sides)
-    plans = report | "Plan" >> beam.Map(_plan, data_cfg, out, range_bytes)
+    build_tokenize(report, data_cfg, out, range_bytes)
+
+
+def build_tokenize(after, data_cfg, out: str, range_bytes: int = ranges.RANGE_BYTES) -> None:
+    """Add plan -> tokenise ranges (parallel) -> pack, started by PCollection `after` (one element) once
+    <out>/prepare.json exists: the token stores data.ordering reads that are not complete yet."""
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.pvalue import AsList  # lazy: the optional extra [data] (Apache Beam)
+
+    plans = after | "Plan" >> beam.Map(_plan, data_cfg, out, range_bytes)
     done = (
         plans
         | "Ranges" >> beam.FlatMap(lambda stores: [(t, st["tmp"]) for st in stores for t in st["ranges"]])
@@ -278,6 +288,24 @@ def run(
             recs = p | "Create" >> beam.Create(records)
         build(p, recs, s, str(out), config.data, range_bytes)
     return prepare.read_marker(out)["stats"]
+
+
+def tokenize(config, workdir, *, beam_args: list[str] | None = None, range_bytes: int = ranges.RANGE_BYTES):
+    """Only the token stores of a finished preparation in <workdir>/data (e.g. for another vocabulary:
+    the documents, clusters and ICP order are reused), tokenised in parallel ranges; returns
+    {store: folder}. The same bytes as `prepare.tokenize` in process."""
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.options.pipeline_options import PipelineOptions  # lazy: extra [data]
+
+    out = epath.Path(workdir) / "data"
+    if prepare.read_marker(out) is None:
+        raise DataError(f"{out} holds no finished preparation (no {prepare.MARKER}); prepare it first.")
+    with beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"])) as p:
+        build_tokenize(p | "Once" >> beam.Create([None]), config.data, str(out), range_bytes)
+    vocab = prepare.prepared_vocab(config.data, out)
+    base = prepare.token_dir(out, vocab, config.data)
+    stores = (*orderings.train_stores(config.data.ordering), *prepare.VALIDATION_STORES)
+    return {st: os.fspath(base / prepare.store_name(st, config.data)) for st in stores}
 
 
 def main(argv) -> None:

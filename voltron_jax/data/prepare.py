@@ -490,6 +490,7 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
 
     from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
 
+    out = epath.Path(out)
     if _needs_own_spm(data_cfg):
         path = spm_path(data_cfg, out)
         if not path.exists():
