@@ -7,6 +7,9 @@
         --input='gs://B/corpus/*.jsonl' -- --runner=DataflowRunner --project=P --region=R \\
         --temp_location=gs://B/tmp --setup_file=./setup.py \\
         --requirements_file=launch/dataflow_requirements.txt
+    # only the token stores of a finished preparation (e.g. with another vocabulary), in parallel:
+    python -m voltron_jax.data.beam_pipeline --config=configs/tiny.py --workdir=runs/demo --tokenize_only \\
+        --config.data.vocab=sentencepiece
     # Flink / Spark: --runner=FlinkRunner --flink_master=HOST:8081 (or --runner=SparkRunner
     # --spark_master_url=spark://HOST:7077) with --environment_type=DOCKER or PROCESS and an SDK
     # environment that has this package installed (pip install -c constraints.txt -e '.[data]').
@@ -311,12 +314,17 @@ def tokenize(config, workdir, *, beam_args: list[str] | None = None, range_bytes
 def main(argv) -> None:
 
     config = validate(cli.config_from_argv(_CONFIG.value, cli.overrides()))
+    range_bytes = int(_RANGE_MB.value * (1 << 20))
+    if _TOKENIZE_ONLY.value:
+        paths = tokenize(config, _WORKDIR.value, beam_args=list(argv[1:]) or None, range_bytes=range_bytes)
+        print("\n".join(f"token store {k}: {v}" for k, v in paths.items()))
+        return
     stats = run(
         config,
         _WORKDIR.value,
         input_pattern=_INPUT.value,
         beam_args=list(argv[1:]) or None,
-        range_bytes=int(_RANGE_MB.value * (1 << 20)),
+        range_bytes=range_bytes,
     )
     print(prepare.format_report(stats))
 
@@ -329,6 +337,12 @@ if __name__ == "__main__":
     )
     _RANGE_MB = flags.DEFINE_float(
         "tokenize_range_mb", ranges.RANGE_BYTES >> 20, "Text per tokenise task (MB): a few per worker."
+    )
+    _TOKENIZE_ONLY = flags.DEFINE_bool(
+        "tokenize_only",
+        False,
+        "Only the token stores of the finished preparation in <workdir>/data "
+        "(e.g. another data.vocab), tokenised in parallel; the documents and ICP order are reused.",
     )
     flags.mark_flags_as_required(["config", "workdir"])
     cli.run(
