@@ -4,12 +4,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 import seqio
 from etils import epath
 from planted import planted_records
 
 from configs import tiny
-from voltron_jax.data import beam_pipeline, cbtm, prepare, ranges, shards
+from voltron_jax.data import beam_pipeline, cbtm, corpus, prepare, ranges, shards
 
 
 def test_seqio_and_beam_import_together():
@@ -94,3 +95,18 @@ def test_beam_tokenises_in_small_ranges_and_writes_the_in_process_stores(tmp_pat
         mine = local / "data" / "tokens" / os.path.relpath(path, c.data.token_dir)
         got = {f: (epath.Path(path) / f).read_bytes() for f in os.listdir(path)}
         assert got == {f: (mine / f).read_bytes() for f in os.listdir(mine)}, store
+
+
+def test_documents_lost_by_the_runner_are_an_error_not_a_finished_preparation(tmp_path):
+    c = tiny.get_config("test")
+    c.data.n_clusters = 2
+    s = prepare.settings(c)
+    stats = [prepare.order_cluster(j, [], np.zeros((0, 1), np.float32), s["icp"])[1] for j in range(2)]
+    stats[0]["n_in"] = 4  # one of the 5 kept documents never reached its cluster's ICP step
+    counts = dict(train=5, validation=1, kept=5, digest=0)
+    with pytest.raises(corpus.DataError, match="delivered 4 of the 5 kept train documents"):
+        beam_pipeline._finish(None, s, c.data, str(tmp_path), stats, [0, 1], [1, 1], counts)
+    assert not (tmp_path / prepare.MARKER).exists()
+    stats[0]["n_in"] = 5
+    beam_pipeline._finish(None, s, c.data, str(tmp_path), stats, [0, 1], [1, 1], counts)
+    assert (tmp_path / prepare.MARKER).exists()
