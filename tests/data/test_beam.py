@@ -4,10 +4,13 @@ import json
 import os
 
 import numpy as np
+import pytest
+import seqio
+from etils import epath
 from planted import planted_records
 
 from configs import tiny
-from voltron_jax.data import beam_pipeline, cbtm, prepare
+from voltron_jax.data import beam_pipeline, cbtm, corpus, prepare, ranges, shards
 
 
 def test_seqio_and_beam_import_together():
@@ -54,3 +57,56 @@ def test_beam_output_equals_in_process_output(tmp_path):
         else:
             assert a.read_bytes() == b.read_bytes(), f
     assert s_beam["docs"]["kept"] > 150 and sum(s_beam["clusters"]["train_sizes"]) == s_beam["docs"]["kept"]
+
+
+def test_beam_tokenises_in_small_ranges_and_writes_the_in_process_stores(tmp_path, monkeypatch):
+    # ranges of ~700 bytes of text (a few documents each), records of 61 tokens, 3 records per shard:
+    # range, document, record and shard boundaries all fall at different places; the bytes must not change
+    monkeypatch.setattr(shards, "CHUNK_TOKENS", 61)
+    monkeypatch.setattr(shards, "CHUNKS_PER_SHARD", 3)
+    recs, _ = planted_records(120, 8, 30, seed=4)
+    c = tiny.get_config("test")
+    c.data.n_clusters, c.data.embed.dim, c.data.icp.knn = 3, 32, 10
+    c.data.ordering = "dedup_random"  # the seeded stores: random (no segments) and cluster_shuffled
+    local, beam = tmp_path / "local", tmp_path / "beam"
+    prepare.prepare(c, str(local), records=recs, progress=False, register=False)
+    beam_pipeline.run(c, str(beam), records=recs, range_bytes=700)
+    vocab = seqio.ByteVocabulary()
+    stores = ranges.plan(c.data, local / "data", vocab, 700)  # what the Beam run cut (all done here: [])
+    assert stores == []
+    tokens = lambda root: sorted(
+        os.path.relpath(os.path.join(d, f), root / "data" / "tokens")
+        for d, _, fs in os.walk(root / "data" / "tokens")
+        for f in fs
+    )
+    names = tokens(local)
+    assert names == tokens(beam) and len(names) > 4 * 5  # 4 stores, several shards each
+    for f in names:
+        a, b = local / "data" / "tokens" / f, beam / "data" / "tokens" / f
+        assert a.read_bytes() == b.read_bytes(), f
+    assert not (beam / "data" / ranges.TMP).exists()  # the range files went once the indexes were written
+    # the split was really small: re-plan the Beam output's stores into a fresh folder
+    c.data.token_dir = str(tmp_path / "replan")
+    n = {s["store"]: len(s["ranges"]) for s in ranges.plan(c.data, beam / "data", vocab, 700)}
+    assert min(n.values()) > 3, n
+    # only the tokenisation, on Beam, of the in-process preparation: the same stores again
+    paths = beam_pipeline.tokenize(c, str(local), range_bytes=700)
+    for store, path in paths.items():
+        mine = local / "data" / "tokens" / os.path.relpath(path, c.data.token_dir)
+        got = {f: (epath.Path(path) / f).read_bytes() for f in os.listdir(path)}
+        assert got == {f: (mine / f).read_bytes() for f in os.listdir(mine)}, store
+
+
+def test_documents_lost_by_the_runner_are_an_error_not_a_finished_preparation(tmp_path):
+    c = tiny.get_config("test")
+    c.data.n_clusters = 2
+    s = prepare.settings(c)
+    stats = [prepare.order_cluster(j, [], np.zeros((0, 1), np.float32), s["icp"])[1] for j in range(2)]
+    stats[0]["n_in"] = 4  # one of the 5 kept documents never reached its cluster's ICP step
+    counts = dict(train=5, validation=1, kept=5, digest=0)
+    with pytest.raises(corpus.DataError, match="delivered 4 of the 5 kept train documents"):
+        beam_pipeline._finish(None, s, c.data, str(tmp_path), stats, [0, 1], [1, 1], counts)
+    assert not (tmp_path / prepare.MARKER).exists()
+    stats[0]["n_in"] = 5
+    beam_pipeline._finish(None, s, c.data, str(tmp_path), stats, [0, 1], [1, 1], counts)
+    assert (tmp_path / prepare.MARKER).exists()

@@ -135,6 +135,8 @@ def test_random_orderings_use_the_same_prepared_documents(prepared):
     icp = [r["text"] for s in shards for r in s]
     rand = _stored_docs("icp_random", "train", c)
     assert sorted(rand) == sorted(icp) and rand != icp  # the same documents, another order
+    by_key = sorted((r for s in shards for r in s), key=lambda r: prepare.shuffle_key(0, r["index"]))
+    assert rand == [r["text"] for r in by_key]  # the seeded order: a hash of (seed, corpus index)
     train_0 = _stored_docs("cluster_0", "train", c)
     assert sorted(train_0) == sorted(r["text"] for r in shards[0]) and train_0 != [
         r["text"] for r in shards[0]

@@ -7,6 +7,9 @@
         --input='gs://B/corpus/*.jsonl' -- --runner=DataflowRunner --project=P --region=R \\
         --temp_location=gs://B/tmp --setup_file=./setup.py \\
         --requirements_file=launch/dataflow_requirements.txt
+    # only the token stores of a finished preparation (e.g. with another vocabulary), in parallel:
+    python -m voltron_jax.data.beam_pipeline --config=configs/tiny.py --workdir=runs/demo --tokenize_only \\
+        --config.data.vocab=sentencepiece
     # Flink / Spark: --runner=FlinkRunner --flink_master=HOST:8081 (or --runner=SparkRunner
     # --spark_master_url=spark://HOST:7077) with --environment_type=DOCKER or PROCESS and an SDK
     # environment that has this package installed (pip install -c constraints.txt -e '.[data]').
@@ -17,8 +20,12 @@ Graph (each step reuses the in-process function of prepare.py, so the outputs ar
     kept -> BatchElements -> embed + nearest centroid (model as a side input)   (map)
          -> GroupByKey(cluster) -> order_cluster + write the cluster's shard  (ICP per cluster, parallel)
     validation -> embed + assign -> one list sorted by index -> validation.jsonl
-    all of the above -> finish: empty shards for empty clusters, stats, prepare.json, then the token
-        stores (prepare.tokenize: SentencePiece on a sample if asked, ArrayRecord shards, index last)
+    all of the above -> finish: empty shards for empty clusters, stats, prepare.json
+    finish -> plan (one worker, I/O only: SentencePiece on a sample if asked, then each token store's
+        documents in their final order cut into ranges of ~--tokenize_range_mb of text, ranges.py)
+        -> Reshuffle -> tokenise each range into an id file under <workdir>/data/tokenize-tmp (parallel)
+        -> pack (one worker, I/O only: the range files in order into ArrayRecord shards, index last,
+           then the range files are removed)
 The fit runs on one worker over the sample only (c-BTM fits on one shard too); the kNN + traversal of a
 cluster runs on one worker and needs that cluster's documents and vectors in memory (~N/k * (text +
 4*D bytes)): raise data.n_clusters for a bigger corpus. The result does not depend on the runner: the
@@ -28,17 +35,18 @@ data.icp.flat_max docs per cluster) is the exception: FAISS builds it with threa
 
 Dependency note: apache-beam 2.77 caps protobuf below 7 and sentencepiece 0.2.3 needs a protobuf 7
 runtime, so `import seqio` breaks once Beam is installed; sentencepiece is pinned to 0.2.0 (setup.py,
-constraints.txt), which imports against protobuf 6. Only the finish step imports seqio (its
-vocabularies, to tokenise); the graph's other steps import neither seqio nor TensorFlow.
+constraints.txt), which imports against protobuf 6. Only the plan, tokenise and pack steps import
+seqio (its vocabularies); the graph's other steps import neither seqio nor TensorFlow.
 
-The token stores are written by one worker in the finish step (tokenising runs at ~1-3 MB/s of text per
-core with SentencePiece): fine up to a few tens of GB of text; a c4-scale corpus wants the stores written
-per cluster in parallel (each cluster is a segment of the 'icp' store), which this graph does not do yet.
+Tokenising (~1-3 MB/s of text per core with SentencePiece) runs in parallel over the ranges; the pack
+step only copies ids. The plan holds (file, offset, length) of every document of the stores on one
+worker (~10 GB at c4's ~365M documents: not sharded yet, see ranges.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from absl import flags
@@ -46,7 +54,7 @@ from etils import epath
 
 from voltron_jax import cli
 from voltron_jax.config import validate
-from voltron_jax.data import cbtm, embed, prepare
+from voltron_jax.data import cbtm, embed, orderings, prepare, ranges
 from voltron_jax.data.corpus import DataError
 
 
@@ -113,11 +121,27 @@ def _save_model(model: tuple, out: str) -> list[int]:
     return model[1]
 
 
+def check_delivered(stats: list, val_sizes: list, counts: dict) -> None:
+    """DataError unless every kept train document reached the ICP step and every validation document its
+    file: a runner that loses elements must not leave a preparation marked complete. (Seen: Beam's
+    DirectRunner in multi_processing mode, 2 workers, 1 GB corpus, loaded 2-core host: twice of three
+    runs ~29k and 3,553 of the 316,588 train documents never reached the ICP step; docs/results.md.)"""
+    n_train, n_val = sum(st["n_in"] for st in stats), int(sum(val_sizes))
+    if n_train != counts["kept"] or n_val != counts["validation"]:
+        raise DataError(
+            f"the Beam runner delivered {n_train} of the {counts['kept']} kept train documents to the ICP "
+            f"step and {n_val} of the {counts['validation']} validation documents to validation.jsonl; "
+            "the preparation is not marked complete. Run it again (with another runner, or DirectRunner's "
+            "default in_memory mode, if it repeats)."
+        )
+
+
 def _finish(
     _, s: dict, data_cfg, out: str, stats: list, val_sizes: list, fit_sizes: list, counts: dict
 ) -> dict:
     out_p = epath.Path(out)
     k = s["n_clusters"]
+    check_delivered(stats, val_sizes, counts)
     present = {st["cluster"] for st in stats}
     for j in range(k):
         if j not in present:  # GroupByKey emits nothing for an empty cluster; keep k shards
@@ -133,8 +157,33 @@ def _finish(
     )
     report["seconds"] = dict(icp_parts=prepare.sum_seconds(stats))
     prepare.write_marker(out_p, prepare.fingerprint(s, counts["digest"]), s, report)
-    prepare.tokenize(data_cfg, out_p)  # the same token stores, bytes and all, as the in-process path
     return report
+
+
+_VOCABS: dict = {}
+
+
+def _vocab(data_cfg, out: str):
+    """The stores' vocabulary, once per worker process (the plan step trains SentencePiece if asked)."""
+    key = (out, data_cfg.to_json())
+    if key not in _VOCABS:
+        _VOCABS[key] = prepare.prepared_vocab(data_cfg, epath.Path(out))
+    return _VOCABS[key]
+
+
+def _plan(_, data_cfg, out: str, range_bytes: int) -> list[dict]:
+    return ranges.plan(data_cfg, out, _vocab(data_cfg, out), range_bytes)
+
+
+def _tokenize_range(item: tuple, data_cfg, out: str) -> dict:
+    task, tmp = item
+    return ranges.tokenize_range(task, tmp, _vocab(data_cfg, out), out)
+
+
+def _pack(stores: list[dict], data_cfg, out: str, done: list[dict]) -> int:
+    for store in stores:  # the same token stores, bytes and all, as prepare.tokenize in process
+        ranges.pack(store, _vocab(data_cfg, out), done)
+    return len(stores)
 
 
 def _counts(records, train, val, kept):
@@ -157,7 +206,7 @@ def _counts(records, train, val, kept):
     return [count(train, "train"), count(val, "validation"), count(kept, "kept"), digest] | beam.Flatten()
 
 
-def build(p, records, s: dict, out: str, data_cfg) -> None:
+def build(p, records, s: dict, out: str, data_cfg, range_bytes: int = ranges.RANGE_BYTES) -> None:
     """Add the preparation to pipeline `p`, reading PCollection `records` and writing under `out`."""
     import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
     from apache_beam.pvalue import (  # lazy: the optional extra [data] (Apache Beam)
@@ -202,7 +251,24 @@ def build(p, records, s: dict, out: str, data_cfg) -> None:
         AsSingleton(fit_sizes),
         AsDict(_counts(records, train, val, kept)),
     )
-    _ = p | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(_finish, s, data_cfg, out, *sides)
+    report = p | "Once" >> beam.Create([None]) | "Finish" >> beam.Map(_finish, s, data_cfg, out, *sides)
+    build_tokenize(report, data_cfg, out, range_bytes)
+
+
+def build_tokenize(after, data_cfg, out: str, range_bytes: int = ranges.RANGE_BYTES) -> None:
+    """Add plan -> tokenise ranges (parallel) -> pack, started by PCollection `after` (one element) once
+    <out>/prepare.json exists: the token stores data.ordering reads that are not complete yet."""
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.pvalue import AsList  # lazy: the optional extra [data] (Apache Beam)
+
+    plans = after | "Plan" >> beam.Map(_plan, data_cfg, out, range_bytes)
+    done = (
+        plans
+        | "Ranges" >> beam.FlatMap(lambda stores: [(t, st["tmp"]) for st in stores for t in st["ranges"]])
+        | "Spread" >> beam.Reshuffle()
+        | "Tokenize" >> beam.Map(_tokenize_range, data_cfg, out)
+    )
+    _ = plans | "Pack" >> beam.Map(_pack, data_cfg, out, AsList(done))
 
 
 def run(
@@ -212,11 +278,13 @@ def run(
     records: list[dict] | None = None,
     input_pattern: str = "",
     beam_args: list[str] | None = None,
+    range_bytes: int = ranges.RANGE_BYTES,
 ) -> dict:
     """Run the Beam pipeline into <workdir>/data; returns the stats written to prepare.json.
 
     Reads `records` (in memory, beam.Create) or the JSONL files matching `input_pattern`, or else the
-    configured corpus. Runs the DirectRunner unless `beam_args` name another runner.
+    configured corpus. Runs the DirectRunner unless `beam_args` name another runner. The token stores
+    are tokenised in ranges of about `range_bytes` of text (ranges.py), in parallel.
     """
     import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
     from apache_beam.coders import BytesCoder  # lazy: the optional extra [data] (Apache Beam)
@@ -237,14 +305,43 @@ def run(
             recs = p | "Read" >> read | "Parse" >> beam.Map(_parse)
         else:
             recs = p | "Create" >> beam.Create(records)
-        build(p, recs, s, str(out), config.data)
+        build(p, recs, s, str(out), config.data, range_bytes)
     return prepare.read_marker(out)["stats"]
+
+
+def tokenize(config, workdir, *, beam_args: list[str] | None = None, range_bytes: int = ranges.RANGE_BYTES):
+    """Only the token stores of a finished preparation in <workdir>/data (e.g. for another vocabulary:
+    the documents, clusters and ICP order are reused), tokenised in parallel ranges; returns
+    {store: folder}. The same bytes as `prepare.tokenize` in process."""
+    import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.options.pipeline_options import PipelineOptions  # lazy: extra [data]
+
+    out = epath.Path(workdir) / "data"
+    if prepare.read_marker(out) is None:
+        raise DataError(f"{out} holds no finished preparation (no {prepare.MARKER}); prepare it first.")
+    with beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"])) as p:
+        build_tokenize(p | "Once" >> beam.Create([None]), config.data, str(out), range_bytes)
+    vocab = prepare.prepared_vocab(config.data, out)
+    base = prepare.token_dir(out, vocab, config.data)
+    stores = (*orderings.train_stores(config.data.ordering), *prepare.VALIDATION_STORES)
+    return {st: os.fspath(base / prepare.store_name(st, config.data)) for st in stores}
 
 
 def main(argv) -> None:
 
     config = validate(cli.config_from_argv(_CONFIG.value, cli.overrides()))
-    stats = run(config, _WORKDIR.value, input_pattern=_INPUT.value, beam_args=list(argv[1:]) or None)
+    range_bytes = int(_RANGE_MB.value * (1 << 20))
+    if _TOKENIZE_ONLY.value:
+        paths = tokenize(config, _WORKDIR.value, beam_args=list(argv[1:]) or None, range_bytes=range_bytes)
+        print("\n".join(f"token store {k}: {v}" for k, v in paths.items()))
+        return
+    stats = run(
+        config,
+        _WORKDIR.value,
+        input_pattern=_INPUT.value,
+        beam_args=list(argv[1:]) or None,
+        range_bytes=range_bytes,
+    )
     print(prepare.format_report(stats))
 
 
@@ -253,6 +350,15 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; outputs go to <workdir>/data.")
     _INPUT = flags.DEFINE_string(
         "input", "", "JSONL records {index,id,text,split} (glob); empty: data.corpus."
+    )
+    _RANGE_MB = flags.DEFINE_float(
+        "tokenize_range_mb", ranges.RANGE_BYTES >> 20, "Text per tokenise task (MB): a few per worker."
+    )
+    _TOKENIZE_ONLY = flags.DEFINE_bool(
+        "tokenize_only",
+        False,
+        "Only the token stores of the finished preparation in <workdir>/data "
+        "(e.g. another data.vocab), tokenised in parallel; the documents and ICP order are reused.",
     )
     flags.mark_flags_as_required(["config", "workdir"])
     cli.run(

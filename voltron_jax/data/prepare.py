@@ -332,7 +332,7 @@ def clear(out: epath.Path) -> None:
     for name in (MARKER, VALIDATION, cbtm.EMBEDDER_FILE, cbtm.CENTROIDS_FILE):
         if (out / name).exists():
             (out / name).unlink()
-    for name in ("train", TOKENS):
+    for name in ("train", TOKENS, "tokenize-tmp"):  # tokenize-tmp: ranges.py's range files
         if (out / name).exists():
             (out / name).rmtree()
     for f in out.glob("spm_*.model") if out.exists() else ():
@@ -458,17 +458,16 @@ def _fill(store: str, out: epath.Path, data_cfg):
             for j in range(k):
                 w.begin_segment(f"cluster_{j}")
                 w.add(texts(sorted(cluster(j), key=lambda r: shuffle_key(seed, r["index"]))))
-        elif store == "random":  # one seeded order over all kept documents: holds the texts in memory
-            recs = [r for j in range(k) for r in cluster(j)]
-            recs.sort(key=lambda r: shuffle_key(seed, r["index"]))
-            w.add(texts(recs))
+        elif store in ("random", "validation_clusters"):  # streamed: texts read back by byte offset
+            from voltron_jax.data import ranges  # lazy: ranges.py imports this module
+
+            files, docs = ranges.layout(store, data_cfg, out)  # three integers per document in memory
+            for seg, refs in docs:
+                if seg is not None:
+                    w.begin_segment(seg)
+                w.add(ranges.texts(out, files, refs))
         elif store == "validation":
             w.add(texts(iter_jsonl(out / VALIDATION)))
-        elif store == "validation_clusters":
-            val = read_jsonl(out / VALIDATION)
-            for j in range(k):
-                w.begin_segment(f"cluster_{j}")
-                w.add(texts(r for r in val if r["cluster"] == j))
         else:
             raise corpus.DataError(f"unknown token store {store!r}.")
 
@@ -491,6 +490,7 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
 
     from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
 
+    out = epath.Path(out)
     if _needs_own_spm(data_cfg):
         path = spm_path(data_cfg, out)
         if not path.exists():

@@ -133,7 +133,31 @@ class StoreWriter:
     def _add_encoded(self, docs: list[np.ndarray]) -> None:
 
         stream, _ = packing.pack_stream(docs, self.eos, self.dtype)
-        self.n_documents += len(docs)
+        self._append(stream, len(docs))
+
+    def add_stream(self, stream: np.ndarray, n_documents: int) -> None:
+        """Append a stream tokenised elsewhere: `n_documents` documents, each followed by EOS, exactly as
+        `add` would have appended their texts (the Beam preparation tokenises ranges in parallel and
+        packs them here in order, voltron_jax/data/ranges.py). Fed in slices of 64 chunks: a long
+        stream is never copied whole."""
+        stream = np.asarray(stream)
+        n_eos = int((stream == self.eos).sum())
+        if (
+            n_eos < n_documents
+            or (n_documents and stream[-1] != self.eos)
+            or (not n_documents and len(stream))
+        ):
+            raise DataError(
+                f"a token stream of {len(stream)} ids with {n_eos} EOS does not hold {n_documents} documents "
+                f"each ending in EOS {self.eos}; tokenise it again."
+            )
+        step = 64 * self.chunk
+        for i in range(0, len(stream), step):
+            self._append(stream[i : i + step].astype(self.dtype, copy=False), 0)
+        self.n_documents += n_documents
+
+    def _append(self, stream: np.ndarray, n_documents: int) -> None:
+        self.n_documents += n_documents
         self.n_tokens += len(stream)
         data = np.concatenate([*self._buf, stream]) if self._buf else stream
         full = len(data) // self.chunk * self.chunk
