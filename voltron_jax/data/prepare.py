@@ -55,17 +55,13 @@ from tqdm.auto import tqdm
 
 from voltron_jax import cli
 from voltron_jax.config import validate
-from voltron_jax.data import cbtm, corpus, embed, icp, orderings, shards
+from voltron_jax.data import cbtm, corpus, doclayout, embed, icp, orderings, shards
+from voltron_jax.data.doclayout import VALIDATION, shard_path, shuffle_key  # prepare's names for them
 from voltron_jax.run import workdir as workdir_lib
 
 FORMAT = 1
 MARKER = "prepare.json"
-VALIDATION = "validation.jsonl"
 WAIT_S = 3600
-
-
-def shard_path(out: epath.Path, cluster: int, n_clusters: int) -> epath.Path:
-    return out / "train" / f"cluster-{cluster:05d}-of-{n_clusters:05d}.jsonl"
 
 
 def settings(config) -> dict:
@@ -433,11 +429,6 @@ TOKENS = "tokens"
 VALIDATION_STORES = ("validation", "validation_clusters")
 
 
-def shuffle_key(seed: int, index: int) -> bytes:
-    """Sort key of a document in the seeded random orders: a hash of (seed, corpus index)."""
-    return hashlib.sha256(f"{int(seed)}/{int(index)}".encode()).digest()[:12]
-
-
 def store_name(store: str, data_cfg) -> str:
     """Folder name of a token store; the seeded orders carry their seed (a new seed, a new store)."""
     return f"{store}-seed{int(data_cfg.shuffle_seed)}" if store in ("random", "cluster_shuffled") else store
@@ -459,13 +450,11 @@ def _fill(store: str, out: epath.Path, data_cfg):
                 w.begin_segment(f"cluster_{j}")
                 w.add(texts(sorted(cluster(j), key=lambda r: shuffle_key(seed, r["index"]))))
         elif store in ("random", "validation_clusters"):  # streamed: texts read back by byte offset
-            from voltron_jax.data import ranges  # lazy: ranges.py imports this module
-
-            files, docs = ranges.layout(store, data_cfg, out)  # three integers per document in memory
+            files, docs = doclayout.layout(store, data_cfg, out)  # three integers per document in memory
             for seg, refs in docs:
                 if seg is not None:
                     w.begin_segment(seg)
-                w.add(ranges.texts(out, files, refs))
+                w.add(doclayout.texts(out, files, refs))
         elif store == "validation":
             w.add(texts(iter_jsonl(out / VALIDATION)))
         else:

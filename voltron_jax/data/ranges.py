@@ -29,99 +29,16 @@ shard yet. Ranges default to 64 MB of text (~60 s of SentencePiece per range on 
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import numpy as np
 from etils import epath
 
-from voltron_jax.data import orderings, packing, prepare, shards
+from voltron_jax.data import doclayout, orderings, packing, prepare, shards
 from voltron_jax.data.corpus import DataError
 
 TMP = "tokenize-tmp"
 RANGE_BYTES = 64 << 20
-
-
-def _scan(path: epath.Path, fields: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(byte offsets int64[N], byte lengths int64[N], {field: int64[N]}) of the records of a JSONL file."""
-    offsets, lengths, vals = [], [], {f: [] for f in fields}
-    pos = 0
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                offsets.append(pos)
-                lengths.append(len(line))
-                if fields:
-                    r = json.loads(line)
-                    for k in fields:
-                        vals[k].append(r[k])
-            pos += len(line)
-    return (
-        np.asarray(offsets, np.int64),
-        np.asarray(lengths, np.int64),
-        {k: np.asarray(v, np.int64) for k, v in vals.items()},
-    )
-
-
-def _shuffled(seed: int, index: np.ndarray) -> np.ndarray:
-    """Positions in the seeded order `prepare.shuffle_key` gives (a stable sort, as Python's sorted)."""
-    keys = np.asarray([prepare.shuffle_key(seed, int(i)) for i in index], dtype="S12")
-    return np.argsort(keys, kind="stable")
-
-
-def layout(store: str, data_cfg, out) -> tuple[list[str], list[tuple[str | None, np.ndarray]]]:
-    """(files, [(segment or None, refs int64[N, 3] = (file, offset, length))]): store `store`'s documents
-    in their order (prepare._fill), as byte ranges of the prepared JSONL files (paths relative to `out`).
-    Memory: three integers per document (and a 12-byte sort key while a seeded order is sorted)."""
-    files: list[str] = []
-    return files, _store_docs(store, data_cfg, epath.Path(out), files)
-
-
-def texts(out, files: list[str], refs: np.ndarray):
-    """The texts at `refs` (rows (file, offset, length) into `files` under `out`), in order, one at a time."""
-    out, handles = epath.Path(out), {}
-    try:
-        for fid, off, ln in refs:
-            f = handles.get(int(fid))
-            if f is None:
-                f = handles[int(fid)] = (out / files[int(fid)]).open("rb")
-            f.seek(int(off))
-            yield json.loads(f.read(int(ln)))["text"]
-    finally:
-        for f in handles.values():
-            f.close()
-
-
-def _store_docs(
-    store: str, data_cfg, out: epath.Path, files: list[str]
-) -> list[tuple[str | None, np.ndarray]]:
-    k, seed = int(data_cfg.n_clusters), int(data_cfg.shuffle_seed)
-
-    def refs(rel: str, fields=()):
-        off, ln, vals = _scan(out / rel, fields)
-        fid = files.index(rel) if rel in files else (files.append(rel) or len(files) - 1)
-        return np.stack([np.full(len(off), fid, np.int64), off, ln], 1).reshape(-1, 3), vals
-
-    train = [os.path.relpath(os.fspath(prepare.shard_path(out, j, k)), os.fspath(out)) for j in range(k)]
-    if store == "icp":
-        return [(f"cluster_{j}", refs(train[j])[0]) for j in range(k)]
-    if store == "cluster_shuffled":
-        out_ = []
-        for j in range(k):
-            r, v = refs(train[j], ("index",))
-            out_.append((f"cluster_{j}", r[_shuffled(seed, v["index"])]))
-        return out_
-    if store == "random":
-        parts = [refs(train[j], ("index",)) for j in range(k)]
-        r = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 3), np.int64)
-        index = np.concatenate([p[1]["index"] for p in parts])
-        return [(None, r[_shuffled(seed, index)])]
-    if store == "validation":
-        return [(None, refs(prepare.VALIDATION)[0])]
-    if store == "validation_clusters":
-        r, v = refs(prepare.VALIDATION, ("cluster",))
-        return [(f"cluster_{j}", r[v["cluster"] == j]) for j in range(k)]
-    raise DataError(f"unknown token store {store!r}.")
 
 
 def _cut(refs: np.ndarray, range_bytes: int) -> list[np.ndarray]:
@@ -148,7 +65,7 @@ def plan(data_cfg, out, vocab, range_bytes: int = RANGE_BYTES) -> list[dict]:
         name = prepare.store_name(store, data_cfg)
         if shards.is_complete(base / name):
             continue
-        files, docs = layout(store, data_cfg, out)
+        files, docs = doclayout.layout(store, data_cfg, out)
         segments, tasks = [], []
         for seg, refs in docs:
             ids = []
@@ -174,7 +91,7 @@ def range_file(tmp: str, i: int) -> epath.Path:
 
 def tokenize_range(task: dict, tmp: str, vocab, out) -> dict:
     """Tokenise one range into its .npy file (atomically); returns {store, i, tokens, documents}."""
-    docs_text = list(texts(out, task["files"], task["refs"]))
+    docs_text = list(doclayout.texts(out, task["files"], task["refs"]))
     dtype = packing.token_dtype(int(vocab.vocab_size))
     docs = [
         d
