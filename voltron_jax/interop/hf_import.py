@@ -211,6 +211,18 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _fused_experts(router, gate_up, down) -> dict:
+    """The MoE FFN from a fused expert layout (JetMoE's and transformers 5's): router [E,D], gate_up [E,2F,D]
+    with the gate rows first, down [E,D,F]."""
+    f = gate_up.shape[1] // 2
+    return {
+        "router": router.T,
+        "gate": {"kernel": gate_up[:, :f].transpose(0, 2, 1)},
+        "up": {"kernel": gate_up[:, f:].transpose(0, 2, 1)},
+        "down": {"kernel": down.transpose(0, 2, 1)},
+    }
+
+
 def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
     """The project params of layer i (nested dict, numpy fp32) from HF tensors `t`."""
     p = f"model.layers.{i}."
@@ -232,23 +244,12 @@ def _layer_tensors(t: dict, i: int, ffn: str, n_experts: int) -> dict:
         }
     elif f"{p}mlp.input_linear.weight" in t:  # JetMoE
         _no_bias(t, f"{p}mlp.bias")
-        gu = t[f"{p}mlp.input_linear.weight"]  # [E,2F,D], gate rows first
-        f = gu.shape[1] // 2
-        ffn_p = {
-            "router": t[f"{p}mlp.router.layer.weight"].T,
-            "gate": {"kernel": gu[:, :f].transpose(0, 2, 1)},
-            "up": {"kernel": gu[:, f:].transpose(0, 2, 1)},
-            "down": {"kernel": t[f"{p}mlp.output_linear.weight"].transpose(0, 2, 1)},
-        }
+        router, gate_up = t[f"{p}mlp.router.layer.weight"], t[f"{p}mlp.input_linear.weight"]
+        ffn_p = _fused_experts(router, gate_up, t[f"{p}mlp.output_linear.weight"])
     else:  # transformers 5's fused layout
-        gu = t[f"{p}mlp.experts.gate_up_proj"]  # [E,2F,D]
-        f = gu.shape[1] // 2
-        ffn_p = {
-            "router": t[f"{p}mlp.gate.weight"].T,
-            "gate": {"kernel": gu[:, :f].transpose(0, 2, 1)},
-            "up": {"kernel": gu[:, f:].transpose(0, 2, 1)},
-            "down": {"kernel": t[f"{p}mlp.experts.down_proj"].transpose(0, 2, 1)},
-        }
+        ffn_p = _fused_experts(
+            t[f"{p}mlp.gate.weight"], t[f"{p}mlp.experts.gate_up_proj"], t[f"{p}mlp.experts.down_proj"]
+        )
     return {
         "attn": attn if attn is not None else _jetmoe_attention(t, p),
         "attn_norm": {"scale": t[f"{p}input_layernorm.weight"]},
