@@ -13,8 +13,6 @@ rare (no position of benchmarks/interop_parity.py's 256 either way, docs/results
 compared as: at least 95% of positions within 1e-4 (max abs), every position within 0.1, and the greedy
 generations identical."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ pytest.importorskip("accelerate")  # transformers' BitNet quantizer refuses to l
 torch = pytest.importorskip("torch")
 
 from hf_fixtures import hf_greedy, hf_logits, make_hf_bitnet  # noqa: E402
-from test_hf_export import random_params, tiny_config  # noqa: E402
+from test_hf_export import import_then_export, random_params, tiny_config  # noqa: E402
 
 from voltron_jax import config as cfglib  # noqa: E402
 from voltron_jax.errors import ConfigError  # noqa: E402
@@ -142,17 +140,9 @@ def test_imported_hf_bitnet_matches_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_bitnet_import_then_export_is_the_identity_on_tensors(tmp_path):
-    from safetensors.numpy import load_file
-
     src = str(tmp_path / "src")
     make_hf_bitnet(src)
-    c = cfglib.get_default()
-    c.data.seq_len = 64
-    hf_import.configure(c, src)
-    _, params = hf_import.load(src)
-    out = hf_export.export(params, c, str(tmp_path / "out"))
-    a = load_file(os.path.join(src, "model.safetensors"))
-    b = load_file(os.path.join(out, "model.safetensors"))
+    a, b, _ = import_then_export(src, str(tmp_path / "out"))
     assert sorted(a) == sorted(b)
     for k in a:  # packed uint8 codes, weight_scale, norms and embeddings: bit for bit
         assert a[k].dtype == b[k].dtype, k

@@ -95,19 +95,24 @@ def test_exported_model_matches_in_transformers(kind, tmp_path):
     assert got == [hf_greedy(hf, [1, *(b + 3 for b in prompt)], 10)]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "mixtral", "jetmoe"])
-def test_import_then_export_is_the_identity_on_tensors(kind, tmp_path):
+def import_then_export(src: str, out: str) -> tuple[dict, dict, str]:
+    """(the HF checkpoint's tensors, the tensors of its import exported again, the export's folder)."""
     from safetensors.numpy import load_file
 
-    src = str(tmp_path / "src")
-    make_hf_model(kind, src)
     c = cfglib.get_default()
     c.data.seq_len = 64
     hf_import.configure(c, src)
     _, params = hf_import.load(src)
-    out = hf_export.export(params, c, str(tmp_path / "out"))
-    a = load_file(os.path.join(src, "model.safetensors"))
-    b = load_file(os.path.join(out, "model.safetensors"))
+    out = hf_export.export(params, c, out)
+    tensors = lambda folder: load_file(os.path.join(folder, "model.safetensors"))
+    return tensors(src), tensors(out), out
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "mixtral", "jetmoe"])
+def test_import_then_export_is_the_identity_on_tensors(kind, tmp_path):
+    src = str(tmp_path / "src")
+    make_hf_model(kind, src)
+    a, b, out = import_then_export(src, str(tmp_path / "out"))
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
