@@ -14,7 +14,7 @@ over a sharded batch is global) and the z-loss mean(logsumexp(logits)^2), sown a
 (train and eval report its mean over layers). Each expert is one copy of the linear slot: the projections
 gate/up/down are `nn.vmap`s of the linear slot over a leading expert axis, so expert params are the dense
 MLP's leaves stacked [E,...] with logical axes ('expert', ...) (Dense: gate/up [E,D,F], down [E,F,D]), and
-a BitLinear expert keeps its own per-expert scales and norms. Four dispatch implementations (`impl`),
+a BitLinear expert keeps its own per-expert scales and norms. Five dispatch implementations (`impl`),
 identical up to dropping, one object each (plan, dispatch, combine, project) in dispatch.py (grouped:
 moe_groups.py), looked up once by name in `IMPLS`:   - 'capacity': GShard dispatch by a row gather into a
 [E,C,D] buffer (not the [A,E,C] one-hot einsum,     which costs A*E*C*D), batched matmuls, a gather back;
@@ -28,7 +28,9 @@ Needs the raw     stacked params: Dense kernels directly; another linear class m
 unbound instance carrying the slot's fields).   - 'dense': every expert on every token, masked by the
 gates (the reference for tests).   - 'grouped': 'capacity' with one group per sequence (per-row capacity,
 batched gathers and an     all-to-all to the expert layout; moe_groups.py): the one that stays sharded on
-pods. Deviations: with top_k=1 the gate is the router probability itself (Switch), because a renormalised
+pods.   - 'ragged': 'dropless' per device (tokens sorted by expert on the device holding them, grouped
+matmuls on the FSDP-gathered expert weights; moe_ragged.py): dropless at pod scale.
+Deviations: with top_k=1 the gate is the router probability itself (Switch), because a renormalised
 top-1 gate is always 1 and the router would get no LM-loss gradient (techniques-b.md 5.1). Groups for
 capacity are the whole batch (no per-device grouping); padding tokens are routed like real ones. Shape
 letters beyond the house set: A = B*T tokens, P = top-k picks, R = rows of a dispatched layout."""
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 from voltron_jax import registry
 from voltron_jax.errors import ConfigError
 from voltron_jax.models import dispatch as dispatch_lib
-from voltron_jax.models import moe_groups
+from voltron_jax.models import moe_groups, moe_ragged
 from voltron_jax.models.dispatch import Plan
 from voltron_jax.models.layers import Dense, param_with_axes
 
@@ -106,6 +108,7 @@ IMPLS: dict[str, dispatch_lib.Dispatch] = {
     "dropless": dispatch_lib.DROPLESS,
     "dense": dispatch_lib.DENSE,
     "grouped": moe_groups.GROUPED,
+    "ragged": moe_ragged.RAGGED,
 }
 
 
@@ -144,7 +147,8 @@ class MoE(nn.Module):
     """x [B,T,D] -> [B,T,D]: top-k of E SwiGLU experts (each d_ff wide) per token."""
 
     # config.model.moe: impl capacity (gather dispatch, overflow dropped; the GPU path) | dropless (sort +
-    # ragged_dot; the TPU path) | dense (all experts on all tokens; reference) | grouped (moe_groups.py).
+    # ragged_dot; the TPU path) | dense (all experts on all tokens; reference) | grouped (moe_groups.py)
+    # | ragged (dropless, sorted and multiplied per device on FSDP-gathered experts: moe_ragged.py).
     # capacity_factor >= n_experts / top_k never drops. The router is fp32, N(0, router_init_std^2).
     # impl and capacity_factor only change execution, so they may change on resume.
     CONFIG_KEY = "moe"
@@ -158,6 +162,7 @@ class MoE(nn.Module):
         ("act_expert", "expert"),
         ("act_capacity", None),
         ("act_group", ("data", "fsdp", "tensor")),  # rows of the grouped layout [E, B*C] (moe_groups.py)
+        ("act_rows", ("data", "fsdp", "tensor", "expert")),  # token groups of 'ragged', one a device
     )
 
     d_ff: int
@@ -227,10 +232,10 @@ def check_routing(config, name: str) -> None:
     mesh_e = config.mesh.expert
     if mesh_e > 1 and c.n_experts % mesh_e:
         raise ConfigError(f"{where}.n_experts={c.n_experts} is not divisible by mesh.expert={mesh_e}.")
-    if c.impl == "dropless" and config.model.linear != "dense":
+    if c.impl in ("dropless", "ragged") and config.model.linear != "dense":
         cls = registry.get("linear", config.model.linear)
         if not hasattr(cls, "ragged_dot"):
             raise ConfigError(
-                f"{where}.impl='dropless' needs {cls.__name__}.ragged_dot (grouped matmul of "
+                f"{where}.impl={c.impl!r} needs {cls.__name__}.ragged_dot (grouped matmul of "
                 f"stacked experts) for model.linear={config.model.linear!r}; use impl='capacity'."
             )
