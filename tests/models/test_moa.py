@@ -66,6 +66,7 @@ def _moa_params(dense: list, router, top_k=P):
         pytest.param("dropless", "causal", marks=pytest.mark.slow),
         ("capacity", "causal"),
         ("dense", "causal"),
+        ("ragged", "causal"),
         pytest.param("dropless", "infini", marks=pytest.mark.slow),
     ],
 )

@@ -131,36 +131,32 @@ def _gather_params(inst: Any, params: dict, specs: dict) -> dict:
     `gather_kernel`; other slots' leaves are gathered as they are (fp32)."""
     is_spec = lambda v: isinstance(v, PartitionSpec)
     if isinstance(inst, Dense) and set(params) == {"kernel"}:
-        w, transposed = gather_kernel(params["kernel"], specs["kernel"], inst.dtype)
-        return {TRANSPOSED if transposed else "kernel": w}
+        return {"kernel": gather_kernel(params["kernel"], specs["kernel"], inst.dtype)}
     return jax.tree.map(lambda v, s: sharding.gather_whole(v, s, first=0), params, specs, is_leaf=is_spec)
 
 
-TRANSPOSED = "kernel_out_in"  # a gathered Dense kernel held [E,out,in] (gather_kernel)
-
-
-def gather_kernel(k: jax.Array, spec: PartitionSpec, dtype) -> tuple[jax.Array, bool]:
-    """Inside the shard_map: the whole Dense expert kernel from the local shard of [E,in,out]: ([E,in,out],
-    False), or ([E,out,in], True) when the shards split out but not in.
+def gather_kernel(k: jax.Array, spec: PartitionSpec, dtype) -> jax.Array:
+    """Inside the shard_map: the whole Dense expert kernel [E,in,out] from its local shard.
 
     Two choices, both for the TPU's layouts, neither changing a value. The shard is cast to the compute
     dtype and gathered by a plain all-gather, whose transpose reduce-scatters the gradient in that dtype
     and casts it to fp32 after, as GSPMD does for the dense layers' FSDP gather (and MaxText): the
-    gradient all-reduce of the 13B MoE layer moved 6.6 GiB in fp32 per chip. And the kernel is held
-    [E,out,in]: FSDP splits 'embed', the out dim of the down projection [E,F,D], and an all-gather along
-    the minor dim followed by ragged_dot made XLA copy the gathered [8,13824,5120] kernel into another
-    layout in the forward, the recomputed forward and the backward (6.5M cycles each per layer on v5p);
-    transposing the 1/64 shard first gathers along a major dim, and ragged_dot_general contracts the
-    minor one (grouped_matmul)."""
+    gradient all-reduce of the 13B MoE layer moved 6.6 GiB in fp32 per chip. And a kernel whose shards
+    split its out dim but not its in dim (FSDP splits 'embed': the down projection [E,F,D]) is first
+    re-split along in by an all-to-all of the (bf16) shard, then gathered along in: gathered along the
+    minor dim, XLA copied the whole [8,13824,5120] kernel into ragged_dot's layout in the forward, the
+    recomputed forward and the backward (6.5M cycles each per layer on v5p), and the kernel's gradient
+    once more before its reduce-scatter (docs/results.md, issue 27)."""
     split = {d: tuple(n for n in sharding.axis_names(spec, d) if jax.lax.axis_size(n) > 1) for d in range(3)}
-    transposed = bool(split[2]) and not split[1]
     w = k.astype(dtype)
-    if transposed:
-        w, split = w.transpose(0, 2, 1), {0: split[0], 1: split[2], 2: split[1]}  # [E,out/s,in]
+    names = split[2]
+    if names and not split[1] and w.shape[1] % math.prod(jax.lax.axis_size(n) for n in names) == 0:
+        w = jax.lax.all_to_all(w, names, split_axis=1, concat_axis=2, tiled=True)  # [E,in/s,out]
+        split = {0: split[0], 1: names, 2: ()}
     for d, names in split.items():
         if names:
             w = jax.lax.all_gather(w, names, axis=d, tiled=True)
-    return w, transposed  # [E,in,out] | [E,out,in]
+    return w  # [E,in,out]
 
 
 def per_group(inst: Any, params: dict, x: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -179,12 +175,6 @@ def grouped_matmul(inst: Any, params: dict, x: jax.Array, group_sizes: jax.Array
             f"impl='ragged' needs {type(inst).__name__}.ragged_dot(params, x, group_sizes) (stacked "
             f"params {sorted(params)}); add it to that linear class or use impl='grouped'."
         )
-    if TRANSPOSED in params:  # [E,out,in] (gather_kernel): contract x's in with the kernel's minor dim
-        dn = jax.lax.RaggedDotDimensionNumbers(
-            dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
-        )
-        k = params[TRANSPOSED].astype(inst.dtype)
-        return jax.lax.ragged_dot_general(x.astype(inst.dtype), k, group_sizes, dn)  # [R,out]
     k = params["kernel"].astype(inst.dtype)  # [E,in,out]
     return jax.lax.ragged_dot(x.astype(inst.dtype), k, group_sizes)  # [R,out]
 
