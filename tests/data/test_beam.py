@@ -64,6 +64,7 @@ def test_beam_tokenises_in_small_ranges_and_writes_the_in_process_stores(tmp_pat
     # range, document, record and shard boundaries all fall at different places; the bytes must not change
     monkeypatch.setattr(shards, "CHUNK_TOKENS", 61)
     monkeypatch.setattr(shards, "CHUNKS_PER_SHARD", 3)
+    monkeypatch.setattr(ranges, "PLAN_BUCKET_BYTES", 4000)  # the global shuffle planned in several units
     recs, _ = planted_records(120, 8, 30, seed=4)
     c = tiny.get_config("test")
     c.data.n_clusters, c.data.embed.dim, c.data.icp.knn = 3, 32, 10
@@ -87,8 +88,9 @@ def test_beam_tokenises_in_small_ranges_and_writes_the_in_process_stores(tmp_pat
     assert not (beam / "data" / ranges.TMP).exists()  # the range files went once the indexes were written
     # the split was really small: re-plan the Beam output's stores into a fresh folder
     c.data.token_dir = str(tmp_path / "replan")
-    n = {s["store"]: len(s["ranges"]) for s in ranges.plan(c.data, beam / "data", vocab, 700)}
-    assert min(n.values()) > 3, n
+    replan = ranges.plan(c.data, beam / "data", vocab, 700)
+    n = {s["store"]: len(s["ranges"]) for s in replan}
+    assert min(n.values()) > 3 and next(len(s["units"]) for s in replan if s["kind"] == "random") > 2, n
     # only the tokenisation, on Beam, of the in-process preparation: the same stores again
     paths = beam_pipeline.tokenize(c, str(local), range_bytes=700)
     for store, path in paths.items():

@@ -21,11 +21,13 @@ Graph (each step reuses the in-process function of prepare.py, so the outputs ar
          -> GroupByKey(cluster) -> order_cluster + write the cluster's shard  (ICP per cluster, parallel)
     validation -> embed + assign -> one list sorted by index -> validation.jsonl
     all of the above -> finish: empty shards for empty clusters, stats, prepare.json
-    finish -> plan (one worker, I/O only: SentencePiece on a sample if asked, then each token store's
-        documents in their final order cut into ranges of ~--tokenize_range_mb of text, ranges.py)
+    finish -> plan (one worker: SentencePiece on a sample if asked, then the stores to write, each
+        split into units: a cluster, or a bucket of the global shuffle; no per-document data)
+        -> scan each prepared JSONL file (parallel) -> GroupByKey(store, unit) -> cut each unit's
+        documents, in their final order, into ranges of ~--tokenize_range_mb of text (parallel; ranges.py)
         -> Reshuffle -> tokenise each range into an id file under <workdir>/data/tokenize-tmp (parallel)
-        -> pack (one worker, I/O only: the range files in order into ArrayRecord shards, index last,
-           then the range files are removed)
+        -> pack (one worker, I/O only, two integers per range: the range files in order into ArrayRecord
+           shards, index last, then the range files are removed)
 The fit runs on one worker over the sample only (c-BTM fits on one shard too); the kNN + traversal of a
 cluster runs on one worker and needs that cluster's documents and vectors in memory (~N/k * (text +
 4*D bytes)): raise data.n_clusters for a bigger corpus. The result does not depend on the runner: the
@@ -39,8 +41,8 @@ constraints.txt), which imports against protobuf 6. Only the plan, tokenise and 
 seqio (its vocabularies); the graph's other steps import neither seqio nor TensorFlow.
 
 Tokenising (~1-3 MB/s of text per core with SentencePiece) runs in parallel over the ranges; the pack
-step only copies ids. The plan holds (file, offset, length) of every document of the stores on one
-worker (~10 GB at c4's ~365M documents: not sharded yet, see ranges.py).
+step only copies ids. No step holds per-document data of the whole corpus: a scan holds one cluster's
+(file, offset, length) rows, a cut one unit's (a cluster, or ~1 GB of text of the global shuffle).
 """
 
 from __future__ import annotations
@@ -171,8 +173,15 @@ def _vocab(data_cfg, out: str):
     return _VOCABS[key]
 
 
-def _plan(_, data_cfg, out: str, range_bytes: int) -> list[dict]:
-    return ranges.plan(data_cfg, out, _vocab(data_cfg, out), range_bytes)
+def _plan_stores(_, data_cfg, out: str) -> list[dict]:
+    return ranges.plan_stores(data_cfg, out, _vocab(data_cfg, out))
+
+
+def _cut(kv, range_bytes: int, stores: list[dict]) -> dict:
+    (name, unit), parts = kv
+    st = next(s for s in stores if s["store"] == name)
+    cut = ranges.cut_unit(st, unit, list(parts), range_bytes)
+    return dict(cut, tasks=[(t, st["tmp"]) for t in cut["tasks"]])
 
 
 def _tokenize_range(item: tuple, data_cfg, out: str) -> dict:
@@ -180,9 +189,9 @@ def _tokenize_range(item: tuple, data_cfg, out: str) -> dict:
     return ranges.tokenize_range(task, tmp, _vocab(data_cfg, out), out)
 
 
-def _pack(stores: list[dict], data_cfg, out: str, done: list[dict]) -> int:
-    for store in stores:  # the same token stores, bytes and all, as prepare.tokenize in process
-        ranges.pack(store, _vocab(data_cfg, out), done)
+def _pack(stores: list[dict], data_cfg, out: str, cuts: list[dict], done: list[dict]) -> int:
+    for st in stores:  # the same token stores, bytes and all, as prepare.tokenize in process
+        ranges.pack(ranges.assemble(st, cuts), _vocab(data_cfg, out), done)
     return len(stores)
 
 
@@ -259,16 +268,25 @@ def build_tokenize(after, data_cfg, out: str, range_bytes: int = ranges.RANGE_BY
     """Add plan -> tokenise ranges (parallel) -> pack, started by PCollection `after` (one element) once
     <out>/prepare.json exists: the token stores data.ordering reads that are not complete yet."""
     import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
-    from apache_beam.pvalue import AsList  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.pvalue import AsList, AsSingleton  # lazy: the optional extra [data] (Apache Beam)
 
-    plans = after | "Plan" >> beam.Map(_plan, data_cfg, out, range_bytes)
-    done = (
+    plans = after | "Plan" >> beam.Map(_plan_stores, data_cfg, out)  # stores and their units, no documents
+    cuts = (
         plans
-        | "Ranges" >> beam.FlatMap(lambda stores: [(t, st["tmp"]) for st in stores for t in st["ranges"]])
+        | "ScanJobs" >> beam.FlatMap(ranges.scan_jobs)  # one per prepared JSONL file
+        | "SpreadScans" >> beam.Reshuffle()
+        | "Scan" >> beam.FlatMap(ranges.scan, out)  # ((store, unit), that file's part of the unit)
+        | "ByUnit" >> beam.GroupByKey()
+        | "Cut" >> beam.Map(_cut, range_bytes, AsSingleton(plans))  # one unit's documents at a time
+    )
+    done = (
+        cuts
+        | "Ranges" >> beam.FlatMap(lambda cut: cut["tasks"])
         | "Spread" >> beam.Reshuffle()
         | "Tokenize" >> beam.Map(_tokenize_range, data_cfg, out)
     )
-    _ = plans | "Pack" >> beam.Map(_pack, data_cfg, out, AsList(done))
+    summaries = cuts | "Summaries" >> beam.Map(lambda cut: {k: cut[k] for k in ("store", "unit", "ranges")})
+    _ = plans | "Pack" >> beam.Map(_pack, data_cfg, out, AsList(summaries), AsList(done))
 
 
 def run(
