@@ -56,7 +56,7 @@ from etils import epath
 
 from voltron_jax import cli
 from voltron_jax.config import validate
-from voltron_jax.data import cbtm, embed, orderings, prepare, ranges
+from voltron_jax.data import beam_fixes, cbtm, embed, orderings, prepare, ranges
 from voltron_jax.data.corpus import DataError
 
 
@@ -127,7 +127,8 @@ def check_delivered(stats: list, val_sizes: list, counts: dict) -> None:
     """DataError unless every kept train document reached the ICP step and every validation document its
     file: a runner that loses elements must not leave a preparation marked complete. (Seen: Beam's
     DirectRunner in multi_processing mode, 2 workers, 1 GB corpus, loaded 2-core host: twice of three
-    runs ~29k and 3,553 of the 316,588 train documents never reached the ICP step; docs/results.md.)"""
+    runs ~29k and 3,553 of the 316,588 train documents never reached the ICP step; cause: a race in
+    Beam's runner -> worker data stream, fixed here by beam_fixes.install(); docs/results.md.)"""
     n_train, n_val = sum(st["n_in"] for st in stats), int(sum(val_sizes))
     if n_train != counts["kept"] or n_val != counts["validation"]:
         raise DataError(
@@ -316,6 +317,7 @@ def run(
         records = records if records is not None else prepare.corpus_records(config.data)
         prepare.check_records(records, config.data.n_clusters, "the records given")
     prepare.clear(out)
+    beam_fixes.install()  # the DirectRunner's gRPC workers lost data without it (beam_fixes.py)
     options = PipelineOptions(beam_args or ["--runner=DirectRunner"])
     with beam.Pipeline(options=options) as p:
         if input_pattern:
@@ -337,6 +339,7 @@ def tokenize(config, workdir, *, beam_args: list[str] | None = None, range_bytes
     out = epath.Path(workdir) / "data"
     if prepare.read_marker(out) is None:
         raise DataError(f"{out} holds no finished preparation (no {prepare.MARKER}); prepare it first.")
+    beam_fixes.install()  # the DirectRunner's gRPC workers lost data without it (beam_fixes.py)
     with beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"])) as p:
         build_tokenize(p | "Once" >> beam.Create([None]), config.data, str(out), range_bytes)
     vocab = prepare.prepared_vocab(config.data, out)
