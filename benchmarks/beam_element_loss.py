@@ -15,7 +15,7 @@ GroupByKey(cluster) -> count each group. Beam Metrics counters count the element
 BatchElements, the batches, the elements into the assign step and out of the groups; Count.Globally and
 the group sizes count the data itself. One JSON row per run; `lost` = kept - grouped. `--trace` logs,
 in the runner process, the elements each bundle's input holds when the runner sends it to a worker
-(and with `BEAM_LOSS_TRACE=1 PYTHONPATH=<dir of a sitecustomize.py>`, what the workers received; see
+(and with `BEAM_LOSS_TRACE=1 PYTHONPATH=benchmarks/beam_loss_hook`, what the workers received; see
 docs/results.md). `--fix` installs voltron_jax.data.beam_fixes first; without it no project code is
 imported.
 
