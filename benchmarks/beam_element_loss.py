@@ -5,6 +5,8 @@
     # the preparation graph's shape with cheap steps (~3 min and ~10 GB per run at this size):
     python benchmarks/beam_element_loss.py --docs=320000 --doc_bytes=3000 --sleep_us_per_doc=300 \
         --runs=2 --mode=multi_processing --workers=2 [--fix] [--trace] [--json=out.jsonl]
+    # the same race on a small input, the runner's flush period cut from 1 s to 1 ms (~30 s, ~3 GB):
+    python benchmarks/beam_element_loss.py --docs=60000 --doc_bytes=2500 --flush_ms=1 [--fix]
 
 Graph: synthetic records {index, id, text, split} (1% validation) go through the shape of
 voltron_jax/data/beam_pipeline.py's graph before the tokenisation, with cheap stand-ins for the
@@ -270,6 +272,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--trace", action="store_true", help="log the runner's buffers (slow)")
     ap.add_argument("--fix", action="store_true", help="voltron_jax.data.beam_fixes.install() first")
+    ap.add_argument("--flush_ms", type=int, default=0, help="the runner's stream flush period (Beam: 1000)")
     ap.add_argument(
         "--stream_only", action="store_true", help="only the faulty stream, without then with --fix"
     )
@@ -287,6 +290,10 @@ def main() -> None:
         return
     if args.trace:
         trace_runner_buffers()
+    if args.flush_ms:  # a shorter period makes the race likely on small inputs
+        from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+        worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = args.flush_ms
     for _ in range(args.runs):
         row = run_once(args)
         print("ROW " + json.dumps(row), flush=True)
