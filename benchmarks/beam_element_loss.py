@@ -31,12 +31,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 
+import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import AsDict, AsList, AsSingleton
+from apache_beam.runners.portability.fn_api_runner import execution, fn_runner, worker_handlers
+from apache_beam.runners.worker import data_plane
 
 WORDS = [f"w{i}" for i in range(5000)]
 
@@ -60,9 +67,7 @@ def rank(r):
     return hashlib.blake2b(r["id"].encode(), digest_size=8).digest()
 
 
-def build(p, args, beam):
-    from apache_beam.metrics import Metrics
-    from apache_beam.pvalue import AsDict, AsList, AsSingleton
+def build(p, args):
 
     per = args.docs // args.shards
     records = (
@@ -144,9 +149,6 @@ def build(p, args, beam):
 def trace_runner_buffers() -> None:
     """In the runner process: log, per bundle sent to a worker, the elements of each input part and, per
     stage input buffer, the elements appended to it against those handed out by partition()."""
-    import logging
-
-    from apache_beam.runners.portability.fn_api_runner import execution, fn_runner
 
     log = logging.getLogger("trace")
     logging.basicConfig(level=logging.WARNING)
@@ -202,8 +204,6 @@ def trace_runner_buffers() -> None:
 
 
 def run_once(args) -> dict:
-    import apache_beam as beam  # lazy: Apache Beam, the optional extra [data]
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     opts = [
         "--runner=DirectRunner",
@@ -212,7 +212,7 @@ def run_once(args) -> dict:
     ]
     t0 = time.time()
     p = beam.Pipeline(options=PipelineOptions(opts))
-    out = build(p, args, beam)
+    out = build(p, args)
     path = os.path.join(tempfile.mkdtemp(prefix="beam_loss_"), "finish.json")
 
     def write(d):
@@ -233,8 +233,6 @@ def run_once(args) -> dict:
 
 def stream_only(fix: bool) -> dict:
     """The runner's time-flushed stream alone: bytes written vs bytes the flush/close callbacks got."""
-    from apache_beam.runners.worker import data_plane
-
     sent = []
 
     def slow_send(data: bytes) -> None:  # building the message, waiting on a full send queue
@@ -291,8 +289,6 @@ def main() -> None:
     if args.trace:
         trace_runner_buffers()
     if args.flush_ms:  # a shorter period makes the race likely on small inputs
-        from apache_beam.runners.portability.fn_api_runner import worker_handlers
-
         worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = args.flush_ms
     for _ in range(args.runs):
         row = run_once(args)

@@ -5,7 +5,7 @@ its data channel delivered and the elements each DataInputOperation decoded (and
 import os
 
 if os.environ.get("BEAM_LOSS_TRACE"):
-    import logging
+    import logging  # lazy: every Python process imports this file; only traced runs need these
 
     from apache_beam.runners.worker import bundle_processor as bp
     from apache_beam.runners.worker import data_plane as dp
