@@ -21,11 +21,13 @@ Graph (each step reuses the in-process function of prepare.py, so the outputs ar
          -> GroupByKey(cluster) -> order_cluster + write the cluster's shard  (ICP per cluster, parallel)
     validation -> embed + assign -> one list sorted by index -> validation.jsonl
     all of the above -> finish: empty shards for empty clusters, stats, prepare.json
-    finish -> plan (one worker, I/O only: SentencePiece on a sample if asked, then each token store's
-        documents in their final order cut into ranges of ~--tokenize_range_mb of text, ranges.py)
+    finish -> plan (one worker: SentencePiece on a sample if asked, then the stores to write, each
+        split into units: a cluster, or a bucket of the global shuffle; no per-document data)
+        -> scan each prepared JSONL file (parallel) -> GroupByKey(store, unit) -> cut each unit's
+        documents, in their final order, into ranges of ~--tokenize_range_mb of text (parallel; ranges.py)
         -> Reshuffle -> tokenise each range into an id file under <workdir>/data/tokenize-tmp (parallel)
-        -> pack (one worker, I/O only: the range files in order into ArrayRecord shards, index last,
-           then the range files are removed)
+        -> pack (one worker, I/O only, two integers per range: the range files in order into ArrayRecord
+           shards, index last, then the range files are removed)
 The fit runs on one worker over the sample only (c-BTM fits on one shard too); the kNN + traversal of a
 cluster runs on one worker and needs that cluster's documents and vectors in memory (~N/k * (text +
 4*D bytes)): raise data.n_clusters for a bigger corpus. The result does not depend on the runner: the
@@ -39,8 +41,8 @@ constraints.txt), which imports against protobuf 6. Only the plan, tokenise and 
 seqio (its vocabularies); the graph's other steps import neither seqio nor TensorFlow.
 
 Tokenising (~1-3 MB/s of text per core with SentencePiece) runs in parallel over the ranges; the pack
-step only copies ids. The plan holds (file, offset, length) of every document of the stores on one
-worker (~10 GB at c4's ~365M documents: not sharded yet, see ranges.py).
+step only copies ids. No step holds per-document data of the whole corpus: a scan holds one cluster's
+(file, offset, length) rows, a cut one unit's (a cluster, or ~1 GB of text of the global shuffle).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from etils import epath
 
 from voltron_jax import cli
 from voltron_jax.config import validate
-from voltron_jax.data import cbtm, embed, orderings, prepare, ranges
+from voltron_jax.data import beam_fixes, cbtm, embed, orderings, prepare, ranges
 from voltron_jax.data.corpus import DataError
 
 
@@ -125,7 +127,8 @@ def check_delivered(stats: list, val_sizes: list, counts: dict) -> None:
     """DataError unless every kept train document reached the ICP step and every validation document its
     file: a runner that loses elements must not leave a preparation marked complete. (Seen: Beam's
     DirectRunner in multi_processing mode, 2 workers, 1 GB corpus, loaded 2-core host: twice of three
-    runs ~29k and 3,553 of the 316,588 train documents never reached the ICP step; docs/results.md.)"""
+    runs ~29k and 3,553 of the 316,588 train documents never reached the ICP step; cause: a race in
+    Beam's runner -> worker data stream, fixed here by beam_fixes.install(); docs/results.md.)"""
     n_train, n_val = sum(st["n_in"] for st in stats), int(sum(val_sizes))
     if n_train != counts["kept"] or n_val != counts["validation"]:
         raise DataError(
@@ -171,8 +174,15 @@ def _vocab(data_cfg, out: str):
     return _VOCABS[key]
 
 
-def _plan(_, data_cfg, out: str, range_bytes: int) -> list[dict]:
-    return ranges.plan(data_cfg, out, _vocab(data_cfg, out), range_bytes)
+def _plan_stores(_, data_cfg, out: str) -> list[dict]:
+    return ranges.plan_stores(data_cfg, out, _vocab(data_cfg, out))
+
+
+def _cut(kv, range_bytes: int, stores: list[dict]) -> dict:
+    (name, unit), parts = kv
+    st = next(s for s in stores if s["store"] == name)
+    cut = ranges.cut_unit(st, unit, list(parts), range_bytes)
+    return dict(cut, tasks=[(t, st["tmp"]) for t in cut["tasks"]])
 
 
 def _tokenize_range(item: tuple, data_cfg, out: str) -> dict:
@@ -180,9 +190,9 @@ def _tokenize_range(item: tuple, data_cfg, out: str) -> dict:
     return ranges.tokenize_range(task, tmp, _vocab(data_cfg, out), out)
 
 
-def _pack(stores: list[dict], data_cfg, out: str, done: list[dict]) -> int:
-    for store in stores:  # the same token stores, bytes and all, as prepare.tokenize in process
-        ranges.pack(store, _vocab(data_cfg, out), done)
+def _pack(stores: list[dict], data_cfg, out: str, cuts: list[dict], done: list[dict]) -> int:
+    for st in stores:  # the same token stores, bytes and all, as prepare.tokenize in process
+        ranges.pack(ranges.assemble(st, cuts), _vocab(data_cfg, out), done)
     return len(stores)
 
 
@@ -259,16 +269,25 @@ def build_tokenize(after, data_cfg, out: str, range_bytes: int = ranges.RANGE_BY
     """Add plan -> tokenise ranges (parallel) -> pack, started by PCollection `after` (one element) once
     <out>/prepare.json exists: the token stores data.ordering reads that are not complete yet."""
     import apache_beam as beam  # lazy: the optional extra [data] (Apache Beam)
-    from apache_beam.pvalue import AsList  # lazy: the optional extra [data] (Apache Beam)
+    from apache_beam.pvalue import AsList, AsSingleton  # lazy: the optional extra [data] (Apache Beam)
 
-    plans = after | "Plan" >> beam.Map(_plan, data_cfg, out, range_bytes)
-    done = (
+    plans = after | "Plan" >> beam.Map(_plan_stores, data_cfg, out)  # stores and their units, no documents
+    cuts = (
         plans
-        | "Ranges" >> beam.FlatMap(lambda stores: [(t, st["tmp"]) for st in stores for t in st["ranges"]])
+        | "ScanJobs" >> beam.FlatMap(ranges.scan_jobs)  # one per prepared JSONL file
+        | "SpreadScans" >> beam.Reshuffle()
+        | "Scan" >> beam.FlatMap(ranges.scan, out)  # ((store, unit), that file's part of the unit)
+        | "ByUnit" >> beam.GroupByKey()
+        | "Cut" >> beam.Map(_cut, range_bytes, AsSingleton(plans))  # one unit's documents at a time
+    )
+    done = (
+        cuts
+        | "Ranges" >> beam.FlatMap(lambda cut: cut["tasks"])
         | "Spread" >> beam.Reshuffle()
         | "Tokenize" >> beam.Map(_tokenize_range, data_cfg, out)
     )
-    _ = plans | "Pack" >> beam.Map(_pack, data_cfg, out, AsList(done))
+    summaries = cuts | "Summaries" >> beam.Map(lambda cut: {k: cut[k] for k in ("store", "unit", "ranges")})
+    _ = plans | "Pack" >> beam.Map(_pack, data_cfg, out, AsList(summaries), AsList(done))
 
 
 def run(
@@ -298,6 +317,7 @@ def run(
         records = records if records is not None else prepare.corpus_records(config.data)
         prepare.check_records(records, config.data.n_clusters, "the records given")
     prepare.clear(out)
+    beam_fixes.install()  # the DirectRunner's gRPC workers lost data without it (beam_fixes.py)
     options = PipelineOptions(beam_args or ["--runner=DirectRunner"])
     with beam.Pipeline(options=options) as p:
         if input_pattern:
@@ -319,6 +339,7 @@ def tokenize(config, workdir, *, beam_args: list[str] | None = None, range_bytes
     out = epath.Path(workdir) / "data"
     if prepare.read_marker(out) is None:
         raise DataError(f"{out} holds no finished preparation (no {prepare.MARKER}); prepare it first.")
+    beam_fixes.install()  # the DirectRunner's gRPC workers lost data without it (beam_fixes.py)
     with beam.Pipeline(options=PipelineOptions(beam_args or ["--runner=DirectRunner"])) as p:
         build_tokenize(p | "Once" >> beam.Create([None]), config.data, str(out), range_bytes)
     vocab = prepare.prepared_vocab(config.data, out)

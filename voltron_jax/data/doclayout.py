@@ -2,8 +2,9 @@
 documents in their final order as byte ranges of those files.
 
 Below both writers of token stores: `prepare._fill` streams the seeded stores from `layout` + `texts`, and
-`ranges.plan` cuts the same layout into ranges tokenised in parallel, so both write the same bytes. Memory:
-three integers per document (file, offset, length), never the texts.
+`ranges.plan` cuts the same order (per cluster, or per bucket of the seeded key) into ranges tokenised in
+parallel, so both write the same bytes. Memory: three integers per document (file, offset, length), never
+the texts.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def _scan(path: epath.Path, fields: tuple[str, ...]) -> tuple[np.ndarray, np.nda
     )
 
 
+def shuffle_keys(seed: int, index: np.ndarray) -> np.ndarray:
+    """`shuffle_key` of each corpus index, as S12[N] (numpy orders them as bytes, as Python does)."""
+    return np.asarray([shuffle_key(seed, int(i)) for i in index], dtype="S12").reshape(-1)
+
+
 def _shuffled(seed: int, index: np.ndarray) -> np.ndarray:
     """Positions in the seeded order `prepare.shuffle_key` gives (a stable sort, as Python's sorted)."""
-    keys = np.asarray([shuffle_key(seed, int(i)) for i in index], dtype="S12")
-    return np.argsort(keys, kind="stable")
+    return np.argsort(shuffle_keys(seed, index), kind="stable")
 
 
 def layout(store: str, data_cfg, out) -> tuple[list[str], list[tuple[str | None, np.ndarray]]]:
