@@ -258,7 +258,8 @@ def _folder_bytes(folder: str) -> dict[str, bytes]:
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
 
 
-def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> list[dict]:
+def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str):
+    """Yields each row as soon as it is measured (a long run keeps the rows it finished)."""
     import glob
 
     from voltron_jax.data import prepare
@@ -268,7 +269,7 @@ def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> li
     if os.path.exists(run):
         shutil.rmtree(run)
     common = dict(stage="prepare", mode=mode, size_mb=size_mb)
-    rows, load = [], _Load()
+    load = _Load()
     if mode == "inproc":
         t0 = time.perf_counter()
         recs = [json.loads(line) for f in sorted(glob.glob(pattern)) for line in open(f)]
@@ -279,14 +280,14 @@ def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> li
         stages = sum(v for k, v in stats["seconds"].items() if not isinstance(v, dict))
         row = dict(common, vocab=kinds[0], seconds=total, load_seconds=t_load, stage_seconds=stages)
         row.update(tokenize_seconds=total - t_load - stages, kept=stats["docs"]["kept"])
-        rows.append(dict(row, peak_rss_mb=_peak_rss_mb(), **load.done()))
+        yield dict(row, peak_rss_mb=_peak_rss_mb(), **load.done())
         for kind in kinds[1:]:  # the same prepared documents, another vocabulary's stores
             load, t1 = _Load(), time.perf_counter()
             prepare.tokenize(_prep_config(kind).data, os.path.join(run, "data"))
             tok = time.perf_counter() - t1
             row = dict(common, vocab=kind, seconds=t_load + stages + tok, load_seconds=t_load)
             row.update(stage_seconds=stages, tokenize_seconds=tok, kept=stats["docs"]["kept"])
-            rows.append(dict(row, peak_rss_mb=_peak_rss_mb(), **load.done()))
+            yield dict(row, peak_rss_mb=_peak_rss_mb(), **load.done())
     elif mode == "tokenize":  # the tokenisation alone: sequential in process vs Beam ranges, same bytes
         from voltron_jax.data import beam_pipeline
 
@@ -307,7 +308,7 @@ def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> li
             same = all(_folder_bytes(seq[st]) == _folder_bytes(par[st]) for st in seq)
             tokens = sum(json.load(open(os.path.join(p, "index.json")))["tokens"] for p in seq.values())
             row = dict(common, vocab=kind, sequential_s=t_seq, beam_2_workers_s=t_par, identical=same)
-            rows.append(dict(row, tokens=tokens, load_sequential=l_seq, load_beam=l_par, range_mb=16))
+            yield dict(row, tokens=tokens, load_sequential=l_seq, load_beam=l_par, range_mb=16)
     else:
         from voltron_jax.data import beam_pipeline
 
@@ -318,9 +319,8 @@ def prepare_child(size_mb: int, kinds: list[str], mode: str, workdir: str) -> li
         total = time.perf_counter() - t0
         worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         row = dict(common, vocab=kind, seconds=total, kept=stats["docs"]["kept"], worker_peak_rss_mb=worker)
-        rows.append(dict(row, peak_rss_mb=_peak_rss_mb(), **load.done()))
+        yield dict(row, peak_rss_mb=_peak_rss_mb(), **load.done())
     shutil.rmtree(run)
-    return rows
 
 
 def _run(args: list[str]) -> dict:
@@ -333,15 +333,17 @@ def _run(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _run_rows(args: list[str]) -> list[dict]:
-    """A child that prints one JSON row per line (the last lines of its stdout)."""
+def _run_rows(args: list[str]):
+    """A child that prints one JSON row per line: each row is yielded as the child prints it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    out = subprocess.run(
-        [sys.executable, __file__, *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    return [json.loads(x) for x in out.stdout.splitlines() if x.startswith('{"stage"')]
+    with subprocess.Popen(
+        [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    ) as child:
+        for line in child.stdout:
+            if line.startswith('{"stage"'):
+                yield json.loads(line)
+    if child.returncode:
+        raise SystemExit(f"benchmark child {args} failed (exit {child.returncode}); its stderr is above")
 
 
 def main() -> None:
