@@ -30,6 +30,8 @@ two-depth compiles in the same --workdir (run or reused first):
     --config.mesh.expert=1 --config.model.remat=full --estimate_depths=1 --estimate_rest=<its dense rest>`
     (the MoE alone, dropless per device).
 MFU of the MoE rows uses the MoE's analytic FLOPs (21.35B active matmul parameters per token).
+Only their times compare: MaxText's grouped matmuls are megablox (Mosaic) kernels, which carry no
+per-op cycles in the dump, so the MoE per-op tables leave them out (docs/results.md, issue 27).
 """
 
 from __future__ import annotations
