@@ -222,29 +222,3 @@ def test_head_shaped_dense_is_the_reshaped_plain_product():
     va = att.init(jax.random.key(4), h, pos)
     ref = attention.Attention(4, 2, d // 4, linear=lambda *a, **k: Dense(*a, **k))
     np.testing.assert_allclose(att.apply(va, h, pos), ref.apply(va, h, pos), atol=1e-5, rtol=1e-5)
-
-
-def test_fused_qkv_is_the_three_projections_with_the_same_params():
-    """model.mha.fused_qkv: one matmul with the q/k/v kernels concatenated along heads; the same param
-    tree (checkpoints load either way), the same values and gradients as three projections (fp32, GQA);
-    a linear slot other than Dense is refused."""
-    from voltron_jax.config import validate
-    from voltron_jax.errors import ConfigError
-
-    b, t, d = 2, 16, 32
-    x = jax.random.normal(jax.random.key(3), (b, t, d))
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    three, fused = attention.Attention(4, 2, d // 4), attention.Attention(4, 2, d // 4, fused_qkv=True)
-    v = three.init(jax.random.key(4), x, pos)
-    assert jax.tree.map(jnp.shape, fused.init(jax.random.key(4), x, pos)) == jax.tree.map(jnp.shape, v)
-    np.testing.assert_allclose(fused.apply(v, x, pos), three.apply(v, x, pos), atol=1e-5, rtol=1e-5)
-    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x, pos)))
-    g3, gf = jax.grad(loss(three), argnums=(0, 1))(v, x), jax.grad(loss(fused), argnums=(0, 1))(v, x)
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-5), gf, g3)
-    # the whole model: the config flag reaches the attention slot, same params and logits
-    m3, p, ids = _init(_cfg())
-    mf = decoder.build_model(_cfg(mha=dict(fused_qkv=True)).model)
-    np.testing.assert_allclose(mf.apply(p, ids), m3.apply(p, ids), atol=1e-5, rtol=1e-5)
-    c = _cfg(linear="bitlinear", mha=dict(fused_qkv=True))
-    with pytest.raises(ConfigError, match="fused_qkv"):
-        validate(c, n_devices=8)

@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from voltron_jax.errors import ConfigError
 from voltron_jax.models import splash
 from voltron_jax.models.layers import Dense, rope
 
@@ -121,37 +120,22 @@ def head_dim(m) -> int:
 
 
 class Attention(nn.Module):
-    """q, k, v projections (GQA when n_kv_heads < n_heads), an attention core, and the output projection.
-
-    `fused_qkv` (config.model.mha.fused_qkv, Dense linear only): q, k and v in one matmul of x with the
-    three kernels concatenated along heads ([D,H+2G,K], as MaxText's `fused_qkv`), then split. The params
-    stay the three q/k/v kernels (checkpoints load either way) and the values are the same products."""
-
-    # config.model.mha: fused_qkv (bool; how q/k/v are computed, not what: may change on resume)
-    CONFIG_KEY = "mha"
-    DEFAULTS = dict(fused_qkv=False)
-    RUNTIME_FIELDS = ("fused_qkv",)
+    """q, k, v projections (GQA when n_kv_heads < n_heads), an attention core, and the output projection."""
 
     n_heads: int
     n_kv_heads: int
     head_dim: int
     core: Any = CausalCore  # callable(name=...) -> core module
     linear: Any = Dense
-    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, valid=None):
         b, t, d = x.shape
         h, g, k = self.n_heads, self.n_kv_heads, self.head_dim
         if getattr(self.linear, "func", self.linear) is Dense:  # head-shaped matmuls, no relayout copies
-            heads = (("q", h, "heads"), ("k", g, "kv_heads"), ("v", g, "kv_heads"))
-            proj = [self.linear(n * k, ("embed", axis), name=nm, heads_out=n) for nm, n, axis in heads]
-            if self.fused_qkv:
-                w = jnp.concatenate([p(x, return_kernel=True) for p in proj], axis=1)  # [D,H+2G,K]
-                qkv = jnp.einsum("btd,dnk->btnk", x.astype(w.dtype), w)  # [B,T,H+2G,K]
-                q, kk, v = jnp.split(qkv, [h, h + g], axis=2)  # [B,T,H,K], [B,T,G,K], [B,T,G,K]
-            else:
-                q, kk, v = (p(x) for p in proj)  # [B,T,H,K], [B,T,G,K], [B,T,G,K]
+            q = self.linear(h * k, ("embed", "heads"), name="q", heads_out=h)(x)  # [B,T,H,K]
+            kk = self.linear(g * k, ("embed", "kv_heads"), name="k", heads_out=g)(x)  # [B,T,G,K]
+            v = self.linear(g * k, ("embed", "kv_heads"), name="v", heads_out=g)(x)  # [B,T,G,K]
             out = lambda o: self.linear(d, ("heads", "embed"), name="o", heads_in=h)(o)  # [B,T,D]
         else:  # other linear slots (BitLinear) take and give [..., features]
             q = self.linear(h * k, ("embed", "heads"), name="q")(x).reshape(b, t, h, k)  # [B,T,H,K]
@@ -165,14 +149,11 @@ class Attention(nn.Module):
 
     @staticmethod
     def from_config(m) -> dict:
-        return dict(fused_qkv=m.mha.fused_qkv)
+        return {}
 
     @staticmethod
     def validate(config) -> None:
-        """fused_qkv concatenates Dense kernels: other linear slots (BitLinear) have their own matmuls."""
-        m = config.model
-        if m.mha.fused_qkv and m.linear != "dense":
-            raise ConfigError(f"model.mha.fused_qkv needs model.linear='dense', not {m.linear!r}.")
+        del config
 
     @staticmethod
     def core_head_factor(m) -> int:

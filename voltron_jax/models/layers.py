@@ -43,9 +43,7 @@ class Dense(nn.Module):
     heads_in: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_kernel: bool = False) -> jax.Array:
-        """y = x @ W; with `return_kernel`, W alone in `dtype` (as [in, H, K] with heads_out), for a caller
-        that fuses several projections of x into one matmul (attention's `fused_qkv`)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         n_in = x.shape[-1] * max(self.heads_in, 1)
         w = param_with_axes(
             self, "kernel", nn.initializers.normal(self.init_std), (n_in, self.features), self.kernel_axes
@@ -53,9 +51,7 @@ class Dense(nn.Module):
         x, w = x.astype(self.dtype), w.astype(self.dtype)
         if self.heads_out:
             w = w.reshape(n_in, self.heads_out, self.features // self.heads_out)  # [D,H,K]
-            return w if return_kernel else jnp.einsum("...d,dhk->...hk", x, w)  # [...,H,K]
-        if return_kernel:
-            return w
+            return jnp.einsum("...d,dhk->...hk", x, w)  # [...,H,K]
         if self.heads_in:
             w = w.reshape(self.heads_in, x.shape[-1], self.features)  # [H,K,D]
             return jnp.einsum("...hk,hkd->...d", x, w)  # [...,D]
