@@ -20,6 +20,18 @@ per chip, MFU (the same analytic formula for both: 3 x (2 x 12.852B matmul param
 causal attention) per token over 64 x 459 TFLOP/s), flops and bytes accessed per layer; then one layer's
 cost-model cycles by op class, its collectives' bytes, and the ops (by pass and result type) whose cycles
 differ most between the two. --reuse keeps the compiles already in --workdir (each takes minutes).
+
+--moe adds the MoE side by side at equal active parameters (8 experts of d_ff 13824, top-2, on the same
+shape, fsdp 64, full remat), each side compiled at 1 layer and its "rest" taken from its own dense
+two-depth compiles in the same --workdir (run or reused first):
+  - MaxText: the same train_compile with `decoder_block=mixtral num_experts=8 num_experts_per_tok=2
+    base_moe_mlp_dim=13824` (its default MoE path: dropless, sparse_matmul with megablox kernels);
+  - voltron_jax: the same aot_compile with `--config.model.ffn=moe --config.model.moe.impl=ragged
+    --config.mesh.expert=1 --config.model.remat=full --estimate_depths=1 --estimate_rest=<its dense rest>`
+    (the MoE alone, dropless per device).
+MFU of the MoE rows uses the MoE's analytic FLOPs (21.35B active matmul parameters per token).
+Only their times compare: MaxText's grouped matmuls are megablox (Mosaic) kernels, which carry no
+per-op cycles in the dump, so the MoE per-op tables leave them out (docs/results.md, issue 27).
 """
 
 from __future__ import annotations
@@ -42,11 +54,19 @@ from launch.aot_compile import breakdown_diff, op_breakdown  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS, TOKENS, CHIPS, PEAK = 40, 128 * 4096, 64, 459e12
 MATMUL_PARAMS = LAYERS * (4 * 5120**2 + 3 * 5120 * 13824) + 5120 * 32000  # llama2-13b: 12.852B
-FLOPS_PER_STEP = 3 * (2 * MATMUL_PARAMS + LAYERS * 2 * 4096 * 5120) * TOKENS
+ATTENTION_FLOPS = LAYERS * 2 * 4096 * 5120  # per token, causal
+FLOPS_PER_STEP = 3 * (2 * MATMUL_PARAMS + ATTENTION_FLOPS) * TOKENS
+# the MoE: top-2 of 8 experts of d_ff 13824 in place of the MLP, plus the router: 21.35B active
+MOE_MATMUL_PARAMS = MATMUL_PARAMS + LAYERS * (5120 * 8 + 3 * 5120 * 13824)
+MOE_FLOPS_PER_STEP = 3 * (2 * MOE_MATMUL_PARAMS + ATTENTION_FLOPS) * TOKENS
 MAXTEXT_ARGS = (
     "model_name=llama2-13b compile_topology=v5p-128 compile_topology_num_slices=1 per_device_batch_size=2 "
     "max_target_length=4096 ici_fsdp_parallelism=64 remat_policy=full override_model_config=true "
     "scan_layers=false dataset_type=synthetic run_name=side_by_side"
+)
+MAXTEXT_MOE_ARGS = "decoder_block=mixtral num_experts=8 num_experts_per_tok=2 base_moe_mlp_dim=13824"
+PROJECT_MOE_FLAGS = (
+    "--config.model.ffn=moe --config.model.moe.impl=ragged --config.mesh.expert=1 --config.model.remat=full"
 )
 ENV = dict(
     JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TF_CPP_MIN_LOG_LEVEL="3", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
@@ -63,9 +83,12 @@ def maxtext_libtpu(python: str) -> tuple[str, str, str]:
     return out[0], out[1], out[2]
 
 
-def compile_maxtext(python: str, depth: int, workdir: str, extra: str, reuse: bool) -> dict:
-    """MaxText's train_compile at `depth` layers: its cost analysis and the per-op breakdown of its dump."""
-    dump = os.path.join(workdir, f"maxtext_{depth}")
+def compile_maxtext(
+    python: str, depth: int, workdir: str, extra: str, reuse: bool, tag: str = "maxtext"
+) -> dict:
+    """MaxText's train_compile at `depth` layers: its cost analysis and the per-op breakdown of its dump
+    (kept in <workdir>/<tag>_<depth>)."""
+    dump = os.path.join(workdir, f"{tag}_{depth}")
     log = dump + ".log"
     if not (reuse and os.path.exists(log) and "Cost analysis:" in open(log).read()):
         base = os.path.join(os.path.dirname(os.path.dirname(python)), "lib")
@@ -80,26 +103,35 @@ def compile_maxtext(python: str, depth: int, workdir: str, extra: str, reuse: bo
         t0 = time.time()
         with open(log, "w") as f:
             subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
-        print(f"maxtext {depth} layer(s): compiled in {time.time() - t0:.0f} s", flush=True)
+        print(f"{tag} {depth} layer(s): compiled in {time.time() - t0:.0f} s", flush=True)
     text = open(log).read()
     cost = ast.literal_eval(re.search(r"Cost analysis: (\{.*\})", text).group(1))
     cost = {k: float(cost[k]) for k in ("optimal_seconds", "flops", "bytes accessed")}
     return dict(cost=cost, ops=op_breakdown(dump))
 
 
-def compile_project(libtpu: str, workdir: str, extra: str, reuse: bool) -> dict:
-    """The project's --estimate at 1 and 2 layers under MaxText's libtpu: {depth: {cost, ops}}."""
-    dump = os.path.join(workdir, "project")
-    out = os.path.join(workdir, "project.jsonl")
+def compile_project(
+    libtpu: str, workdir: str, extra: str, reuse: bool, tag: str = "project", rest: float | None = None
+) -> dict:
+    """The project's --estimate under MaxText's libtpu, at 1 and 2 layers, or at 1 layer given the `rest`
+    of an earlier two-depth estimate: {depth: {cost, ops}} (dump and JSON in <workdir>/<tag>*)."""
+    dump = os.path.join(workdir, tag)
+    out = os.path.join(workdir, f"{tag}.jsonl")
     if not (reuse and os.path.exists(out)):
         cmd = [sys.executable, os.path.join(ROOT, "launch", "aot_compile.py")]
         cmd += ["--config=configs/voltron_13b.py:plain,v5p", "--topology=v5p:4x4x4", "--estimate"]
+        if rest is not None:
+            cmd += ["--estimate_depths=1", f"--estimate_rest={rest!r}"]
         cmd += [f"--dump_dir={dump}", f"--json={out}", *shlex.split(extra)]
         env = dict(os.environ, **ENV, TPU_LIBRARY_PATH=libtpu)
         t0 = time.time()
-        with open(os.path.join(workdir, "project.log"), "w") as f:
+        with open(os.path.join(workdir, f"{tag}.log"), "w") as f:
             subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=True)
-        print(f"project 1 and 2 layers: compiled in {time.time() - t0:.0f} s", flush=True)
+        print(
+            f"{tag} {'1 layer' if rest is not None else '1 and 2 layers'}: compiled in "
+            f"{time.time() - t0:.0f} s",
+            flush=True,
+        )
     with open(out) as f:
         e = json.loads(f.read().strip().splitlines()[-1])
     return {
@@ -107,12 +139,24 @@ def compile_project(libtpu: str, workdir: str, extra: str, reuse: bool) -> dict:
     }
 
 
-def summary(runs: dict) -> dict:
-    """Per layer, rest, 40-layer step, tokens/s per chip and MFU from the 1- and 2-layer compiles."""
-    t1, t2 = runs[1]["cost"]["optimal_seconds"], runs[2]["cost"]["optimal_seconds"]
-    per, rest = t2 - t1, t1 - (t2 - t1)
+def summary(runs: dict, base: dict | None = None, flops_per_step: float = FLOPS_PER_STEP) -> dict:
+    """Per layer, rest, 40-layer step, tokens/s per chip and MFU from the 1- and 2-layer compiles; or,
+    with `base` (the same system's dense summary), from a 1-layer compile whose rest (embedding, head,
+    loss) is the dense one's: one layer = the 1-layer program minus that rest, in time, flops, bytes and
+    per-op cycles alike."""
+    keys = ("flops", "bytes accessed")
+    t1 = runs[1]["cost"]["optimal_seconds"]
+    if base is None:
+        t2 = runs[2]["cost"]["optimal_seconds"]
+        per, rest = t2 - t1, t1 - (t2 - t1)
+        layer = {k: runs[2]["cost"][k] - runs[1]["cost"][k] for k in keys}
+        ops = breakdown_diff(runs[2]["ops"], runs[1]["ops"], 1)
+    else:
+        t2, rest = None, base["rest"]
+        per = t1 - rest
+        layer = {k: runs[1]["cost"][k] - base["rest_cost"][k] for k in keys}
+        ops = breakdown_diff(runs[1]["ops"], base["rest_ops"], 1)
     step = rest + LAYERS * per
-    layer = {k: runs[2]["cost"][k] - runs[1]["cost"][k] for k in ("flops", "bytes accessed")}
     return dict(
         t1=t1,
         t2=t2,
@@ -120,10 +164,13 @@ def summary(runs: dict) -> dict:
         rest=rest,
         step=step,
         tokens_per_s_per_chip=TOKENS / step / CHIPS,
-        mfu=FLOPS_PER_STEP / step / (CHIPS * PEAK),
+        mfu=flops_per_step / step / (CHIPS * PEAK),
         layer_flops=layer["flops"],
         layer_bytes=layer["bytes accessed"],
-        ops=breakdown_diff(runs[2]["ops"], runs[1]["ops"], 1),
+        ops=ops,
+        # what the 1-layer program holds besides its layer: the base of a 1-layer (MoE) summary
+        rest_cost={k: runs[1]["cost"][k] - layer[k] for k in keys},
+        rest_ops=breakdown_diff(runs[1]["ops"], ops, 1),
     )
 
 
@@ -135,8 +182,9 @@ def render(sides: dict, top: int) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n, s in sides.items():
+        t2 = "-" if s["t2"] is None else f"{s['t2']:.6f}"
         lines.append(
-            f"| {n} | {s['t1']:.6f} / {s['t2']:.6f} | {s['per_layer']:.6f} | {s['rest']:.6f} "
+            f"| {n} | {s['t1']:.6f} / {t2} | {s['per_layer']:.6f} | {s['rest']:.6f} "
             f"| {s['step']:.4f} | {s['tokens_per_s_per_chip']:,.0f} | {s['mfu']:.3f} "
             f"| {s['layer_flops']:.4g} | {s['layer_bytes']:.4g} |"
         )
@@ -172,6 +220,11 @@ def main() -> None:
     ap.add_argument("--project_flags", default="", help="extra flags of launch/aot_compile.py")
     ap.add_argument("--maxtext_flags", default="", help="extra key=value overrides of train_compile")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--moe",
+        action="store_true",
+        help="also the MoE: MaxText's Mixtral block (megablox, dropless) vs model.moe.impl=ragged",
+    )
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if not os.path.exists(args.maxtext_python):
@@ -182,22 +235,32 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     libtpu, libtpu_version, mt_jax = maxtext_libtpu(args.maxtext_python)
     print(f"libtpu {libtpu_version} ({libtpu}) for both sides; MaxText's jax {mt_jax}", flush=True)
-    sides = {}
     wanted = args.sides.split(",")
+    dense, moe = {}, {}
     if "maxtext" in wanted:
-        runs = {
-            k: compile_maxtext(args.maxtext_python, k, args.workdir, args.maxtext_flags, args.reuse)
-            for k in (1, 2)
-        }
-        sides["MaxText llama2-13b"] = summary(runs)
+        mx = lambda k, extra, tag: compile_maxtext(
+            args.maxtext_python, k, args.workdir, extra, args.reuse, tag
+        )
+        base = dense["MaxText llama2-13b"] = summary(
+            {k: mx(k, args.maxtext_flags, "maxtext") for k in (1, 2)}
+        )
+        if args.moe:
+            runs = {1: mx(1, f"{args.maxtext_flags} {MAXTEXT_MOE_ARGS}", "maxtext_moe")}
+            moe["MaxText Mixtral block, megablox dropless"] = summary(runs, base, MOE_FLOPS_PER_STEP)
     if "project" in wanted:
-        sides["voltron_jax plain,v5p"] = summary(
+        base = dense["voltron_jax plain,v5p"] = summary(
             compile_project(libtpu, args.workdir, args.project_flags, args.reuse)
         )
-    print(render(sides, args.top))
+        if args.moe:
+            flags = f"{args.project_flags} {PROJECT_MOE_FLAGS}"
+            runs = compile_project(libtpu, args.workdir, flags, args.reuse, "project_moe", base["rest"])
+            moe["voltron_jax MoE impl=ragged"] = summary(runs, base, MOE_FLOPS_PER_STEP)
+    print(render(dense, args.top))
+    if moe:
+        print("\nMoE, 8 experts top-2 (1 layer, each side's dense rest):\n" + render(moe, args.top))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(libtpu=libtpu_version, libtpu_path=libtpu, sides=sides), f, indent=1)
+            json.dump(dict(libtpu=libtpu_version, libtpu_path=libtpu, sides=dense, moe=moe), f, indent=1)
 
 
 if __name__ == "__main__":

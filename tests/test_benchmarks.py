@@ -121,3 +121,36 @@ def test_side_by_side_summary_extrapolates_both_systems_alike():
     assert (s["layer_flops"], s["layer_bytes"]) == (5.0, 10.0)
     text = sbs.render({"a": s, "b": s}, top=5)
     assert "b / a tokens/s: 1.0000" in text and "| matmul | 5.000 | 5.000 | +0.000 |" in text
+
+
+def test_side_by_side_moe_rows_take_the_dense_rest_of_the_same_system():
+    """--moe: one 1-layer compile per side; its layer is that program minus the side's dense rest, in time,
+    flops, bytes and per-op cycles; MFU from the MoE's analytic FLOPs (top-2 of 8 experts, 21.35B active)."""
+    sbs = load("benchmarks/maxtext_side_by_side.py")
+    assert sbs.MOE_MATMUL_PARAMS == pytest.approx(21.35e9, rel=1e-3)
+    assert sbs.MOE_FLOPS_PER_STEP == pytest.approx(6.979e16, rel=1e-3)
+    ops = lambda n: dict(
+        classes={"matmul": n}, labels={"matmul | fwd bf16[2]": n}, collectives={"all-gather": n}
+    )
+    run = lambda t, f: dict(cost={"optimal_seconds": t, "flops": f, "bytes accessed": 2 * f}, ops=ops(f))
+    dense = sbs.summary({1: run(0.077106, 10.0), 2: run(0.130780, 15.0)})  # MaxText's dense figures
+    assert dense["rest_cost"]["flops"] == 5.0 and dense["rest_ops"]["classes"]["matmul"] == 5.0
+    s = sbs.summary({1: run(0.129717, 30.0)}, dense, sbs.MOE_FLOPS_PER_STEP)  # its Mixtral block, 1 layer
+    assert s["t2"] is None and s["rest"] == dense["rest"]
+    assert s["per_layer"] == pytest.approx(0.106285) and s["step"] == pytest.approx(4.2748, abs=1e-4)
+    assert round(s["tokens_per_s_per_chip"]) == 1916 and s["mfu"] == pytest.approx(0.556, abs=1e-3)
+    assert (s["layer_flops"], s["layer_bytes"]) == (25.0, 50.0)
+    assert s["ops"]["classes"] == {"matmul": 25.0} and s["ops"]["collectives"] == {"all-gather": 25.0}
+    text = sbs.render({"a": s, "b": s}, top=5)
+    assert "| a | 0.129717 / - | 0.106285 |" in text and "b / a tokens/s: 1.0000" in text
+
+
+def test_side_by_side_help_names_the_moe_mode():
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "maxtext_side_by_side.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--moe" in p.stdout and "impl=ragged" in p.stdout and "decoder_block=mixtral" in p.stdout
