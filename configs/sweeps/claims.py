@@ -262,11 +262,55 @@ def get_sweep(arg: str = ""):
         sw["variants"] = {k: sw["variants"][k] for k in ("dense", "decay_same_mix")}
         sw["claims"] = {"MiniCPM two-stage data": CLAIMS["MiniCPM two-stage data"]}
         return sw
+    if arg in ROWS:
+        return _rows(ROWS[arg])
     if arg:
         raise ValueError(
-            f"configs/sweeps/claims.py: unknown variant {arg!r}; use '', 'quick', 'gpu', 'gpu_smoke' or "
-            "'two_stage'."
+            f"configs/sweeps/claims.py: unknown variant {arg!r}; use '', 'quick', 'gpu', 'gpu_smoke', "
+            f"'two_stage' or a group of rows ({', '.join(repr(k) for k in ROWS)})."
         )
+    return _full()
+
+
+# Groups of rows that run on their own, cheapest contested first (docs/claims.md gives each one's processes
+# and hours): `--sweep_file=configs/sweeps/claims.py:cbtx`. Each keeps its arms' names and settings, so its
+# run folders are the full sweep's: the same --workdir later resumes the full sweep without rerunning them.
+ROWS = {
+    "cbtx_vs_dense": ("c-BTX vs dense",),
+    "cbtx": ("c-BTX vs dense", "c-BTX vs c-BTM ensemble"),
+    "mod_isoflop": ("Mixture-of-Depths isoFLOP",),
+}
+
+
+def _claim_arms(claim: dict) -> set[str]:
+    """The arms one claim row reads (its baseline and variant, or an isoflop/width rule's arms)."""
+    arms = {claim.get("baseline"), claim.get("variant")}
+    for b in claim.get("budgets", {}).values():
+        arms |= {b["variant"], *b["dense"]}
+    arms |= set(claim.get("mup", {}).values()) | set(claim.get("sp", {}).values())
+    return {a for a in arms if a}
+
+
+def _rows(names: tuple[str, ...]):
+    """The full sweep cut to these claim rows and the arms they need (with the arms those arms score or
+    take their lr from)."""
+    sw = _full()
+    claims = {k: CLAIMS[k] for k in names}
+    need = set().union(*(_claim_arms(c) for c in claims.values()))
+    while True:
+        more = {sw["variants"][a]["evaluate"]["of"] for a in need if "evaluate" in sw["variants"][a]}
+        more |= {sw["variants"][a]["lr_from"] for a in need if "lr_from" in sw["variants"][a]}
+        if more <= need:
+            break
+        need |= more
+    sw["variants"] = {k: v for k, v in sw["variants"].items() if k in need}
+    sw["claims"] = claims
+    if sw["equal_flops_of"] not in need:
+        del sw["equal_flops_of"]
+    return sw
+
+
+def _full():
     variants = {
         "dense": _tiny(lrs=DENSE_LRS),
         "bitnet": _tiny(
