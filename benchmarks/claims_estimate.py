@@ -35,98 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from voltron_jax import config as config_lib
-from voltron_jax import recipe as recipe_lib
 from voltron_jax.experiments import ablate
+from voltron_jax.experiments.claims_doc import enumerate_runs, run_costs, seconds  # noqa: F401 (its API)
 from voltron_jax.models import decoder
-
-
-def run_costs(base: str, v: ablate.Variant, fixed: dict) -> dict:
-    """{'train_flops', 'eval_flops', 'steps', 'fpt'} of one training run of variant `v`."""
-    c = ablate.variant_config(v.base or base, {**fixed, **v.overrides})
-    steps, eval_flops = 0, 0.0
-    for name in recipe_lib.phase_order(c.recipe):
-        pc = config_lib.phase_config(c, name)
-        members = max(int(c.recipe[name].fan_out), 1)
-        n = recipe_lib.phase_steps(c.recipe[name], c.max_steps)
-        steps += n * members
-        evals = (n // pc.train.eval_every + 1) * members
-        clusters = 1 + (pc.data.n_clusters if pc.train.eval_clusters else 0)
-        tokens = pc.train.eval_batches * pc.data.batch_size * pc.data.seq_len * clusters
-        eval_flops += evals * tokens * decoder.flops_per_token(pc.model, pc.data.seq_len)
-    fpt = decoder.flops_per_token(c.model, c.data.seq_len)
-    train = ablate.training_flops(v.base or base, {**fixed, **v.overrides})
-    return {"train_flops": train, "eval_flops": eval_flops, "steps": steps, "fpt": fpt,
-            "tokens": c.data.batch_size * c.data.seq_len}  # fmt: skip
-
-
-def enumerate_runs(sweep: str) -> list[dict]:
-    """Every process the sweep starts: {'arm', 'kind', 'train_flops', 'eval_flops', 'steps', 'warm'}
-    ('warm': an earlier process compiled the same programs; see the module docstring)."""
-    base, variants, fixed, _, _ = ablate.load_sweep_file(sweep, None)
-    by = {v.name: v for v in variants}
-    out = []
-    for v in variants:
-        if v.evaluate:
-            src = by[v.evaluate["of"]]
-            c = ablate.variant_config(src.base or base, {**fixed, **src.overrides})
-            fanned = [n for n in recipe_lib.phase_order(c.recipe) if c.recipe[n].fan_out]
-            last = config_lib.phase_config(c, recipe_lib.phase_order(c.recipe)[-1])
-            branch = config_lib.phase_config(c, fanned[-1]) if fanned else last
-            models = int(c.recipe[fanned[-1]].fan_out) if v.evaluate.get("mode") == "cbtm_ensemble" else 1
-            model = branch if models > 1 else last
-            tokens = int(v.evaluate.get("batches", 16)) * c.data.batch_size * c.data.seq_len
-            flops = models * tokens * decoder.flops_per_token(model.model, c.data.seq_len)
-            key = ("ensemble", json.dumps(model.model.to_dict(), sort_keys=True, default=str), models, tokens)
-            for _ in src.seeds:
-                out.append(
-                    {
-                        "arm": v.name,
-                        "kind": "score",
-                        "train_flops": 0.0,
-                        "eval_flops": flops,
-                        "steps": 0,
-                        "key": key,
-                    }  # fmt: skip
-                )
-            continue
-        runs = [(lv, lv.seeds) for lv in ablate.lr_sweep_runs([v])]
-        swept = v.lr_seeds if v.lrs else 0
-        runs.append((v, v.seeds[swept:]))  # the remaining seeds at the best lr (its lr does not change costs)
-        for rv, seeds in runs:
-            cost = run_costs(base, rv, fixed)
-            # an lr point's seeds share its programs; the finals of an arm with an lr grid train at one of
-            # its points (`@best`, compiled by the lr sweep); any other arm's seeds share its first seed's
-            key = ("train", rv.name + ("@best" if rv is v and v.lrs else ""))
-            out += [{"arm": v.name, "kind": "train", **cost, "key": key} for _ in seeds]
-        if v.final_eval:
-            cost = run_costs(base, v, fixed)
-            flops = v.final_eval * cost["tokens"] * cost["fpt"]
-            c = ablate.variant_config(v.base or base, {**fixed, **v.overrides})
-            key = ("score", json.dumps(c.model.to_dict(), sort_keys=True, default=str), 1, v.final_eval)
-            for _ in v.seeds:
-                out.append(
-                    {
-                        "arm": v.name,
-                        "kind": "score",
-                        "train_flops": 0.0,
-                        "eval_flops": flops,
-                        "steps": 0,
-                        "key": key,
-                    }  # fmt: skip
-                )
-    seen = {("train", v.name + "@best") for v in variants if v.lrs}  # compiled by the lr sweep
-    for r in out:
-        key = r.pop("key")
-        r["warm"] = key in seen
-        seen.add(key)
-    return out
-
-
-def seconds(run: dict, rates: dict) -> float:
-    per_step = run["train_flops"] / run["steps"] if run["steps"] else 0.0
-    train = run["steps"] * max(rates["step_floor_s"], per_step / rates["train_flops_s"])
-    overhead = rates.get("overhead_warm_s", rates["overhead_s"]) if run["warm"] else rates["overhead_s"]
-    return overhead + train + run["eval_flops"] / rates["eval_flops_s"]
 
 
 def _timed(cmd: list[str], env: dict[str, str]) -> float:
