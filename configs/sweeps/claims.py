@@ -1,8 +1,13 @@
 """The verified-claims sweep: every technique against controls that isolate it, each arm at its own lr.
 
-Run (writes docs/claims.md and docs/claims_isoflop.png; the estimate of its length is in docs/claims.md):
+Run (its own report: <workdir>/claims.md and claims_isoflop.png; the estimate of its length is in
+docs/claims.md):
     python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py --workdir=runs/claims \
-        --claims_out=docs/claims.md --jobs=2
+        --claims_out=runs/claims/claims.md --jobs=2
+It does not fit one session on the 2-core host, so its rows also run in groups under the same workdir
+(`:cbtx_vs_dense`, `:cbtx`, `:mod_isoflop`: ROWS below; finished runs are skipped), and docs/claims.md is
+written from whatever has finished there (new-protocol rows, and the old record and remaining cost of the rest):
+    python -m voltron_jax.experiments.claims_doc --workdir=runs/claims --out=docs/claims.md --rates='{...}'
 Quick machinery check (a few steps of configs/tiny.py:test; proves the pipeline, not the science):
     python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py:quick \
         --workdir=runs/claims_quick \

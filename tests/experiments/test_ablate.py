@@ -137,7 +137,18 @@ def test_emit_with_main_grammar(capsys, tmp_path):
         ablate.main(["--config=configs/tiny.py", "--config.modl.x=1,2", f"--workdir={tmp_path}", "--emit"])
 
 
+def test_children_get_the_sweeps_compilation_cache_unless_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    env = ablate.child_env(tmp_path)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "xla_cache")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # every program, however fast
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # the user's choice (here: no cache) wins
+    assert ablate.child_env(tmp_path)["JAX_COMPILATION_CACHE_DIR"] == ""
+
+
 @pytest.mark.slow
+@pytest.mark.heavy  # 2 real training processes: ~3 min on the loaded 2-core host (make test-heavy)
 def test_a_sweep_shares_one_compilation_cache_and_a_cached_program_trains_the_same(tmp_path, monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the suite's own cache (conftest)
     arm = ablate.Variant("dense", {"max_steps": "3", "train.eval_every": "3"}, [0])
