@@ -6,7 +6,7 @@ docs/claims.md):
         --claims_out=runs/claims/claims.md --jobs=2
 It does not fit one session on the 2-core host, so its rows also run in groups under the same workdir
 (`:cbtx_vs_dense`, `:cbtx`, `:mod_isoflop`: ROWS below; finished runs are skipped), and docs/claims.md is
-written from whatever has finished there (new-protocol rows, and the old record and remaining cost of the rest):
+written from whatever has finished there (new-protocol rows; the old record and remaining cost of the rest):
     python -m voltron_jax.experiments.claims_doc --workdir=runs/claims --out=docs/claims.md --rates='{...}'
 Quick machinery check (a few steps of configs/tiny.py:test; proves the pipeline, not the science):
     python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py:quick \
