@@ -217,7 +217,7 @@ def build(sweep_file: str, root: Path, rates: dict, jobs: int, out: Path, cmd: s
         png = out.with_name(out.stem + "_isoflop.png")
         plotted = ablate.isoflop_plot(rows, sub_claims, png)
         section = ablate.claims_section(
-            rows, sub_claims, cmd, ablate.lr_table(list(sub.values()), root), notes, curves,
+            rows, sub_claims, cmd, ablate.lr_table(list(sub.values()), root) if curves else "", notes, curves,
             png.name if plotted else "",
         )  # fmt: skip
         parts.append("## Rows run under the issue-26 protocol\n\n" + section + "\n")
