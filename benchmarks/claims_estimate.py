@@ -11,9 +11,15 @@ the final scoring, a c-BTM ensemble's every branch) and its number of steps. Sec
     overhead_s + steps * max(step_floor_s, train FLOPs per step / train_flops_s) + eval FLOPs / eval_flops_s
 (a process's start and compiles; the training steps, where a small model is bound by the per-step floor
 rather than by FLOPs; forward passes), and the sweep takes their sum / jobs (2 runs at once on the 2-core
-host share its cores; `--measure` measures with the CPU as it is, other users' load included). `--measure`
+host share its cores; `--measure` measures with the CPU as it is, other users' load included). A process
+whose programs an earlier process of the sweep already compiled (the other seeds of an arm at its best lr,
+an arm without an lr grid after its first seed, a scoring of a model shape already scored) finds them in
+the sweep's shared compilation cache (ablate.child_env) and pays `overhead_warm_s` instead (default:
+overhead_s). `--measure`
 trains configs/tiny.py for 8 and 24 steps and at d=32 for 24 steps (per-step times: each run's median
-logged tokens/s; overhead: the rest of its wall time) and scores one run on 8 and 32 batches. Prints a
+logged tokens/s; overhead: the rest of its wall time) and scores one run on 8 and 32 batches, all with one
+compilation cache under --workdir that starts empty, then trains the 8-step run again with that cache
+warm (overhead_warm_s). Prints a
 table per arm and one JSON line.
 """
 
@@ -29,77 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from voltron_jax import config as config_lib
-from voltron_jax import recipe as recipe_lib
 from voltron_jax.experiments import ablate
+from voltron_jax.experiments.claims_doc import enumerate_runs, run_costs, seconds  # noqa: F401 (its API)
 from voltron_jax.models import decoder
 
 
-def run_costs(base: str, v: ablate.Variant, fixed: dict) -> dict:
-    """{'train_flops', 'eval_flops', 'steps', 'fpt'} of one training run of variant `v`."""
-    c = ablate.variant_config(v.base or base, {**fixed, **v.overrides})
-    steps, eval_flops = 0, 0.0
-    for name in recipe_lib.phase_order(c.recipe):
-        pc = config_lib.phase_config(c, name)
-        members = max(int(c.recipe[name].fan_out), 1)
-        n = recipe_lib.phase_steps(c.recipe[name], c.max_steps)
-        steps += n * members
-        evals = (n // pc.train.eval_every + 1) * members
-        clusters = 1 + (pc.data.n_clusters if pc.train.eval_clusters else 0)
-        tokens = pc.train.eval_batches * pc.data.batch_size * pc.data.seq_len * clusters
-        eval_flops += evals * tokens * decoder.flops_per_token(pc.model, pc.data.seq_len)
-    fpt = decoder.flops_per_token(c.model, c.data.seq_len)
-    train = ablate.training_flops(v.base or base, {**fixed, **v.overrides})
-    return {"train_flops": train, "eval_flops": eval_flops, "steps": steps, "fpt": fpt,
-            "tokens": c.data.batch_size * c.data.seq_len}  # fmt: skip
-
-
-def enumerate_runs(sweep: str) -> list[dict]:
-    """Every process the sweep starts: {'arm', 'kind', 'train_flops', 'eval_flops', 'steps'}."""
-    base, variants, fixed, _, _ = ablate.load_sweep_file(sweep, None)
-    by = {v.name: v for v in variants}
-    out = []
-    for v in variants:
-        if v.evaluate:
-            src = by[v.evaluate["of"]]
-            c = ablate.variant_config(src.base or base, {**fixed, **src.overrides})
-            fanned = [n for n in recipe_lib.phase_order(c.recipe) if c.recipe[n].fan_out]
-            last = config_lib.phase_config(c, recipe_lib.phase_order(c.recipe)[-1])
-            branch = config_lib.phase_config(c, fanned[-1]) if fanned else last
-            models = int(c.recipe[fanned[-1]].fan_out) if v.evaluate.get("mode") == "cbtm_ensemble" else 1
-            model = branch if models > 1 else last
-            tokens = int(v.evaluate.get("batches", 16)) * c.data.batch_size * c.data.seq_len
-            flops = models * tokens * decoder.flops_per_token(model.model, c.data.seq_len)
-            for _ in src.seeds:
-                out.append(
-                    {"arm": v.name, "kind": "score", "train_flops": 0.0, "eval_flops": flops, "steps": 0}
-                )
-            continue
-        runs = [(lv, lv.seeds) for lv in ablate.lr_sweep_runs([v])]
-        swept = v.lr_seeds if v.lrs else 0
-        runs.append((v, v.seeds[swept:]))  # the remaining seeds at the best lr (its lr does not change costs)
-        for rv, seeds in runs:
-            cost = run_costs(base, rv, fixed)
-            for _ in seeds:
-                out.append({"arm": v.name, "kind": "train", **cost})
-        if v.final_eval:
-            cost = run_costs(base, v, fixed)
-            flops = v.final_eval * cost["tokens"] * cost["fpt"]
-            for _ in v.seeds:
-                out.append(
-                    {"arm": v.name, "kind": "score", "train_flops": 0.0, "eval_flops": flops, "steps": 0}
-                )
-    return out
-
-
-def seconds(run: dict, rates: dict) -> float:
-    per_step = run["train_flops"] / run["steps"] if run["steps"] else 0.0
-    train = run["steps"] * max(rates["step_floor_s"], per_step / rates["train_flops_s"])
-    return rates["overhead_s"] + train + run["eval_flops"] / rates["eval_flops_s"]
-
-
-def _timed(cmd: list[str]) -> float:
+def _timed(cmd: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
 
 
@@ -115,7 +58,8 @@ def measure(workdir: Path) -> dict:
     """The four rates from three short real runs (configs/tiny.py for 8 and 24 steps, at d=32 for 24) and
     two scorings (8 and 32 batches): the per-step time is the runs' own median tokens/s (what the loop
     logs), the overhead what remains of each run's wall time, the eval rate the difference of the two
-    scorings."""
+    scorings; all with one compilation cache under `workdir` (empty at first, as a sweep's first process
+    finds it), then the 8-step run once more with it warm (`overhead_warm_s`)."""
     py = [sys.executable, "-m", "voltron_jax.main", "--config=configs/tiny.py"]
     c = config_lib.load("configs/tiny.py")
     fpt = decoder.flops_per_token(c.model, c.data.seq_len)
@@ -124,22 +68,28 @@ def measure(workdir: Path) -> dict:
              "--config.schedule.warmup=2"]  # fmt: skip
     narrow = ["--config.model.d_model=32", "--config.model.n_heads=1", "--config.model.n_kv_heads=1",
               "--config.model.d_ff=96"]  # fmt: skip
+    if any(workdir.iterdir() if workdir.is_dir() else ()):
+        raise SystemExit(f"--workdir={workdir} is not empty: --measure needs fresh run folders and cache.")
+    env = ablate.child_env(workdir)  # the sweep's shared cache, empty now
     walls, per_step = {}, {}
-    for name, steps, extra in (("d256_8", 8, []), ("d256_24", 24, []), ("d32", 24, narrow)):
+    runs = (("d256_8", 8, []), ("d256_24", 24, []), ("d32", 24, narrow), ("d256_8_warm", 8, []))
+    for name, steps, extra in runs:
         d = workdir / name
         walls[name] = (_timed([*py, f"--workdir={d}", f"--config.recipe.stable.steps={steps - 1}", *flags,
-                               *extra]), steps)  # fmt: skip
+                               *extra], env), steps)  # fmt: skip
         per_step[name] = tokens / _median_tokens_per_s(d)
+    warm = walls.pop("d256_8_warm")
     overhead = float(np.mean([w - n * per_step[k] for k, (w, n) in walls.items()]))
     ev = [sys.executable, "-m", "voltron_jax.experiments.evaluate", f"--workdir={workdir / 'd256_24'}"]
-    e = {b: _timed([*ev, f"--batches={b}"]) for b in (8, 32)}
+    e = {b: _timed([*ev, f"--batches={b}"], env) for b in (8, 32)}
     return {
         "overhead_s": overhead,
+        "overhead_warm_s": warm[0] - warm[1] * per_step["d256_8"],
         "train_flops_s": 3 * fpt * tokens / per_step["d256_24"],
         "step_floor_s": per_step["d32"],
         "eval_flops_s": 24 * tokens * fpt / max(e[32] - e[8], 1e-3),
         "measured": {
-            "wall_s": {k: w for k, (w, _) in walls.items()},
+            "wall_s": {**{k: w for k, (w, _) in walls.items()}, "d256_8_warm": warm[0]},
             "step_s": per_step,
             "eval_8_s": e[8],
             "eval_32_s": e[32],
@@ -165,13 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
     by_arm: dict[str, list[float]] = {}
     for r in runs:
         by_arm.setdefault(r["arm"], []).append(seconds(r, rates))
-    print("| arm | processes | seconds (one at a time) |\n| --- | --- | --- |")
+    warm = {}
+    for r in runs:
+        warm[r["arm"]] = warm.get(r["arm"], 0) + r["warm"]
+    print("| arm | processes (warm cache) | seconds (one at a time) |\n| --- | --- | --- |")
     for arm, xs in by_arm.items():
-        print(f"| {arm} | {len(xs)} | {sum(xs):,.0f} |")
+        print(f"| {arm} | {len(xs)} ({warm[arm]}) | {sum(xs):,.0f} |")
     total = sum(sum(xs) for xs in by_arm.values())
     result = {
         "sweep": a.sweep_file,
         "processes": len(runs),
+        "warm_processes": sum(r["warm"] for r in runs),
         "train_steps": sum(r["steps"] for r in runs),
         "serial_h": round(total / 3600, 2),
         "jobs": a.jobs,

@@ -474,8 +474,11 @@ def validate(c: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_c
             "filter off."
         )
     _choice("data.granularity", d.granularity, ("file", "paragraph"))
-    if not (d.corpus == "stdlib" or d.corpus.startswith("tfds:")):
-        _fail(f"data.corpus={d.corpus!r}: use 'stdlib' (embedded) or 'tfds:<name>' such as 'tfds:c4/en'.")
+    if not (d.corpus in ("stdlib", "python_docs") or d.corpus.startswith("tfds:")):
+        _fail(
+            f"data.corpus={d.corpus!r}: use 'stdlib' (embedded), 'python_docs' (apt-get install "
+            "python3.11-doc) or 'tfds:<name>' such as 'tfds:c4/en'."
+        )
     if d.seq_len <= 1 or d.batch_size <= 0:
         _fail("data.seq_len must be > 1 and data.batch_size > 0.")
 

@@ -112,3 +112,59 @@ def test_to_jsonl_numbers_raw_records_and_splits_by_id(tmp_path):
     (raw / "bad.json.gz").write_bytes(gzip.compress(b'{"no_text": 1}\n'))
     with pytest.raises(corpus.DataError, match="bad.json.gz, line 1: not a JSON object with a 'text'"):
         list(to_jsonl.raw_records(str(raw / "*.json.gz"), 0.0))
+
+
+def _python_docs(root: pathlib.Path) -> pathlib.Path:
+    """A fake python3.X-doc _sources tree: long documents in folders, plus files that are not sources."""
+    for rel, n in (
+        ("tutorial/index.rst.txt", 30),
+        ("library/stdtypes.rst.txt", 400),
+        ("faq/general.rst.txt", 90),
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(f"Paragraph {i} of {rel}: prose about Python.\n\n" for i in range(n)))
+    (root / "library" / "notes.html").write_text("<p>not a source</p>")
+    return root
+
+
+def test_python_docs_is_one_document_per_source_file_split_by_path(tmp_path):
+    root = _python_docs(tmp_path / "python3.11" / "html" / "_sources")
+    src = corpus.python_docs_source("file", 0.34, root=root)
+    docs = {d.id: d.text for s in corpus.SPLITS for d in src.documents(s)}
+    assert sorted(docs) == ["faq/general.rst.txt", "library/stdtypes.rst.txt", "tutorial/index.rst.txt"]
+    assert docs["library/stdtypes.rst.txt"] == (root / "library/stdtypes.rst.txt").read_text()
+    assert src.documents("validation") and src.documents("train")  # split by path, as the stdlib's
+    paragraphs = corpus.python_docs_source("paragraph", 0.34, root=root)
+    assert sum(len(paragraphs.documents(s)) for s in corpus.SPLITS) > 3
+
+
+def test_python_docs_missing_names_the_package_to_install(tmp_path, monkeypatch):
+    with pytest.raises(corpus.DataError, match="apt-get install python3.11-doc"):
+        corpus.python_docs_source(root=tmp_path)  # no *.rst.txt there
+    monkeypatch.setattr(corpus, "PYTHON_DOCS_GLOB", str(tmp_path / "none" / "python3*" / "html" / "_sources"))
+    assert corpus.python_docs_root() is None
+    with pytest.raises(corpus.DataError, match="python_docs"):
+        corpus.embedded_source("python_docs")
+    with pytest.raises(corpus.DataError, match="not an embedded corpus"):
+        corpus.embedded_source("c4")
+
+
+def test_python_docs_root_is_the_newest_installed_version(tmp_path, monkeypatch):
+    for v in ("python3.9", "python3.11", "python3.10"):
+        (tmp_path / v / "html" / "_sources").mkdir(parents=True)
+    _python_docs(tmp_path / "python3.11" / "html" / "_sources")
+    monkeypatch.setattr(corpus, "PYTHON_DOCS_GLOB", str(tmp_path / "python3*" / "html" / "_sources"))
+    assert corpus.python_docs_root() == tmp_path / "python3.11" / "html" / "_sources"
+    assert len(corpus.embedded_source("python_docs").documents("train")) >= 1
+
+
+def test_config_accepts_python_docs_and_names_it_for_a_bad_corpus():
+    from voltron_jax import config as cfglib
+    from voltron_jax.errors import ConfigError
+
+    c = tiny.get_config("test")
+    c.data.corpus = "python_docs"
+    cfglib.validate(c)
+    c.data.corpus = "books"
+    with pytest.raises(ConfigError, match="'python_docs'"):
+        cfglib.validate(c)

@@ -326,3 +326,29 @@ def test_orderings_are_one_table(monkeypatch):
     assert train.needs_prepare(c) and orderings.train_stores("semantic") == ("icp",)
     tasks.register_document_task("icp", {"train": ["a b"], "validation": ["c"]})
     assert tasks.ensure_task("corpus", c.data, seqio.ByteVocabulary()) == "voltron_icp"
+
+
+def test_python_docs_corpus_feeds_the_mixture_name_corpus(cfg, tmp_path, monkeypatch):
+    """data.corpus='python_docs' (the installed Python documentation sources, data/corpus.py): the mixture
+    name 'corpus' streams exactly its documents, each followed by EOS."""
+    root = tmp_path / "python3.11" / "html" / "_sources"
+    texts = {
+        f"library/m{i}.rst.txt": f"Module {i}\n{'=' * 8}\n\n" + "Long prose. " * (40 + i) for i in range(6)
+    }
+    for rel, text in texts.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    monkeypatch.setattr(corpus, "PYTHON_DOCS_GLOB", str(tmp_path / "python3*" / "html" / "_sources"))
+    tasks._builtin_source.cache_clear()
+    c = cfg.copy_and_resolve_references()
+    c.data.corpus, c.data.ordering = "python_docs", "random"
+    vocab = seqio.ByteVocabulary()
+    tn = tasks.ensure_task("corpus", c.data, vocab)
+    assert tn == tasks.task_name("python_docs")
+    docs = tasks.document_source(tn).documents("train")
+    assert {d.id for d in docs} <= set(texts) and all(d.text == texts[d.id] for d in docs)
+    stream, _ = pipeline.token_stream(tn, "train", vocab, c.data)
+    assert len(stream) == sum(len(d.text.encode()) + 1 for d in docs)
+    b = next(pipeline.make_train_iterator(c, "corpus:1", seed=0))
+    assert b["inputs"].shape == (B, T)
+    tasks._builtin_source.cache_clear()

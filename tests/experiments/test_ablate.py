@@ -135,3 +135,34 @@ def test_emit_with_main_grammar(capsys, tmp_path):
     assert sorted(x.split("--config.model.linear=")[1].split()[0] for x in lines) == ["bitlinear", "dense"]
     with pytest.raises(cfglib.ConfigError, match="not a config section|valid"):
         ablate.main(["--config=configs/tiny.py", "--config.modl.x=1,2", f"--workdir={tmp_path}", "--emit"])
+
+
+def test_children_get_the_sweeps_compilation_cache_unless_one_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    env = ablate.child_env(tmp_path)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "xla_cache")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # every program, however fast
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # the user's choice (here: no cache) wins
+    assert ablate.child_env(tmp_path)["JAX_COMPILATION_CACHE_DIR"] == ""
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # 2 real training processes: ~3 min on the loaded 2-core host (make test-heavy)
+def test_a_sweep_shares_one_compilation_cache_and_a_cached_program_trains_the_same(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the suite's own cache (conftest)
+    arm = ablate.Variant("dense", {"max_steps": "3", "train.eval_every": "3"}, [0])
+    ablate.run_all("configs/tiny.py:test", [arm], {}, tmp_path / "a", emit=False)  # compiles, fills the cache
+    cache = tmp_path / "a" / ablate.XLA_CACHE
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(n.startswith("jit_train_step") or "step" in n for n in entries), entries
+    # The same run elsewhere, reading that cache: every program it compiles is already there (a missed key
+    # would add an entry), and it trains to exactly the same losses.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    ablate.run_all("configs/tiny.py:test", [arm], {}, tmp_path / "b", emit=False)
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert not (tmp_path / "b" / ablate.XLA_CACHE).exists()  # a cache already set wins
+    fresh, cached = (ablate.read_run(ablate.run_dir(tmp_path / r, arm, 0)) for r in ("a", "b"))
+    for kind in ("train", "eval"):
+        assert [r["loss"] for r in cached[kind]] == [r["loss"] for r in fresh[kind]]
+    assert len(fresh["train"]) >= 1 and len(fresh["eval"]) >= 1

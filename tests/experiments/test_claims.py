@@ -281,7 +281,9 @@ def test_a_diverged_lr_point_is_infinite_loss_but_a_diverged_final_seed_stops_th
     from voltron_jax.errors import DIVERGED_EXIT, VoltronError
 
     assert cli.describe(train.NonFiniteLoss("nan"))[1] == DIVERGED_EXIT  # what a diverged run exits with
-    monkeypatch.setattr(ablate, "_train", lambda cmd, stdout=None: DIVERGED_EXIT)  # the child's exit status
+    monkeypatch.setattr(
+        ablate, "_train", lambda cmd, stdout=None, env=None: DIVERGED_EXIT
+    )  # the child's exit status
     arm = ablate.Variant("dense", {}, [0, 1, 2], lrs=[1e-3, 3e-3])
     point = ablate.at_lr(arm, 3e-3, [0])
     ablate.run_all("configs/tiny.py:test", [point], {}, tmp_path, emit=False, lr_sweep=True)
@@ -301,7 +303,7 @@ def test_parallel_jobs_run_every_run_once_log_each_and_raise_a_failure(tmp_path,
 
     seen = []
 
-    def fake_train(cmd, stdout=None):
+    def fake_train(cmd, stdout=None, env=None):
         seen.append(cmd)
         stdout.write(f"trained {cmd[-1]}\n")
         return int(any("seed_2" in c for c in cmd))  # seed 2 fails
@@ -411,7 +413,7 @@ def test_final_scores_on_the_fixed_set_pair_per_batch_with_ddof1_std(tmp_path, m
             _fake_run(root / arm / f"seed_{s}", [3.0, 9.0])  # the loop's own (ignored) final loss: 9.0
     emitted = []
 
-    def fake_eval(cmd, stdout=None):
+    def fake_eval(cmd, stdout=None, env=None):
         emitted.append(cmd)
         d = Path(cmd[3].split("=", 1)[1])
         shift = -0.05 if d.parent.name == "denseformer" else 0.0
@@ -597,3 +599,35 @@ def test_claims_estimate_counts_every_process_and_prices_it_from_the_rates():
     by_hand = 10.0 + 64 * max(0.5, dense["train_flops"] / 64 / 1e10) + dense["eval_flops"] / 2e10
     assert ce.seconds(dense, rates) == pytest.approx(by_hand)
     assert dense["train_flops"] == pytest.approx(3 * 7.47e6 * 2048 * 64, rel=0.01)
+    # warm: an earlier process compiled the same programs (the shared cache): every lr point and the first
+    # scoring of a model shape are cold, the 4 further seeds at the best lr warm; sp_32's 2nd seed per lr
+    assert [r["warm"] for r in per["dense", "train"]] == [False] * 5 + [True] * 4
+    assert [r["warm"] for r in per["dense", "score"]] == [False] + [True] * 4
+    assert all(r["warm"] for r in per["cosine", "score"])  # the same model shape as dense's: same programs
+    assert [r["warm"] for r in per["sp_32", "train"]] == [False, True] * 6
+    assert ce.seconds(per["dense", "train"][5], {**rates, "overhead_warm_s": 4.0}) == pytest.approx(
+        by_hand - 6.0
+    )
+
+
+def test_row_presets_run_only_their_rows_with_the_full_sweeps_arms():
+    """`claims.py:cbtx` etc.: the rows' arms under the full sweep's names and settings (so their run
+    folders resume the full sweep), plus the arms those score or take their lr from."""
+    from configs.sweeps import claims as sweep
+
+    full = sweep.get_sweep()
+    cbtx = sweep.get_sweep("cbtx")
+    assert set(cbtx["claims"]) == {"c-BTX vs dense", "c-BTX vs c-BTM ensemble"}
+    assert set(cbtx["variants"]) == {"cbtx", "cbtx_dense", "cbtm", "cbtx_scored", "cbtx_dense_scored",
+                                     "cbtm_ensemble"}  # fmt: skip
+    assert all(cbtx["variants"][k] == full["variants"][k] for k in cbtx["variants"])
+    assert "equal_flops_of" not in cbtx  # mod is not among its arms
+    assert set(sweep.get_sweep("cbtx_vs_dense")["variants"]) == {"cbtx", "cbtx_dense", "cbtx_scored",
+                                                                 "cbtx_dense_scored"}  # fmt: skip
+    iso = sweep.get_sweep("mod_isoflop")
+    assert set(iso["variants"]) == {"mod", "mod_128"} | {
+        f"iso{b}_L{n}" for b in ("B1", "B2") for n in (1, 2, 4)
+    }
+    assert iso["equal_flops_of"] == "mod"
+    with pytest.raises(ValueError, match="cbtx_vs_dense"):
+        sweep.get_sweep("cbtxx")

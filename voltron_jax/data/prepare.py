@@ -80,13 +80,13 @@ def settings(config) -> dict:
 
 def corpus_records(data_cfg) -> list[dict]:
     """The configured corpus as records {index, id, text, split}, train then validation, in corpus order."""
-    if data_cfg.corpus != "stdlib":
+    if data_cfg.corpus not in corpus.EMBEDDED:
         raise corpus.DataError(
             f"in-process prepare reads the embedded corpus only (data.corpus={data_cfg.corpus!r}); for a "
             "large corpus run the Beam pipeline on JSONL records: python -m voltron_jax.data.beam_pipeline "
             "--config=... --workdir=... --input='<files>*.jsonl' (same <workdir>/data layout)."
         )
-    source = corpus.stdlib_source(data_cfg.granularity, float(data_cfg.val_fraction))
+    source = corpus.embedded_source(data_cfg.corpus, data_cfg.granularity, float(data_cfg.val_fraction))
     return [
         dict(index=i, id=doc.id, text=doc.text, split=split)
         for i, (split, doc) in enumerate((s, doc) for s in corpus.SPLITS for doc in source.documents(s))
@@ -371,7 +371,7 @@ def prepare(
     out = workdir_lib.data_dir(epath.Path(workdir))
     s = settings(config)
     done = read_marker(out)
-    if records is None and config.data.corpus != "stdlib":
+    if records is None and config.data.corpus not in corpus.EMBEDDED:
         # A corpus that cannot be listed here was prepared by the Beam pipeline: same settings = done.
         if done is None or done["settings"] != s:
             corpus_records(config.data)  # raises: how to run the Beam pipeline

@@ -4,6 +4,8 @@ Mixture specs are strings "name:rate,name:rate" (rates are normalised). Names:
 
 * `stdlib`: the embedded standard-library corpus (train/validation), seqio task `voltron_stdlib`;
 * `pydoc`: the high-quality pydoc topics (decay stage), `voltron_pydoc`;
+* `python_docs`: the Python documentation's sources, installed by the system's package tool (long
+  natural-language documents; data/corpus.py), `voltron_python_docs`;
 * `corpus`: whatever `data.corpus` names (`stdlib` or `tfds:<name>`), so one override switches the
   pretraining corpus; with data.ordering 'icp' / 'dedup_random' it means the prepared 'icp' /
   'icp_random' task instead;
@@ -35,7 +37,7 @@ from voltron_jax.data import corpus, orderings, shards
 from voltron_jax.data import vocab as vocab_lib
 
 TASK_PREFIX = "voltron_"
-BUILTIN = ("stdlib", "pydoc", "corpus")
+BUILTIN = ("stdlib", "pydoc", "corpus", "python_docs")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -208,8 +210,8 @@ def register_tfds_task(name: str, data_dir: str, vocab: seqio.Vocabulary) -> str
 
 @functools.lru_cache(maxsize=8)
 def _builtin_source(kind: str, granularity: str, val_fraction: float) -> corpus.DocumentSource:
-    if kind == "stdlib":
-        return corpus.stdlib_source(granularity, val_fraction)
+    if kind in corpus.EMBEDDED:
+        return corpus.embedded_source(kind, granularity, val_fraction)
     return corpus.pydoc_source(granularity, val_fraction)
 
 
@@ -219,7 +221,7 @@ def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
         name = orderings.get(data_cfg.ordering).corpus_task or data_cfg.corpus
     if name.startswith("tfds:"):
         return register_tfds_task(name, data_cfg.tfds_data_dir, vocab)
-    if name in ("stdlib", "pydoc"):
+    if name in ("stdlib", "pydoc", "python_docs"):
         source = _builtin_source(name, data_cfg.granularity, float(data_cfg.val_fraction))
         return register_document_task(name, source, vocab)
     tn = task_name(name)

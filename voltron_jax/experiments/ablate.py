@@ -17,7 +17,9 @@ Sweeps are a grid (every combination of the sweep axes) or listed variants from 
 (`get_sweep() -> {"base": "configs/x.py[:arg]", "variants": {name: {field: value}}, "set": {...}}`).
 Each variant x seed trains in its own workdir `<workdir>/<variant>/seed_<s>` through the same command a
 pod would run (`python -m voltron_jax.main ...`); finished runs (a `done.json` there) are skipped, so a
-sweep resumes. `--emit` prints those commands instead of running them; every variant's config (base, `--set`,
+sweep resumes. Every run of a sweep shares one persistent XLA compilation cache, `<workdir>/xla_cache`
+(`child_env`): the seeds, lr points and scorings of an arm compile the same programs once.
+`--emit` prints those commands instead of running them; every variant's config (base, `--set`,
 overrides) is built and validated first, so neither a printed command nor a run fails on a bad field or
 value. `--claims` writes the sweep file's verified-claims section to `<workdir>/claims.md` (or to
 `--claims_out`). The collected results are a
@@ -432,9 +434,23 @@ def _forward_signal(signum, frame) -> None:
                 proc.send_signal(signal.SIGTERM)
 
 
-def _train(cmd: list[str], stdout=None) -> int:
+XLA_CACHE = "xla_cache"  # in a sweep's workdir: the persistent compilation cache all its runs share
+
+
+def child_env(root: Path) -> dict[str, str]:
+    """The environment of a sweep's children: this one's, plus a persistent XLA compilation cache under
+    `<root>/xla_cache` shared by every run of the sweep (the seeds, lr points and scorings of an arm compile
+    the same programs; a cached program is the same executable, so no result changes), caching every
+    program however fast it compiled. A JAX_COMPILATION_CACHE_DIR already set wins (empty: no cache)."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / XLA_CACHE))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return env
+
+
+def _train(cmd: list[str], stdout=None, env: dict[str, str] | None = None) -> int:
     """Run one training child to its end and reap it; its exit status."""
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None, env=env)
     with _CHILDREN_LOCK:
         _CHILDREN.add(proc)
     try:
@@ -463,11 +479,12 @@ def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: s
     where = f" (output: {d / log})" if log else ""
     _say(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}{where}")
     d.mkdir(parents=True, exist_ok=True)
+    env = child_env(d.parent.parent)  # d = <sweep workdir>/<variant>/seed_<s>
     if log:
         with open(d / log, "w") as f:
-            status = _train(cmd, f)
+            status = _train(cmd, f, env)
     else:
-        status = _train(cmd)
+        status = _train(cmd, env=env)
     if STOP.is_set():
         return []  # stopped by a signal: not a result, not a failure; a rerun resumes it
     # A point of an lr sweep that diverges is a result (that lr is too high), not a failure.
@@ -606,7 +623,7 @@ def _final_eval_one(v: Variant, s: int, d: Path, cmd: list[str]) -> str:
         part.unlink()  # a killed earlier try: evaluate.py appends
     _say(f"[ablate] {v.name} seed {s}: final evaluation on {v.final_eval} batches")
     with open(d / "final_eval.log", "w") as f:
-        status = _train(cmd, f)
+        status = _train(cmd, f, child_env(d.parent.parent))
     if STOP.is_set():
         return ""
     if status or not part.exists():

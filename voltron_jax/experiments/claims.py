@@ -354,3 +354,13 @@ def width_transfer(
             f"muP's optimum moves less than SP's beyond noise (gap {gap:.2f} > {t95(df) * se:.2f}; {text})",
         )
     return NOT_HELD, f"muP's optimum does not move less than SP's beyond noise (gap {gap:.2f}; {text})"
+
+
+def claim_arms(claim: dict) -> set[str]:
+    """The arms one claim row reads: its baseline and variant, an isoflop rule's variant and dense arms
+    per budget, a width-transfer rule's muP and SP arms, an lr-transfer rule's arms."""
+    arms = {claim.get("baseline"), claim.get("variant"), *claim.get("arms", ())}
+    for b in claim.get("budgets", {}).values():
+        arms |= {b["variant"], *b["dense"]}
+    arms |= set(claim.get("mup", {}).values()) | set(claim.get("sp", {}).values())
+    return {a for a in arms if a}
