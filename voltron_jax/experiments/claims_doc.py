@@ -62,6 +62,12 @@ def run_costs(base: str, v: ablate.Variant, fixed: dict) -> dict:
             "tokens": c.data.batch_size * c.data.seq_len}  # fmt: skip
 
 
+def _scorings(arm: str, flops: float, key: tuple, n: int) -> list[dict]:
+    """n scoring processes of one arm (one per seed): evaluation FLOPs only."""
+    row = {"arm": arm, "kind": "score", "train_flops": 0.0, "eval_flops": flops, "steps": 0, "key": key}
+    return [dict(row) for _ in range(n)]
+
+
 def enumerate_runs(sweep: str) -> list[dict]:
     """Every process the sweep starts: {'arm', 'kind', 'train_flops', 'eval_flops', 'steps', 'warm'}
     ('warm': an earlier process compiled the same programs; see the module docstring)."""
@@ -80,17 +86,7 @@ def enumerate_runs(sweep: str) -> list[dict]:
             tokens = int(v.evaluate.get("batches", 16)) * c.data.batch_size * c.data.seq_len
             flops = models * tokens * decoder.flops_per_token(model.model, c.data.seq_len)
             key = ("ensemble", json.dumps(model.model.to_dict(), sort_keys=True, default=str), models, tokens)
-            for _ in src.seeds:
-                out.append(
-                    {
-                        "arm": v.name,
-                        "kind": "score",
-                        "train_flops": 0.0,
-                        "eval_flops": flops,
-                        "steps": 0,
-                        "key": key,
-                    }  # fmt: skip
-                )
+            out += _scorings(v.name, flops, key, len(src.seeds))
             continue
         runs = [(lv, lv.seeds) for lv in ablate.lr_sweep_runs([v])]
         swept = v.lr_seeds if v.lrs else 0
@@ -106,17 +102,7 @@ def enumerate_runs(sweep: str) -> list[dict]:
             flops = v.final_eval * cost["tokens"] * cost["fpt"]
             c = ablate.variant_config(v.base or base, {**fixed, **v.overrides})
             key = ("score", json.dumps(c.model.to_dict(), sort_keys=True, default=str), 1, v.final_eval)
-            for _ in v.seeds:
-                out.append(
-                    {
-                        "arm": v.name,
-                        "kind": "score",
-                        "train_flops": 0.0,
-                        "eval_flops": flops,
-                        "steps": 0,
-                        "key": key,
-                    }  # fmt: skip
-                )
+            out += _scorings(v.name, flops, key, len(v.seeds))
     seen = {("train", v.name + "@best") for v in variants if v.lrs}  # compiled by the lr sweep
     for r in out:
         key = r.pop("key")
