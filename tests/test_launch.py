@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -200,6 +201,11 @@ def test_stop_signals_the_training_processes_but_not_its_own_shell(tmp_path):
     def decoy():
         return subprocess.Popen([sys.executable, "-c", code, marker])
 
+    def remote_shell():
+        # The worker's shell that ssh starts has SIGTERM at its default; a job runner that starts the tests
+        # with SIGTERM ignored (exec keeps SIG_IGN) would make the naive shell below survive its own pkill.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     proc = decoy()
     try:
         import time
@@ -207,13 +213,19 @@ def test_stop_signals_the_training_processes_but_not_its_own_shell(tmp_path):
         time.sleep(0.5)
         bracketed = f"[{marker[0]}]{marker[1:]}"
         out = subprocess.run(
-            ["bash", "-c", tpu.stop_script(10, pattern=bracketed)], capture_output=True, text=True, timeout=60
+            ["bash", "-c", tpu.stop_script(10, pattern=bracketed)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=remote_shell,
         )
         assert out.returncode == 0, out.stderr  # the shell survived and saw the process exit
         assert proc.wait(timeout=10) == 7  # SIGTERM reached the training process
         proc = decoy()
         time.sleep(0.5)
-        naive = subprocess.run(["bash", "-c", tpu.stop_script(10, pattern=marker)], timeout=60)
+        naive = subprocess.run(
+            ["bash", "-c", tpu.stop_script(10, pattern=marker)], timeout=60, preexec_fn=remote_shell
+        )
         assert naive.returncode == -15  # the old plain pattern: the shell signals itself
     finally:
         proc.kill()
