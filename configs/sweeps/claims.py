@@ -355,6 +355,14 @@ ROWS = {
     "cbtx_vs_dense": ("c-BTX vs dense",),
     "cbtx": ("c-BTX vs dense", "c-BTX vs c-BTM ensemble"),
     "mod_isoflop": ("Mixture-of-Depths isoFLOP",),
+    "mod_equal_flops": ("Mixture-of-Depths vs dense at equal FLOPs per step",),
+    "two_stage_data": ("MiniCPM two-stage data",),
+    "wsd": ("MiniCPM WSD",),
+    "denseformer": ("DenseFormer",),
+    "bitnet": ("BitNet b1.58",),
+    "infini": ("Infini-attention: the memory", "Infini-attention vs full attention"),
+    "icp": ("In-Context Pretraining",),
+    "width": ("MiniCPM width scaling",),
 }
 
 

@@ -631,3 +631,7 @@ def test_row_presets_run_only_their_rows_with_the_full_sweeps_arms():
     assert iso["equal_flops_of"] == "mod"
     with pytest.raises(ValueError, match="cbtx_vs_dense"):
         sweep.get_sweep("cbtxx")
+    # every row has a group of its own, and the groups together are the whole sweep
+    assert set().union(*(sweep.ROWS.values())) == set(full["claims"])
+    assert set().union(*(sweep.get_sweep(k)["variants"] for k in sweep.ROWS)) == set(full["variants"])
+    assert set(sweep.get_sweep("two_stage_data")["variants"]) == {"dense", "decay_same_mix"}
