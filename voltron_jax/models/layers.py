@@ -127,9 +127,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
     of q and k (13 of 160 MiB each per v4 chip in the 13B step, docs/results.md); fp32 models unchanged.
 
     Written as one full-width expression, x * cos + rotate_half(x) * sin_signed, with cos and sin over all
-    K (sin negated on the first half) and rotate_half(x) = [x2, x1] a reshape to [..,2,K/2], a reverse of
-    the 2-axis and a reshape back: its transpose is the same reverse, so the backward has no half-width
-    products and no pad+add for the compiler to fuse into the q/k projection's dx matmul (docs/results.md,
+    K (sin negated on the first half) and rotate_half(x) = [x2, x1] (MaxText's form; docs/results.md,
     issue 27). Same values as (x1 cos - x2 sin, x2 cos + x1 sin): negation is exact."""
     k = x.shape[-1]
     inv = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
@@ -141,10 +139,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
-    """[x1, x2] -> [x2, x1] along the last axis (K even), as reshape + reverse + reshape: the transpose is
-    itself, no slices or pads."""
-    *lead, k = x.shape
-    return jnp.flip(x.reshape(*lead, 2, k // 2), axis=-2).reshape(*lead, k)
+    """[x1, x2] -> [x2, x1] along the last axis (K even): a roll by K/2, one concatenate of two slices."""
+    k = x.shape[-1]
+    return jnp.concatenate([x[..., k // 2 :], x[..., : k // 2]], axis=-1)
 
 
 class MLP(nn.Module):
