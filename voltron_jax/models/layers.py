@@ -124,24 +124,14 @@ class Embed(nn.Module):
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
     """Rotary embedding (rotate-half form) of x [B,T,H,K] at integer positions [B,T]. The angles and their
     sin/cos are fp32; the rotation runs in x's dtype (as MaxText's), so a bf16 model keeps no fp32 copies
-    of q and k (13 of 160 MiB each per v4 chip in the 13B step, docs/results.md); fp32 models unchanged.
-
-    Written as one full-width expression, x * cos + rotate_half(x) * sin_signed, with cos and sin over all
-    K (sin negated on the first half) and rotate_half(x) = [x2, x1] (MaxText's form; docs/results.md,
-    issue 27). Same values as (x1 cos - x2 sin, x2 cos + x1 sin): negation is exact."""
+    of q and k (13 of 160 MiB each per v4 chip in the 13B step, docs/results.md); fp32 models unchanged."""
     k = x.shape[-1]
     inv = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
-    ang = positions.astype(jnp.float32)[..., None] * jnp.concatenate([inv, inv])  # [B,T,K]
-    sign = jnp.concatenate([-jnp.ones(k // 2, jnp.float32), jnp.ones(k // 2, jnp.float32)])  # [K]
-    cos = jnp.cos(ang)[:, :, None, :].astype(x.dtype)  # [B,T,1,K]
-    sin = (jnp.sin(ang) * sign)[:, :, None, :].astype(x.dtype)  # [B,T,1,K], sign folded in
-    return x * cos + rotate_half(x) * sin  # [B,T,H,K]
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-    """[x1, x2] -> [x2, x1] along the last axis (K even): a roll by K/2, one concatenate of two slices."""
-    k = x.shape[-1]
-    return jnp.concatenate([x[..., k // 2 :], x[..., : k // 2]], axis=-1)
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [B,T,K/2]
+    sin = jnp.sin(ang)[:, :, None, :].astype(x.dtype)  # [B,T,1,K/2]
+    cos = jnp.cos(ang)[:, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., : k // 2], x[..., k // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B,T,H,K]
 
 
 class MLP(nn.Module):
