@@ -74,11 +74,14 @@ ENV = dict(
 )
 # --libtpu_args=maxtext_v5p: the LIBTPU_INIT_ARGS of MaxText's v5p recipes (its configs/v5p/*.sh, e.g.
 # llama2_7b.sh and 128b.sh, export these before train.py / train_compile.py); train_compile itself adds
-# only --xla_tpu_spmd_rng_bit_generator_unsafe=true, and the project's AOT tool adds none.
+# only --xla_tpu_spmd_rng_bit_generator_unsafe=true, and the project's AOT tool adds none. The recipes set
+# ..._fuse_all_gather=true, which libtpu 0.0.52 refuses for v5p at compile time (FAILED_PRECONDITION:
+# "Continuation fusion for AllGather ... not supported/recommended on platforms other than TPU v5e"), so
+# the preset sets it false: the rest of the recipe as it is.
 LIBTPU_PRESETS = dict(
     maxtext_v5p=" ".join(
         [
-            "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+            "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=false",  # see above
             "--xla_tpu_megacore_fusion_allow_ags=false",
             "--xla_enable_async_collective_permute=true",
             "--xla_tpu_enable_ag_backward_pipelining=true",
