@@ -92,8 +92,11 @@ LIBTPU_PRESETS = dict(
             "--xla_tpu_overlap_compute_collective_tc=true",
             "--xla_enable_async_all_gather=true",
         ]
-    )
+    ),
 )
+# + the scoped-VMEM limit of MaxText's benchmark library for dense models (benchmarks/xla_flags_library.py
+# DENSE_VMEM_LIMIT_FLAG, 98304 KiB; its v5p "viperfish" configs give 32768, which compiles the same as none)
+LIBTPU_PRESETS["maxtext_v5p_vmem"] = LIBTPU_PRESETS["maxtext_v5p"] + " --xla_tpu_scoped_vmem_limit_kib=98304"
 
 
 def maxtext_libtpu(python: str) -> tuple[str, str, str]:
