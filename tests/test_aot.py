@@ -284,37 +284,3 @@ def test_estimate_runs_on_a_tiny_config(tmp_path):
     per = e["ops_per_block"]
     assert per["classes"]["matmul"] > 0 and any(k.startswith("matmul | bwd") for k in per["labels"])
     assert "cycles by op class: " in text and "costliest ops" in text
-
-
-@pytest.mark.slow
-def test_heads_first_splash_core_equals_the_xla_core_on_cpu():
-    """CausalCore on the splash path works in the kernel's layout [B,H,T,K] from the projections on (RoPE
-    heads_first, no transposes around the kernel): same values and gradients as the XLA core, sharded over
-    a data x tensor mesh, with documents and invalid keys; and rope(heads_first) is rope transposed."""
-    from voltron_jax.models.layers import rope
-
-    b, t, h, g, k = 2, 128, 4, 2, 16
-    keys = jax.random.split(jax.random.key(1), 4)
-    q = jax.random.normal(keys[0], (b, t, h, k))
-    kk, v = jax.random.normal(keys[1], (b, t, g, k)), jax.random.normal(keys[2], (b, t, g, k))
-    pos = jnp.broadcast_to(jnp.arange(t) * 3, (b, t))
-    seg = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], b, 0))
-    valid = jax.random.uniform(keys[3], (b, t)) > 0.2
-    hf = lambda x: jnp.swapaxes(x, 1, 2)
-    np.testing.assert_array_equal(rope(hf(q), pos, heads_first=True), hf(rope(q, pos)))
-    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 1, 2, 1), ("data", "fsdp", "tensor", "expert"))
-    w = valid[..., None, None].astype(jnp.float32)  # invalid queries' outputs are unspecified
-
-    def loss(impl, q, kk, v):
-        out = attention.CausalCore(impl=impl).apply({}, q, kk, v, pos, seg, valid)
-        return jnp.sum(out * w * jnp.cos(jnp.arange(k)))
-
-    with mesh:
-        assert splash.selected("splash", t)
-        splash_loss = lambda *a: loss("splash", *a)
-        got_l, got_g = jax.jit(lambda *a: (splash_loss(*a), jax.grad(splash_loss, (0, 1, 2))(*a)))(q, kk, v)
-    want_l = loss("xla", q, kk, v)
-    want_g = jax.grad(lambda *a: loss("xla", *a), (0, 1, 2))(q, kk, v)
-    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
-    for a, b_ in zip(got_g, want_g):
-        np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5)

@@ -69,14 +69,6 @@ class CausalCore(nn.Module):
 
     @nn.compact
     def __call__(self, q, k, v, positions, segment_ids=None, valid=None):
-        if not self.decode and splash.selected(self.impl, q.shape[1]):
-            # The kernel's layout [B,H,T,K] from the start: the transposes sit on the projections'
-            # outputs (layout changes of their matmuls) and RoPE writes the kernel's layout, instead of
-            # a separate transpose fusion of the rotated q/k (docs/results.md, issue 27).
-            hf = lambda x: jnp.swapaxes(x, 1, 2)  # [B,T,*,K] <-> [B,*,T,K]
-            q = rope(hf(q), positions, self.rope_theta, heads_first=True)
-            k = rope(hf(k), positions, self.rope_theta, heads_first=True)
-            return hf(splash.causal_attention(q, k, hf(v), segment_ids, valid, heads_first=True))
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         if self.decode:
             return self._cached(q, k, v, valid)

@@ -121,17 +121,15 @@ class Embed(nn.Module):
         return jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype))  # [B,T,V]
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, heads_first: bool = False) -> jax.Array:
-    """Rotary embedding (rotate-half form) of x [B,T,H,K] (or [B,H,T,K] with heads_first) at integer
-    positions [B,T]. The angles and their sin/cos are fp32; the rotation runs in x's dtype (as MaxText's),
-    so a bf16 model keeps no fp32 copies of q and k (13 of 160 MiB each per v4 chip in the 13B step,
-    docs/results.md); fp32 models unchanged."""
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary embedding (rotate-half form) of x [B,T,H,K] at integer positions [B,T]. The angles and their
+    sin/cos are fp32; the rotation runs in x's dtype (as MaxText's), so a bf16 model keeps no fp32 copies
+    of q and k (13 of 160 MiB each per v4 chip in the 13B step, docs/results.md); fp32 models unchanged."""
     k = x.shape[-1]
     inv = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
     ang = positions.astype(jnp.float32)[..., None] * inv  # [B,T,K/2]
-    ang = ang[:, None] if heads_first else ang[:, :, None]  # [B,1,T,K/2] or [B,T,1,K/2]
-    sin = jnp.sin(ang).astype(x.dtype)
-    cos = jnp.cos(ang).astype(x.dtype)
+    sin = jnp.sin(ang)[:, :, None, :].astype(x.dtype)  # [B,T,1,K/2]
+    cos = jnp.cos(ang)[:, :, None, :].astype(x.dtype)
     x1, x2 = x[..., : k // 2], x[..., k // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B,T,H,K]
 

@@ -93,16 +93,9 @@ def _kernel(t: int, heads: int, interpret: bool):
         return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _local(q, k, v, seg, interpret: bool, heads_first: bool = False):
-    """Per-device rows: q [b,T,H,K], k/v [b,T,G,K], seg [b,T] int32 or None -> [b,T,H,K]; with
-    heads_first all of them are [b,*,T,K], the kernel's own layout (no transposes)."""
+def _local(q, k, v, seg, interpret: bool):
+    """Per-device rows: q [b,T,H,K], k/v [b,T,G,K], seg [b,T] int32 or None -> [b,T,H,K]."""
 
-    if heads_first:
-        kernel = _kernel(q.shape[2], q.shape[1], interpret)
-        q = q * jnp.asarray(q.shape[3] ** -0.5, q.dtype)
-        if seg is None:
-            return jax.vmap(kernel)(q, k, v)
-        return jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(s, s)))(q, k, v, seg)
     t, h, kd = q.shape[1], q.shape[2], q.shape[3]
     kernel = _kernel(t, h, interpret)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [b,T,*,K] -> [b,*,T,K]
@@ -121,11 +114,8 @@ def _spec(mesh, logical: tuple, shape: tuple) -> PartitionSpec:
     return sharding.fit_spec(nn.logical_to_mesh_axes(logical, sharding.rules()), shape, mesh)
 
 
-def causal_attention(
-    q, k, v, segment_ids=None, valid=None, interpret: bool | None = None, heads_first: bool = False
-) -> jax.Array:
-    """Causal softmax attention q [B,T,H,K], k/v [B,T,G,K] -> [B,T,H,K] with the splash kernel; with
-    heads_first, q [B,H,T,K], k/v [B,G,T,K] -> [B,H,T,K] (the kernel's layout: no transposes here).
+def causal_attention(q, k, v, segment_ids=None, valid=None, interpret: bool | None = None) -> jax.Array:
+    """Causal softmax attention q [B,T,H,K], k/v [B,T,G,K] -> [B,T,H,K] with the splash kernel.
 
     segment_ids [B,T] (documents may not see each other) and valid [B,T] (invalid tokens are never
     keys) are optional. `interpret` defaults to True off TPU (Pallas interpret mode)."""
@@ -134,19 +124,14 @@ def causal_attention(
         interpret = platform(mesh) != "tpu"
     seg = None
     if segment_ids is not None or valid is not None:
-        b, t = q.shape[0], q.shape[2 if heads_first else 1]
-        seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         seg = seg if valid is None else jnp.where(valid, seg, -1)  # [B,T]
-    local = functools.partial(_local, interpret=interpret, heads_first=heads_first)
+    local = functools.partial(_local, interpret=interpret)
     if mesh is None or mesh.size == 1:
         return local(q, k, v, seg)
-    h_ax = 1 if heads_first else 2
-    order = lambda heads: (
-        ("act_batch", heads, None, None) if heads_first else ("act_batch", None, heads, None)
-    )
-    qs = _spec(mesh, order("act_heads"), q.shape)
-    ks = _spec(mesh, order("act_kv_heads"), k.shape)
-    if ks[h_ax] != qs[h_ax]:  # heads and KV heads must be split alike so every group stays on one device
+    qs = _spec(mesh, ("act_batch", None, "act_heads", None), q.shape)
+    ks = _spec(mesh, ("act_batch", None, "act_kv_heads", None), k.shape)
+    if ks[2] != qs[2]:  # heads and KV heads must be split alike so every group stays on one device
         qs = ks = PartitionSpec(qs[0], None, None, None)
     ss = PartitionSpec(qs[0], None)
     if seg is None:
