@@ -97,6 +97,12 @@ LIBTPU_PRESETS = dict(
 # + the scoped-VMEM limit of MaxText's benchmark library for dense models (benchmarks/xla_flags_library.py
 # DENSE_VMEM_LIMIT_FLAG, 98304 KiB; its v5p "viperfish" configs give 32768, which compiles the same as none)
 LIBTPU_PRESETS["maxtext_v5p_vmem"] = LIBTPU_PRESETS["maxtext_v5p"] + " --xla_tpu_scoped_vmem_limit_kib=98304"
+# + the library's all-reduce + dynamic-slice = reduce-scatter layout flags (LAYOUT_FOR_ALL_REDUCE_SCATTER)
+LIBTPU_PRESETS["maxtext_v5p_rs"] = LIBTPU_PRESETS["maxtext_v5p"] + (
+    " --xla_tpu_use_minor_sharding_for_major_trivial_input=true"
+    " --xla_tpu_relayout_group_size_threshold_for_reduce_scatter=1"
+    " --xla_tpu_assign_all_reduce_scatter_layout=true"
+)
 
 
 def maxtext_libtpu(python: str) -> tuple[str, str, str]:
