@@ -105,6 +105,15 @@ LIBTPU_PRESETS["maxtext_v5p_rs"] = LIBTPU_PRESETS["maxtext_v5p"] + (
 )
 
 
+def libtpu_init_args(arg: str) -> str:
+    """--libtpu_args: a preset's flags, or the flags themselves (each starting with --)."""
+    if arg in LIBTPU_PRESETS:
+        return LIBTPU_PRESETS[arg]
+    if all(f.startswith("--") for f in arg.split()):
+        return arg
+    raise SystemExit(f"--libtpu_args={arg!r}: not a preset ({', '.join(LIBTPU_PRESETS)}) nor --flags.")
+
+
 def maxtext_libtpu(python: str) -> tuple[str, str, str]:
     """(libtpu.so path, libtpu version, jax version) of the MaxText venv."""
     code = (
@@ -266,7 +275,7 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.libtpu_args:
-        ENV["LIBTPU_INIT_ARGS"] = LIBTPU_PRESETS.get(args.libtpu_args, args.libtpu_args)
+        ENV["LIBTPU_INIT_ARGS"] = libtpu_init_args(args.libtpu_args)
     if not os.path.exists(args.maxtext_python):
         raise SystemExit(
             f"MaxText's Python {args.maxtext_python} is missing: python3.12 -m venv /work/maxtext-venv && "
