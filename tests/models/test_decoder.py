@@ -258,4 +258,5 @@ def test_remat_full_save_gathered_keeps_values_and_gradients_and_names_every_ker
         text = str(jax.make_jaxpr(lambda p: loss(ms, p))(p))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
-    assert text.count(f"name={GATHERED_KERNEL}") == 7 * c.model.n_layers  # q k v o gate up down
+    n_kernels = sum("kernel" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p))
+    assert n_kernels >= 7 * c.model.n_layers and text.count(f"name={GATHERED_KERNEL}") == n_kernels
