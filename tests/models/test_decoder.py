@@ -239,24 +239,3 @@ def test_rope_is_the_complex_rotation_of_the_two_halves():
     )
     # fp32 angles of positions up to 2331 are off by ~1e-4 rad; a wrong sign or half is off by O(1)
     np.testing.assert_allclose(rope(x, pos), np.concatenate([z.real, z.imag], -1), rtol=0, atol=2e-3)
-
-
-def test_remat_full_save_gathered_keeps_values_and_gradients_and_names_every_kernel():
-    """model.remat=full_save_gathered: the same logits and parameter gradients as full remat (on a
-    data x fsdp mesh), and every Dense kernel passes through the checkpoint name the policy saves."""
-    from voltron_jax.models.layers import GATHERED_KERNEL
-
-    c = _cfg(remat="full")
-    c.mesh.update(data=2, fsdp=4, tensor=1)
-    m, v, ids = _init(c)
-    mesh = sharding.make_mesh(c.mesh)
-    loss = lambda model, p: jnp.mean(model.apply({"params": p}, ids) ** 2)
-    ms = decoder.build_model(_cfg(remat="full_save_gathered").model)
-    p = nn.unbox(v["params"])
-    with mesh, nn.logical_axis_rules(sharding.rules()):
-        (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(lambda p, mm=mm: loss(mm, p)))(p) for mm in (m, ms))
-        text = str(jax.make_jaxpr(lambda p: loss(ms, p))(p))
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
-    n_kernels = sum("kernel" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p))
-    assert n_kernels >= 7 * c.model.n_layers and text.count(f"name={GATHERED_KERNEL}") == n_kernels

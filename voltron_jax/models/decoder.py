@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from voltron_jax import registry
 from voltron_jax.models import moe_groups
 from voltron_jax.models.attention import head_dim
-from voltron_jax.models.layers import GATHERED_KERNEL, Embed, RMSNorm, param_with_axes
+from voltron_jax.models.layers import Embed, RMSNorm, param_with_axes
 
 REMAT_POLICIES = {
     "full": None,
@@ -34,10 +34,6 @@ REMAT_POLICIES = {
     "full_save_dispatch": jax.checkpoint_policies.save_only_these_names(
         moe_groups.DISPATCHED, moe_groups.COMBINED
     ),
-    # full remat, but each Dense kernel is gathered over fsdp once, in the forward, and kept for the
-    # recomputed forward and the backward (one all-gather per layer instead of two; + the layer's kernels
-    # in compute dtype per device)
-    "full_save_gathered": jax.checkpoint_policies.save_only_these_names(GATHERED_KERNEL),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }

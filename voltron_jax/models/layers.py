@@ -26,9 +26,6 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.f
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-GATHERED_KERNEL = "gathered_kernel"  # checkpoint name of a Dense kernel gathered over fsdp
-
-
 class Dense(nn.Module):
     """y = x @ W, W: [in, features] fp32, computed in `dtype`. No bias (LLaMA style).
 
@@ -44,7 +41,6 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     heads_out: int = 0
     heads_in: int = 0
-    save_gathered: bool = False  # model.remat=full_save_gathered: gather explicitly, name it for the policy
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,9 +49,6 @@ class Dense(nn.Module):
             self, "kernel", nn.initializers.normal(self.init_std), (n_in, self.features), self.kernel_axes
         )
         x, w = x.astype(self.dtype), w.astype(self.dtype)
-        if self.save_gathered:  # the kernel in `dtype`, whole over fsdp, kept by the remat policy
-            w = nn.with_logical_constraint(w, tuple(None if a == "embed" else a for a in self.kernel_axes))
-            w = jax.ad_checkpoint.checkpoint_name(w, GATHERED_KERNEL)
         if self.heads_out:
             w = w.reshape(n_in, self.heads_out, self.features // self.heads_out)  # [D,H,K]
             return jnp.einsum("...d,dhk->...hk", x, w)  # [...,H,K]
@@ -75,7 +68,7 @@ class Dense(nn.Module):
 
     @staticmethod
     def from_config(m) -> dict:
-        return dict(save_gathered=m.remat == "full_save_gathered")
+        return {}
 
     @staticmethod
     def validate(config) -> None:
