@@ -4,6 +4,7 @@ with the same libtpu, and compared op by op by the TPU compiler's cost model (ne
     python benchmarks/maxtext_side_by_side.py [--maxtext_python=/work/maxtext-venv/bin/python]
         [--workdir=/tmp/side_by_side] [--reuse] [--sides=maxtext,project] [--json=out.json]
         [--project_flags="--config.model.remat=full ..."] [--maxtext_flags="num_experts=8 ..."]
+        [--libtpu_args=maxtext_v5p | --libtpu_args="--xla_... --xla_..."]
 
 Both sides: batch 128 x 4096, fsdp 64 (pure FSDP over the 64 chips), full remat, fp32 weights and Adam,
 bf16 compute, the v5p-128 torus (wraparound on every axis, 2x2x1 chips per host), compiled unrolled at 1
@@ -71,6 +72,46 @@ PROJECT_MOE_FLAGS = (
 ENV = dict(
     JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TF_CPP_MIN_LOG_LEVEL="3", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
 )
+# --libtpu_args=maxtext_v5p: the LIBTPU_INIT_ARGS of MaxText's v5p recipes (its configs/v5p/*.sh, e.g.
+# llama2_7b.sh and 128b.sh, export these before train.py / train_compile.py); train_compile itself adds
+# only --xla_tpu_spmd_rng_bit_generator_unsafe=true, and the project's AOT tool adds none. The recipes set
+# ..._fuse_all_gather=true, which libtpu 0.0.52 refuses for v5p at compile time (FAILED_PRECONDITION:
+# "Continuation fusion for AllGather ... not supported/recommended on platforms other than TPU v5e"), so
+# the preset sets it false: the rest of the recipe as it is.
+LIBTPU_PRESETS = dict(
+    maxtext_v5p=" ".join(
+        [
+            "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=false",  # see above
+            "--xla_tpu_megacore_fusion_allow_ags=false",
+            "--xla_enable_async_collective_permute=true",
+            "--xla_tpu_enable_ag_backward_pipelining=true",
+            "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+            "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+            "--xla_tpu_enable_async_collective_fusion=true",
+            "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+            "--xla_tpu_overlap_compute_collective_tc=true",
+            "--xla_enable_async_all_gather=true",
+        ]
+    ),
+)
+# + the scoped-VMEM limit of MaxText's benchmark library for dense models (benchmarks/xla_flags_library.py
+# DENSE_VMEM_LIMIT_FLAG, 98304 KiB; its v5p "viperfish" configs give 32768, which compiles the same as none)
+LIBTPU_PRESETS["maxtext_v5p_vmem"] = LIBTPU_PRESETS["maxtext_v5p"] + " --xla_tpu_scoped_vmem_limit_kib=98304"
+# + the library's all-reduce + dynamic-slice = reduce-scatter layout flags (LAYOUT_FOR_ALL_REDUCE_SCATTER)
+LIBTPU_PRESETS["maxtext_v5p_rs"] = LIBTPU_PRESETS["maxtext_v5p"] + (
+    " --xla_tpu_use_minor_sharding_for_major_trivial_input=true"
+    " --xla_tpu_relayout_group_size_threshold_for_reduce_scatter=1"
+    " --xla_tpu_assign_all_reduce_scatter_layout=true"
+)
+
+
+def libtpu_init_args(arg: str) -> str:
+    """--libtpu_args: a preset's flags, or the flags themselves (each starting with --)."""
+    if arg in LIBTPU_PRESETS:
+        return LIBTPU_PRESETS[arg]
+    if all(f.startswith("--") for f in arg.split()):
+        return arg
+    raise SystemExit(f"--libtpu_args={arg!r}: not a preset ({', '.join(LIBTPU_PRESETS)}) nor --flags.")
 
 
 def maxtext_libtpu(python: str) -> tuple[str, str, str]:
@@ -225,8 +266,16 @@ def main() -> None:
         action="store_true",
         help="also the MoE: MaxText's Mixtral block (megablox, dropless) vs model.moe.impl=ragged",
     )
+    ap.add_argument(
+        "--libtpu_args",
+        default="",
+        help="LIBTPU_INIT_ARGS for both sides' compiles (the same on both): flags, or a preset name: "
+        + ", ".join(LIBTPU_PRESETS),
+    )
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    if args.libtpu_args:
+        ENV["LIBTPU_INIT_ARGS"] = libtpu_init_args(args.libtpu_args)
     if not os.path.exists(args.maxtext_python):
         raise SystemExit(
             f"MaxText's Python {args.maxtext_python} is missing: python3.12 -m venv /work/maxtext-venv && "
@@ -235,6 +284,8 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     libtpu, libtpu_version, mt_jax = maxtext_libtpu(args.maxtext_python)
     print(f"libtpu {libtpu_version} ({libtpu}) for both sides; MaxText's jax {mt_jax}", flush=True)
+    flags = ENV.get("LIBTPU_INIT_ARGS", os.environ.get("LIBTPU_INIT_ARGS", ""))
+    print(f"LIBTPU_INIT_ARGS for both sides: {flags or '(none)'}", flush=True)
     wanted = args.sides.split(",")
     dense, moe = {}, {}
     if "maxtext" in wanted:
@@ -260,7 +311,11 @@ def main() -> None:
         print("\nMoE, 8 experts top-2 (1 layer, each side's dense rest):\n" + render(moe, args.top))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(libtpu=libtpu_version, libtpu_path=libtpu, sides=dense, moe=moe), f, indent=1)
+            json.dump(
+                dict(libtpu=libtpu_version, libtpu_path=libtpu, libtpu_init_args=flags, sides=dense, moe=moe),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -145,6 +145,23 @@ def test_side_by_side_moe_rows_take_the_dense_rest_of_the_same_system():
     assert "| a | 0.129717 / - | 0.106285 |" in text and "b / a tokens/s: 1.0000" in text
 
 
+def test_side_by_side_libtpu_presets_are_maxtexts_v5p_flags_that_libtpu_accepts():
+    """--libtpu_args: MaxText's v5p recipe flags with the one libtpu 0.0.52 refuses on v5p
+    (fuse_all_gather=true: FAILED_PRECONDITION) turned off; the other presets extend it; raw flags pass
+    through; anything else is one error naming the presets."""
+    sbs = load("benchmarks/maxtext_side_by_side.py")
+    flags = dict(f.removeprefix("--").split("=") for f in sbs.libtpu_init_args("maxtext_v5p").split())
+    assert len(flags) == 10 and flags.pop("xla_tpu_enable_async_collective_fusion_fuse_all_gather") == "false"
+    assert flags.pop("xla_tpu_megacore_fusion_allow_ags") == "false"
+    assert set(flags.values()) == {"true"} and "xla_tpu_enable_async_collective_fusion" in flags
+    for name in ("maxtext_v5p_vmem", "maxtext_v5p_rs"):
+        assert sbs.libtpu_init_args(name).startswith(sbs.LIBTPU_PRESETS["maxtext_v5p"] + " --")
+    assert "--xla_tpu_scoped_vmem_limit_kib=98304" in sbs.libtpu_init_args("maxtext_v5p_vmem")
+    assert sbs.libtpu_init_args("--a=1 --b=2") == "--a=1 --b=2"
+    with pytest.raises(SystemExit, match="maxtext_v5p"):
+        sbs.libtpu_init_args("maxtext_v6e")
+
+
 def test_side_by_side_help_names_the_moe_mode():
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "maxtext_side_by_side.py"), "--help"],

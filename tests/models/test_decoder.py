@@ -222,3 +222,20 @@ def test_head_shaped_dense_is_the_reshaped_plain_product():
     va = att.init(jax.random.key(4), h, pos)
     ref = attention.Attention(4, 2, d // 4, linear=lambda *a, **k: Dense(*a, **k))
     np.testing.assert_allclose(att.apply(va, h, pos), ref.apply(va, h, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_is_the_complex_rotation_of_the_two_halves():
+    """layers.rope rotates (x1 + i x2) by pos * theta^(-2j/K) (HF's rotate-half convention), bf16 in bf16
+    out; its values against a float64 reference. The full-width forms tried for issue 27 gave the same
+    values bit for bit and were slower (docs/results.md)."""
+    from voltron_jax.models.layers import rope
+
+    x = jax.random.normal(jax.random.key(0), (2, 64, 3, 16))
+    pos = jnp.stack([jnp.arange(64) * 37, jnp.arange(64)[::-1]])  # large and reversed positions
+    assert rope(x.astype(jnp.bfloat16), pos).dtype == jnp.bfloat16
+    xn, pn = np.asarray(x, np.float64), np.asarray(pos, np.float64)
+    z = (xn[..., :8] + 1j * xn[..., 8:]) * np.exp(
+        1j * pn[:, :, None, None] / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    )
+    # fp32 angles of positions up to 2331 are off by ~1e-4 rad; a wrong sign or half is off by O(1)
+    np.testing.assert_allclose(rope(x, pos), np.concatenate([z.real, z.imag], -1), rtol=0, atol=2e-3)
