@@ -5,8 +5,9 @@ expert stay as wide as the dense model's), SwiGLU d_ff 13824, SentencePiece voca
 4096 split into two Infini-attention segments of 2048. Every technique is on: BitLinear (b1.58 ternary)
 projections, Infini-attention memory, DenseFormer DWA (dilation 4, period 2), Mixture-of-Depths on
 every second layer (capacity 1/8, causal predictor), MiniCPM tensor-program scaling and WSD schedule, In-
-Context Pretraining order. bf16 compute, fp32 params, scanned layers with full remat; attention_impl
-'auto' takes the Pallas splash kernel on TPU (voltron_jax/models/splash.py).
+Context Pretraining order. bf16 compute, fp32 params, scanned layers with full remat (the v5p preset keeps
+the projections' outputs); attention_impl 'auto' takes the Pallas splash kernel on TPU
+(voltron_jax/models/splash.py).
 
 Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
   ''      the seed's full c-BTX recipe: stable (WSD) -> branch x8 (one per c-BTM cluster) -> mix (BTX merge
@@ -22,7 +23,8 @@ Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
           v5p-128 (64 chips of 95 GiB) or v5e-256 (256 chips of 16 GiB). All presets shard parameters and
           optimizer state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x
           fsdp); on v4 they keep the dense batch 128 as 2 microbatches of 64, with bf16 Adam moments and
-          DWA sums; on v5p their remat keeps the dispatch's all-to-all results (PRESETS).
+          DWA sums; on v5p their remat keeps the dispatch's all-to-all results (PRESETS), and the dense
+          phases keep every projection's output (remat 'dots_no_batch', DENSE_PRESETS).
 Parameter counts (launch/aot_compile.py prints them, analytic and from eval_shape): seed 13.0B, MoE 87B
 (23.6B active per token: top-2 of 8 experts in FFN and attention).
 
@@ -64,6 +66,11 @@ V4_MOE = {
 # the compiler's estimated step 3.99 -> 3.53 s, heap 36.33 -> 59.86 GiB (docs/results.md, "Saving the
 # dispatch's all-to-all results"). v4 has no room for it (27.95 of 30.75 GiB).
 V5P_MOE = {"model.remat": "full_save_dispatch"}
+# preset -> overrides of the dense phases (and of the plain and dense variants). v5p's 95 GiB chips also
+# hold every projection's output for the backward ('dots_no_batch': the recomputed forward runs no matmul,
+# only norms, RoPE, the activation and attention): the compiler's estimated plain step 2.13 -> 1.72 s, heap
+# 9.04 -> 37.34 GiB (docs/results.md, "The remat policy on v5p-128"). Full remat elsewhere: v4's 30.75 GiB.
+DENSE_PRESETS = {"v5p": {"model.remat": "dots_no_batch"}}
 PRESETS = {
     "v4": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), V4_MOE),
     "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), V5P_MOE),
@@ -141,6 +148,7 @@ def get_config(arg: str = ""):
     moe = MOE
     if presets:
         dense_batch, moe_batch, mesh, moe_preset = PRESETS[presets[0]]
+        c = config.apply_overrides(c, DENSE_PRESETS.get(presets[0], {}))
         c.data.batch_size = dense_batch
         c.mesh.update(mesh)
         moe = {**MOE, "data.batch_size": moe_batch, **moe_preset}

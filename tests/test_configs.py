@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import tiny
+from configs import tiny, voltron_13b
 from voltron_jax import config as cfglib
 from voltron_jax import recipe, sharding
 from voltron_jax.models import decoder
@@ -200,3 +200,21 @@ def test_config_files_load_by_absolute_path_from_anywhere(tmp_path, monkeypatch)
     assert c.model.linear == "bitlinear" and c.model.d_model == 64
     with pytest.raises(cfglib.ConfigError, match="does not exist"):
         cfglib.load("configs/nope.py")
+
+
+def test_v5p_preset_saves_projections_in_dense_phases_and_keeps_dispatch_remat_for_moe():
+    """The v5p preset (95 GiB chips) keeps every projection's output for the backward in the dense phases
+    ('dots_no_batch'); its MoE phases keep their own policy, and the other pods stay at full remat."""
+    phases = lambda variant: {  # noqa: E731
+        name: cfglib.phase_config(c, name).model.remat
+        for c in [voltron_13b.get_config(variant)]
+        for name in c.recipe
+    }
+    assert phases("v5p") == dict(
+        stable="dots_no_batch", branch="dots_no_batch", mix="full_save_dispatch", moe_ft="full_save_dispatch"
+    )
+    assert set(phases("plain,v5p").values()) == set(phases("dense,v5p").values()) == {"dots_no_batch"}
+    assert set(phases("moe,v5p").values()) == {"full_save_dispatch"}
+    for variant in ("v4", "plain,v4", "plain,v5e", "plain"):
+        assert set(phases(variant).values()) == {"full"}, variant
+    cfglib.validate(voltron_13b.get_config("plain,v5p"))  # a policy the decoder knows
