@@ -1,5 +1,7 @@
 """Dense backbone: shapes, every param sharded by a valid spec, scan == unrolled, GQA, MiniCPM scaling."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,3 +241,27 @@ def test_rope_is_the_complex_rotation_of_the_two_halves():
     )
     # fp32 angles of positions up to 2331 are off by ~1e-4 rad; a wrong sign or half is off by O(1)
     np.testing.assert_allclose(rope(x, pos), np.concatenate([z.real, z.imag], -1), rtol=0, atol=2e-3)
+
+
+def test_remat_dots_no_batch_rotated_keeps_q_and_k_after_rope(capsys):
+    """'dots_no_batch' keeps the projections' outputs, q and k before RoPE; 'dots_no_batch_rotated' keeps
+    q and k after it instead (MaxText's 'minimal'), and not before; the gradients are full remat's."""
+    c = _cfg(scan_layers=False)
+    m, v, ids = _init(c)
+    p = nn.unbox(v["params"])
+    saved, grads = {}, {}
+    for policy in ("full", "dots_no_batch", "dots_no_batch_rotated"):
+        mp = decoder.build_model(_cfg(scan_layers=False, remat=policy).model)
+        loss = lambda p, mp=mp: jnp.mean(mp.apply({"params": p}, ids) ** 2)
+        jax.ad_checkpoint.print_saved_residuals(loss, p)
+        saved[policy] = capsys.readouterr().out.splitlines()
+        grads[policy] = jax.grad(loss)(p)
+    n = c.model.n_layers
+    head_shaped = lambda lines: [x for x in lines if "dot_general" in x and re.search(r"\[\d+(,\d+){3}\]", x)]
+    assert len(head_shaped(saved["dots_no_batch"])) == 3 * n  # q, k, v projections
+    assert len(head_shaped(saved["dots_no_batch_rotated"])) == n  # v only
+    assert sum(attention.ROTATED in x for x in saved["dots_no_batch_rotated"]) == 2 * n
+    assert not any(attention.ROTATED in x for x in saved["dots_no_batch"] + saved["full"])
+    for policy in ("dots_no_batch", "dots_no_batch_rotated"):
+        for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads[policy]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

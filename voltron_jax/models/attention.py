@@ -20,11 +20,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from voltron_jax.models import splash
 from voltron_jax.models.layers import Dense, rope
 
 Dtype = Any
+# CausalCore's q and k after RoPE: remat 'dots_no_batch_rotated' keeps them (decoder.REMAT_POLICIES), so the
+# backward does not redo the rotation from the projections' saved outputs (as MaxText's 'minimal', which
+# names query_proj/key_proj after RoPE).
+ROTATED = "rotated_qk"
 
 
 def causal_mask(segment_ids: jax.Array | None, t: int) -> jax.Array | None:
@@ -70,6 +75,7 @@ class CausalCore(nn.Module):
     @nn.compact
     def __call__(self, q, k, v, positions, segment_ids=None, valid=None):
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        q, k = checkpoint_name(q, ROTATED), checkpoint_name(k, ROTATED)
         if self.decode:
             return self._cached(q, k, v, valid)
         return causal_attention(q, k, v, segment_ids, valid, self.impl)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from voltron_jax import registry
 from voltron_jax.models import moe_groups
-from voltron_jax.models.attention import head_dim
+from voltron_jax.models.attention import ROTATED, head_dim
 from voltron_jax.models.layers import Embed, RMSNorm, param_with_axes
 
 REMAT_POLICIES = {
@@ -36,6 +36,12 @@ REMAT_POLICIES = {
     ),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # the same, with CausalCore's q and k kept after RoPE instead of before it (the tensors of MaxText's
+    # 'minimal'): the backward recomputes no rotation
+    "dots_no_batch_rotated": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(ROTATED),
+    ),
 }
 # Collections that a scanned layer stacks along its leading 'layers' axis. 'state' holds per-module
 # copies of the global step that the train loop fills (BitLinear warm-in reads it).
