@@ -24,7 +24,7 @@ Variants (`--config=configs/voltron_13b.py:moe,v4`; comma-separated, any order):
           optimizer state fully (fsdp = all devices); the MoE phases add expert parallelism (expert=8 x
           fsdp); on v4 they keep the dense batch 128 as 2 microbatches of 64, with bf16 Adam moments and
           DWA sums; on v5p their remat keeps the dispatch's all-to-all results (PRESETS), and the dense
-          phases keep every projection's output (remat 'dots_no_batch', DENSE_PRESETS).
+          phases keep every projection's output (remat 'dots_no_batch_rotated', DENSE_PRESETS).
 Parameter counts (launch/aot_compile.py prints them, analytic and from eval_shape): seed 13.0B, MoE 87B
 (23.6B active per token: top-2 of 8 experts in FFN and attention).
 
@@ -67,10 +67,11 @@ V4_MOE = {
 # dispatch's all-to-all results"). v4 has no room for it (27.95 of 30.75 GiB).
 V5P_MOE = {"model.remat": "full_save_dispatch"}
 # preset -> overrides of the dense phases (and of the plain and dense variants). v5p's 95 GiB chips also
-# hold every projection's output for the backward ('dots_no_batch': the recomputed forward runs no matmul,
-# only norms, RoPE, the activation and attention): the compiler's estimated plain step 2.13 -> 1.72 s, heap
-# 9.04 -> 37.34 GiB (docs/results.md, "The remat policy on v5p-128"). Full remat elsewhere: v4's 30.75 GiB.
-DENSE_PRESETS = {"v5p": {"model.remat": "dots_no_batch"}}
+# hold every projection's output for the backward, q and k after RoPE ('dots_no_batch_rotated': the
+# recomputed forward runs no matmul, only norms, the activation and attention): the compiler's estimated
+# plain step 2.13 -> 1.71 s, heap 9.04 -> 37.34 GiB (docs/results.md, "The remat policy on v5p-128").
+# Full remat elsewhere: v4's 30.75 GiB.
+DENSE_PRESETS = {"v5p": {"model.remat": "dots_no_batch_rotated"}}
 PRESETS = {
     "v4": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), V4_MOE),
     "v5p": (128, 128, dict(data=1, fsdp=-1, tensor=1, expert=1), V5P_MOE),

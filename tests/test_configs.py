@@ -204,16 +204,19 @@ def test_config_files_load_by_absolute_path_from_anywhere(tmp_path, monkeypatch)
 
 def test_v5p_preset_saves_projections_in_dense_phases_and_keeps_dispatch_remat_for_moe():
     """The v5p preset (95 GiB chips) keeps every projection's output for the backward in the dense phases
-    ('dots_no_batch'); its MoE phases keep their own policy, and the other pods stay at full remat."""
+    ('dots_no_batch_rotated'); its MoE phases keep their own policy, and the other pods stay at full remat."""
     phases = lambda variant: {  # noqa: E731
         name: cfglib.phase_config(c, name).model.remat
         for c in [voltron_13b.get_config(variant)]
         for name in c.recipe
     }
     assert phases("v5p") == dict(
-        stable="dots_no_batch", branch="dots_no_batch", mix="full_save_dispatch", moe_ft="full_save_dispatch"
+        stable="dots_no_batch_rotated",
+        branch="dots_no_batch_rotated",
+        mix="full_save_dispatch",
+        moe_ft="full_save_dispatch",
     )
-    assert set(phases("plain,v5p").values()) == set(phases("dense,v5p").values()) == {"dots_no_batch"}
+    assert set(phases("plain,v5p").values()) == set(phases("dense,v5p").values()) == {"dots_no_batch_rotated"}
     assert set(phases("moe,v5p").values()) == {"full_save_dispatch"}
     for variant in ("v4", "plain,v4", "plain,v5e", "plain"):
         assert set(phases(variant).values()) == {"full"}, variant
