@@ -93,7 +93,7 @@ def get_default() -> ml_collections.ConfigDict:
     m.tie_embeddings = False
     m.dtype = "float32"  # compute dtype; params are always fp32
     # none | full | full_save_dispatch (full, but the grouped MoE/MoA all-to-alls are not redone) | dots
-    # | dots_no_batch
+    # | dots_no_batch | dots_no_batch_rotated (the same, with q and k kept after RoPE instead of before)
     m.remat = "none"
     m.scan_layers = False
     m.attention_impl = "xla"  # xla | cudnn | auto (splash kernel on TPU, JAX picks elsewhere) | splash
