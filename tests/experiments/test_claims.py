@@ -50,7 +50,14 @@ def test_parity_is_non_inferiority_at_a_margin():
     assert slightly_worse.ratio > 1
     assert cl.verdict({"rule": "parity", "margin": 0.05}, slightly_worse)[0] == cl.HELD
     status, why = cl.verdict({"rule": "parity", "margin": 0.001}, slightly_worse)
-    assert status == cl.NOT_HELD and "non-inferiority" in why
+    assert status == cl.NOT_HELD and "non-inferiority" in why and "not shown" in why
+    # an interval wholly above the margin is a refutation at this scale, not a lack of evidence
+    clearly_worse = cl.compare({0: 2.0, 1: 2.1, 2: 1.9}, {0: 2.13, 1: 2.25, 2: 2.07})
+    assert clearly_worse.low > 1.05
+    status, why = cl.verdict({"rule": "parity", "margin": 0.05}, clearly_worse)
+    assert status == cl.NOT_HELD and why.startswith("worse than the margin x1.05 across the whole 95%")
+    note = cl.power_note({"rule": "parity", "margin": 0.05}, clearly_worse)
+    assert "an equal arm cannot pass" in note and "says little" not in note  # low power, yet refuted
 
 
 def test_too_few_seeds_or_a_declared_limit_is_not_testable():

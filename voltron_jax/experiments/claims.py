@@ -206,9 +206,11 @@ def power_note(claim: dict, cmp: Comparison | None) -> str:
     if claim.get("rule", "better") == "parity":
         bound = math.exp(math.log1p(claim.get("margin", 0.01)) - cmp.mde)
         if bound < 1:
+            refuted = cmp.low > 1 + claim.get("margin", 0.01)  # verdict(): beyond the margin, not unshown
             return (
                 f"Power: non-inferiority is shown with {POWER:.0%} power only for a true ratio below "
-                f"x{bound:.3f}, i.e. an equal arm cannot pass; a 'not held' says little."
+                f"x{bound:.3f}, i.e. an equal arm cannot pass"
+                + ("." if refuted else "; a 'not held' says little.")
             )
         return f"Power: a true ratio below x{bound:.3f} passes with {POWER:.0%} power."
     return (
@@ -253,6 +255,11 @@ def verdict(claim: dict, cmp: Comparison | None) -> tuple[str, str]:
     margin = claim.get("margin", 0.01)
     if cmp.high < 1 + margin:
         return HELD, f"non-inferiority: the interval's upper end is below x{1 + margin:g}"
+    if cmp.low > 1 + margin:  # not merely unshown: worse than the margin allows, beyond the noise
+        return NOT_HELD, (
+            f"worse than the margin x{1 + margin:g} across the whole 95% interval (lower end "
+            f"x{cmp.low:.3f}). " + claim.get("why_not", "")
+        )
     return NOT_HELD, (
         f"non-inferiority at margin x{1 + margin:g} not shown (upper end x{cmp.high:.3f}). "
         + claim.get("why_not", "")
