@@ -269,14 +269,6 @@ OLD_PROTOCOL = {
         verdict="not held: includes no difference",
         now="every seed shows the memory hurting; MDE x1.168 at 3 seeds",
     ),
-    "Infini-attention: the memory, on long documents": dict(
-        baseline="infini_nomem_docs",
-        variant="infini_docs",
-        claim="the compressive memory improves on segment-local attention alone when the context is one long "
-        "document (PG19 books, arXiv math), segment 64 of 512 bytes here",
-        why_not="8 segments of byte-level documentation text, 64 steps: the memory's benefit in the paper is "
-        "over contexts of 32k+ tokens after long training",
-    ),
     "Infini-attention vs full attention": dict(
         result="x1.039 [0.978, 1.104]",
         verdict="not held: includes no difference",
