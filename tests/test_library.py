@@ -136,6 +136,37 @@ def test_the_core_never_imports_the_interop_packages(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_a_byte_run_on_the_embedded_corpus_never_imports_tensorflow(tmp_path):
+    """Both phases of the tiny recipe (data, training, evaluations, TensorBoard events, checkpoints) on the
+    byte vocabulary load neither TensorFlow nor seqio: their import was 10-25 s of every process's start
+    on a 2-core host (voltron_jax/data/tasks.py `uses_tensorflow` says which runs need them)."""
+    argv = [
+        "voltron",
+        f"--config={ROOT}/configs/tiny.py",
+        f"--workdir={tmp_path}/run",
+        f"--config.data.cache_dir={tmp_path}/cache",
+        *("--config.recipe.stable.steps=3", "--config.recipe.decay.steps=1", "--config.schedule.warmup=1"),
+        *("--config.data.batch_size=2", "--config.train.eval_every=2"),
+    ]
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_module('voltron_jax.main', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio'))\n"
+        "assert not bad, bad[:5]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and out.stdout.endswith("ok\n"), (out.stdout[-2000:], out.stderr[-3000:])
+    assert list((tmp_path / "run" / "01_decay" / "tb").glob("events.out.tfevents*"))
+
+
 def _fresh_venv(tmp_path) -> str:
     """A new virtualenv whose only voltron_jax is the wheel built from this checkout. Its dependencies come
     from this interpreter's site-packages through a plain path line (.pth files there, such as an editable

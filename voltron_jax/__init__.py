@@ -1,7 +1,8 @@
 """voltron_jax: one JAX/Flax language model assembling BitNet b1.58, Infini-attention, DenseFormer,
 Mixture-of-Depths, In-Context Pretraining, MiniCPM two-stage WSD pretraining and c-BTX upcycling.
 
-Importing the package is light: data (seqio/TensorFlow) and checkpoint code load only when used.
+Importing the package is light: data (Grain, ArrayRecord) and checkpoint code load only when used;
+TensorFlow (through seqio) only for a SentencePiece vocabulary or a streamed TFDS corpus.
 """
 
 __version__ = "0.1.0"

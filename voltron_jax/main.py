@@ -20,6 +20,7 @@ import jax
 from absl import flags
 
 from voltron_jax import cli, train
+from voltron_jax.data import tasks as data_tasks
 from voltron_jax.errors import UsageError
 from voltron_jax.run import complete, plan, resume
 
@@ -73,7 +74,8 @@ def main(argv) -> int:
             flush=True,
         )
         return 0
-    if complete.finished(checked.config, checked.root, checked.only_phase, checked.member) is None:
+    finished = complete.finished(checked.config, checked.root, checked.only_phase, checked.member)
+    if finished is None and data_tasks.uses_tensorflow(checked.config.data):
         cli.preload(("tensorflow",))  # seqio's TensorFlow, with its C++ start-up lines dropped
 
     if _CACHE.value:

@@ -366,7 +366,7 @@ def data_seed(config, name: str, member: int | None) -> int:
 def make_probe(rt: Runtime, phase: Phase, sources: list[Phase]):
     """A surgery.Probe: runs host params on this phase's mesh over TRAINING batches of the cluster that
     source i trained on (source i is fan-out member i, which trained on cluster i)."""
-    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import pipeline  # lazy: the data stack
 
     c = rt.config
     step = jax.device_put(jnp.asarray(phase.start, jnp.int32), rt.shardings.step)
@@ -534,7 +534,7 @@ def eval_sets(c, pid: int, pcount: int) -> dict[str, list[dict]]:
     A cluster with less than one row (data.seq_len+1 tokens) of validation text routed to it gets no
     set (its metrics are absent, '-' in the report), never the whole split's loss under its name.
     """
-    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import pipeline  # lazy: the data stack
 
     sets = {"": pipeline.make_eval_batches(c, "pretrain", c.train.eval_batches, pid, pcount)}
     if c.train.eval_clusters:
@@ -606,7 +606,7 @@ def _last_good(ck: checkpoint.Checkpointer) -> str:
 
 
 def _run_phase(config, phase, all_phases, info, rt, ck, on_ready) -> dict:
-    from voltron_jax.data import pipeline, prefetch  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import pipeline, prefetch  # lazy: the data stack
 
     c = phase.config
     pid, pcount = jax.process_index(), jax.process_count()
@@ -791,7 +791,7 @@ def check_data_specs(config) -> None:
     """Every phase's training mixture (and the validation mixture) parses and names known tasks, checked
     before the first step of any phase: a typo only a later phase uses must not surface after the earlier
     phases trained. Call after data preparation (which registers the prepared tasks)."""
-    from voltron_jax.data import corpus, pipeline, tasks  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import corpus, pipeline, tasks  # lazy: the data stack
 
     known = set(tasks.registered())
     uses = [(name, config.recipe[name].mixture) for name in recipe_lib.phase_order(config.recipe)]
@@ -850,7 +850,7 @@ def _run_locked(config: ml_collections.ConfigDict, root: epath.Path, only_phase:
     info = runinfo.collect(config)
     resume.check_corpus(root, info["corpus_manifest"])  # the documents the checkpoints read: unchanged
     if needs_prepare(config):
-        from voltron_jax.data import prepare  # lazy: seqio/TensorFlow (the one seam)
+        from voltron_jax.data import prepare  # lazy: the data stack
 
         with console.Stage("run", "preparing data (data/prepare.py)"):
             prepare.prepare(config, root)  # idempotent: reuses <workdir>/data when the config is unchanged

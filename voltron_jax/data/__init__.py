@@ -9,8 +9,9 @@ Public API (what the train loop calls):
   register_store_task(name, {split: (store folder, segment)}), TokenStore(path), ORDERINGS
   Document, DocumentSource, DataError
 
-`corpus` and `packing` need no TensorFlow; the rest imports seqio/TensorFlow on first use (attributes
-load lazily), so `import voltron_jax.data` stays cheap.
+Attributes load lazily, so `import voltron_jax.data` stays cheap. TensorFlow (through seqio) is imported
+only for a SentencePiece or tokenizers vocabulary and for TFDS tasks streamed through seqio
+(`tasks.uses_tensorflow`); a byte-vocabulary run on embedded or prepared corpora never imports it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ import shutil
 
 import grain
 import numpy as np
-import seqio
 
 from voltron_jax.data import corpus, packing, passkey, shards, streaming, tasks
 from voltron_jax.data import vocab as vocab_lib
@@ -309,7 +308,7 @@ def _iterator(
         )
     vocab = vocab_lib.make_vocab(d)
     vocab_lib.check_vocab_size(config.model.vocab_size, vocab, d)
-    shard = seqio.ShardInfo(process_index, process_count) if process_count > 1 else None
+    shard = (process_index, process_count) if process_count > 1 else None
     spec = resolve_mixture(config, mixture, cluster)
     providers = [_provider(n, split, d, vocab, (d.shuffle_seed, seed), shuffle, shard) for n, _ in spec]
     names = [p.name for p in providers]

@@ -475,9 +475,7 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
     """The vocabulary the token stores use: data.vocab, with a SentencePiece model trained here on a
     deterministic line sample of the kept train documents when none is given and the corpus is not
     the embedded one (<workdir>/data/spm_<n>.model; pass it as data.spm_path to the train loop)."""
-    import seqio  # lazy: seqio/TensorFlow (the one seam)
-
-    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import vocab as vocab_lib
 
     out = epath.Path(out)
     if _needs_own_spm(data_cfg):
@@ -502,6 +500,8 @@ def prepared_vocab(data_cfg, out: epath.Path, progress: bool = False):
                 vocab_lib.train_sentencepiece(
                     lines, int(data_cfg.spm_vocab_size), os.fspath(path), max_chars=1 << 62
                 )
+        import seqio  # lazy: seqio/TensorFlow, only for SentencePiece
+
         return seqio.SentencePieceVocabulary(os.fspath(path))
     return vocab_lib.make_vocab(data_cfg)
 
@@ -548,7 +548,7 @@ def _wait_for(paths: list[epath.Path]) -> None:
 def register_tasks(config, workdir) -> list[str]:
     """Register the ordering's corpus task ('icp' | 'icp_random') and 'cluster_<j>' from the token stores
     under <workdir>/data (tokenising them first if needed); returns their task names."""
-    from voltron_jax.data import tasks  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import tasks  # lazy: the data stack
 
     d = config.data
     out = epath.Path(workdir) / "data"
@@ -557,7 +557,7 @@ def register_tasks(config, workdir) -> list[str]:
             f"{out} holds no finished preparation; run `python -m voltron_jax.data.prepare "
             "--config=... --workdir=...` (or the Beam pipeline) first."
         )
-    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import vocab as vocab_lib  # lazy: the data stack
 
     if _needs_own_spm(d):  # the model this preparation trains on the corpus (process 0 trains it)
         model = spm_path(d, out)

@@ -11,7 +11,6 @@ skips `doc` documents (tf.data still reads and tokenises them) and rebuilds the 
 from __future__ import annotations
 
 import numpy as np
-import seqio
 
 from voltron_jax.data import packing
 from voltron_jax.data.corpus import DataError
@@ -34,7 +33,8 @@ def _carry_from(pieces: list[tuple[int, int, np.ndarray]], cut: int) -> list[tup
 
 
 class StreamRows:
-    """Rows of a streamed seqio task (TFDS): blocks of consecutive rows, shuffled within each block."""
+    """Rows of a streamed seqio task (TFDS): blocks of consecutive rows, shuffled within each block.
+    `shard`: (this process's index, process count) when the files are split across hosts, else None."""
 
     streaming = True
 
@@ -45,7 +45,7 @@ class StreamRows:
         seq_len: int,
         seed_parts: tuple,
         shuffle: bool,
-        shard: seqio.ShardInfo | None,
+        shard: tuple[int, int] | None,
         block_rows: int = 1024,
     ):
         self.name, self.split, self.seq_len, self.shard = task, split, seq_len, shard
@@ -54,13 +54,15 @@ class StreamRows:
         self._block, self._block_at, self._carry, self._reader, self._next = None, None, [], None, None
 
     def _open(self, doc: int):
+        import seqio  # lazy: seqio/TensorFlow, only for streamed tasks
+
         ds = (
             seqio.get_mixture_or_task(self.name)
             .get_dataset(
                 sequence_length=None,
                 split=self.split,
                 shuffle=False,
-                shard_info=self.shard,
+                shard_info=seqio.ShardInfo(*self.shard) if self.shard else None,
                 num_epochs=1,
                 trim_output_features=False,
                 try_in_mem_cache=False,

@@ -1,8 +1,8 @@
-"""seqio Tasks behind the mixture names of `config.data.mixtures`, and the hook to add more.
+"""The tasks behind the mixture names of `config.data.mixtures`, and the hook to add more.
 
 Mixture specs are strings "name:rate,name:rate" (rates are normalised). Names:
 
-* `stdlib`: the embedded standard-library corpus (train/validation), seqio task `voltron_stdlib`;
+* `stdlib`: the embedded standard-library corpus (train/validation), task `voltron_stdlib`;
 * `pydoc`: the high-quality pydoc topics (decay stage), `voltron_pydoc`;
 * `python_docs`: the Python documentation's sources, installed by the system's package tool (long
   natural-language documents; data/corpus.py), `voltron_python_docs`;
@@ -15,9 +15,11 @@ Mixture specs are strings "name:rate,name:rate" (rates are normalised). Names:
   store on first use) or `register_store_task` (token stores written by voltron_jax/data/prepare.py:
   the ICP-ordered corpus 'icp', its random-order twin 'icp_random', the c-BTM clusters 'cluster_<j>').
 
-seqio is kept for what it still does here: the vocabularies (ByteVocabulary, SentencePieceVocabulary)
-and the TFDS tasks that stream when a corpus was not prepared. Document and store tasks never go through
-seqio's tf.data pipeline: they are tokenised by the vocabulary straight into ArrayRecord shards.
+seqio is kept for what it still does here: the SentencePiece vocabulary and the TFDS tasks that stream
+when a corpus was not prepared. Document and store tasks never go through seqio's tf.data pipeline: they
+are tokenised by the vocabulary straight into ArrayRecord shards, and the train loop registers them
+without seqio, so a byte-vocabulary run on them never imports seqio or TensorFlow. Passing a vocabulary
+to `register_document_task` also adds the seqio Task (for seqio's own tools); seqio is imported then.
 
 Every task has the same output feature, `targets`, tokenised by the run's vocabulary with EOS appended.
 Registration is idempotent: registering the same documents with the same vocabulary again is a no-op,
@@ -29,9 +31,6 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping, Sequence
-
-import seqio
-import tensorflow as tf
 
 from voltron_jax.data import corpus, orderings, shards
 from voltron_jax.data import vocab as vocab_lib
@@ -69,11 +68,15 @@ class StoreSource:
 _SOURCES: dict[str, corpus.DocumentSource | StoreSource | None] = {}
 _ADDED: dict[str, tuple] = {}
 
-PREPROCESSORS = (
-    functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-    seqio.preprocessors.tokenize,
-    seqio.preprocessors.append_eos,
-)
+
+def _preprocessors() -> list:
+    import seqio  # lazy: seqio/TensorFlow (seqio tasks only)
+
+    return [
+        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+        seqio.preprocessors.tokenize,
+        seqio.preprocessors.append_eos,
+    ]
 
 
 def task_name(name: str) -> str:
@@ -134,31 +137,44 @@ def register_store_task(name: str, splits: Mapping[str, tuple[str, str | None]])
     return tn
 
 
+def uses_tensorflow(data_cfg) -> bool:
+    """Whether a run with this data config imports TensorFlow (through seqio): a SentencePiece or
+    tokenizers vocabulary, or a TFDS corpus or mixture task. A byte-vocabulary run on document or store
+    tasks does not (entry points preload TensorFlow, quietly, only when this says so)."""
+    specs = [str(v) for v in data_cfg.mixtures.values()] + [str(data_cfg.corpus)]
+    return data_cfg.vocab != "byte" or any("tfds:" in s for s in specs)
+
+
 def registered() -> list[str]:
     """seqio names of the tasks this module knows (built-in ones appear once a pipeline has used them)."""
     return sorted(_SOURCES)
 
 
-def _output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
-    return {"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
+def _add(name: str, key: tuple, make_source, vocab) -> None:
+    """Add seqio task `name` (its source made by `make_source()`), replacing an older registration made
+    with a different key."""
+    import seqio  # lazy: seqio/TensorFlow (seqio tasks only)
+    import tensorflow as tf  # lazy: with seqio
 
-
-def _add(name: str, key: tuple, source: seqio.DataSource, vocab: seqio.Vocabulary) -> None:
-    """Add seqio task `name`, replacing an older registration made with a different key."""
     if _ADDED.get(name) == key and name in seqio.TaskRegistry.names():
         return
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name,
-        source=source,
-        preprocessors=list(PREPROCESSORS),
-        output_features=_output_features(vocab),
+        source=make_source(),
+        preprocessors=_preprocessors(),
+        output_features={
+            "targets": seqio.Feature(vocab_lib.seqio_vocab(vocab), add_eos=True, dtype=tf.int32)
+        },
         metric_fns=[],
     )
     _ADDED[name] = key
 
 
-def _function_source(source: corpus.DocumentSource) -> seqio.FunctionDataSource:
+def _function_source(source: corpus.DocumentSource):
+    import seqio  # lazy: seqio/TensorFlow (seqio tasks only)
+    import tensorflow as tf  # lazy: with seqio
+
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # documents are never shuffled; rows are (pipeline.py)
         texts = [d.text for d in source.documents(split)]
@@ -172,13 +188,13 @@ def _function_source(source: corpus.DocumentSource) -> seqio.FunctionDataSource:
 def register_document_task(
     name: str,
     documents: corpus.DocumentSource | Mapping[str, Sequence],
-    vocab: seqio.Vocabulary | None = None,
+    vocab=None,
 ) -> str:
     """Register a task over explicit ordered documents per split; returns its seqio task name.
 
     `documents`: a DocumentSource or {split: [Document | str, ...]}. Use the returned name's mixture form
     (`name`) in a mixture spec, e.g. register_document_task('icp', ...) then data.mixtures.pretrain='icp:1.0'.
-    Without `vocab` the seqio task is built when a pipeline first uses it (with that run's vocabulary).
+    Without `vocab` no seqio task is added (the pipeline reads the documents itself, without seqio).
     """
     tn = task_name(name)
     source = documents if isinstance(documents, corpus.DocumentSource) else corpus.DocumentSource(documents)
@@ -189,20 +205,25 @@ def register_document_task(
             tuple(source.fingerprint(s) for s in source.splits),
             vocab_lib.vocab_fingerprint(vocab),
         )
-        _add(tn, key, _function_source(source), vocab)
+        _add(tn, key, lambda: _function_source(source), vocab)
     return tn
 
 
-def register_tfds_task(name: str, data_dir: str, vocab: seqio.Vocabulary) -> str:
+def register_tfds_task(name: str, data_dir: str, vocab) -> str:
     """Register 'tfds:<name>[:<version>]' (a dataset with a 'text' feature) on `data_dir`; loads nothing."""
     tn = task_name(name)
     tfds_name = name[5:] if ":" in name[5:] else name[5:] + ":*.*.*"  # seqio wants a version; latest
     key = ("tfds", tfds_name, data_dir, vocab_lib.vocab_fingerprint(vocab))
-    source = seqio.TfdsDataSource(
-        tfds_name=tfds_name,
-        tfds_data_dir=data_dir or None,
-        splits={"train": "train", "validation": "validation"},
-    )
+
+    def source():
+        import seqio  # lazy: seqio/TensorFlow (seqio tasks only)
+
+        return seqio.TfdsDataSource(
+            tfds_name=tfds_name,
+            tfds_data_dir=data_dir or None,
+            splits={"train": "train", "validation": "validation"},
+        )
+
     _add(tn, key, source, vocab)
     _SOURCES[tn] = None
     return tn
@@ -215,15 +236,17 @@ def _builtin_source(kind: str, granularity: str, val_fraction: float) -> corpus.
     return corpus.pydoc_source(granularity, val_fraction)
 
 
-def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
-    """Make mixture name `name` a registered seqio task for this config and vocabulary; return its name."""
+def ensure_task(name: str, data_cfg, vocab) -> str:
+    """Make mixture name `name` a registered task for this config and vocabulary; return its name. TFDS
+    tasks become seqio tasks (they stream through seqio); document and store tasks are registered here
+    only (the pipeline tokenises them into token stores, without seqio)."""
     if name == "corpus":  # the prepared (deduplicated, reordered) corpus when data.ordering asks for it
         name = orderings.get(data_cfg.ordering).corpus_task or data_cfg.corpus
     if name.startswith("tfds:"):
         return register_tfds_task(name, data_cfg.tfds_data_dir, vocab)
     if name in ("stdlib", "pydoc", "python_docs"):
         source = _builtin_source(name, data_cfg.granularity, float(data_cfg.val_fraction))
-        return register_document_task(name, source, vocab)
+        return register_document_task(name, source)
     tn = task_name(name)
     if isinstance(_SOURCES.get(tn), StoreSource):
         return tn
@@ -233,4 +256,4 @@ def ensure_task(name: str, data_cfg, vocab: seqio.Vocabulary) -> str:
             f"unknown data task {name!r}; known: {known} or 'tfds:<name>'. The 'icp', 'icp_random' and "
             "'cluster_<j>' tasks exist only after voltron_jax.data.prepare (data.register_document_task)."
         )
-    return register_document_task(name, _SOURCES[tn], vocab)
+    return tn

@@ -1,7 +1,10 @@
-"""Vocabularies: seqio.ByteVocabulary by default, SentencePiece (trained locally or loaded from a path), or
+"""Vocabularies: bytes by default, SentencePiece (trained locally or loaded from a path), or
 a Hugging Face `tokenizers` tokenizer.json (data.vocab='tokenizers', data.tokenizer_path).
 
-Byte vocabulary: 256 byte values shifted by 3 (PAD=0, EOS=1, UNK=2), vocab size 259.
+Byte vocabulary: 256 byte values shifted by 3 (PAD=0, EOS=1, UNK=2), vocab size 259: seqio.ByteVocabulary's
+ids, built here so that a byte-vocabulary run never imports seqio or TensorFlow (~10-25 s of every process's
+start on a small host); `seqio_vocab` gives seqio's own object where a seqio task needs one (TFDS streaming).
+SentencePiece and tokenizers vocabularies are seqio Vocabulary objects; they import seqio when made.
 SentencePiece: the same special ids (pad 0, eos 1, unk 2, no bos) so packing and loss code never ask
 which vocabulary is in use. A locally trained model uses byte fallback, the identity normaliser and no
 dummy prefix or whitespace folding, so source code round-trips exactly (indentation and newlines
@@ -20,14 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 
 import numpy as np
-import sentencepiece as spm
-import seqio
-import tensorflow as tf
 
 from voltron_jax.data import corpus
 
@@ -95,6 +94,7 @@ def train_sentencepiece(
     texts: list[str], vocab_size: int, path: str, max_chars: int = SPM_SAMPLE_CHARS
 ) -> str:
     """Train a SentencePiece model on a line sample of `texts` and write it to `path`. Returns `path`."""
+    import sentencepiece as spm  # lazy: only SentencePiece runs train one
 
     lines = sample_lines(texts, max_chars)
     if not lines:
@@ -133,117 +133,74 @@ def _spm_training_texts(data_cfg) -> list[str]:
     return [d.text for d in corpus.stdlib_source("file", data_cfg.val_fraction).documents("train")]
 
 
-class TokenizersVocabulary(seqio.Vocabulary):
-    """A Hugging Face tokenizer.json as a seqio vocabulary (special ids: see the module docstring).
+class ByteVocabulary:
+    """seqio.ByteVocabulary's ids and decoding without seqio: byte b -> b + 3; PAD 0, EOS 1, UNK 2.
 
-    `path` is a tokenizer.json file or a folder holding one; the BOS/EOS tokens are read from the
-    tokenizer_config.json beside it, else from config.json's bos_token_id / eos_token_id."""
+    The class name is what token stores key a byte vocabulary by (shards.vocab_id: 'byte'), so stores and
+    caches written with seqio's object are read with this one and the other way round."""
 
-    def __init__(self, path: str):
-        import tokenizers  # lazy: the optional extra [interop]; only this vocabulary needs it
+    offset = 3  # PAD, EOS, UNK
+    vocab_size = 256 + offset
+    pad_id, eos_id, unk_id, bos_id = 0, 1, 2, None
+    extra_ids = 0
 
-        folder, file = (
-            (path, os.path.join(path, "tokenizer.json"))
-            if os.path.isdir(path)
-            else (
-                os.path.dirname(path),
-                path,
-            )
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        """Text up to the first EOS (as seqio's decode), special ids dropped, broken UTF-8 ignored."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size).decode(
+            "utf-8", errors="ignore"
         )
-        if not os.path.exists(file):
-            raise corpus.DataError(
-                f"data.tokenizer_path={path!r} holds no tokenizer.json; pass a Hugging Face checkpoint "
-                "folder or its tokenizer.json."
-            )
-        with open(file, "rb") as f:
-            self._json = f.read()
-        self.path = file
-        self.tokenizer = tokenizers.Tokenizer.from_str(self._json.decode("utf-8"))
-        self.bos_token_id, self.hf_eos_id = _special_ids(folder, self.tokenizer)
-        if self.bos_token_id is None and self.hf_eos_id is None:
-            raise corpus.DataError(
-                f"the tokenizer {file} names no BOS or EOS token (tokenizer_config.json bos_token / "
-                "eos_token, or config.json bos_token_id / eos_token_id); documents need a boundary id."
-            )
-        unk = self.tokenizer.model.unk_token if hasattr(self.tokenizer.model, "unk_token") else None
-        self._unk = self.tokenizer.token_to_id(unk) if unk else None
-        super().__init__(extra_ids=0)
-
-    @property
-    def eos_id(self) -> int:
-        """The document boundary id (BOS when the tokenizer has one, else EOS; module docstring)."""
-        return self.bos_token_id if self.bos_token_id is not None else self.hf_eos_id
-
-    @property
-    def unk_id(self) -> int | None:
-        return self._unk
-
-    @property
-    def _base_vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def _encode(self, s: str) -> list[int]:
-        return self.tokenizer.encode(s, add_special_tokens=False).ids
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def _encode_tf(self, s):
-
-        enc = lambda x: np.asarray(self._encode(np.asarray(x).item().decode("utf-8")), np.int32)
-        out = tf.numpy_function(enc, [s], tf.int32, stateful=False)
-        return tf.ensure_shape(out, [None])
-
-    def _decode_tf(self, ids):
-
-        return tf.numpy_function(lambda x: self._decode(x.tolist()).encode("utf-8"), [ids], tf.string)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, TokenizersVocabulary) and self._json == other._json
+        return type(other).__name__ == "ByteVocabulary" and not getattr(other, "extra_ids", 0)
 
     def __hash__(self) -> int:
-        return hash(self._json)
-
-    def fingerprint(self) -> str:
-        return "tok-" + hashlib.sha256(self._json).hexdigest()[:16]
+        return hash("ByteVocabulary")
 
 
-def _special_ids(folder: str, tok) -> tuple[int | None, int | None]:
-    """(BOS id, EOS id) of the tokenizer in `folder` (None where it has none)."""
+def seqio_vocab(vocab):
+    """The seqio Vocabulary of `vocab` (where a seqio Feature or preprocessor needs one): seqio's own
+    ByteVocabulary for the byte vocabulary, the object itself for the others (they are seqio's)."""
+    if isinstance(vocab, ByteVocabulary):
+        import seqio  # lazy: seqio/TensorFlow, only for seqio tasks (TFDS streaming)
 
-    def token_id(t):
-        t = t.get("content") if isinstance(t, dict) else t
-        return tok.token_to_id(t) if t else None
-
-    tc, cfg = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "config.json")
-    if os.path.exists(tc):
-        with open(tc) as f:
-            d = json.load(f)
-        return token_id(d.get("bos_token")), token_id(d.get("eos_token"))
-    if os.path.exists(cfg):
-        with open(cfg) as f:
-            d = json.load(f)
-        as_id = lambda v: v[0] if isinstance(v, list) else v  # eos_token_id may be a list
-        return as_id(d.get("bos_token_id")), as_id(d.get("eos_token_id"))
-    return None, None
+        return seqio.ByteVocabulary()
+    return vocab
 
 
-def make_vocab(data_cfg, workdir: str | None = None) -> seqio.Vocabulary:
+def __getattr__(name: str):
+    if name == "TokenizersVocabulary":  # a seqio Vocabulary subclass: defined where seqio is imported
+        from voltron_jax.data import hf_vocab  # lazy: seqio/TensorFlow and the [interop] extra
+
+        return hf_vocab.TokenizersVocabulary
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_vocab(data_cfg, workdir: str | None = None):
     """The vocabulary named by `data_cfg.vocab` ('byte' | 'sentencepiece' | 'tokenizers')."""
     if data_cfg.vocab == "byte":
-        return seqio.ByteVocabulary()
+        return ByteVocabulary()
     if data_cfg.vocab == "tokenizers":
+        from voltron_jax.data import hf_vocab  # lazy: seqio/TensorFlow and the [interop] extra
+
         if not data_cfg.tokenizer_path:
             raise corpus.DataError(
                 "data.vocab='tokenizers' needs data.tokenizer_path (a tokenizer.json or a Hugging Face "
                 "checkpoint folder holding one)."
             )
-        return TokenizersVocabulary(data_cfg.tokenizer_path)
+        return hf_vocab.TokenizersVocabulary(data_cfg.tokenizer_path)
     if data_cfg.vocab != "sentencepiece":
         raise corpus.DataError(f"data.vocab={data_cfg.vocab!r}; use 'byte', 'sentencepiece' or 'tokenizers'.")
     path = data_cfg.spm_path
     if path:
-        if not tf.io.gfile.exists(path):
+        from etils import epath  # local paths and gs:// alike
+
+        if not epath.Path(path).exists():
             raise corpus.DataError(
                 f"data.spm_path={path!r} does not exist; give an existing .model file or "
                 "leave it empty to train one on the embedded corpus."
@@ -263,21 +220,25 @@ def make_vocab(data_cfg, workdir: str | None = None) -> seqio.Vocabulary:
         if workdir and "://" not in workdir:
             os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
             shutil.copyfile(path, os.path.join(workdir, "data", os.path.basename(path)))
+    import seqio  # lazy: seqio/TensorFlow, only for SentencePiece runs
+
     return seqio.SentencePieceVocabulary(path)
 
 
-def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
+def vocab_fingerprint(vocab) -> str:
     """A short stable id of the vocabulary (cache key of tokenised streams)."""
-    if isinstance(vocab, seqio.ByteVocabulary):
+    if type(vocab).__name__ == "ByteVocabulary":  # this module's or seqio's: the same ids
         return "byte"
-    if isinstance(vocab, seqio.SentencePieceVocabulary):
-        return "spm-" + hashlib.sha256(vocab.sp_model).hexdigest()[:16]
-    if isinstance(vocab, TokenizersVocabulary):
-        return vocab.fingerprint()
+    sp = getattr(vocab, "sp_model", None)  # seqio.SentencePieceVocabulary
+    if sp is not None:
+        return "spm-" + hashlib.sha256(sp).hexdigest()[:16]
+    fp = getattr(vocab, "fingerprint", None)  # TokenizersVocabulary
+    if callable(fp):
+        return fp()
     return f"{type(vocab).__name__}-{vocab.vocab_size}"
 
 
-def check_vocab_size(model_vocab_size: int, vocab: seqio.Vocabulary, data_cfg) -> None:
+def check_vocab_size(model_vocab_size: int, vocab, data_cfg) -> None:
     """Raise if the model's embedding table cannot hold every id of `vocab`."""
     if model_vocab_size < vocab.vocab_size:
         raise corpus.DataError(

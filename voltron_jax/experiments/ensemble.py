@@ -86,8 +86,8 @@ def evaluate(
     is each batch's mean loss keyed by its token fingerprint (claims.batch_fingerprint), for the per-batch
     pairing of voltron_jax/experiments/claims.py."""
 
-    from voltron_jax.data import cbtm, pipeline, prepare  # lazy: seqio/TensorFlow (the one seam)
-    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import cbtm, pipeline, prepare  # lazy: the data stack
+    from voltron_jax.data import vocab as vocab_lib  # lazy: the data stack
 
     if mode not in MODES:
         raise EnsembleError(f"--mode={mode!r}: choose one of {MODES}.")

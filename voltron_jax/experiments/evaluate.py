@@ -25,6 +25,7 @@ from absl import flags
 from etils import epath
 
 from voltron_jax import cli, train
+from voltron_jax.data import tasks
 from voltron_jax.errors import VoltronError
 from voltron_jax.experiments.claims import batch_fingerprint
 from voltron_jax.inference.api import config_from_meta
@@ -57,7 +58,7 @@ def row_fingerprints(batch: dict) -> set[bytes]:
 def evaluate_run(workdir: str, n_batches: int, per_batch: bool = False) -> dict:
     """{'workdir', 'phase', 'step', 'loss', 'perplexity', 'tokens'} of the run's last phase; with
     `per_batch` also {'batches': {fingerprint: loss}, 'distinct_rows'} (module docstring)."""
-    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import pipeline  # lazy: the data stack
 
     root = epath.Path(workdir)
     if not workdir_lib.config_file(root).exists():
@@ -66,7 +67,7 @@ def evaluate_run(workdir: str, n_batches: int, per_batch: bool = False) -> dict:
     if n_batches < 1:
         raise EvalError(f"--batches={n_batches}: evaluate on at least one batch.")
     if train.needs_prepare(config):
-        from voltron_jax.data import prepare  # lazy: seqio/TensorFlow (the one seam)
+        from voltron_jax.data import prepare  # lazy: the data stack
 
         prepare.prepare(config, root)  # registers the prepared tasks; reuses <workdir>/data
     last = train.phases(config, root)[-1]
@@ -123,10 +124,13 @@ def main(argv) -> None:
             "[--batches=32]"
         )
 
+    configs = []
     for w in _WORKDIRS.value:  # a wrong folder fails before TensorFlow and jax start
         if not workdir_lib.config_file(epath.Path(w)).exists():
             raise EvalError(f"{w}: no config.json; pass the workdir of a run started by voltron_jax.main.")
-    cli.preload(("tensorflow",))
+        configs.append(config_from_meta(json.loads(workdir_lib.config_file(epath.Path(w)).read_text())))
+    if any(tasks.uses_tensorflow(c.data) for c in configs):
+        cli.preload(("tensorflow",))
     for w in _WORKDIRS.value:
         r = evaluate_run(w, _BATCHES.value, _PER_BATCH.value)  # EvalError etc.: one line from voltron_jax.cli
         print(

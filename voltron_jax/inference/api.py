@@ -230,7 +230,7 @@ class Model:
             if d.vocab == "byte":
                 self._vocab = ByteVocab()
             elif d.vocab == "tokenizers":
-                from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
+                from voltron_jax.data import vocab as vocab_lib  # lazy: the data stack
 
                 self._vocab = vocab_lib.make_vocab(d)
             else:
@@ -366,7 +366,7 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
 
 def _sentencepiece(data_cfg, ckpt: epath.Path):
     """The run's SentencePiece model: data.spm_path, else the copy under <workdir>/data/, else rebuilt."""
-    from voltron_jax.data import vocab as vocab_lib  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import vocab as vocab_lib  # lazy: the data stack
 
     if not data_cfg.spm_path:
         for root in ckpt.parents:

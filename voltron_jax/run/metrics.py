@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 from etils import epath
 
+from voltron_jax.run import events
 from voltron_jax.run import workdir as workdir_lib
 
 PEAK_FLOPS = {  # dense bf16 per device (datasheets); used for MFU when train.peak_flops is 0
@@ -94,31 +94,22 @@ def truncate_jsonl(path: epath.Path, resume: int, end: int) -> int:
 
 def truncate_events(tb_dir: epath.Path, resume: int, end: int) -> int:
     """Rewrite the TensorBoard event files of `tb_dir` without the summaries a run resuming at `resume`
-    writes again (the effect of a summary writer's purge_step, for every reader); returns how many."""
-    import tensorflow as tf  # lazy: TensorFlow (only here and in the writer)
-
+    writes again (the effect of a summary writer's purge_step, for every reader); returns how many. A torn
+    last record (kill -9 mid-write) counts as one dropped."""
     total = 0
-    for name in tf.io.gfile.listdir(str(tb_dir)) if tf.io.gfile.isdir(str(tb_dir)) else []:
-        if not name.startswith("events.out.tfevents"):
-            continue
-        path = os.path.join(str(tb_dir), name)
-        kept, dropped = [], 0
-        try:
-            for raw in tf.data.TFRecordDataset(path):
-                event = tf.compat.v1.Event.FromString(raw.numpy())
-                tags = [v.tag for v in event.summary.value]
-                kind = "eval" if tags and all(t.startswith("eval/") for t in tags) else "train"
-                if tags and _past(event.step, kind, resume, end):
-                    dropped += 1
-                else:
-                    kept.append(raw.numpy())
-        except tf.errors.DataLossError:  # a torn last record (kill -9 mid-write)
-            dropped += 1
+    for path in events.event_files(tb_dir):
+        records, intact = events.read_records(path)
+        kept, dropped = [], 0 if intact else 1
+        for raw in records:
+            event = events.event_pb2.Event.FromString(raw)
+            tags = [v.tag for v in event.summary.value]
+            kind = "eval" if tags and all(t.startswith("eval/") for t in tags) else "train"
+            if tags and _past(event.step, kind, resume, end):
+                dropped += 1
+            else:
+                kept.append(raw)
         if dropped:
-            with tf.io.TFRecordWriter(path + ".tmp") as w:
-                for rec in kept:
-                    w.write(rec)
-            tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+            events.write_records(path, kept)
             total += dropped
     return total
 
@@ -144,8 +135,6 @@ class MetricWriter:
         self.t0, self.step0 = time.time(), None
         self._tb = None
         if self.enabled:
-            from flax.metrics import tensorboard  # lazy: imports TensorFlow, only in the loop
-
             if resume_step is not None:
                 phase_dir = epath.Path(phase_dir)
                 end = start_step + total_steps
@@ -155,7 +144,7 @@ class MetricWriter:
                     past = resume_step - start_step
                     print(f"[{label}] metrics: dropped {dropped} records past step {past}", flush=True)
 
-            self._tb = tensorboard.SummaryWriter(str(workdir_lib.tb_dir(phase_dir)))
+            self._tb = events.EventWriter(workdir_lib.tb_dir(phase_dir))
             self._jsonl = workdir_lib.metrics_file(phase_dir).open("a")
 
     def write(self, step: int, scalars: dict[str, float], kind: str = "train"):

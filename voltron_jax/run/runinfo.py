@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
 
 def collect(config) -> dict:
     """{'config', 'git_commit', 'versions', 'corpus_manifest'} for a run."""
-    from voltron_jax.data import pipeline  # lazy: seqio/TensorFlow (the one seam)
+    from voltron_jax.data import pipeline  # lazy: the data stack
 
     return {
         "config": config.to_dict(),
