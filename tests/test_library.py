@@ -147,7 +147,7 @@ def test_a_byte_run_on_the_embedded_corpus_never_imports_tensorflow(tmp_path):
         f"--workdir={tmp_path}/run",
         f"--config.data.cache_dir={tmp_path}/cache",
         *("--config.recipe.stable.steps=3", "--config.recipe.decay.steps=1", "--config.schedule.warmup=1"),
-        *("--config.data.batch_size=2", "--config.train.eval_every=2"),
+        *("--config.data.batch_size=8", "--config.train.eval_every=2"),
     ]
     code = (
         "import runpy, sys\n"

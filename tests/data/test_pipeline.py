@@ -177,9 +177,14 @@ def test_eval_batches_use_every_row_of_a_short_split_equally(cfg):
     assert uses.min() >= len(flat) // n and uses.max() <= len(flat) // n + 1  # none doubled by a wrap
 
 
+def _as_seqio_task(name: str, vocab) -> str:
+    """Document task `name` also as a seqio task (what a TFDS task is), to stream it through seqio."""
+    return tasks.register_document_task(name, tasks.document_source(name), vocab)
+
+
 def test_streaming_rows_match_memory_rows_and_resume(cfg):
     vocab = seqio.ByteVocabulary()
-    tn = tasks.ensure_task("synth_a", cfg.data, vocab)
+    tn = _as_seqio_task("synth_a", vocab)
     stream, _ = pipeline.token_stream(tn, "train", vocab, cfg.data)
     n = packing.num_rows(len(stream), T)
     plain = streaming.StreamRows(tn, "train", T, (0,), False, None, block_rows=4)
@@ -198,6 +203,7 @@ def test_streaming_rows_match_memory_rows_and_resume(cfg):
 
 def test_streaming_task_in_the_iterator_resumes_exactly(cfg, monkeypatch):
     # Serve synth_b as a stream (the TFDS path) by hiding its in-memory documents from the pipeline.
+    _as_seqio_task("synth_b", vocab_lib.ByteVocabulary())
     real = tasks.document_source
     monkeypatch.setattr(tasks, "document_source", lambda n: None if n == "voltron_synth_b" else real(n))
     monkeypatch.setattr(streaming, "STREAM_BLOCK_ROWS", 5)
