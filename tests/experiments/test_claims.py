@@ -294,7 +294,8 @@ def test_a_diverged_lr_point_is_infinite_loss_but_a_diverged_final_seed_stops_th
     arm = ablate.Variant("dense", {}, [0, 1, 2], lrs=[1e-3, 3e-3])
     point = ablate.at_lr(arm, 3e-3, [0])
     ablate.run_all("configs/tiny.py:test", [point], {}, tmp_path, emit=False, lr_sweep=True)
-    assert json.loads((ablate.run_dir(tmp_path, point, 0) / "done.json").read_text())["diverged"]
+    done = json.loads((ablate.run_dir(tmp_path, point, 0) / "done.json").read_text())
+    assert done["diverged"] and done["wall_s"] >= 0  # the process's wall time, for claims_doc
     _fake_run(ablate.run_dir(tmp_path, ablate.at_lr(arm, 1e-3, [0]), 0), [3.0, 2.5])
     assert ablate._lr_finals(arm, tmp_path) == {1e-3: 2.5, 3e-3: math.inf}
     assert ablate.final_runs([arm], tmp_path)[0][0].lr == 1e-3
@@ -436,7 +437,7 @@ def test_final_scores_on_the_fixed_set_pair_per_batch_with_ddof1_std(tmp_path, m
     ablate.main([f"--sweep_file={sweep}", f"--workdir={root}", f"--claims_out={out}"])
     assert len(emitted) == 6 and all("--per_batch" in c and "--batches=4" in c for c in emitted)
     assert all(
-        (root / a / f"seed_{s}" / "final_eval.json").exists()
+        json.loads((root / a / f"seed_{s}" / "final_eval.json").read_text())["wall_s"] >= 0
         for a in ("dense", "denseformer")
         for s in range(3)
     )

@@ -69,3 +69,23 @@ def test_rates_must_name_every_rate(sweep, tmp_path):
     with pytest.raises(ConfigError, match="lacks.*step_floor_s"):
         claims_doc.main([f"--sweep_file={sweep}", f"--workdir={tmp_path}", "--rates={\"overhead_s\": 1, "
                          "\"train_flops_s\": 1, \"eval_flops_s\": 1}"])  # fmt: skip
+
+
+def test_measured_hours_set_against_the_models_price_of_the_same_processes(sweep, tmp_path):
+    root = tmp_path / "runs"
+    for s in range(3):
+        _run(root / "dense" / f"seed_{s}", 2.2)
+    for s, wall in enumerate([300.0, 500.0]):  # two of the runs recorded their wall time; one is older
+        (root / "dense" / f"seed_{s}" / "done.json").write_text(json.dumps({"wall_s": wall}))
+    out = tmp_path / "claims.md"
+    claims_doc.main([f"--sweep_file={sweep}", f"--workdir={root}", f"--out={out}",
+                     f"--rates={json.dumps(RATES)}", "--jobs=2"])  # fmt: skip
+    line = next(x for x in out.read_text().splitlines() if x.startswith("**Measured**"))
+    runs = claims_doc.enumerate_runs(sweep)
+    dense = [r for r in runs if r["arm"] == "dense" and r["kind"] == "train"]
+    model = 2 * sum(claims_doc.seconds(r, RATES) for r in dense) / len(dense)
+    ratio = 800.0 / model
+    full = sum(claims_doc.seconds(r, RATES) for r in runs) / 3600 / 2
+    assert "2 processes of this workdir recorded their wall time" in line and "400 s per process" in line
+    assert f"(measured / model = {ratio:.2f})" in line
+    assert f"**{full * ratio:.1f} h** at the measured ratio" in line

@@ -47,6 +47,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -480,6 +481,7 @@ def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: s
     _say(f"[ablate] {v.name} seed {s}: {shlex.join(cmd[2:])}{where}")
     d.mkdir(parents=True, exist_ok=True)
     env = child_env(d.parent.parent)  # d = <sweep workdir>/<variant>/seed_<s>
+    t0 = time.monotonic()
     if log:
         with open(d / log, "w") as f:
             status = _train(cmd, f, env)
@@ -497,7 +499,9 @@ def _run_one(v: Variant, s: int, d: Path, cmd: list[str], lr_sweep: bool, log: s
     _say(f"[ablate] {v.name} seed {s}: {'diverged, recorded as infinite loss' if diverged else 'done'}")
     with contextlib.suppress(FileNotFoundError):
         (d / "failed.json").unlink()  # an earlier failure of this run, now fixed
-    workdir_lib.write_json(d / "done.json", {"command": cmd, "diverged": diverged})
+    # wall_s: this process's wall time (a resumed run's last attempt only), for claims_doc's measured hours
+    wall = round(time.monotonic() - t0, 1)
+    workdir_lib.write_json(d / "done.json", {"command": cmd, "diverged": diverged, "wall_s": wall})
     return []
 
 
@@ -622,13 +626,16 @@ def _final_eval_one(v: Variant, s: int, d: Path, cmd: list[str]) -> str:
     with contextlib.suppress(FileNotFoundError):
         part.unlink()  # a killed earlier try: evaluate.py appends
     _say(f"[ablate] {v.name} seed {s}: final evaluation on {v.final_eval} batches")
+    t0 = time.monotonic()
     with open(d / "final_eval.log", "w") as f:
         status = _train(cmd, f, child_env(d.parent.parent))
     if STOP.is_set():
         return ""
     if status or not part.exists():
         return f"{v.name} seed {s} (see {d / 'final_eval.log'})"
-    workdir_lib.write_text(d / FINAL_EVAL, part.read_text().strip().splitlines()[-1] + "\n")
+    record = json.loads(part.read_text().strip().splitlines()[-1])
+    record["wall_s"] = round(time.monotonic() - t0, 1)  # the scoring process's wall time
+    workdir_lib.write_text(d / FINAL_EVAL, json.dumps(record) + "\n")
     part.unlink()
     return ""
 

@@ -154,6 +154,45 @@ def remaining(runs: list[dict], variants: dict[str, ablate.Variant], root: Path)
     return out
 
 
+def recorded(variants: dict[str, ablate.Variant], root: Path) -> list[dict]:
+    """{'arm', 'kind', 'wall_s'} of every process under `root` that recorded its wall time (ablate writes
+    `wall_s` into done.json and final_eval.json; runs of older versions did not)."""
+    out = []
+    for arm, v in variants.items():
+        for d in [*root.glob(f"{arm}/seed_*"), *root.glob(f"{arm}@lr=*/seed_*")]:
+            for name, kind in (
+                ("done.json", "score" if v.evaluate else "train"),
+                (ablate.FINAL_EVAL, "score"),
+            ):
+                f = d / name
+                wall = json.loads(f.read_text()).get("wall_s") if f.exists() else None
+                if wall is not None:
+                    out.append({"arm": arm, "kind": kind, "wall_s": float(wall)})
+    return out
+
+
+def measured_line(runs: list[dict], rec: list[dict], rates: dict, jobs: int) -> str:
+    """The measured hours of the recorded processes against the cost model's price for the same ones (each
+    at its arm and kind's mean modelled time), and the full sweep's model hours scaled by that ratio."""
+    if not rec:
+        return ""
+    model = 0.0
+    for r in rec:
+        mine = [x for x in runs if x["arm"] == r["arm"] and x["kind"] == r["kind"]]
+        model += sum(seconds(x, rates) for x in mine) / max(len(mine), 1)
+    wall = sum(r["wall_s"] for r in rec)
+    ratio = wall / model if model else float("nan")
+    full = _hours(runs, rates) / jobs
+    return (
+        f"**Measured**: {len(rec)} processes of this workdir recorded their wall time (ablate's `wall_s`): "
+        f"{wall / 3600:.2f} h of process time, {wall / len(rec):.0f} s per process, about "
+        f"{wall / 3600 / jobs:.2f} h at --jobs={jobs}; the cost model prices the same processes at "
+        f"{model / 3600:.2f} h (measured / model = {ratio:.2f}). The full sweep from nothing ({len(runs)} "
+        f"processes): {full:.1f} h at --jobs={jobs} by the model, **{full * ratio:.1f} h** at the measured "
+        "ratio.\n"
+    )
+
+
 # ============================================================================ the document
 
 
@@ -239,7 +278,8 @@ def build(sweep_file: str, root: Path, rates: dict, jobs: int, out: Path, cmd: s
         "The full sweep, from nothing: `python -m voltron_jax.experiments.ablate "
         "--sweep_file=configs/sweeps/claims.py --workdir=<dir> --claims_out=<dir>/claims.md --jobs=2`.\n"
     )
-    return "\n".join(parts)
+    parts.append(measured_line(runs, recorded(by, root), rates, jobs))
+    return "\n".join(p for p in parts if p)
 
 
 def main(argv: list[str] | None = None) -> None:
