@@ -68,6 +68,10 @@ ISO_LRS = (7.5e-4, 1.5e-3, 3e-3)
 # (3 grid steps) that 1/width predicts between d=32 and d=256 and stay bracketed. In the 2026-12-03 run
 # muP's optimum at d = 64..256 lay at 5e-3..1e-2.
 WIDTH_LRS = (1.25e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2)
+# The SP control's grid reaches two points further down: in the first run of this grid (2026-12-07) SP's
+# optimum fell from 1e-2 / 2e-2 at d=32 to the grid's lower edge (1.25e-3, seed 0) at d = 96 and 256, more
+# than the 8x foreseen above, and the rule (unchanged) calls an edge optimum not testable.
+SP_LRS = (3.125e-4, 6.25e-4) + WIDTH_LRS
 WIDTHS = (32, 96, 256)  # 8x; head dim 32
 STABLE, DECAY = 56, 8
 SEEDS = 5  # the cheap rows; arms that cost more say `seeds` themselves
@@ -440,8 +444,10 @@ def _full():
         "icp": _tiny(**{"data.ordering": "icp"}, lr_from="dense", seeds=3),
         # width transfer: 2 seeds at every lr (the rule reads each seed's lr curve); no final scoring
         **{
-            f"{name}_{d}": _tiny(**_width(d, name == "mup"), lrs=WIDTH_LRS, lr_seeds=2, seeds=2, final_eval=0)
-            for name in ("mup", "sp")
+            f"{name}_{d}": _tiny(
+                **_width(d, mup), lrs=WIDTH_LRS if mup else SP_LRS, lr_seeds=2, seeds=2, final_eval=0
+            )
+            for name, mup in (("mup", True), ("sp", False))
             for d in WIDTHS
         },
         # c-BTX at the recipe's own schedule. Capacity factor n_experts / top_k = 4 never drops a token
