@@ -339,7 +339,10 @@ effect already appears at this scale. Every arm trains at its own best lr, excep
 only the data (ICP vs dedup-random order, and the decay stage on the pretraining mix), which train at the
 dense arm's best lr so that each of those comparisons is at one shared lr. Final scores: every final run's
 last checkpoint on 128 fixed validation batches (the same tokens for every arm), paired per batch; the 95%
-interval combines seed and evaluation noise. A "better" row holds only when the whole interval of the
+interval combines seed and evaluation noise. Two rows differ: the long-document Infini row scores 64
+batches of 8 x 512 bytes (the same 262k tokens; python_docs' validation split holds 276 distinct rows of
+that length, so rows repeat across batches), and the width row reads each seed's loop evaluations along
+its lr grid (2 seeds at every lr, no final scoring). A "better" row holds only when the whole interval of the
 paired perplexity ratio lies on the paper's side of 1; a non-inferiority row holds when its upper end stays
 below 1 + margin (each margin's reason is in the rule column). Every row gives its minimal detectable
 effect (MDE, 80% power): a "not held" with an MDE larger than the paper's effect says nothing either way.

@@ -86,6 +86,6 @@ def test_measured_hours_set_against_the_models_price_of_the_same_processes(sweep
     model = 2 * sum(claims_doc.seconds(r, RATES) for r in dense) / len(dense)
     ratio = 800.0 / model
     full = sum(claims_doc.seconds(r, RATES) for r in runs) / 3600 / 2
-    assert "2 processes of this workdir recorded their wall time" in line and "400 s per process" in line
+    assert "2 processes of this workdir (1 arms;" in line and "400 s per process" in line
     assert f"(measured / model = {ratio:.2f})" in line
     assert f"**{full * ratio:.1f} h** at the measured ratio" in line

@@ -184,12 +184,13 @@ def measured_line(runs: list[dict], rec: list[dict], rates: dict, jobs: int) -> 
     ratio = wall / model if model else float("nan")
     full = _hours(runs, rates) / jobs
     return (
-        f"**Measured**: {len(rec)} processes of this workdir recorded their wall time (ablate's `wall_s`): "
+        f"**Measured**: {len(rec)} processes of this workdir ({len({r['arm'] for r in rec})} arms; runs "
+        "before ablate recorded it have none) recorded their wall time (ablate's `wall_s`): "
         f"{wall / 3600:.2f} h of process time, {wall / len(rec):.0f} s per process, about "
         f"{wall / 3600 / jobs:.2f} h at --jobs={jobs}; the cost model prices the same processes at "
         f"{model / 3600:.2f} h (measured / model = {ratio:.2f}). The full sweep from nothing ({len(runs)} "
         f"processes): {full:.1f} h at --jobs={jobs} by the model, **{full * ratio:.1f} h** at the measured "
-        "ratio.\n"
+        "ratio (a ratio from these arms' mix of sizes, not the whole sweep's).\n"
     )
 
 
@@ -230,8 +231,12 @@ def build(sweep_file: str, root: Path, rates: dict, jobs: int, out: Path, cmd: s
         "configs/sweeps/claims.py.\n",
         f"**{len(done_rows)} of {len(claims)} rows ran under the issue-26 protocol**"
         + (f" ({', '.join(done_rows)})" if done_rows else "")
-        + f"; the other {len(todo_rows)} show the 2026-12-03 old-protocol run (marked as such) and what each "
-        "still needs.\n",
+        + (
+            f"; the other {len(todo_rows)} show the 2026-12-03 old-protocol run (marked as such) and what "
+            "each still needs.\n"
+            if todo_rows
+            else ".\n"
+        ),
     ]
     if done_rows:
         sub = {v.name: v for v in variants if any(v.name in arms_of[r] for r in done_rows)}
@@ -271,7 +276,11 @@ def build(sweep_file: str, root: Path, rates: dict, jobs: int, out: Path, cmd: s
     every = [r for rs in left.values() for r in rs]
     warm = sum(r["warm"] for r in every)
     parts.append(
-        f"**What the whole sweep still needs**: {len(every)} processes ({warm} warm), "
+        "**Every process of the sweep has finished under the workdir.** The full sweep, from nothing: "
+        "`python -m voltron_jax.experiments.ablate --sweep_file=configs/sweeps/claims.py --workdir=<dir> "
+        "--claims_out=<dir>/claims.md --jobs=2`.\n"
+        if not every
+        else f"**What the whole sweep still needs**: {len(every)} processes ({warm} warm), "
         f"{sum(r['steps'] for r in every):,} training steps: {_hours(every, rates):.1f} h one at a time, "
         f"about {_hours(every, rates) / jobs:.1f} h at --jobs={jobs}, at the rates "
         f"`{json.dumps(rates, sort_keys=True)}` (benchmarks/claims_estimate.py --measure; docs/results.md). "
