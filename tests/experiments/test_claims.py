@@ -600,7 +600,8 @@ def test_claims_estimate_counts_every_process_and_prices_it_from_the_rates():
     for r in runs:
         per.setdefault((r["arm"], r["kind"]), []).append(r)
     assert len(per["dense", "train"]) == 5 + 4 and len(per["dense", "score"]) == 5  # lr sweep + 4 more seeds
-    assert len(per["sp_32", "train"]) == 6 * 2 and ("sp_32", "score") not in per  # 2 seeds at every lr
+    assert len(per["sp_32", "train"]) == 8 * 2 and ("sp_32", "score") not in per  # 2 seeds at 8 lrs
+    assert len(per["mup_32", "train"]) == 6 * 2  # SP's grid reaches two points lower (configs/sweeps)
     assert len(per["cbtm_ensemble", "score"]) == 3 and len(per["decay_same_mix", "train"]) == 5
     dense = per["dense", "train"][0]
     rates = {"overhead_s": 10.0, "train_flops_s": 1e10, "step_floor_s": 0.5, "eval_flops_s": 2e10}
@@ -612,7 +613,7 @@ def test_claims_estimate_counts_every_process_and_prices_it_from_the_rates():
     assert [r["warm"] for r in per["dense", "train"]] == [False] * 5 + [True] * 4
     assert [r["warm"] for r in per["dense", "score"]] == [False] + [True] * 4
     assert all(r["warm"] for r in per["cosine", "score"])  # the same model shape as dense's: same programs
-    assert [r["warm"] for r in per["sp_32", "train"]] == [False, True] * 6
+    assert [r["warm"] for r in per["sp_32", "train"]] == [False, True] * 8
     assert ce.seconds(per["dense", "train"][5], {**rates, "overhead_warm_s": 4.0}) == pytest.approx(
         by_hand - 6.0
     )
