@@ -132,11 +132,15 @@ def row_arms(claim: dict, variants: dict[str, ablate.Variant]) -> set[str]:
         need |= more
 
 
+def arm_dirs(arm: str, root: Path) -> list[Path]:
+    """The run folders of arm `arm` under sweep workdir `root`: its final runs and its lr-sweep points."""
+    return [*root.glob(f"{arm}/seed_*"), *root.glob(f"{arm}@lr=*/seed_*")]
+
+
 def finished(v: ablate.Variant, root: Path) -> dict[str, int]:
     """{'train': trainings finished, 'score': scorings finished} of arm `v` under sweep workdir `root` (its
     lr-sweep points, `<arm>@lr=x/seed_s`, and its final runs; an evaluation-only arm's runs are scorings)."""
-    dirs = [d for d in root.glob(f"{v.name}/seed_*")] + [d for d in root.glob(f"{v.name}@lr=*/seed_*")]
-    done = [d for d in dirs if (d / "done.json").exists()]
+    done = [d for d in arm_dirs(v.name, root) if (d / "done.json").exists()]
     if v.evaluate:
         return {"train": 0, "score": len(done)}
     return {"train": len(done), "score": sum(ablate._scored(d) for d in done)}
@@ -159,7 +163,7 @@ def recorded(variants: dict[str, ablate.Variant], root: Path) -> list[dict]:
     `wall_s` into done.json and final_eval.json; runs of older versions did not)."""
     out = []
     for arm, v in variants.items():
-        for d in [*root.glob(f"{arm}/seed_*"), *root.glob(f"{arm}@lr=*/seed_*")]:
+        for d in arm_dirs(arm, root):
             for name, kind in (
                 ("done.json", "score" if v.evaluate else "train"),
                 (ablate.FINAL_EVAL, "score"),

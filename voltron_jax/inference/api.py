@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from voltron_jax import config
 from voltron_jax import recipe as recipe_lib
+from voltron_jax.data import vocab as vocab_lib
 from voltron_jax.errors import VoltronError
 from voltron_jax.inference import generate
 from voltron_jax.models import decoder
@@ -141,13 +142,9 @@ def check_architecture(abstract_params, stored_meta, where: str) -> None:
 # --------------------------------------------------------------------------------------------- model
 
 
-class ByteVocab:
-    """seqio.ByteVocabulary's ids without importing seqio/TensorFlow: byte b -> b + 3; 0 PAD, 1 EOS, 2 UNK."""
-
-    offset, vocab_size, eos_id = 3, 259, 1
-
-    def encode(self, text: str) -> list[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
+class ByteVocab(vocab_lib.ByteVocabulary):
+    """The byte vocabulary for generation: its decode drops every special id without stopping at EOS (a
+    generated row starts with the EOS prompt), and shows broken UTF-8 as U+FFFD."""
 
     def decode(self, ids: Sequence[int]) -> str:
         data = bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size)
@@ -230,8 +227,6 @@ class Model:
             if d.vocab == "byte":
                 self._vocab = ByteVocab()
             elif d.vocab == "tokenizers":
-                from voltron_jax.data import vocab as vocab_lib  # lazy: the data stack
-
                 self._vocab = vocab_lib.make_vocab(d)
             else:
                 self._vocab = _sentencepiece(d, self.path)
@@ -366,8 +361,6 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
 
 def _sentencepiece(data_cfg, ckpt: epath.Path):
     """The run's SentencePiece model: data.spm_path, else the copy under <workdir>/data/, else rebuilt."""
-    from voltron_jax.data import vocab as vocab_lib  # lazy: the data stack
-
     if not data_cfg.spm_path:
         for root in ckpt.parents:
             data = workdir_lib.data_dir(root)
